@@ -1,0 +1,39 @@
+"""Counted cost of a forward step: matmul FLOPs and KV-cache bytes.
+
+FLOPs are counted the way torch.utils.flop_counter.FlopCounterMode (and FastV's paper) count them:
+2·m·n·k for every matrix product and convolution, nothing for norms, softmax or element-wise ops.
+The attention products are counted at their full T×S size because model.py computes them in full
+(the causal mask is applied to the scores, not skipped). tests/test_pruning.py checks these formulas
+against FlopCounterMode on real runs.
+"""
+
+from __future__ import annotations
+
+from .model import LlavaConfig, TextConfig
+
+
+def decoder_layer_flops(tc: TextConfig, T: int, S: int) -> int:
+    """One Llama layer for T queries over S keys."""
+    C, H, Hkv, D, I = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim, tc.intermediate_size
+    projections = 2 * T * C * (2 * H * D + 2 * Hkv * D)  # q, o and k, v
+    attention = 2 * (2 * H * T * S * D)  # q·kᵀ and probs·v
+    mlp = 3 * 2 * T * C * I  # gate, up, down
+    return projections + attention + mlp
+
+
+def lm_head_flops(tc: TextConfig, rows: int = 1) -> int:
+    return 2 * rows * tc.hidden_size * tc.vocab_size
+
+
+def vision_flops(cfg: LlavaConfig) -> int:
+    """Vision tower (only the layers LLaVA reads) plus the projector, for one image."""
+    vc, tc = cfg.vision_config, cfg.text_config
+    P, C, I = vc.num_patches, vc.hidden_size, vc.intermediate_size
+    T = P + 1  # patches + CLS
+    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, tuple) else (cfg.vision_feature_layer,)
+    depth = max(i if i >= 0 else vc.num_hidden_layers + 1 + i for i in layers)
+    patch_conv = 2 * P * C * vc.num_channels * vc.patch_size ** 2
+    per_layer = 2 * T * C * C * 4 + 2 * (2 * T * T * C) + 2 * (2 * T * C * I)
+    N = cfg.num_image_tokens
+    projector = 2 * N * (C * len(layers)) * tc.hidden_size + 2 * N * tc.hidden_size * tc.hidden_size
+    return patch_conv + depth * per_layer + projector

@@ -1,0 +1,252 @@
+"""Load an unmodified llava-hf directory: config.json + safetensors weights (one file or shards).
+
+Three weight-key layouts are in circulation; one small rename table maps all of them onto model.py's
+names. Loading is strict: a tensor that is missing, unexpected or of the wrong shape is an error that
+names it. Tensors are read one at a time straight from the file into their final place (no mmap, no
+second copy of the checkpoint), so peak memory stays close to the checkpoint's own size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .model import LlavaConfig, LlavaForConditionalGeneration
+
+# checkpoint key prefix -> model.py prefix. The first matching prefix wins, so the longer, more specific
+# prefixes come first.
+KEY_RENAMES = [
+    # (b) transformers 4.5x save_pretrained
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "model."),
+    # (a) the public llava-hf hub files
+    ("vision_tower.vision_model.", "vision_tower."),
+    # (a) and (c) transformers 5.x save_pretrained
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    # names that are already ours: (c) vision_tower.*, all layouts' projector, (b) lm_head
+    ("vision_tower.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+]
+
+# Buffers some checkpoints carry that the model recomputes instead (CLIP's position ids, old Llama's
+# RoPE frequencies): accepted and skipped.
+UNUSED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rename_key(key: str) -> str | None:
+    """Checkpoint key -> model.py parameter name (None for a known unused buffer)."""
+    if key.endswith(UNUSED_SUFFIXES):
+        return None
+    for old, new in KEY_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key  # unknown prefix: reported as unexpected by the caller
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json
+
+
+def read_config(weights_dir: str) -> LlavaConfig:
+    if not os.path.exists(weights_dir):
+        raise UserError(f"weights directory {weights_dir} does not exist; pass --weights DIR with a llava-hf checkpoint")
+    if not os.path.isdir(weights_dir):
+        raise UserError(f"--weights {weights_dir} is a file, not a directory; pass the checkpoint's directory")
+    path = os.path.join(weights_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{weights_dir} has no config.json; it is not a llava-hf checkpoint directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} does not hold a JSON object; restore the checkpoint's config.json")
+    try:
+        return LlavaConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} does not describe a LLaVA model this code can run: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The safetensors format, read by hand: 8 bytes little-endian header length, a JSON header naming each
+# tensor's dtype, shape and byte range, then the raw bytes.
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """Return ({name: {dtype, shape, data_offsets}}, byte offset where tensor data starts); checks that
+    every tensor's byte range is consistent and inside the file."""
+    size = os.path.getsize(path)
+    bad = f"{path} is truncated or not a safetensors file; download or convert it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(bad)
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100_000_000:
+            raise UserError(bad)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(bad) from None
+    if not isinstance(header, dict):
+        raise UserError(bad)
+    header.pop("__metadata__", None)
+    start = 8 + n
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize or begin < 0 or start + end > size:
+            raise UserError(f"{path}: tensor {name} lies outside the file; it is truncated or corrupt")
+    return header, start
+
+
+def read_tensor(f, data_start: int, info: dict) -> torch.Tensor:
+    """Read one tensor's bytes from an open file into a fresh CPU tensor (no mmap)."""
+    begin, end = info["data_offsets"]
+    dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(end - begin)
+    f.seek(data_start + begin)
+    if f.readinto(buf) != len(buf):
+        raise UserError(f"{f.name} ends early; it is truncated")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def weight_files(weights_dir: str) -> list[str]:
+    single = os.path.join(weights_dir, "model.safetensors")
+    index = os.path.join(weights_dir, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a valid safetensors index; restore it") from None
+        files = [os.path.join(weights_dir, n) for n in names]
+        for p in files:
+            if not os.path.isfile(p):
+                raise UserError(f"shard {p} named in {index} is missing; download it too")
+        return files
+    pickles = [n for n in os.listdir(weights_dir) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise UserError(
+            f"{weights_dir} has only pickle weights ({pickles[0]}); dyrate_ref loads safetensors only, "
+            "because unpickling can run arbitrary code: convert them to model.safetensors first")
+    raise UserError(f"{weights_dir} has no model.safetensors or model.safetensors.index.json")
+
+
+class Progress:
+    """A one-line progress bar on stderr that appears only once a job has taken over a second."""
+
+    def __init__(self, total: float, label: str, unit: str = "", scale: float = 1.0, after_s: float = 1.0):
+        self.total, self.label, self.unit, self.scale = total, label, unit, scale
+        self.start, self.after_s, self.done, self.shown = time.time(), after_s, 0.0, False
+
+    def update(self, n: float = 1, note: str = ""):
+        self.done += n
+        elapsed = time.time() - self.start
+        if elapsed < self.after_s and self.done < self.total:
+            return
+        if not self.shown and self.done >= self.total and elapsed < self.after_s:
+            return  # finished quickly: say nothing
+        self.shown = True
+        frac = min(1.0, self.done / max(self.total, 1e-9))
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done / self.scale:.1f}/{self.total / self.scale:.1f}"
+                         f"{self.unit} {elapsed:.0f}s {note}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               config: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
+    """Build the model from `weights_dir`, reading each tensor once, casting it to `dtype` and putting
+    it on `device`. Strict: every parameter must come from the checkpoint, with the right shape."""
+    cfg = config or read_config(weights_dir)
+    files = weight_files(weights_dir)
+    with torch.device("meta"):  # no memory for the random init that would be overwritten anyway
+        model = LlavaForConditionalGeneration(cfg)
+    expected = dict(model.named_parameters())  # a tied lm_head shares embed_tokens and is not listed
+    tied = cfg.text_config.tie_word_embeddings
+
+    # Pass 1, headers only: every name and shape is checked before a single byte of data is read.
+    headers = [(p, *read_safetensors_header(p)) for p in files]
+    plan = []  # (path, data_start, info, model name, checkpoint key)
+    seen = set()
+    for path, header, data_start in headers:
+        for key, info in header.items():
+            name = rename_key(key)
+            if name is None or (tied and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                raise UserError(f"{path}: unexpected tensor {key}; this is not a LLaVA-1.5 checkpoint "
+                                "matching its config.json")
+            want = tuple(expected[name].shape)
+            if tuple(info["shape"]) != want:
+                raise UserError(f"{path}: tensor {key} has shape {tuple(info['shape'])} but config.json "
+                                f"implies {want}; config and weights do not belong together")
+            if name in seen:
+                raise UserError(f"{path}: tensor {key} appears twice in the checkpoint")
+            seen.add(name)
+            plan.append((path, data_start, info, name))
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(f"{weights_dir}: tensor {missing[0]} is missing from the checkpoint"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    # Pass 2: read, cast and place each tensor; only one tensor is ever in flight.
+    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for _, _, info, _ in plan)
+    bar = Progress(total, "loading weights", " GB", scale=1e9)
+    open_files = {}
+    try:
+        for path, data_start, info, name in plan:
+            f = open_files.get(path) or open_files.setdefault(path, open(path, "rb"))
+            t = read_tensor(f, data_start, info).to(dtype=dtype).to(device)
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
+            bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+    finally:
+        for f in open_files.values():
+            f.close()
+        bar.close()
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]

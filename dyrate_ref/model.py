@@ -1,0 +1,486 @@
+"""LLaVA-1.5, the whole model, top to bottom.
+
+    pixels --CLIP ViT--> patch features --projector--> visual tokens
+    prompt ids --embed--> text tokens; visual tokens replace the <image> placeholders
+    tokens --Llama decoder (explicit attention, explicit KV cache)--> logits
+
+Module and parameter names follow Hugging Face's llava-hf checkpoints, so weights load by name
+(see loading.py for the key-rename table). Shape letters used in comments everywhere:
+B batch, T query tokens, S key/value tokens (cache length), N visual tokens, H heads,
+Hkv key/value heads, G = H / Hkv, D head dim, C channels (hidden size), V vocab, L layers.
+
+The decoder is deliberately run layer by layer from the outside (`run_layers`): the generation loop in
+generation.py runs layers [0, K), reads layer K-1's attention probabilities, decides which visual tokens
+to keep, evicts the rest from the cache, and runs layers [K, L). Nothing in here knows about pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# Configs. Field names and defaults are Hugging Face's (CLIPVisionConfig, LlamaConfig, LlavaConfig), so
+# a config.json that leaves a field out means what it means to transformers.
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (HF's rule)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # files spell it at the top level (4.x) or in rope_parameters (5.x)
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self):
+        # Frozen dataclass: fill the derived defaults once, here, so the config is never mutated later.
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+
+# LLaVA-1.5's tower (CLIP ViT-L/14-336) is what transformers assumes when a llava config.json has no
+# vision_config at all (LlavaConfig.sub_configs_defaults); a vision_config that is present starts from
+# CLIPVisionConfig's own defaults instead.
+LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=336, patch_size=14)
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    vision_config: VisionConfig = field(default_factory=lambda: VisionConfig(**LLAVA_DEFAULT_VISION))
+    text_config: TextConfig = field(default_factory=TextConfig)
+    image_token_index: int = 32000
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    multimodal_projector_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlavaConfig":
+        """Read a llava-hf config.json (any transformers version) into the dataclasses."""
+        vision = d.get("vision_config")
+        vision = VisionConfig(**LLAVA_DEFAULT_VISION) if vision is None else _pick(VisionConfig, vision)
+        text = dict(d.get("text_config") or {})
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if "rope_theta" in rope and "rope_theta" not in text:
+            text["rope_theta"] = rope["rope_theta"]
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope type {rope_type!r} is not supported (LLaVA-1.5 uses plain RoPE)")
+        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text:
+            text["tie_word_embeddings"] = d["tie_word_embeddings"]
+        top = _pick(cls, {k: v for k, v in d.items() if k not in ("vision_config", "text_config")})
+        layer = top.vision_feature_layer
+        layer = tuple(layer) if isinstance(layer, list) else layer
+        return cls(**{**{f.name: getattr(top, f.name) for f in fields(cls)},
+                      "vision_config": vision, "text_config": _pick(TextConfig, text),
+                      "vision_feature_layer": layer})
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many visual tokens one image becomes: one per patch, +1 (CLS) with strategy 'full'."""
+        extra = 1 if self.vision_feature_select_strategy == "full" else 0
+        return self.vision_config.num_patches + extra
+
+
+def _pick(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small pieces.
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as transformers' "gelu"
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's original approximation
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (known: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as HF's LlamaRMSNorm does (matters in fp16).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin for rotate-half RoPE at the given (original) positions. positions: [T] -> [T, D] each.
+
+    Computed in fp32 from the positions themselves, not sliced from a table, because after pruning
+    the positions in the cache are not 0..S-1.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat([angles, angles], dim=-1)  # [T, D]  (HF layout: the two halves repeat)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # [..., D/2] each
+    return torch.cat([-x2, x1], dim=-1)  # [..., D]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP ViT vision tower (HF: CLIPVisionModel; llava-hf nests it as vision_tower.vision_model.*).
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = C // cfg.num_attention_heads
+        self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
+        self.v_proj, self.out_proj = nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        scores = (q @ k.transpose(-2, -1)) * D**-0.5  # [B, H, T, T]; no mask: every patch sees every patch
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        B = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values)  # [B, C, H/p, W/p]
+        patches = patches.flatten(2).transpose(1, 2)  # [B, N, C]  row-major over the patch grid
+        cls = self.class_embedding.expand(B, 1, -1)  # [B, 1, C]
+        x = torch.cat([cls, patches], dim=1)  # [B, 1+N, C]
+        return x + self.position_embedding.weight[None]  # [B, 1+N, C]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's spelling
+        self.encoder = CLIPEncoder(cfg)
+        # LLaVA reads hidden states before post_layernorm, so it is never applied; it is kept only so that
+        # loading stays strict (every tensor of the checkpoint has a home).
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def hidden_states(self, pixel_values: torch.Tensor, upto: int) -> list[torch.Tensor]:
+        """HF's `hidden_states` tuple, computed only as far as needed: entry 0 is the input to the
+        first encoder layer (after pre_layrnorm), entry i the output of layer i. Each [B, 1+N, C]."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))  # [B, 1+N, C]
+        states = [x]
+        for layer in self.encoder.layers[:upto]:
+            x = layer(x)
+            states.append(x)
+        return states
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(self, cfg: LlavaConfig, vision_width: int):
+        super().__init__()
+        C = cfg.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_width, C, bias=cfg.multimodal_projector_bias)
+        self.act = activation(cfg.projector_hidden_act)
+        self.linear_2 = nn.Linear(C, C, bias=cfg.multimodal_projector_bias)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The KV cache: per layer, keys and values of every token the layer can still attend to, plus the
+# original position of each slot. Layers may hold different numbers of slots (pruning evicts visual
+# tokens from layers >= K only), so each layer is its own pair of tensors.
+
+
+class KVCache:
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers  # layer -> [B, Hkv, S_l, D]
+        self.v: list[torch.Tensor | None] = [None] * num_layers  # layer -> [B, Hkv, S_l, D]
+        self.pos: list[torch.Tensor | None] = [None] * num_layers  # layer -> [S_l] original positions
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Add T new slots to `layer` and return everything it holds: k, v [B, Hkv, S_l, D], pos [S_l].
+
+        torch.cat reallocates each step: simple and growable; a serving engine would preallocate.
+        """
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer], self.pos[layer] = k, v, pos
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)  # [B, Hkv, S_l + T, D]
+            self.v[layer] = torch.cat([self.v[layer], v], dim=2)  # [B, Hkv, S_l + T, D]
+            self.pos[layer] = torch.cat([self.pos[layer], pos])  # [S_l + T]
+        return self.k[layer], self.v[layer], self.pos[layer]
+
+    def length(self, layer: int) -> int:
+        return 0 if self.k[layer] is None else self.k[layer].shape[2]
+
+    def keep(self, layers, positions: torch.Tensor):
+        """In each of `layers`, keep only the slots whose original position is in `positions`; the
+        others are dropped for good (the tensors really shrink, so later steps read less)."""
+        for layer in layers:
+            slots = torch.isin(self.pos[layer], positions).nonzero().squeeze(1)  # [S_kept]
+            self.k[layer] = self.k[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
+            self.v[layer] = self.v[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
+            self.pos[layer] = self.pos[layer].index_select(0, slots)  # [S_kept]
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (positions are bookkeeping, not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Llama decoder.
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        C, H, Hkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, pos, cache: KVCache | None, layer: int, mask=None, want_probs=False):
+        """x [B, T, C]; cos, sin [T, D]; pos [T] original positions of the T queries.
+
+        mask: optional bool [T, S] (True = may attend) over the keys this call sees (cache + new).
+        By default a query sees every key whose original position is <= its own: causal, and correct
+        whatever was evicted, because eviction removes keys rather than masking them.
+        Returns out [B, T, C] and, if asked, the attention probabilities [B, H, T, S] in fp32.
+        """
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        G = H // Hkv
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        q = q * cos + rotate_half(q) * sin  # [B, H, T, D]
+        k = k * cos + rotate_half(k) * sin  # [B, Hkv, T, D]
+        if cache is not None:
+            k, v, kv_pos = cache.append(layer, k, v, pos)  # [B, Hkv, S, D], [S]
+        else:
+            kv_pos = pos
+        S = k.shape[2]
+
+        # Grouped-query attention without copying K/V: the G query heads that share a kv head are
+        # stacked along the query axis. Query head h uses kv head h // G, as HF's repeat_kv does.
+        qg = q.reshape(B, Hkv, G * T, D)  # [B, Hkv, G*T, D]
+        scores = (qg @ k.transpose(-2, -1)) * D**-0.5  # [B, Hkv, G*T, S]
+        scores = scores.view(B, H, T, S)  # [B, H, T, S]
+        if mask is None:
+            mask = kv_pos[None, :] <= pos[:, None]  # [T, S]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(dim=-1, dtype=torch.float32)  # [B, H, T, S], fp32 as in HF eager
+        out = probs.to(q.dtype).view(B, Hkv, G * T, S) @ v  # [B, Hkv, G*T, D]
+        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+        return self.o_proj(out), (probs if want_probs else None)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, pos, cache, layer, mask=None, want_probs=False):
+        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, layer, mask, want_probs)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole model.
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.config = cfg
+        vc, tc = cfg.vision_config, cfg.text_config
+        self.vision_tower = CLIPVisionTower(vc)
+        n_feature_layers = len(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, tuple) else 1
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg, vc.hidden_size * n_feature_layers)
+        self.model = LlamaModel(tc)
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        if tc.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # --- pixels -> visual tokens ---------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, image_size, image_size] -> visual tokens [B, N, C_text]."""
+        cfg, L = self.config, self.config.vision_config.num_hidden_layers
+        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, tuple) else (cfg.vision_feature_layer,)
+        index = [i if i >= 0 else L + 1 + i for i in layers]  # negative counts from the end, like hidden_states[i]
+        states = self.vision_tower.hidden_states(pixel_values.to(self.lm_head.weight.dtype), upto=max(index))
+        picked = [states[i] for i in index]  # each [B, 1+N_patches, C_vis]
+        if cfg.vision_feature_select_strategy == "default":
+            picked = [s[:, 1:] for s in picked]  # drop CLS: [B, N_patches, C_vis]
+        return self.multi_modal_projector(torch.cat(picked, dim=-1))  # [B, N, C_text]
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [B, T] -> embeddings [B, T, C] with the <image> placeholders replaced, in order, by
+        the visual tokens [B, N, C] (B*N placeholders in all)."""
+        x = self.model.embed_tokens(input_ids)  # [B, T, C]
+        is_image = input_ids == self.config.image_token_index  # [B, T]
+        if image_features is None:
+            assert not is_image.any(), "<image> tokens in the input but no image"
+            return x
+        assert int(is_image.sum()) == image_features.shape[0] * image_features.shape[1], \
+            "number of <image> tokens differs from the number of visual tokens"
+        x = x.clone()
+        x[is_image] = image_features.reshape(-1, x.shape[-1]).to(x.dtype)  # row-major: image b, token n
+        return x
+
+    # --- the decoder, run in slices ------------------------------------------------------------------
+
+    def run_layers(self, x, pos, cache: KVCache | None, layers: range, masks=None, probs_of: int | None = None):
+        """Run decoder layers `layers` on hidden states x [B, T, C] of tokens at original positions
+        pos [T]. masks: optional {layer: bool [T, S]} overriding the causal-by-position default
+        (the recompute oracle uses it). Returns x [B, T, C] and layer `probs_of`'s attention
+        probabilities [B, H, T, S] (or None)."""
+        tc = self.config.text_config
+        cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)  # [T, D] each
+        probs = None
+        for i in layers:
+            mask = None if masks is None else masks.get(i)
+            x, p = self.model.layers[i](x, cos, sin, pos, cache, i, mask, want_probs=(i == probs_of))
+            if p is not None:
+                probs = p
+        return x, probs
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden [B, T, C] -> logits [B, T, V]."""
+        return self.lm_head(self.model.norm(x))
+
+    def forward(self, input_ids, pixel_values=None, cache: KVCache | None = None, pos=None):
+        """Plain full forward (no pruning): input_ids [B, T] -> logits [B, T, V]. With a cache, the new
+        tokens are appended to it; pos [T] defaults to continuing after what the cache holds."""
+        feats = self.image_features(pixel_values) if pixel_values is not None else None
+        x = self.embed(input_ids, feats)  # [B, T, C]
+        if pos is None:
+            start = 0 if cache is None else cache.length(0)
+            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)  # [T]
+        x, _ = self.run_layers(x, pos, cache, range(len(self.model.layers)))
+        return self.logits(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["VisionConfig", "TextConfig", "LlavaConfig", "KVCache", "LlavaForConditionalGeneration",
+           "rope_cos_sin", "count_parameters"]

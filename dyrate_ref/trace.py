@@ -1,0 +1,127 @@
+"""The trace file: one safetensors file per run, the oracle a faster backend is checked against.
+
+Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary):
+  input_ids     int64   [P]          the prompt, <image> expanded
+  pixel_values  float32 [1, 3, H, W] the preprocessed image
+  tokens        int64   [T]          generated ids, EOS included if produced
+  logits        float32 [T, V]       row t: the logits token t was chosen from
+  visual_keep   bool    [T, N]       row t: keep_t, the visual tokens layers >= K attend to at step t
+  rates         float32 [T]          the method's compression rate at step t
+  flops         float64 [T]          matmul FLOPs of step t (step 0 includes vision tower and projector)
+  kv_bytes      int64   [T]          bytes held by the KV cache after step t
+Metadata (strings): weights, dtype, device, prompt, method, layer, ratio, score, rates, predictor,
+max_new_tokens, temperature, top_p, seed, dyrate_ref_version, torch_version, format.
+
+`python -m dyrate_ref.trace compare A B [--atol X]` prints how two traces differ and exits 1 if they do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "dyrate_ref-trace-1"
+
+
+def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": input_ids.detach().to("cpu", torch.int64),
+        "pixel_values": pixel_values.detach().to("cpu", torch.float32).contiguous(),
+        "tokens": torch.tensor(tokens, dtype=torch.int64),
+        "logits": torch.stack(record.logits).to("cpu", torch.float32),
+        "visual_keep": torch.stack(record.keep).cpu(),
+        "rates": torch.tensor(record.rates, dtype=torch.float32),
+        "flops": torch.tensor(record.flops, dtype=torch.float64),
+        "kv_bytes": torch.tensor(record.kv_bytes, dtype=torch.int64),
+    }
+
+
+def write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """Write to a temporary file beside `path`, then rename: a failure never leaves a partial trace and
+    never touches an existing file at `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT, **{k: str(v) for k, v in metadata.items()}})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_trace(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise SystemExit(f"trace: cannot read {path}: {e}") from None
+
+
+def compare(a: dict, b: dict, atol: float) -> tuple[bool, list[str]]:
+    """-> (equal, lines describing the differences)."""
+    lines, same = [], True
+    ta, tb = a["tokens"], b["tokens"]
+    n = min(ta.numel(), tb.numel())
+    mismatch = (ta[:n] != tb[:n]).nonzero().squeeze(1)
+    first = int(mismatch[0]) if mismatch.numel() else None
+    if ta.numel() != tb.numel() or first is not None:
+        same = False
+        lines.append(f"tokens: {ta.numel()} vs {tb.numel()} generated, {mismatch.numel()} of the first {n} differ"
+                     + (f", first at step {first}" if first is not None else ""))
+    else:
+        lines.append(f"tokens: all {n} equal")
+    # Logits are comparable only while both runs were fed the same tokens: up to the first mismatch.
+    upto = n if first is None else first + 1
+    for name in ("input_ids",):
+        if not torch.equal(a[name], b[name]):
+            same = False
+            lines.append(f"{name}: differ")
+    if "logits" in a and "logits" in b and upto > 0:
+        if a["logits"].shape[1] != b["logits"].shape[1]:
+            same = False
+            lines.append(f"logits: vocabularies differ ({a['logits'].shape[1]} vs {b['logits'].shape[1]})")
+        else:
+            d = (a["logits"][:upto] - b["logits"][:upto]).abs().max().item()
+            ok = d <= atol
+            same &= ok
+            lines.append(f"logits: max |Δlogit| {d:.3g} over {upto} steps ({'<=' if ok else '>'} atol {atol:g})")
+    if "visual_keep" in a and "visual_keep" in b:
+        ka, kb = a["visual_keep"][:upto], b["visual_keep"][:upto]
+        if ka.shape != kb.shape:
+            same = False
+            lines.append(f"visual_keep: shapes differ {tuple(ka.shape)} vs {tuple(kb.shape)}")
+        else:
+            rows = (ka != kb).any(dim=1).nonzero().squeeze(1)
+            if rows.numel():
+                same = False
+                t = int(rows[0])
+                lines.append(f"visual_keep: differs at {rows.numel()} steps, first at step {t} "
+                             f"({int(ka[t].sum())} vs {int(kb[t].sum())} kept, "
+                             f"{int((ka[t] ^ kb[t]).sum())} tokens differ)")
+            else:
+                lines.append("visual_keep: equal")
+    return same, lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dyrate_ref.trace", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="compare two trace files; exit 1 if they differ")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogit| still counted equal (default 1e-4)")
+    args = p.parse_args(argv)
+    same, lines = compare(read_trace(args.a), read_trace(args.b), args.atol)
+    print("\n".join(lines))
+    print("SAME" if same else "DIFFERENT")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

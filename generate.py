@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Answer a question about an image: python generate.py --image x.jpg --prompt "What is this?"
+
+All options: python generate.py --help. The code lives in dyrate_ref/cli.py.
+"""
+
+from dyrate_ref.cli import main
+
+if __name__ == "__main__":
+    main()
