@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = "dyrate_ref-trace-1"
@@ -59,7 +59,7 @@ def write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str
 def read_trace(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise SystemExit(f"trace: cannot read {path}: {e}") from None
 
 
