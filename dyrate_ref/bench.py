@@ -1,0 +1,248 @@
+"""Benchmarks: figures and ratios printed, never asserted on time.
+
+  python -m dyrate_ref.bench                 speed: dyrate_ref vs HF eager and HF sdpa (needs transformers)
+  python -m dyrate_ref.bench --prune         pruning methods: time, FLOPs and KV bytes relative to none
+  python -m dyrate_ref.bench loading --weights DIR [--dtype D]   peak RSS while loading, vs checkpoint size
+
+Random weights with LLaVA-1.5-7B's structure scaled down to fit a 2-core CPU (576 visual tokens kept: the
+image is 336 px in 14 px patches, as in LLaVA-1.5). --shape 7b uses the real 7B shapes (a GPU's job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+SHAPES = {
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=32, patch_size=8),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           vocab_size=32064, max_position_embeddings=256)),
+    # vision: CLIP ViT-L/14-336 is 1024 wide, 24 layers, 16 heads; text: Llama-7B is 4096, 32, 32, 11008.
+    "small": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                              image_size=336, patch_size=14),
+                  text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                            vocab_size=32064, max_position_embeddings=4096)),
+    "7b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=336, patch_size=14),
+               text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32064, max_position_embeddings=4096)),
+}
+
+
+def write_random_checkpoint(out_dir: str, shape: str, dtype=torch.float32, seed: int = 0) -> dict:
+    """A llava-hf directory (transformers 5.x layout) with random weights, written tensor by tensor
+    from our own model's parameter list. Returns the config dict."""
+    from safetensors.torch import save_file
+
+    from .model import LlavaConfig, LlavaForConditionalGeneration
+    s = SHAPES[shape]
+    raw = {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
+           "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+           "vision_config": {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", **s["vision"]},
+           "text_config": {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **s["text"]}}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(LlavaConfig.from_dict(raw))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        key = ("language_model." + name) if name.startswith(("model.", "lm_head.")) else name
+        if p.dim() >= 2:
+            t = torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5
+        else:
+            t = (1.0 if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight") else 0.0) \
+                + 0.02 * torch.randn(p.shape, generator=g)
+        state[key] = t.to(dtype)
+    save_file(state, os.path.join(out_dir, "model.safetensors"))
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading memory
+
+
+def peak_rss() -> int:
+    """Peak resident set of this process in bytes: /proc's VmHWM (getrusage's ru_maxrss would carry the
+    parent's peak across fork+exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def loading_memory(weights_dir: str, dtype_name: str) -> dict:
+    """Peak RSS added by load_model, measured in this (fresh) process.
+
+    torch initialises lazily the first time a model is built (~75 MB here, the same for any model size),
+    so a tiny checkpoint is loaded first and the ratio counts what grows with the checkpoint; the raw
+    figure, one-time cost included, is returned too.
+    """
+    from .loading import DTYPES, load_model, read_config, weight_files
+    start = peak_rss()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_checkpoint(tmp, "tiny")
+        load_model(tmp)
+    cfg = read_config(weights_dir)
+    size = sum(os.path.getsize(p) for p in weight_files(weights_dir))
+    before = peak_rss()
+    t0 = time.time()
+    model = load_model(weights_dir, DTYPES[dtype_name], "cpu", cfg)
+    dt = time.time() - t0
+    peak = peak_rss()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(checkpoint_bytes=size, param_bytes=params, peak_added=peak - before, ratio=(peak - before) / size,
+                raw_added=peak - start, raw_ratio=(peak - start) / size, seconds=dt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median wall-clock seconds of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: int, prune_rows=False):
+    from .generation import generate
+    from .loading import load_model
+    from .pruning import PruneSettings
+    model = load_model(weights_dir, dtype, device)
+    cfg = model.config
+    N = cfg.num_image_tokens
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(3, 31000, (40,), generator=g)
+    ids = torch.cat([torch.tensor([1]), text[:5], torch.full((N,), cfg.image_token_index), text[5:]])  # [P]
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows = []
+
+    def ours(prune, n):
+        def f():
+            generate(model, ids, px, max_new_tokens=n, prune=prune)
+            sync()
+        return f
+
+    methods = [("none", PruneSettings())]
+    if prune_rows:
+        L = cfg.text_config.num_hidden_layers
+        methods += [("fastv R=0.5", PruneSettings("fastv", 2, 0.5)), ("fastv R=0.75", PruneSettings("fastv", 2, 0.75)),
+                    ("vtw K=L/2", PruneSettings("vtw", L // 2)),
+                    ("dyrate rising", PruneSettings("dyrate", 2, rates=(0.0, 0.25, 0.5, 0.75, 0.9)))]
+    for name, prune in methods:
+        pre = _timed(ours(prune, 1), repeats)
+        tot = _timed(ours(prune, new_tokens + 1), repeats)
+        gen = generate(model, ids, px, max_new_tokens=new_tokens + 1, prune=prune)
+        rows.append(dict(name=f"dyrate_ref {name}", prefill_ms=pre * 1e3, decode_ms=(tot - pre) / new_tokens * 1e3,
+                         flops=sum(gen.record.flops), kv_peak=max(gen.record.kv_bytes),
+                         lm_flops=sum(gen.record.flops) - _vision(cfg)))
+    if not prune_rows:
+        try:
+            from transformers import LlavaForConditionalGeneration as HF
+        except ImportError:
+            print("(transformers not installed: HF rows skipped)")
+            return rows, cfg
+        del model
+        for impl in ("eager", "sdpa"):
+            hf = HF.from_pretrained(weights_dir, attn_implementation=impl, dtype=dtype).to(device).eval()
+            am = torch.ones_like(ids)[None].to(device)
+
+            def theirs(n):
+                def f():
+                    with torch.no_grad():
+                        hf.generate(input_ids=ids[None].to(device), pixel_values=px.to(device, dtype),
+                                    attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                    sync()
+                return f
+            pre = _timed(theirs(1), repeats)
+            tot = _timed(theirs(new_tokens + 1), repeats)
+            rows.append(dict(name=f"HF {impl}", prefill_ms=pre * 1e3, decode_ms=(tot - pre) / new_tokens * 1e3))
+            del hf
+    return rows, cfg
+
+
+def _vision(cfg):
+    from .cost import vision_flops
+    return vision_flops(cfg)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dyrate_ref.bench", description=__doc__.split("\n")[0])
+    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading"])
+    p.add_argument("--weights", help="checkpoint directory (default: a random one with --shape)")
+    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) / float16 (CUDA default) / bfloat16")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .loading import DTYPES
+    dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = args.weights
+        if weights is None:
+            weights = os.path.join(tmp, "random")
+            print(f"writing a random checkpoint with the {args.shape!r} shapes ...", file=sys.stderr)
+            write_random_checkpoint(weights, args.shape, DTYPES[dtype_name])
+        if args.what == "loading":
+            if args.weights is None:  # writing the checkpoint raised this process's peak: measure in a fresh one
+                import subprocess
+                cmd = [sys.executable, "-m", "dyrate_ref.bench", "loading", "--weights", weights, "--dtype", dtype_name]
+                sys.exit(subprocess.run(cmd).returncode)
+            r = loading_memory(weights, dtype_name)
+            print(f"checkpoint {r['checkpoint_bytes'] / 1e6:.0f} MB, parameters {r['param_bytes'] / 1e6:.0f} MB, "
+                  f"peak RSS added while loading {r['peak_added'] / 1e6:.0f} MB, "
+                  f"ratio {r['ratio']:.3f} (limit 1.2), {r['seconds']:.2f}s; with torch's one-time "
+                  f"initialisation included: {r['raw_added'] / 1e6:.0f} MB, ratio {r['raw_ratio']:.3f}")
+            return
+        rows, cfg = speed(weights, args.device, DTYPES[dtype_name], args.new_tokens, args.repeats, args.prune)
+    vc, tc = cfg.vision_config, cfg.text_config
+    print(f"\nshapes: vision {vc.num_hidden_layers}x{vc.hidden_size} ({cfg.num_image_tokens} visual tokens), "
+          f"text {tc.num_hidden_layers}x{tc.hidden_size} heads {tc.num_attention_heads} mlp {tc.intermediate_size} "
+          f"vocab {tc.vocab_size}; device {args.device}, {dtype_name}, {torch.get_num_threads()} threads, "
+          f"{args.new_tokens} decode steps, median of {args.repeats}\n")
+    base = rows[0]
+    if args.prune:
+        print("| method | prefill ms | decode ms/token | total FLOPs vs none | LM FLOPs vs none | peak KV vs none "
+              "| decode time vs none | decode time saved / LM FLOPs saved |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            fl = r["lm_flops"] / base["lm_flops"]
+            tm = r["decode_ms"] / base["decode_ms"]
+            track = "-" if fl >= 0.999 else f"{(1 - tm) / (1 - fl):.2f}"
+            print(f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['flops'] / base['flops']:.3f} "
+                  f"| {fl:.3f} | {r['kv_peak'] / base['kv_peak']:.3f} | {tm:.3f} | {track} |")
+    else:
+        print("| implementation | prefill ms | decode ms/token | decode speed vs this row |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
+                  f"{r['decode_ms'] / base['decode_ms']:.2f}x slower than dyrate_ref |" if r is not base else
+                  f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | 1.00 |")
+
+
+if __name__ == "__main__":
+    main()
