@@ -162,6 +162,8 @@ def run(argv=None) -> int:
 
     # 2. The slow part.
     model = load_model(weights, dtype=dtype, device=device, config=cfg)
+    if prune.predictor is not None:
+        prune.predictor.to(device)
     pixels = processor.pixel_values(image)  # [1, 3, H, W]
     decoder = StreamingDecoder(processor)
 
@@ -192,7 +194,7 @@ def run(argv=None) -> int:
         write_atomic(args.trace, trace_tensors(input_ids, pixels, gen.tokens, gen.record), meta)
     if args.plot:
         from .plots import plot_run
-        plot_run(args.plot, image, processor, gen, prune)
+        plot_run(args.plot, pixels, processor, gen, prune)
     return 0
 
 

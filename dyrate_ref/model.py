@@ -299,14 +299,22 @@ class KVCache:
             self.pos[layer] = torch.cat([self.pos[layer], pos])  # [S_l + T]
         return self.k[layer], self.v[layer], self.pos[layer]
 
+    def fork(self) -> "KVCache":
+        """A second cache sharing today's tensors. Safe because nothing here writes into a cache tensor in
+        place (append and keep build new tensors), so the two can then grow and shrink independently;
+        the predictor's trainer uses it to try several keep sets for the same step."""
+        other = KVCache(len(self.k))
+        other.k, other.v, other.pos = list(self.k), list(self.v), list(self.pos)
+        return other
+
     def length(self, layer: int) -> int:
         return 0 if self.k[layer] is None else self.k[layer].shape[2]
 
-    def keep(self, layers, positions: torch.Tensor):
-        """In each of `layers`, keep only the slots whose original position is in `positions`; the
-        others are dropped for good (the tensors really shrink, so later steps read less)."""
+    def keep(self, layers, slots: torch.Tensor):
+        """In each of `layers`, keep only the given slots (indices into the layer's cache, ascending); the
+        others are dropped for good (the tensors really shrink, so later steps read less). The layers
+        must share one slot layout, as layers >= K do."""
         for layer in layers:
-            slots = torch.isin(self.pos[layer], positions).nonzero().squeeze(1)  # [S_kept]
             self.k[layer] = self.k[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.v[layer] = self.v[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.pos[layer] = self.pos[layer].index_select(0, slots)  # [S_kept]

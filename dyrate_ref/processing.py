@@ -211,6 +211,12 @@ class Processor:
         ids = ids[:at] + [self.image_token_id] * N + ids[at + 1:]
         return torch.tensor(ids, dtype=torch.long)  # [P]
 
+    def answer_ids(self, answer: str) -> list[int]:
+        """The ids the model should produce after `ASSISTANT:` for this answer, EOS included (teacher
+        forcing, training). The answer starts with a space, as text after "ASSISTANT:" does."""
+        ids = self.tokenizer.encode(" " + answer.strip(), add_special_tokens=False).ids
+        return ids + ([self.eos_id] if self.eos_id is not None else [])
+
     def pixel_values(self, img: Image.Image) -> torch.Tensor:
         return pixel_values(img, self.image)  # [1, 3, h, w]
 

@@ -45,6 +45,8 @@ def test_cache_appends_and_keeps(tiny):
     before = cache.nbytes()
     cache.keep(range(2, 4), torch.tensor([0, 3, 5]))
     assert cache.length(1) == P and cache.length(2) == 3 and cache.pos[3].tolist() == [0, 3, 5]
+    cache.keep(range(2, 4), torch.tensor([1, 2]))  # slots, not positions: after a keep they differ
+    assert cache.pos[2].tolist() == [3, 5] and cache.length(3) == 2
     assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     assert cache.nbytes() < before
 

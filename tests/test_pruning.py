@@ -1,0 +1,172 @@
+"""FastV, VTW and DyRate: the cached, evicting decode loop against a no-cache masked recompute; the
+identities between methods; kept sets against attention computed by transformers; counted FLOPs
+against FlopCounterMode; KV bytes against the cache's real tensors."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from dyrate_ref.generation import decode_one_token, generate, prefill, recompute_logits, sample, Sampling
+from dyrate_ref.loading import load_model
+from dyrate_ref.processing import Processor
+from dyrate_ref.pruning import PruneSettings, dyrate_keep, fastv_keep, visual_scores
+from helpers import hf_config, make_checkpoint
+
+T_NEW = 10
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def tiny(request, tmp_path_factory):
+    """4-layer text model, 16 visual tokens (default strategy) or 17 with CLS (full, on the GQA one)."""
+    d = str(tmp_path_factory.mktemp(request.param))
+    gqa = request.param == "gqa"
+    cfg = hf_config(text=dict(num_hidden_layers=5, num_key_value_heads=2 if gqa else 4),
+                    vision_feature_select_strategy="full" if gqa else "default")
+    make_checkpoint(d, cfg)
+    from transformers import LlavaForConditionalGeneration
+    hf = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
+    model = load_model(d)
+    proc = Processor(d, model.config)
+    img = Image.effect_noise((48, 40), 50).convert("RGB")
+    return model, proc, proc.input_ids("What is shown here?"), proc.pixel_values(img), hf
+
+
+METHODS = {
+    "none": PruneSettings(),
+    "fastv-last": PruneSettings("fastv", 2, 0.5),
+    "fastv-mean": PruneSettings("fastv", 3, 0.75, score="mean"),
+    "vtw": PruneSettings("vtw", 2),
+    "dyrate-rising": PruneSettings("dyrate", 2, rates=(0.0, 0.2, 0.3, 0.5, 0.7, 0.9)),
+    "dyrate-k1": PruneSettings("dyrate", 1, rates=(0.1, 0.6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_cached_pruned_decode_equals_masked_recompute(tiny, name):
+    """Tolerance 1e-5 in fp32: eviction vs masking changes only which (zero-weight) terms are summed."""
+    model, _, ids, px, _ = tiny
+    prune = METHODS[name]
+    gen = generate(model, ids, px, T_NEW, prune)
+    keep = torch.stack(gen.record.keep)  # [T, N]
+    oracle = recompute_logits(model, ids, px, gen.tokens, keep, min(prune.layer, 5))
+    got = torch.stack(gen.record.logits)
+    assert (got - oracle).abs().max().item() <= 1e-5
+    if name != "none":  # pruning really changed the computation (else the test proves little)
+        plain = torch.stack(generate(model, ids, px, T_NEW, force=gen.tokens).record.logits)
+        assert (plain - got).abs().max().item() > 1e-3
+
+
+def _same(a, b, tol=1e-6):
+    assert a.tokens == b.tokens
+    assert (torch.stack(a.record.logits) - torch.stack(b.record.logits)).abs().max().item() <= tol
+    assert torch.equal(torch.stack(a.record.keep), torch.stack(b.record.keep))
+
+
+def test_identities(tiny):
+    model, _, ids, px, _ = tiny
+    N = model.config.num_image_tokens
+    none = generate(model, ids, px, T_NEW)
+    _same(generate(model, ids, px, T_NEW, PruneSettings("fastv", 2, 0.0)), none)
+    _same(generate(model, ids, px, T_NEW, PruneSettings("dyrate", 2, rates=(0.0,))), none)
+    _same(generate(model, ids, px, T_NEW, PruneSettings("vtw", 3)),
+          generate(model, ids, px, T_NEW, PruneSettings("dyrate", 3, rates=(1.0,))))
+    r = 0.25 if N == 16 else 1 - 13 / 17  # (1-r)N must be an integer: 12 of 16, or 13 of 17
+    _same(generate(model, ids, px, T_NEW, PruneSettings("dyrate", 2, rates=(r,))),
+          generate(model, ids, px, T_NEW, PruneSettings("fastv", 2, r)))
+
+
+def _hf_layer_scores(hf, ids, px, tokens, K, span):
+    """Layer K-1 attention of every row over the visual tokens, head-averaged, from transformers'
+    eager attention on the unpruned full sequence (layers < K are never pruned). -> [rows, N]."""
+    seq = torch.cat([ids, torch.tensor(tokens[:-1], dtype=torch.long)])
+    with torch.no_grad():
+        out = hf(input_ids=seq[None], pixel_values=px, output_attentions=True)
+    start, n = span
+    return out.attentions[K - 1][0, :, :, start:start + n].float().mean(0)  # [rows, N]
+
+
+def test_fastv_keeps_top_scores_by_hf_attention(tiny):
+    model, _, ids, px, hf = tiny
+    N = model.config.num_image_tokens
+    start = int((ids == model.config.image_token_index).nonzero()[0])
+    for R in (0.25, 0.5, 0.8):
+        gen = generate(model, ids, px, 3, PruneSettings("fastv", 2, R))
+        scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[ids.numel() - 1]  # last prompt query
+        want = set(scores.topk(int(round((1 - R) * N))).indices.tolist())
+        for row in gen.record.keep:
+            assert set(row.nonzero().squeeze(1).tolist()) == want
+
+
+def test_fastv_mean_scores_use_queries_after_the_image(tiny):
+    model, _, ids, px, hf = tiny
+    N = model.config.num_image_tokens
+    start = int((ids == model.config.image_token_index).nonzero()[0])
+    gen = generate(model, ids, px, 2, PruneSettings("fastv", 2, 0.5, score="mean"))
+    rows = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[start + N:ids.numel()]  # [P_after, N]
+    want = set(rows.mean(0).topk(int(round(0.5 * N))).indices.tolist())
+    assert set(gen.record.keep[0].nonzero().squeeze(1).tolist()) == want
+
+
+def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
+    model, _, ids, px, hf = tiny
+    N = model.config.num_image_tokens
+    start = int((ids == model.config.image_token_index).nonzero()[0])
+    rates = (0.1, 0.1, 0.35, 0.2, 0.6, 0.6, 0.85)
+    gen = generate(model, ids, px, T_NEW, PruneSettings("dyrate", 2, rates=rates))
+    scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))  # [rows, N]
+    prev = set(range(N))
+    for t, row in enumerate(gen.record.keep):
+        r = rates[min(t, len(rates) - 1)]
+        kept = set(row.nonzero().squeeze(1).tolist())
+        assert len(kept) == min(len(prev), math.ceil(round((1 - r) * N, 6)))
+        assert kept <= prev
+        s = scores[ids.numel() - 1 + t]
+        ranked = sorted(prev, key=lambda i: -float(s[i]))
+        assert kept == set(ranked[:len(kept)])
+        assert gen.record.rates[t] == pytest.approx(r)
+        prev = kept
+    assert len(prev) < N
+
+
+def test_keep_functions_by_hand():
+    scores = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3])
+    assert fastv_keep(scores, 0.4).tolist() == [1, 3, 4]  # round(0.6*5)=3 best, ascending order
+    assert dyrate_keep(torch.tensor([1, 3, 4]), scores, 0.8).tolist() == [3]  # ceil(0.2*5)=1
+    assert dyrate_keep(torch.tensor([1, 3]), scores, 0.0).tolist() == [1, 3]  # never grows back
+    probs = torch.zeros(1, 2, 3, 6)
+    probs[0, 0, -1, 1:4] = torch.tensor([0.2, 0.4, 0.1])
+    probs[0, 1, -1, 1:4] = torch.tensor([0.0, 0.2, 0.3])
+    assert torch.allclose(visual_scores(probs, (1, 3), "last"), torch.tensor([0.1, 0.3, 0.2]))
+
+
+@pytest.mark.parametrize("name", ["none", "fastv-last", "dyrate-rising", "vtw"])
+def test_flops_match_flop_counter_and_kv_bytes_match_tensors(tiny, name):
+    model, _, ids, px, _ = tiny
+    prune = METHODS[name]
+    cfg = model.config
+    tc = cfg.text_config
+    from dyrate_ref.generation import Record
+    rec = Record()
+    counted = []
+    with FlopCounterMode(display=False) as fc:
+        logits, state = prefill(model, ids, px, prune, T_NEW, rec)
+    counted.append(fc.get_total_flops())
+    sizes = [state.keep.numel()]
+    for _ in range(T_NEW - 1):
+        token = sample(logits, Sampling(), None)
+        with FlopCounterMode(display=False) as fc:
+            logits = decode_one_token(model, token, state, prune, T_NEW, rec)
+        counted.append(fc.get_total_flops())
+        sizes.append(state.keep.numel())
+    for ours, ref in zip(rec.flops, counted):
+        assert abs(ours - ref) <= 0.02 * ref, (ours, ref)
+    # KV bytes from first principles: layers < K hold every token, layers >= K lose the evicted ones.
+    P, N, K, L = ids.numel(), cfg.num_image_tokens, state.K, tc.num_hidden_layers
+    per_slot = 2 * tc.num_key_value_heads * tc.head_dim * 4  # k and v, fp32
+    for t, (kv, kept) in enumerate(zip(rec.kv_bytes, sizes)):
+        want = K * (P + t) * per_slot + (L - K) * (P - (N - kept) + t) * per_slot
+        assert kv == want
+    assert rec.kv_bytes[-1] == sum(x.numel() * x.element_size() for x in state.cache.k + state.cache.v)

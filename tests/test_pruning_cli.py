@@ -1,0 +1,143 @@
+"""The pruning flags of generate.py, trace compare, --plot, and the trainer / calibrator commands, run
+as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import hf_config, make_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def py(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pcli")
+    w = str(root / "w")
+    make_checkpoint(w, hf_config(text=dict(num_hidden_layers=4)))
+    other = str(root / "other")
+    make_checkpoint(other, hf_config(text=dict(num_hidden_layers=3)))
+    img = str(root / "img.png")
+    Image.effect_noise((40, 40), 60).convert("RGB").save(img)
+    data = root / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"image": "img.png", "prompt": "Describe it.", "answer": a})
+                              for a in ["A red square.", "Two circles and a star.", "Yes."]))
+    pred = str(root / "pred.safetensors")
+    r = py("-m", "dyrate_ref.train_predictor", "--weights", w, "--data", str(data), "--out", pred, "--epochs", "30")
+    assert r.returncode == 0, r.stderr
+    other_pred = str(root / "other.safetensors")
+    r = py("-m", "dyrate_ref.train_predictor", "--weights", other, "--data", str(data), "--out", other_pred,
+           "--epochs", "5")
+    assert r.returncode == 0, r.stderr
+    corrupt = root / "corrupt.safetensors"
+    corrupt.write_bytes(b"garbage that is not safetensors")
+    return root, w, img, pred, other_pred, str(corrupt), str(data)
+
+
+def gen(w, img, *extra):
+    return py(os.path.join(REPO, "generate.py"), "--image", img, "--prompt", "Describe it.", "--weights", w,
+              "--max-new-tokens", "8", *extra)
+
+
+def test_trainer_reports_and_writes_a_loadable_predictor(env):
+    root, w, img, pred, *_ = env
+    r = gen(w, img, "--method", "dyrate", "--predictor", pred, "--trace", str(root / "dy.safetensors"))
+    assert r.returncode == 0, r.stderr
+    t = load_file(str(root / "dy.safetensors"))
+    assert set(t) == {"input_ids", "pixel_values", "tokens", "logits", "visual_keep", "rates", "flops", "kv_bytes"}
+    T = t["tokens"].numel()
+    assert t["rates"].shape == (T,) and t["flops"].dtype == torch.float64 and t["kv_bytes"].dtype == torch.int64
+    assert all(min(abs(float(r) - 0.1 * i) for i in range(11)) < 1e-6 for r in t["rates"])  # on the grid
+
+
+BAD = {
+    "unknown-method": (["--method", "magic"], "unknown --method"),
+    "ratio-high": (["--method", "fastv", "--ratio", "1.5"], "outside [0, 1]"),
+    "ratio-negative": (["--method", "fastv", "--ratio", "-0.1"], "outside [0, 1]"),
+    "layer-zero": (["--method", "fastv", "--layer", "0"], "outside 1..3"),
+    "layer-too-deep": (["--method", "vtw", "--layer", "4"], "outside 1..3"),
+    "rates-not-numbers": (["--method", "dyrate", "--rates", "0.1,lots"], "not a comma-separated list"),
+    "rates-out-of-range": (["--method", "dyrate", "--rates", "0.1,1.2"], "in [0, 1]"),
+    "predictor-missing": (["--method", "dyrate", "--predictor", "/nonexistent.safetensors"], "does not exist"),
+    "dyrate-without-either": (["--method", "dyrate"], "needs --predictor"),
+    "ratio-with-dyrate": (["--method", "dyrate", "--ratio", "0.5", "--rates", "0.5"], "does not apply"),
+    "rates-with-fastv": (["--method", "fastv", "--rates", "0.5"], "does not apply"),
+    "layer-with-none": (["--layer", "2"], "does not apply"),
+    "score-with-vtw": (["--method", "vtw", "--score", "mean"], "does not apply"),
+    "score-unknown": (["--method", "fastv", "--score", "median"], "'last' or 'mean'"),
+    "rates-and-predictor": (["--method", "dyrate", "--rates", "0.5", "--predictor", "x"], "both given"),
+    "plot-not-png": (["--plot", "out.jpg"], ".png"),
+    "plot-folder": (["--plot", "/nonexistent/x.png"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_pruning_values(env, case):
+    root, w, img, *_ = env
+    extra, needle = BAD[case]
+    r = gen(w, img, *extra)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("which,needle", [("other", "another model"), ("corrupt", "not a readable")])
+def test_bad_predictor_files(env, which, needle):
+    root, w, img, pred, other_pred, corrupt, _ = env
+    r = gen(w, img, "--method", "dyrate", "--predictor", other_pred if which == "other" else corrupt)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def test_trace_compare_same_and_different(env):
+    root, w, img, *_ = env
+    a, b, c = (str(root / f"{n}.safetensors") for n in "abc")
+    assert gen(w, img, "--trace", a).returncode == 0
+    assert gen(w, img, "--trace", b).returncode == 0
+    assert gen(w, img, "--method", "fastv", "--ratio", "0.75", "--trace", c).returncode == 0
+    same = py("-m", "dyrate_ref.trace", "compare", a, b)
+    assert same.returncode == 0 and "SAME" in same.stdout
+    diff = py("-m", "dyrate_ref.trace", "compare", a, c)
+    assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
+    assert "visual_keep: differs" in diff.stdout and "max |Δlogit|" in diff.stdout
+    # a backend off by a little: within a loose atol it passes, within the default it does not
+    t = load_file(b)
+    t["logits"] = t["logits"] + 1e-3
+    from safetensors.torch import save_file
+    d = str(root / "d.safetensors")
+    save_file(t, d)
+    assert py("-m", "dyrate_ref.trace", "compare", a, d).returncode == 1
+    assert py("-m", "dyrate_ref.trace", "compare", a, d, "--atol", "1e-2").returncode == 0
+
+
+def test_plot_is_written(env):
+    root, w, img, *_ = env
+    out = root / "plot.png"
+    r = gen(w, img, "--method", "dyrate", "--rates", "0,0.3,0.6,0.9", "--plot", str(out))
+    assert r.returncode == 0, r.stderr
+    im = Image.open(out)
+    assert im.width >= 600 and im.height >= 300
+    # the patch overlays: later steps are darker (more patches evicted) than step 0
+    strip = im.crop((0, im.height - 100, im.width, im.height)).convert("L")
+    assert strip.getextrema()[0] < 60
+
+
+def test_calibrate_vtw_command(env):
+    root, w, img, pred, other_pred, corrupt, data = env
+    out = str(root / "vtw.json")
+    r = py("-m", "dyrate_ref.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "1", "--eta", "100",
+           "--max-new-tokens", "5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out))
+    assert res["layer"] == 1 and set(res["mean_kl"]) == {"1", "2", "3"}
+    bad = py("-m", "dyrate_ref.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "5")
+    assert bad.returncode == 2 and "outside 1..3" in bad.stderr
