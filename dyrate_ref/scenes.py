@@ -1,0 +1,232 @@
+"""Generated pictures with ground truth: the embedded demo model's world.
+
+A scene is 1-5 shapes (circle, square, triangle, star) in six colours and two sizes, each in its own
+cell of a 3x3 grid (so every shape has a distinct, nameable position), on a varied background. From a
+scene come short questions with one right answer and descriptions that name every shape:
+
+    What color is the triangle?         -> red                 (asked only of a shape kind seen once)
+    How many shapes are there?          -> three
+    Is there a blue circle?             -> yes / no            (the "no" cases are near misses)
+    Where is the square?                -> top left            (asked only of a kind seen once)
+    Describe the image.                 -> There are two shapes: a red circle at the top left and a
+                                           blue square at the center.
+
+Everything is drawn with Pillow from a seeded random.Random, so a (seed, index) pair always gives the
+same picture and the same answers.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFilter
+
+SIZE = 96  # pixels; with 8-pixel patches, 12 x 12 = 144 visual tokens
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+          "purple": (150, 60, 190), "orange": (245, 140, 30)}
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+QUESTION_KINDS = ("color", "count", "exist", "position")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cell: int  # 0..8, row-major over the 3x3 grid
+    center: tuple[int, int]
+    radius: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]
+    background: tuple[int, int, int]
+    seed: int
+
+    def draw(self) -> Image.Image:
+        return draw_scene(self)
+
+
+def random_scene(rng: random.Random, min_shapes: int = 1, max_shapes: int = 5) -> Scene:
+    n = rng.randint(min_shapes, max_shapes)
+    cells = sorted(rng.sample(range(9), n))
+    cell_px = SIZE // 3
+    shapes = []
+    for cell in cells:
+        r = rng.choice((10, 13))  # two sizes
+        cx = (cell % 3) * cell_px + cell_px // 2 + rng.randint(-2, 2)
+        cy = (cell // 3) * cell_px + cell_px // 2 + rng.randint(-2, 2)
+        shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), cell, (cx, cy), r))
+    # Backgrounds: light or dark greys and tints, never close to a shape colour.
+    base = rng.choice([(235, 235, 235), (200, 200, 200), (60, 60, 60), (30, 30, 40), (240, 230, 210), (210, 225, 235)])
+    jitter = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in base)
+    return Scene(tuple(shapes), jitter, rng.randrange(2 ** 31))
+
+
+def _star(cx, cy, r):
+    import math
+    pts = []
+    for i in range(10):
+        rad = r if i % 2 == 0 else r * 0.45
+        a = -math.pi / 2 + i * math.pi / 5
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def draw_shape(d: ImageDraw.ImageDraw, s: Shape, fill):
+    cx, cy = s.center
+    r = s.radius
+    if s.kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif s.kind == "square":
+        q = int(r * 0.85)
+        d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif s.kind == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + int(r * 0.8)), (cx + r, cy + int(r * 0.8))], fill=fill)
+    elif s.kind == "star":
+        d.polygon(_star(cx, cy, r + 1), fill=fill)
+
+
+def object_map(scene: Scene) -> Image.Image:
+    """An 'L' image whose pixel is 1 + the index of the shape drawn there, 0 for background: the
+    ground truth of which object covers which pixel (the demo's vision pretraining reads it)."""
+    img = Image.new("L", (SIZE, SIZE), 0)
+    d = ImageDraw.Draw(img)
+    for i, s in enumerate(scene.shapes):
+        draw_shape(d, s, i + 1)
+    return img
+
+
+def draw_scene(scene: Scene) -> Image.Image:
+    rng = random.Random(scene.seed)
+    img = Image.new("RGB", (SIZE, SIZE), scene.background)
+    d = ImageDraw.Draw(img)
+    # a little texture so backgrounds are not flat: faint lines
+    for _ in range(rng.randint(0, 6)):
+        shade = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in scene.background)
+        d.line([(rng.randint(0, SIZE), rng.randint(0, SIZE)), (rng.randint(0, SIZE), rng.randint(0, SIZE))],
+               fill=shade, width=1)
+    for s in scene.shapes:
+        draw_shape(d, s, COLORS[s.color])
+    return img.filter(ImageFilter.SMOOTH) if rng.random() < 0.3 else img
+
+
+# ----------------------------------------------------------------------------------------------------
+# Questions and answers
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(scene: Scene) -> str:
+    n = len(scene.shapes)
+    parts = [f"{article(s.color)} {s.color} {s.kind} {'in' if s.position == 'center' else 'at'} the {s.position}"
+             for s in scene.shapes]  # row-major reading order: cells are sorted
+    if n == 1:
+        return f"There is one shape: {parts[0]}."
+    listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
+    return f"There are {NUMBERS[n]} shapes: {listed}."
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every kind of question this scene can answer unambiguously: (kind, question, answer)."""
+    kinds = [s.kind for s in scene.shapes]
+    unique = [s for s in scene.shapes if kinds.count(s.kind) == 1]
+    out = [("count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
+    if unique:
+        s = rng.choice(unique)
+        out.append(("color", f"What color is the {s.kind}?", s.color))
+        s = rng.choice(unique)
+        out.append(("position", f"Where is the {s.kind}?", s.position))
+    present = {(s.color, s.kind) for s in scene.shapes}
+    if rng.random() < 0.5:
+        color, kind = rng.choice(sorted(present))
+        answer = "yes"
+    else:  # a near miss: a colour or a kind that is in the picture, but not together
+        s = rng.choice(scene.shapes)
+        options = [(c, s.kind) for c in COLORS if (c, s.kind) not in present] + \
+                  [(s.color, k) for k in SHAPES if (s.color, k) not in present]
+        color, kind = rng.choice(options)
+        answer = "yes" if (color, kind) in present else "no"
+    out.append(("exist", f"Is there {article(color)} {color} {kind}?", answer))
+    return out
+
+
+DESCRIBE_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    scene: Scene
+    kind: str  # a QUESTION_KINDS entry or "describe"
+    question: str
+    answer: str
+
+
+def eval_set(n_scenes: int, seed: int = 10_000_019) -> list[EvalItem]:
+    """The fixed held-out set: per scene, one question of each kind it allows, plus a description.
+    Its seed stream is disjoint from training's (train_demo draws from seeds < 10_000_000)."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n_scenes):
+        scene = random_scene(rng)
+        for kind, q, a in questions(scene, rng):
+            items.append(EvalItem(scene, kind, q, a))
+        items.append(EvalItem(scene, "describe", DESCRIBE_PROMPT, describe(scene)))
+    return items
+
+
+def training_examples(n: int, seed: int = 0):
+    """(image, prompt, answer) triples, one question or description each, for predictor training and
+    VTW calibration. Not the held-out evaluation stream."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        if rng.random() < 0.4:
+            out.append((scene.draw(), DESCRIBE_PROMPT, describe(scene)))
+        else:
+            kind, q, a = rng.choice(questions(scene, rng))
+            out.append((scene.draw(), q, a))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^a-z ]", "", text.lower()).strip()
+
+
+TRIPLE = re.compile(r"(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") (?:at|in) the (" +
+                    "|".join(sorted(POSITIONS, key=len, reverse=True)) + r")")
+
+
+def parse_description(text: str) -> list[tuple[str, str, str]]:
+    return TRIPLE.findall(text.lower())
+
+
+def object_f1(predicted: str, truth: Scene) -> float:
+    """F1 of (colour, shape, position) triples named in a description against the scene's."""
+    pred = parse_description(predicted)
+    gold = [(s.color, s.kind, s.position) for s in truth.shapes]
+    remaining = list(gold)
+    hits = 0
+    for t in pred:
+        if t in remaining:
+            remaining.remove(t)
+            hits += 1
+    if not pred or not gold:
+        return float(pred == gold)
+    p, r = hits / len(pred), hits / len(gold)
+    return 0.0 if hits == 0 else 2 * p * r / (p + r)

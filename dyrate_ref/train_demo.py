@@ -1,0 +1,349 @@
+"""Train the embedded demo model from scratch on generated scenes, with the project's own model code.
+
+  python -m dyrate_ref.train_demo --out weights/dyrate-shapes [--seed 0]
+
+Writes a complete llava-hf directory: config.json, model.safetensors (transformers 5.x key layout),
+tokenizer.json / tokenizer_config.json / special_tokens_map.json (a byte-level BPE trained here on the
+scene vocabulary, <image> a special token) and preprocessor_config.json. Then train the predictor with
+train_predictor and calibrate VTW (README, "Reproducing the embedded model").
+
+Recipe, and why (a naive single-stage run of this size reached only chance-level position answers
+after 16 minutes: the decoder cannot learn to read a vision tower that has not yet learned to see):
+- LLaVA-1.5 architecture at toy size: CLIP ViT 96 px / 8 px patches -> 144 visual tokens, the last
+  encoder layer's features ("vision_feature_layer": -1, so no layer is computed for nothing), a 2-layer
+  GELU projector, a 6-layer Llama decoder with grouped-query attention. Six layers, not four, so that
+  pruning from K=2 can remove up to 4/6 of the visual tokens' decoder cost.
+- Stage 1 (like LLaVA's pretrained CLIP tower, here made in minutes): the vision tower alone learns to
+  name, at every patch, the kind and colour of the object covering it, through a linear head that is
+  then thrown away.
+- Stage 2: everything trains on multi-turn conversations, LLaVA's own format: each picture carries 1-5
+  of its questions and often its description, so its 144 visual tokens are paid for once per several
+  answers. The loss is on answer tokens only. The tower learns at half the rate.
+- A curriculum on scene size (at most 2 shapes, then 3, then 5 from 30 % of stage 2 on) and a
+  warm-up + cosine learning rate.
+- Matmuls in bfloat16 autocast (fp32 master weights); the shipped weights are fp32.
+- The run is fixed by --vision-steps / --steps (deterministic for a seed); --minutes only stops early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .bpe import save_tokenizer_files, train_bpe
+from .loading import Progress
+from .model import LlavaConfig, LlavaForConditionalGeneration
+from .processing import PROMPT_TEMPLATE, ImageSettings, pixel_values
+from .scenes import COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, describe, object_map, questions, random_scene
+
+CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_token_index": None,  # filled in from the tokenizer
+    "image_seq_length": 144,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+    "multimodal_projector_bias": True,
+    "tie_word_embeddings": False,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 160, "intermediate_size": 640,
+                      "num_hidden_layers": 4, "num_attention_heads": 4, "num_channels": 3, "image_size": SIZE,
+                      "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 160},
+    "text_config": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 6,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+                    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                    "vocab_size": None, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+}
+PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": SIZE},
+                "resample": 3, "do_center_crop": True, "crop_size": {"height": SIZE, "width": SIZE},
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "do_convert_rgb": True}
+
+
+def tokenizer_corpus(seed: int = 123, scenes: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(scenes):
+        s = random_scene(rng)
+        texts.append(describe(s))
+        for _, q, a in questions(s, rng):
+            texts.append(PROMPT_TEMPLATE.format(prompt=q).replace("<image>", "") + " " + a)
+    texts.append(PROMPT_TEMPLATE.format(prompt=DESCRIBE_PROMPT).replace("<image>", ""))
+    return texts
+
+
+def init_weights(model: torch.nn.Module, seed: int):
+    """HF's LLaVA init: normal(0, 0.02) matrices and embeddings, zero biases, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1 and ("norm" in name):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+class Batcher:
+    """Multi-turn conversations about generated scenes, tokenised exactly as inference tokenises the
+    first turn: processor prompt ids, then answer_ids (space + answer + EOS)."""
+
+    def __init__(self, tok, cfg: LlavaConfig, image_settings: ImageSettings, seed: int):
+        self.tok, self.cfg, self.img = tok, cfg, image_settings
+        self.rng = random.Random(seed)
+        self.bos, self.eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        self.N = cfg.num_image_tokens
+
+    def _enc(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def conversation(self, max_shapes: int):
+        scene = random_scene(self.rng, 1, max_shapes)
+        turns = [(q, a) for _, q, a in questions(scene, self.rng)]
+        if self.rng.random() < 0.6:
+            turns.append((DESCRIBE_PROMPT, describe(scene)))
+        self.rng.shuffle(turns)
+        turns = turns[:self.rng.randint(1, len(turns))]
+        ids, labels = [], []
+        for i, (q, a) in enumerate(turns):
+            prompt = PROMPT_TEMPLATE.format(prompt=q) if i == 0 else f"USER: {q} ASSISTANT:"
+            p = self._enc(prompt)
+            if i == 0:
+                at = p.index(self.cfg.image_token_index)
+                p = [self.bos] + p[:at] + [self.cfg.image_token_index] * self.N + p[at + 1:]
+            ans = self._enc(" " + a) + [self.eos]
+            ids += p + ans
+            labels += [-100] * len(p) + ans
+        return scene.draw(), ids, labels
+
+    def batch(self, size: int, max_shapes: int):
+        convs = [self.conversation(max_shapes) for _ in range(size)]
+        T = max(len(c[1]) for c in convs)
+        ids = torch.full((size, T), self.eos, dtype=torch.long)
+        labels = torch.full((size, T), -100, dtype=torch.long)
+        for b, (_, i, l) in enumerate(convs):
+            ids[b, :len(i)] = torch.tensor(i)
+            labels[b, :len(l)] = torch.tensor(l)
+        px = torch.cat([pixel_values(img, self.img) for img, _, _ in convs])  # [B, 3, 96, 96]
+        return ids, labels, px
+
+
+def patch_targets(scene, patch: int = 8):
+    """Per patch (row-major, like the visual tokens): the index into ("none",)+SHAPES of the object that
+    covers most of it (>= 1/4 of its pixels), and likewise into ("none",)+colours. -> two LongTensors [P]."""
+    grid = SIZE // patch
+    m = torch.frombuffer(bytearray(object_map(scene).tobytes()), dtype=torch.uint8).view(SIZE, SIZE).long()
+    cells = m.view(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)  # [P, p*p]
+    counts = torch.stack([(cells == i + 1).sum(1) for i in range(len(scene.shapes))], 1)  # [P, n_shapes]
+    best, which = counts.max(1)
+    covered = best * 4 >= patch * patch
+    kinds = torch.tensor([1 + SHAPES.index(s.kind) for s in scene.shapes])
+    colors = torch.tensor([1 + list(COLORS).index(s.color) for s in scene.shapes])
+    return torch.where(covered, kinds[which], 0), torch.where(covered, colors[which], 0)
+
+
+def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int, lr: float, seed: int,
+                    bf16: bool, show_progress: bool = True, log=None):
+    """Stage 1, in the spirit of LLaVA's pretrained CLIP: teach the vision tower alone to say, at every
+    patch, which kind and colour of object covers it (a linear head read off the feature layer, thrown
+    away afterwards). Dense labels make this fast; stage 2 then only has to teach the decoder to read."""
+    vc = model.config.vision_config
+    head = torch.nn.Linear(vc.hidden_size, 1 + len(SHAPES) + 1 + len(COLORS))
+    params = list(model.vision_tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    rng = random.Random(seed + 1)
+    settings = ImageSettings.from_dict(PREPROCESSOR)
+    L = vc.num_hidden_layers
+    bar = Progress(steps, "stage 1: vision tower", " steps", after_s=0.0 if show_progress else float("inf"))
+    history = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=100)
+        scenes = [random_scene(rng) for _ in range(batch)]
+        px = torch.cat([pixel_values(s.draw(), settings) for s in scenes])  # [B, 3, H, W]
+        kind, color = zip(*(patch_targets(s, vc.patch_size) for s in scenes))
+        kind, color = torch.stack(kind), torch.stack(color)  # [B, P] each
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            feats = model.vision_tower.hidden_states(px, upto=L)[-1][:, 1:]  # [B, P, C]
+            out = head(feats).float()  # [B, P, 5 + 7]
+        k = 1 + len(SHAPES)
+        loss = F.cross_entropy(out[..., :k].reshape(-1, k), kind.reshape(-1)) + \
+            F.cross_entropy(out[..., k:].reshape(-1, out.shape[-1] - k), color.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append(loss.item())
+        with torch.no_grad():
+            obj = kind > 0
+            acc = float((out[..., :k].argmax(-1)[obj] == kind[obj]).float().mean()) if obj.any() else 0.0
+        bar.update(1, f"loss {history[-1]:.4f} object-patch kind acc {acc:.3f}")
+        if log is not None and step % 50 == 0:
+            log.write(f"stage1 {step} {history[-1]:.5f} {acc:.4f}\n")
+            log.flush()
+    bar.close()
+    return history
+
+
+def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px):
+    """Next-token cross-entropy on answer tokens. ids, labels [B, T]; px [B, 3, H, W]."""
+    feats = model.image_features(px)  # [B, N, C]
+    x = model.embed(ids, feats)  # [B, T, C]
+    pos = torch.arange(ids.shape[1])  # right padding: every row starts at position 0
+    x, _ = model.run_layers(x, pos, None, range(len(model.model.layers)))
+    logits = model.logits(x[:, :-1])  # [B, T-1, V]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def max_shapes_at(step: int, steps: int) -> int:
+    """Curriculum: small scenes first."""
+    frac = step / steps
+    return 2 if frac < 0.12 else 3 if frac < 0.3 else 5
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 300) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build(out_dir: str, seed: int, overrides: dict | None = None):
+    """Tokenizer files, config.json and preprocessor_config.json; -> (tokenizer, LlavaConfig, raw config).
+    overrides: {"vision_config": {...}, "text_config": {...}} merged into CONFIG (tests use a tiny one)."""
+    tok = train_bpe(tokenizer_corpus(), vocab_size=320)
+    os.makedirs(out_dir, exist_ok=True)
+    raw = json.loads(json.dumps(CONFIG))
+    for part, values in (overrides or {}).items():
+        raw[part].update(values)
+    raw["image_token_index"] = tok.token_to_id("<image>")
+    vocab = tok.get_vocab_size()
+    raw["text_config"].update(vocab_size=vocab + (-vocab % 8), bos_token_id=tok.token_to_id("<s>"),
+                              eos_token_id=tok.token_to_id("</s>"), pad_token_id=tok.token_to_id("<pad>"))
+    raw["pad_token_id"] = tok.token_to_id("<pad>")
+    save_tokenizer_files(tok, out_dir, raw["text_config"]["max_position_embeddings"])
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(PREPROCESSOR, f, indent=2)
+    return tok, LlavaConfig.from_dict(raw), raw
+
+
+def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):
+    """A few pictures to try, from a seed stream used neither by training nor by the evaluation, with
+    their ground truth in examples/examples.json."""
+    folder = os.path.join(out_dir, "examples")
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        scene = random_scene(rng, 2 + i % 3, 2 + i % 3)
+        name = f"scene{i + 1}.png"
+        scene.draw().save(os.path.join(folder, name))
+        records.append({"file": name, "description": describe(scene),
+                        "shapes": [[s.color, s.kind, s.position] for s in scene.shapes]})
+    with open(os.path.join(folder, "examples.json"), "w") as f:
+        json.dump(records, f, indent=2)
+
+
+def save_weights(model: LlavaForConditionalGeneration, out_dir: str):
+    """model.safetensors in transformers 5.x's layout, float32."""
+    from safetensors.torch import save_file
+    state = {}
+    for name, p in model.named_parameters():
+        key = "language_model." + name if name.startswith(("model.", "lm_head.")) else name
+        state[key] = p.detach().float().contiguous()
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+
+
+def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: float | None,
+          bf16: bool = True, log=None, overrides: dict | None = None, show_progress: bool = True,
+          vision_steps: int = 1000):
+    torch.manual_seed(seed)
+    tok, cfg, _ = build(out_dir, seed, overrides)
+    write_examples(out_dir)
+    model = LlavaForConditionalGeneration(cfg)
+    init_weights(model, seed)
+    model.train()
+    t0 = time.time()
+    if vision_steps:
+        pretrain_vision(model, vision_steps, 64, lr, seed, bf16, show_progress, log)
+    batcher = Batcher(tok, cfg, ImageSettings.from_dict(PREPROCESSOR), seed)
+    # Stage 2, everything trains; the pretrained tower at half the learning rate so the decoder's early,
+    # noisy gradients do not wash out what stage 1 taught it.
+    groups = []
+    for is_vision in (True, False):
+        named = [(n, p) for n, p in model.named_parameters() if n.startswith("vision_tower.") == is_vision]
+        scale = 0.5 if is_vision and vision_steps else 1.0
+        groups.append({"params": [p for n, p in named if p.dim() >= 2], "weight_decay": 0.05, "scale": scale})
+        groups.append({"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "scale": scale})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    bar = Progress(steps, "stage 2: conversations", " steps", after_s=0.0 if show_progress else float("inf"))
+    history = []
+    smooth = None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr) * g["scale"]
+        ids, labels, px = batcher.batch(batch, max_shapes_at(step, steps))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, ids, labels, px)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        history.append(value)
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        bar.update(1, f"loss {smooth:.4f} lr {lr_at(step, steps, lr):.2e}")
+        if log is not None and step % 50 == 0:
+            log.write(f"{step} {time.time() - t0:.1f} {smooth:.5f}\n")
+            log.flush()
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            sys.stderr.write(f"\nstopping at step {step + 1}: --minutes {minutes} reached\n")
+            break
+        if step % 500 == 499:
+            save_weights(model, out_dir)  # a usable checkpoint even if the run is cut short
+    bar.close()
+    save_weights(model, out_dir)
+    return model, history, time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dyrate_ref.train_demo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory to write (e.g. weights/dyrate-shapes)")
+    p.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (batch 64)")
+    p.add_argument("--steps", type=int, default=2600, help="stage 2 steps")
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "train_log.txt"), "w") as log:
+        log.write(f"# {' '.join(sys.argv)}\n# step seconds smoothed_loss\n")
+        _, history, secs = train(args.out, args.steps, args.batch, args.lr, args.seed, args.minutes,
+                                 bf16=not args.no_bf16, log=log, vision_steps=args.vision_steps)
+    print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
+          f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
