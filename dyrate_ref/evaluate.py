@@ -55,6 +55,28 @@ def methods(weights_dir: str, cfg) -> list[tuple[str, PruneSettings]]:
     return rows
 
 
+def parse_extra(spec: str, weights_dir: str, cfg) -> tuple[str, PruneSettings]:
+    """--extra rows: fastv:K:R, vtw:K, dyrate:K:r0,r1,... or predictor:FILE."""
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "fastv":
+            K, R = rest.split(":")
+            return f"FastV K={K} R={R}", PruneSettings("fastv", int(K), float(R))
+        if kind == "vtw":
+            return f"VTW K={rest}", PruneSettings("vtw", int(rest))
+        if kind == "dyrate":
+            K, rates = rest.split(":")
+            return f"DyRate K={K} rates {rates}", PruneSettings("dyrate", int(K), rates=tuple(map(float, rates.split(","))))
+        if kind == "predictor":
+            from .predictor import load_predictor
+            pred = load_predictor(rest, cfg, weights_dir)
+            return (f"DyRate K={pred.layer} predictor {os.path.basename(rest)} (tau={pred.meta.get('tau', '?')})",
+                    PruneSettings("dyrate", pred.layer, predictor=pred))
+    except ValueError:
+        pass
+    raise UserError(f"--extra {spec!r}: use fastv:K:R, vtw:K, dyrate:K:r0,r1,... or predictor:FILE")
+
+
 def run_method(model, processor, items, prune: PruneSettings, max_new_tokens: int, bar=None) -> dict:
     correct = {k: [] for k in QUESTION_KINDS}
     f1s, kept, lm_flops, kv_peak, seconds = [], [], 0, [], 0.0
@@ -148,6 +170,9 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--plot", metavar="DIR", help="also write attention_over_generation.png into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--extra", action="append", default=[], metavar="SPEC",
+                   help="add a row: fastv:K:R, vtw:K, dyrate:K:r0,r1,... or predictor:FILE (repeatable)")
+    p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none")
     args = p.parse_args(argv)
     try:
         if args.plot and not os.path.isdir(args.plot):
@@ -155,6 +180,9 @@ def main(argv=None):
         model = load_model(args.weights)
         proc = Processor(args.weights, model.config)
         rows = methods(args.weights, model.config)
+        if args.only_extra:
+            rows = rows[:1]
+        rows += [parse_extra(spec, args.weights, model.config) for spec in args.extra]
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

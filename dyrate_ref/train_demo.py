@@ -14,8 +14,8 @@ after 16 minutes: the decoder cannot learn to read a vision tower that has not y
   GELU projector, a 6-layer Llama decoder with grouped-query attention. Six layers, not four, so that
   pruning from K=2 can remove up to 4/6 of the visual tokens' decoder cost.
 - Stage 1 (like LLaVA's pretrained CLIP tower, here made in minutes): the vision tower alone learns to
-  name, at every patch, the kind and colour of the object covering it, through a linear head that is
-  then thrown away.
+  name, at every patch, the kind and colour of the object covering it and the 3x3 cell the patch is
+  in, through a linear head that is then thrown away.
 - Stage 2: everything trains on multi-turn conversations, LLaVA's own format: each picture carries 1-5
   of its questions and often its description, so its 144 visual tokens are paid for once per several
   answers. The loss is on answer tokens only. The tower learns at half the rate.
@@ -157,15 +157,22 @@ def patch_targets(scene, patch: int = 8):
 def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int, lr: float, seed: int,
                     bf16: bool, show_progress: bool = True, log=None):
     """Stage 1, in the spirit of LLaVA's pretrained CLIP: teach the vision tower alone to say, at every
-    patch, which kind and colour of object covers it (a linear head read off the feature layer, thrown
-    away afterwards). Dense labels make this fast; stage 2 then only has to teach the decoder to read."""
+    patch, which kind and colour of object covers it and which of the 3x3 cells the patch lies in (a
+    linear head read off the feature layer, thrown away afterwards). Dense labels make this fast; stage 2
+    then only has to teach the decoder to read. The cell target matters: without it the tower is free
+    to wash its position embedding out of the features, and the decoder, which sees visual tokens only
+    through RoPE distances that shift with the question's length, then cannot tell where anything is."""
     vc = model.config.vision_config
-    head = torch.nn.Linear(vc.hidden_size, 1 + len(SHAPES) + 1 + len(COLORS))
+    n_kind, n_color = 1 + len(SHAPES), 1 + len(COLORS)
+    head = torch.nn.Linear(vc.hidden_size, n_kind + n_color + 9)
     params = list(model.vision_tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
     settings = ImageSettings.from_dict(PREPROCESSOR)
     L = vc.num_hidden_layers
+    grid = vc.image_size // vc.patch_size
+    rows = torch.arange(grid * grid) // grid
+    cell = ((rows * 3 // grid) * 3 + (torch.arange(grid * grid) % grid) * 3 // grid)[None]  # [1, P]: 3x3 cell
     bar = Progress(steps, "stage 1: vision tower", " steps", after_s=0.0 if show_progress else float("inf"))
     history = []
     for step in range(steps):
@@ -177,10 +184,11 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
         kind, color = torch.stack(kind), torch.stack(color)  # [B, P] each
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             feats = model.vision_tower.hidden_states(px, upto=L)[-1][:, 1:]  # [B, P, C]
-            out = head(feats).float()  # [B, P, 5 + 7]
-        k = 1 + len(SHAPES)
+            out = head(feats).float()  # [B, P, 5 + 7 + 9]
+        k, c = n_kind, n_kind + n_color
         loss = F.cross_entropy(out[..., :k].reshape(-1, k), kind.reshape(-1)) + \
-            F.cross_entropy(out[..., k:].reshape(-1, out.shape[-1] - k), color.reshape(-1))
+            F.cross_entropy(out[..., k:c].reshape(-1, n_color), color.reshape(-1)) + \
+            F.cross_entropy(out[..., c:].reshape(-1, 9), cell.expand(len(scenes), -1).reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -326,7 +334,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dyrate_ref.train_demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory to write (e.g. weights/dyrate-shapes)")
     p.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (batch 64)")
-    p.add_argument("--steps", type=int, default=2600, help="stage 2 steps")
+    p.add_argument("--steps", type=int, default=2400, help="stage 2 steps")
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
