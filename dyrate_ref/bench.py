@@ -194,6 +194,16 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
     return rows, cfg
 
 
+def device_bandwidth(device: str) -> float | None:
+    """Peak memory bandwidth in bytes/s from the CUDA device's properties (2 transfers per clock x bus
+    width), or None where torch does not say."""
+    if not device.startswith("cuda"):
+        return None
+    props = torch.cuda.get_device_properties(torch.device(device))
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
 def _vision(cfg):
     from .cost import vision_flops
     return vision_flops(cfg)
@@ -210,6 +220,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,13 +272,17 @@ def main(argv=None):
                 parts.append(f"{phase}: {ts:.1%} time saved for {fs:.1%} {what} saved"
                              + (f" -> {ts / fs:.2f}" if fs > 0.01 else " (nothing to track)"))
             print(f"- {r['name']}: " + "; ".join(parts))
-    else:
-        print("| implementation | prefill ms | decode ms/token | decode speed vs this row |")
-        print("|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
-                  f"{r['decode_ms'] / base['decode_ms']:.2f}x slower than dyrate_ref |" if r is not base else
-                  f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | 1.00 |")
+        return
+    bw = args.bandwidth * 1e9 if args.bandwidth else device_bandwidth(args.device)
+    if bw:
+        floor = base["decode_bytes"] / args.new_tokens / bw * 1e3
+        print(f"memory-bandwidth floor for one decode step: {base['decode_bytes'] / args.new_tokens / 1e6:.0f} MB "
+              f"(weights + KV cache) / {bw / 1e9:.0f} GB/s = {floor:.3f} ms; dyrate_ref is at "
+              f"{base['decode_ms'] / floor:.2f}x the floor\n")
+    print("| implementation | prefill ms | decode ms/token | its decode time / dyrate_ref's |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['decode_ms'] / base['decode_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ written unless the whole run succeeded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -154,11 +155,11 @@ def run(argv=None) -> int:
         if path is None:
             raise UserError(f"--method dyrate needs --predictor FILE or --rates LIST: {weights} ships no "
                             "dyrate_predictor.safetensors")
-        prune = type(prune)(**{**prune.__dict__, "predictor": load_predictor(path, cfg, weights)})
-        if args.layer is not None and args.layer != prune.predictor.layer:
-            raise UserError(f"--layer {args.layer} differs from the predictor's K={prune.predictor.layer}; "
+        predictor = load_predictor(path, cfg, weights)
+        if args.layer is not None and args.layer != predictor.layer:
+            raise UserError(f"--layer {args.layer} differs from the predictor's K={predictor.layer}; "
                             "leave --layer out or train a predictor for that layer")
-        prune = type(prune)(**{**prune.__dict__, "layer": prune.predictor.layer})
+        prune = dataclasses.replace(prune, predictor=predictor, layer=predictor.layer)
 
     # 2. The slow part.
     model = load_model(weights, dtype=dtype, device=device, config=cfg)

@@ -9,8 +9,8 @@ two halves around one decision:
     upper half   evict the dropped visual tokens from layers [K, L) of the cache, run layers [K, L)
 
 With method "none" the same path runs and keeps everything (K then only says which layer's attention
-is recorded). The halves are separate functions so the predictor's trainer can try several keep sets
-for one step (train_predictor.py).
+is recorded). The halves are separate functions so that a reader (and the tutorial) can stop between
+them and look at the scores.
 """
 
 from __future__ import annotations

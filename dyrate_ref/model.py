@@ -299,14 +299,6 @@ class KVCache:
             self.pos[layer] = torch.cat([self.pos[layer], pos])  # [S_l + T]
         return self.k[layer], self.v[layer], self.pos[layer]
 
-    def fork(self) -> "KVCache":
-        """A second cache sharing today's tensors. Safe because nothing here writes into a cache tensor in
-        place (append and keep build new tensors), so the two can then grow and shrink independently;
-        the predictor's trainer uses it to try several keep sets for the same step."""
-        other = KVCache(len(self.k))
-        other.k, other.v, other.pos = list(self.k), list(self.v), list(self.pos)
-        return other
-
     def length(self, layer: int) -> int:
         return 0 if self.k[layer] is None else self.k[layer].shape[2]
 

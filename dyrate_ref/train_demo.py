@@ -177,7 +177,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     history = []
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=100)
+            g["lr"] = lr_at(step, steps, lr, warmup=min(100, max(1, steps // 10)))
         scenes = [random_scene(rng) for _ in range(batch)]
         px = torch.cat([pixel_values(s.draw(), settings) for s in scenes])  # [B, 3, H, W]
         kind, color = zip(*(patch_targets(s, vc.patch_size) for s in scenes))
@@ -305,7 +305,7 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
     smooth = None
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr) * g["scale"]
+            g["lr"] = lr_at(step, steps, lr, warmup=min(300, max(1, steps // 8))) * g["scale"]
         ids, labels, px = batcher.batch(batch, max_shapes_at(step, steps))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, ids, labels, px)
@@ -316,7 +316,7 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
         value = loss.item()
         history.append(value)
         smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        bar.update(1, f"loss {smooth:.4f} lr {lr_at(step, steps, lr):.2e}")
+        bar.update(1, f"loss {smooth:.4f} lr {opt.param_groups[-1]['lr']:.2e}")
         if log is not None and step % 50 == 0:
             log.write(f"{step} {time.time() - t0:.1f} {smooth:.5f}\n")
             log.flush()

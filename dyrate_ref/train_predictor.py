@@ -4,14 +4,17 @@
 
 Labels (dyrate_ref's reconstruction; the paper does not give its recipe): on (image, prompt, answer)
 examples under teacher forcing, at each step t the label is the largest grid rate r whose pruned
-next-token distribution stays close to the unpruned model's:
+next-token distributions stay close to the unpruned model's, at step t and at every later step of the
+answer while that keep set is held:
 
-    KL(P_full || P_pruned(keep_{t-1}, r)) <= tau
+    max_{s >= t} KL(P_full,s || P_pruned,s(keep_{t-1}, r)) <= tau
 
-where P_pruned keeps the highest-scoring ceil((1-r)N) tokens of the kept set so far (DyRate's keep
-rule) and P_full is the model without any pruning. When no rate that prunes further stays within tau,
-the label is "hold": the largest rate that leaves keep_{t-1} as it is. The labelled trajectory then
-continues with the chosen keep set, exactly as inference would. The predictor is trained by
+where the pruned set keeps the highest-scoring ceil((1-r)N) tokens of the kept set so far (DyRate's
+keep rule) and P_full is the model without any pruning. When no rate that prunes further stays within
+tau, the label is "hold": the largest rate that leaves keep_{t-1} as it is. The labelled trajectory then
+continues with the chosen keep set, exactly as inference would. (A first version judged step t alone;
+on descriptions it labelled "prune everything" at the first word, which needs no image, and every
+later content word then lost it: kept sets only shrink, so the label has to look ahead.) The predictor is trained by
 cross-entropy on these labels; the VLM is never updated.
 
 tau is the one knob: smaller tau -> lower rates -> more visual tokens kept, closer to the unpruned answer.
@@ -30,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .generation import State, decode_lower, decode_upper, prefill_lower, prefill_upper
+from .generation import recompute_logits
 from .loading import Progress, load_model
 from .model import LlavaForConditionalGeneration
 from .predictor import RatePredictor, predictor_features
 from .processing import Processor, open_image
-from .pruning import RATE_GRID, dyrate_keep, visual_scores
+from .pruning import RATE_GRID, dyrate_keep, visual_scores, visual_span
 
 
 @dataclass
@@ -45,56 +48,70 @@ class Example:
     answer: str
 
 
-def _fork(state: State) -> State:
-    return State(state.cache.fork(), state.span, state.keep, state.next_pos, state.K, state.step)
-
-
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(P || Q) from logits [V], in nats."""
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) from logits [..., V], in nats, per row."""
     lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum())
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 @torch.no_grad()
 def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answer: list[int], K: int, tau: float,
                   grid=RATE_GRID, max_new_tokens: int | None = None):
-    """-> (features [T, F], label indices into grid [T], kept counts [T]) for one teacher-forced answer."""
-    T = len(answer)
+    """-> (features [T, F], label indices into grid [T], kept counts [T]) for one teacher-forced answer.
+
+    The label of step t is the largest rate whose keep set, held from step t to the end of the answer,
+    keeps every one of those steps within KL <= tau of the unpruned model. Looking ahead matters: the
+    kept sets only shrink, so a rate judged on step t alone would drop, at a token that needs no image
+    ("There"), the tokens a later word ("four") needs. The pruned logits of all remaining steps come
+    from one masked no-cache forward (generation.recompute_logits), and the largest feasible rate is
+    found by bisection over the grid (assuming more pruning never lowers the KL, which holds closely).
+    """
+    T, P = len(answer), input_ids.numel()
     horizon = max_new_tokens or T
-    P = input_ids.numel()
     device = model.lm_head.weight.device
-    seq = torch.cat([input_ids.to(device), torch.tensor(answer[:-1], dtype=torch.long, device=device)])
-    full = model(seq[None], pixels.to(device))[0, P - 1:].float()  # [T, V]: the unpruned model, every step
-    order = sorted(range(len(grid)), key=lambda i: -grid[i])  # largest rate first
-    feats, labels, kept = [], [], []
-    x, pos, state, probs = prefill_lower(model, input_ids, pixels, K)
+    input_ids = input_ids.to(device)
+    span = visual_span(input_ids, model.config.image_token_index)
+    N = span[1]
+    seq = torch.cat([input_ids, torch.tensor(answer[:-1], dtype=torch.long, device=device)])  # [P+T-1]
+    x = model.embed(seq[None], model.image_features(pixels.to(device)))  # [1, P+T-1, C]
+    pos = torch.arange(seq.numel(), device=device)
+    # Layers < K are never pruned, so one unpruned pass gives every step's layer K-1 scores ...
+    h, probs = model.run_layers(x, pos, None, range(0, K), probs_of=K - 1)  # probs [1, H, P+T-1, P+T-1]
+    # ... and the rest of it the unpruned logits.
+    h, _ = model.run_layers(h, pos, None, range(K, model.config.text_config.num_hidden_layers))
+    full = model.logits(h[0, P - 1:]).float()  # [T, V]
+
+    def worst_kl(t, keep_rows, cand):
+        mask = torch.zeros(N, dtype=torch.bool, device=device)
+        mask[cand] = True
+        rows = torch.stack(keep_rows + [mask] * (T - t))  # [T, N]
+        pruned = recompute_logits(model, input_ids, pixels, answer, rows, K)  # [T, V]
+        return float(kl(full[t:], pruned[t:]).max())
+
+    feats, labels, kept, keep_rows = [], [], [], []
+    prev = torch.arange(N, device=device)
     for t in range(T):
-        if t > 0:
-            state.step = t
-            x, pos, probs = decode_lower(model, torch.tensor(answer[t - 1], device=device), state)
-        scores = visual_scores(probs, state.span, "last")  # [N]
-        feats.append(predictor_features(scores, state.keep, t, horizon))
-        tried = {}  # keep size -> (trial state, KL)
-        chosen = None
-        hold = None  # largest rate that leaves the kept set unchanged
-        for i in order:
-            cand = dyrate_keep(state.keep, scores, grid[i])
-            if cand.numel() == state.keep.numel() and hold is None:
-                hold = i
-            if cand.numel() not in tried:
-                trial = _fork(state)
-                upper = prefill_upper if t == 0 else decode_upper
-                logits = upper(model, x, pos, trial, cand)
-                tried[cand.numel()] = (trial, kl(full[t], logits))
-            if chosen is None and tried[cand.numel()][1] <= tau:
-                chosen = i
-        label = chosen if chosen is not None else hold
-        trial, _ = tried[dyrate_keep(state.keep, scores, grid[label]).numel()]
-        state = trial
-        if t > 0:
-            state.next_pos += 1
-        labels.append(label)
-        kept.append(state.keep.numel())
+        scores = visual_scores(probs[:, :, : P + t], span, "last")  # query row P-1+t: [N]
+        feats.append(predictor_features(scores, prev, t, horizon))
+        by_rate = sorted(range(len(grid)), key=lambda i: -grid[i])  # most pruning first
+        cands = [dyrate_keep(prev, scores, grid[i]) for i in by_rate]
+        hold = next(j for j, c in enumerate(cands) if c.numel() == prev.numel())  # prunes nothing more
+        lo, hi = 0, hold  # bisection for the first (most pruning) feasible candidate in [lo, hold]
+        if worst_kl(t, keep_rows, cands[hold]) > tau:
+            lo = hold
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if worst_kl(t, keep_rows, cands[mid]) <= tau:
+                hi = mid
+            else:
+                lo = mid + 1
+        choice = lo
+        prev = cands[choice]
+        mask = torch.zeros(N, dtype=torch.bool, device=device)
+        mask[prev] = True
+        keep_rows.append(mask)
+        labels.append(by_rate[choice])
+        kept.append(prev.numel())
     return torch.stack(feats), torch.tensor(labels), torch.tensor(kept)
 
 
