@@ -233,7 +233,7 @@ def recompute_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tens
     input_ids = input_ids.to(device)
     span = visual_span(input_ids, model.config.image_token_index)
     start, N = span
-    P, T = input_ids.numel(), len(tokens)
+    P = input_ids.numel()  # the answer adds T = len(tokens) steps
     seq = torch.cat([input_ids, torch.tensor(tokens[:-1], dtype=torch.long, device=device)])  # [P+T-1]
     S = seq.numel()
     pos = torch.arange(S, device=device)  # [S]

@@ -1,7 +1,6 @@
 """generate.py as a user runs it: a good run streams an answer and writes a trace; every bad input
 exits 2 with one line on stderr, no traceback, and leaves no file behind."""
 
-import json
 import os
 import shutil
 import subprocess

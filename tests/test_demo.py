@@ -13,7 +13,7 @@ from PIL import Image
 
 from dyrate_ref.cli import DEFAULT_WEIGHTS
 from dyrate_ref.scenes import (COLORS, NUMBERS, POSITIONS, SIZE, describe, eval_set, object_f1, parse_description,
-                               questions, random_scene, training_examples)
+                               questions, random_scene)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,8 +1,6 @@
 """DyRate's predictor: features, labels, training, the file format and its refusals; VTW calibration."""
 
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from dyrate_ref.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.errors import UserError
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
-from dyrate_ref.predictor import FEATURES, RatePredictor, load_predictor, predictor_features
+from dyrate_ref.predictor import FEATURES, load_predictor, predictor_features
 from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import RATE_GRID, PruneSettings
 from dyrate_ref.train_predictor import Example, fit, label_examples
