@@ -32,7 +32,7 @@ def test_ground_truth_matches_the_drawing():
     for _ in range(200):
         s = random_scene(rng)
         img = s.draw()
-        assert 1 <= len(s.shapes) <= 5 and len({x.cell for x in s.shapes}) == len(s.shapes)
+        assert len(s.shapes) in range(1, 6) and len({x.cell for x in s.shapes}) == len(s.shapes)
         for shape in s.shapes:
             got = img.getpixel(shape.center)
             want = COLORS[shape.color]
