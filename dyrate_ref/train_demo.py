@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .bpe import save_tokenizer_files, train_bpe
 from .loading import Progress
 from .model import LlavaConfig, LlavaForConditionalGeneration
-from .processing import PROMPT_TEMPLATE, ImageSettings, pixel_values
+from .processing import PROMPT_TEMPLATE, ImageSettings, Processor, pixel_values
 from .scenes import COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, describe, object_map, questions, random_scene
 
 CONFIG = {
@@ -97,17 +97,14 @@ def init_weights(model: torch.nn.Module, seed: int):
 
 
 class Batcher:
-    """Multi-turn conversations about generated scenes, tokenised exactly as inference tokenises the
-    first turn: processor prompt ids, then answer_ids (space + answer + EOS)."""
+    """Multi-turn conversations about generated scenes. The first turn is tokenised by the same
+    Processor inference uses (prompt ids with <image> expanded, then answer ids: space + answer + EOS);
+    later turns continue as `USER: {q} ASSISTANT:` without the image."""
 
-    def __init__(self, tok, cfg: LlavaConfig, image_settings: ImageSettings, seed: int):
-        self.tok, self.cfg, self.img = tok, cfg, image_settings
+    def __init__(self, processor: Processor, seed: int):
+        self.processor = processor
         self.rng = random.Random(seed)
-        self.bos, self.eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-        self.N = cfg.num_image_tokens
-
-    def _enc(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
+        self.eos = processor.eos_id
 
     def conversation(self, max_shapes: int):
         scene = random_scene(self.rng, 1, max_shapes)
@@ -118,12 +115,11 @@ class Batcher:
         turns = turns[:self.rng.randint(1, len(turns))]
         ids, labels = [], []
         for i, (q, a) in enumerate(turns):
-            prompt = PROMPT_TEMPLATE.format(prompt=q) if i == 0 else f"USER: {q} ASSISTANT:"
-            p = self._enc(prompt)
             if i == 0:
-                at = p.index(self.cfg.image_token_index)
-                p = [self.bos] + p[:at] + [self.cfg.image_token_index] * self.N + p[at + 1:]
-            ans = self._enc(" " + a) + [self.eos]
+                p = self.processor.input_ids(q).tolist()
+            else:
+                p = self.processor.tokenizer.encode(f"USER: {q} ASSISTANT:", add_special_tokens=False).ids
+            ans = self.processor.answer_ids(a)
             ids += p + ans
             labels += [-100] * len(p) + ans
         return scene.draw(), ids, labels
@@ -136,7 +132,7 @@ class Batcher:
         for b, (_, i, l) in enumerate(convs):
             ids[b, :len(i)] = torch.tensor(i)
             labels[b, :len(l)] = torch.tensor(l)
-        px = torch.cat([pixel_values(img, self.img) for img, _, _ in convs])  # [B, 3, 96, 96]
+        px = torch.cat([self.processor.pixel_values(img) for img, _, _ in convs])  # [B, 3, 96, 96]
         return ids, labels, px
 
 
@@ -290,7 +286,7 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
     t0 = time.time()
     if vision_steps:
         pretrain_vision(model, vision_steps, 64, lr, seed, bf16, show_progress, log)
-    batcher = Batcher(tok, cfg, ImageSettings.from_dict(PREPROCESSOR), seed)
+    batcher = Batcher(Processor(out_dir, cfg), seed)
     # Stage 2, everything trains; the pretrained tower at half the learning rate so the decoder's early,
     # noisy gradients do not wash out what stage 1 taught it.
     groups = []
