@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -42,7 +43,7 @@ from .bpe import save_tokenizer_files, train_bpe
 from .loading import Progress
 from .model import LlavaConfig, LlavaForConditionalGeneration
 from .processing import PROMPT_TEMPLATE, ImageSettings, Processor, pixel_values
-from .scenes import COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, describe, object_map, questions, random_scene
+from .scenes import COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, describe, eval_set, object_map, questions, random_scene
 
 CONFIG = {
     "architectures": ["LlavaForConditionalGeneration"],
@@ -57,7 +58,7 @@ CONFIG = {
     "vision_config": {"model_type": "clip_vision_model", "hidden_size": 160, "intermediate_size": 640,
                       "num_hidden_layers": 4, "num_attention_heads": 4, "num_channels": 3, "image_size": SIZE,
                       "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 160},
-    "text_config": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 6,
+    "text_config": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
                     "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "hidden_act": "silu",
                     "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
@@ -99,7 +100,9 @@ def init_weights(model: torch.nn.Module, seed: int):
 class Batcher:
     """Multi-turn conversations about generated scenes. The first turn is tokenised by the same
     Processor inference uses (prompt ids with <image> expanded, then answer ids: space + answer + EOS);
-    later turns continue as `USER: {q} ASSISTANT:` without the image."""
+    later turns continue as `USER: {q} ASSISTANT:` without the image. Every question the scene allows
+    is asked (and the description, 70 % of the time), in random order, so each picture's 144 visual
+    tokens pay for several answers."""
 
     def __init__(self, processor: Processor, seed: int):
         self.processor = processor
@@ -109,10 +112,9 @@ class Batcher:
     def conversation(self, max_shapes: int):
         scene = random_scene(self.rng, 1, max_shapes)
         turns = [(q, a) for _, q, a in questions(scene, self.rng)]
-        if self.rng.random() < 0.6:
+        if self.rng.random() < 0.7:
             turns.append((DESCRIBE_PROMPT, describe(scene)))
         self.rng.shuffle(turns)
-        turns = turns[:self.rng.randint(1, len(turns))]
         ids, labels = [], []
         for i, (q, a) in enumerate(turns):
             if i == 0:
@@ -125,15 +127,19 @@ class Batcher:
         return scene.draw(), ids, labels
 
     def batch(self, size: int, max_shapes: int):
-        convs = [self.conversation(max_shapes) for _ in range(size)]
-        T = max(len(c[1]) for c in convs)
-        ids = torch.full((size, T), self.eos, dtype=torch.long)
-        labels = torch.full((size, T), -100, dtype=torch.long)
-        for b, (_, i, l) in enumerate(convs):
-            ids[b, :len(i)] = torch.tensor(i)
-            labels[b, :len(l)] = torch.tensor(l)
-        px = torch.cat([self.processor.pixel_values(img) for img, _, _ in convs])  # [B, 3, 96, 96]
-        return ids, labels, px
+        return collate([self.conversation(max_shapes) for _ in range(size)], self.processor)
+
+
+def collate(convs, processor: Processor):
+    """[(image, ids, labels)] -> ids, labels [B, T] (right-padded with EOS / -100), px [B, 3, H, W]."""
+    T = max(len(c[1]) for c in convs)
+    ids = torch.full((len(convs), T), processor.eos_id, dtype=torch.long)
+    labels = torch.full((len(convs), T), -100, dtype=torch.long)
+    for b, (_, i, l) in enumerate(convs):
+        ids[b, :len(i)] = torch.tensor(i)
+        labels[b, :len(l)] = torch.tensor(l)
+    px = torch.cat([processor.pixel_values(img) for img, _, _ in convs])  # [B, 3, 96, 96]
+    return ids, labels, px
 
 
 def patch_targets(scene, patch: int = 8):
@@ -150,8 +156,29 @@ def patch_targets(scene, patch: int = 8):
     return torch.where(covered, kinds[which], 0), torch.where(covered, colors[which], 0)
 
 
+def cell_targets(scene):
+    """Per 3x3 cell: index into ("none",)+SHAPES and into ("none",)+colours. -> two LongTensors [9]."""
+    kind, color = torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long)
+    for s in scene.shapes:
+        kind[s.cell], color[s.cell] = 1 + SHAPES.index(s.kind), 1 + list(COLORS).index(s.color)
+    return kind, color
+
+
+def patch_cells(vc) -> torch.Tensor:
+    """The 3x3 cell (0..8, row-major) each patch lies in: LongTensor [P]."""
+    grid = vc.image_size // vc.patch_size
+    idx = torch.arange(grid * grid)
+    return (idx // grid * 3 // grid) * 3 + (idx % grid) * 3 // grid  # [P]
+
+
+def tower_features(model: LlavaForConditionalGeneration, px: torch.Tensor) -> torch.Tensor:
+    """The feature layer's patch tokens, what the projector reads: px [B, 3, H, W] -> [B, P, C_vis]."""
+    vc = model.config.vision_config
+    return model.vision_tower.hidden_states(px, upto=vc.num_hidden_layers)[-1][:, 1:]
+
+
 def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int, lr: float, seed: int,
-                    bf16: bool, show_progress: bool = True, log=None):
+                    bf16: bool, show_progress: bool = True, log=None, device="cpu"):
     """Stage 1, in the spirit of LLaVA's pretrained CLIP: teach the vision tower alone to say, at every
     patch, which kind and colour of object covers it and which of the 3x3 cells the patch lies in (a
     linear head read off the feature layer, thrown away afterwards). Dense labels make this fast; stage 2
@@ -160,27 +187,23 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     through RoPE distances that shift with the question's length, then cannot tell where anything is."""
     vc = model.config.vision_config
     n_kind, n_color = 1 + len(SHAPES), 1 + len(COLORS)
-    head = torch.nn.Linear(vc.hidden_size, n_kind + n_color + 9)
+    head = torch.nn.Linear(vc.hidden_size, n_kind + n_color + 9).to(device)
     params = list(model.vision_tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
     settings = ImageSettings.from_dict(PREPROCESSOR)
-    L = vc.num_hidden_layers
-    grid = vc.image_size // vc.patch_size
-    rows = torch.arange(grid * grid) // grid
-    cell = ((rows * 3 // grid) * 3 + (torch.arange(grid * grid) % grid) * 3 // grid)[None]  # [1, P]: 3x3 cell
+    cell = patch_cells(vc)[None].to(device)  # [1, P]
     bar = Progress(steps, "stage 1: vision tower", " steps", after_s=0.0 if show_progress else float("inf"))
     history = []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(100, max(1, steps // 10)))
         scenes = [random_scene(rng) for _ in range(batch)]
-        px = torch.cat([pixel_values(s.draw(), settings) for s in scenes])  # [B, 3, H, W]
+        px = torch.cat([pixel_values(s.draw(), settings) for s in scenes]).to(device)  # [B, 3, H, W]
         kind, color = zip(*(patch_targets(s, vc.patch_size) for s in scenes))
-        kind, color = torch.stack(kind), torch.stack(color)  # [B, P] each
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            feats = model.vision_tower.hidden_states(px, upto=L)[-1][:, 1:]  # [B, P, C]
-            out = head(feats).float()  # [B, P, 5 + 7 + 9]
+        kind, color = torch.stack(kind).to(device), torch.stack(color).to(device)  # [B, P] each
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out = head(tower_features(model, px)).float()  # [B, P, 5 + 7 + 9]
         k, c = n_kind, n_kind + n_color
         loss = F.cross_entropy(out[..., :k].reshape(-1, k), kind.reshape(-1)) + \
             F.cross_entropy(out[..., k:c].reshape(-1, n_color), color.reshape(-1)) + \
@@ -201,11 +224,92 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     return history
 
 
-def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px):
+@torch.no_grad()
+def probe_tower(model: LlavaForConditionalGeneration, train_scenes: int = 1500, test_scenes: int = 500,
+                steps: int = 300, device="cpu", seed: int = 7) -> dict:
+    """Can a *linear* read-out of the tower's patch tokens name what sits in each 3x3 cell? A fresh
+    probe (cell features = mean of the cell's patch tokens -> kind and colour, 'none' included) is fitted
+    on training scenes and scored on held-out ones (the evaluation's seed stream), counting occupied
+    cells only. It tells a tower that cannot see from a decoder that cannot read: the probe is not the
+    stage-1 head, and it is fitted after the tower is frozen."""
+    vc = model.config.vision_config
+    settings = ImageSettings.from_dict(PREPROCESSOR)
+    cells = patch_cells(vc).to(device)  # [P]
+    pool = torch.zeros(9, cells.numel(), device=device)
+    pool[cells, torch.arange(cells.numel(), device=device)] = 1.0
+    pool = pool / pool.sum(1, keepdim=True)  # [9, P]: averages the patches of each cell
+
+    def featurize(rng, n):
+        xs, ks, cs = [], [], []
+        for i in range(0, n, 100):
+            scenes = [random_scene(rng) for _ in range(min(100, n - i))]
+            px = torch.cat([pixel_values(s.draw(), settings) for s in scenes]).to(device)
+            xs.append(pool @ tower_features(model, px).float())  # [b, 9, C_vis]
+            k, c = zip(*(cell_targets(s) for s in scenes))
+            ks.append(torch.stack(k))
+            cs.append(torch.stack(c))
+        return torch.cat(xs).flatten(0, 1), torch.cat(ks).flatten().to(device), torch.cat(cs).flatten().to(device)
+
+    x_tr, k_tr, c_tr = featurize(random.Random(seed), train_scenes)
+    x_te, k_te, c_te = featurize(random.Random(10_000_019 + seed), test_scenes)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    result = {}
+    for name, y_tr, y_te, n in (("kind", k_tr, k_te, 1 + len(SHAPES)), ("color", c_tr, c_te, 1 + len(COLORS))):
+        probe = torch.nn.Linear(x_tr.shape[1], n).to(device)
+        opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = F.cross_entropy(probe(x_tr), y_tr)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        occupied = y_te > 0
+        result[name] = float((probe(x_te).argmax(-1)[occupied] == y_te[occupied]).float().mean())
+    return result
+
+
+def heldout_conversations(processor: Processor, n_scenes: int):
+    """Single-turn (image, ids, labels, kind) examples from the evaluation's seed stream."""
+    out = []
+    for item in eval_set(n_scenes):
+        p = processor.input_ids(item.question).tolist()
+        ans = processor.answer_ids(item.answer)
+        out.append((item.scene.draw(), p + ans, [-100] * len(p) + ans, item.kind))
+    return out
+
+
+@torch.no_grad()
+def heldout_exact(model: LlavaForConditionalGeneration, examples, processor: Processor, device="cpu",
+                  bf16: bool = False) -> dict:
+    """Per question kind (and 'describe'), the share of held-out answers whose every token is the argmax
+    under teacher forcing, i.e. exactly the answer greedy decoding would give. Cheap enough to log."""
+    hits: dict[str, list[float]] = {}
+    for i in range(0, len(examples), 32):
+        chunk = examples[i:i + 32]
+        ids, labels, px = collate([(img, a, b) for img, a, b, _ in chunk], processor)
+        ids, labels, px = ids.to(device), labels.to(device), px.to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            x = model.embed(ids, model.image_features(px))
+            x, _ = model.run_layers(x, torch.arange(ids.shape[1], device=device), None, range(len(model.model.layers)))
+            pred = model.logits(x[:, :-1]).argmax(-1)  # [B, T-1]
+        target = labels[:, 1:]
+        ok = ((pred == target) | (target == -100)).all(1)  # [B]
+        for (_, _, _, kind), good in zip(chunk, ok.tolist()):
+            hits.setdefault(kind, []).append(float(good))
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower: bool = False):
     """Next-token cross-entropy on answer tokens. ids, labels [B, T]; px [B, 3, H, W]."""
-    feats = model.image_features(px)  # [B, N, C]
+    if frozen_tower:  # LLaVA-1.5 keeps its CLIP tower frozen; no graph through it saves ~a third of a step
+        with torch.no_grad():
+            feats = tower_features(model, px.to(model.lm_head.weight.dtype))  # [B, P, C_vis]
+        feats = model.multi_modal_projector(feats)  # [B, N, C]
+    else:
+        feats = model.image_features(px)  # [B, N, C]
     x = model.embed(ids, feats)  # [B, T, C]
-    pos = torch.arange(ids.shape[1])  # right padding: every row starts at position 0
+    pos = torch.arange(ids.shape[1], device=ids.device)  # right padding: every row starts at position 0
     x, _ = model.run_layers(x, pos, None, range(len(model.model.layers)))
     logits = model.logits(x[:, :-1])  # [B, T-1, V]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -226,8 +330,10 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 300) -> float:
 
 def build(out_dir: str, seed: int, overrides: dict | None = None):
     """Tokenizer files, config.json and preprocessor_config.json; -> (tokenizer, LlavaConfig, raw config).
-    overrides: {"vision_config": {...}, "text_config": {...}} merged into CONFIG (tests use a tiny one)."""
-    tok = train_bpe(tokenizer_corpus(), vocab_size=320)
+    overrides: {"vision_config": {...}, "text_config": {...}} merged into CONFIG (tests use a tiny one).
+    The vocabulary (512: 256 bytes + merges) is large enough that every word of the prompts and answers
+    is one token ("Describe", " color", " purple")."""
+    tok = train_bpe(tokenizer_corpus(), vocab_size=512)
     os.makedirs(out_dir, exist_ok=True)
     raw = json.loads(json.dumps(CONFIG))
     for part, values in (overrides or {}).items():
@@ -268,56 +374,101 @@ def save_weights(model: LlavaForConditionalGeneration, out_dir: str):
     state = {}
     for name, p in model.named_parameters():
         key = "language_model." + name if name.startswith(("model.", "lm_head.")) else name
-        state[key] = p.detach().float().contiguous()
+        state[key] = p.detach().float().cpu().contiguous()
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
 
 
+def _log(log, line: str):
+    if log is not None:
+        log.write(line + "\n")
+        log.flush()
+
+
 def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: float | None,
           bf16: bool = True, log=None, overrides: dict | None = None, show_progress: bool = True,
-          vision_steps: int = 1000):
+          vision_steps: int = 1000, init: str | None = None, device: str = "cpu", eval_every: int = 0,
+          eval_scenes: int = 40, probe: bool = False, train_tower: bool = False):
+    """Stage 1 (unless `init` gives a trained model), the tower probe, then stage 2.
+    init: a llava-hf directory written by this script to continue from (its tokenizer and config are
+    copied; stage 1 is skipped since its tower is already trained)."""
     torch.manual_seed(seed)
-    tok, cfg, _ = build(out_dir, seed, overrides)
-    write_examples(out_dir)
-    model = LlavaForConditionalGeneration(cfg)
-    init_weights(model, seed)
-    model.train()
     t0 = time.time()
+    if init:
+        from .loading import load_model, read_config
+        cfg = read_config(init)
+        if os.path.abspath(init) != os.path.abspath(out_dir):
+            os.makedirs(out_dir, exist_ok=True)
+            for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json"):
+                shutil.copyfile(os.path.join(init, name), os.path.join(out_dir, name))
+        model = load_model(init, device=device)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        _log(log, f"# init from {init}: stage 1 skipped; stage 2 steps below continue that run's")
+        vision_steps = 0
+    else:
+        _, cfg, _ = build(out_dir, seed, overrides)
+        model = LlavaForConditionalGeneration(cfg)
+        init_weights(model, seed)
+        model.to(device)
+    write_examples(out_dir)
+    model.train()
     if vision_steps:
-        pretrain_vision(model, vision_steps, 64, lr, seed, bf16, show_progress, log)
-    batcher = Batcher(Processor(out_dir, cfg), seed)
-    # Stage 2, everything trains; the pretrained tower at half the learning rate so the decoder's early,
-    # noisy gradients do not wash out what stage 1 taught it.
+        pretrain_vision(model, vision_steps, 64, lr, seed, bf16, show_progress, log, device)
+    if probe:
+        acc = probe_tower(model, device=device)
+        _log(log, f"probe held-out occupied-cell accuracy: kind {acc['kind']:.4f} color {acc['color']:.4f}")
+        if show_progress:
+            sys.stderr.write(f"tower probe (held-out, occupied cells): kind {acc['kind']:.4f}, color {acc['color']:.4f}\n")
+    processor = Processor(out_dir, cfg)
+    batcher = Batcher(processor, seed + (1000 if init else 0))
+    heldout = heldout_conversations(processor, eval_scenes) if eval_every else []
+    frozen = not train_tower
+    for p in model.vision_tower.parameters():
+        p.requires_grad_(not frozen)
+    # Stage 2. By default the tower is frozen, as LLaVA-1.5 freezes CLIP: what stage 1 taught it stays,
+    # and the step skips the tower's backward. With --train-tower it learns at half the rate.
     groups = []
     for is_vision in (True, False):
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith("vision_tower.") == is_vision]
-        scale = 0.5 if is_vision and vision_steps else 1.0
+        named = [(n, p) for n, p in model.named_parameters()
+                 if n.startswith("vision_tower.") == is_vision and p.requires_grad]
+        if not named:
+            continue
+        scale = 0.5 if is_vision else 1.0
         groups.append({"params": [p for n, p in named if p.dim() >= 2], "weight_decay": 0.05, "scale": scale})
         groups.append({"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "scale": scale})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     bar = Progress(steps, "stage 2: conversations", " steps", after_s=0.0 if show_progress else float("inf"))
     history = []
     smooth = None
+    params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(300, max(1, steps // 8))) * g["scale"]
-        ids, labels, px = batcher.batch(batch, max_shapes_at(step, steps))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model, ids, labels, px)
+        ids, labels, px = batcher.batch(batch, 5 if init else max_shapes_at(step, steps))
+        ids, labels, px = ids.to(device), labels.to(device), px.to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, ids, labels, px, frozen_tower=frozen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         value = loss.item()
         history.append(value)
         smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
         bar.update(1, f"loss {smooth:.4f} lr {opt.param_groups[-1]['lr']:.2e}")
-        if log is not None and step % 50 == 0:
-            log.write(f"{step} {time.time() - t0:.1f} {smooth:.5f}\n")
-            log.flush()
+        if step % 50 == 0:
+            _log(log, f"{step} {time.time() - t0:.1f} {smooth:.5f}")
+        if eval_every and (step % eval_every == eval_every - 1 or step == steps - 1):
+            model.eval()
+            acc = heldout_exact(model, heldout, processor, device, bf16)
+            model.train()
+            _log(log, f"heldout {step + 1} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
         if minutes is not None and time.time() - t0 > minutes * 60:
             sys.stderr.write(f"\nstopping at step {step + 1}: --minutes {minutes} reached\n")
+            _log(log, f"# stopped at step {step + 1}: --minutes {minutes} reached")
             break
         if step % 500 == 499:
             save_weights(model, out_dir)  # a usable checkpoint even if the run is cut short
@@ -337,14 +488,24 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="continue from a directory this script wrote (skips stage 1; the log says so)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--eval-every", type=int, default=250,
+                   help="log held-out per-kind exact-match every N stage-2 steps (0: never)")
+    p.add_argument("--train-tower", action="store_true", help="let stage 2 train the tower too (half rate)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train_log.txt"), "w") as log:
-        log.write(f"# {' '.join(sys.argv)}\n# step seconds smoothed_loss\n")
+    mode = "a" if args.init and os.path.abspath(args.init) == os.path.abspath(args.out) else "w"
+    with open(os.path.join(args.out, "train_log.txt"), mode) as log:
+        log.write(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"device {args.device}\n# step seconds smoothed_loss | heldout step kind exact-match ...\n")
         _, history, secs = train(args.out, args.steps, args.batch, args.lr, args.seed, args.minutes,
-                                 bf16=not args.no_bf16, log=log, vision_steps=args.vision_steps)
+                                 bf16=not args.no_bf16, log=log, vision_steps=args.vision_steps, init=args.init,
+                                 device=args.device, eval_every=args.eval_every, probe=not args.init,
+                                 train_tower=args.train_tower)
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
 
