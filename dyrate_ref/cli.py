@@ -7,7 +7,6 @@ written unless the whole run succeeded.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -15,21 +14,18 @@ import time
 
 import torch
 
-from .errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_WEIGHTS = os.path.join(REPO, "weights", "dyrate-shapes")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exit 2."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
+from . import __version__
+from .errors import ArgumentParser, UserError, command_main
+from .generation import Sampling, generate
+from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype
+from .predictor import load_predictor, shipped_predictor_path
+from .processing import Processor, StreamingDecoder, open_image
+from .pruning import DEFAULT_LAYER, DEFAULT_RATIO, METHODS, PruneSettings
+from .trace import trace_tensors, write_trace
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="generate.py", description="Answer a question about an image with LLaVA-1.5, "
+def build_parser(prog: str = "generate.py") -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description="Answer a question about an image with LLaVA-1.5, "
                       "optionally pruning visual tokens with FastV, VTW or DyRate.")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help='question; may contain one "<image>" to place the image')
@@ -80,7 +76,6 @@ def pick_device(name: str) -> torch.device:
 
 def parse_prune_flags(args, num_layers: int | None = None):
     """Check the pruning flags against the method; -> PruneSettings (predictor still a path)."""
-    from .pruning import METHODS, PruneSettings
     m = args.method
     if m not in METHODS:
         raise UserError(f"unknown --method {m!r}; use one of {', '.join(METHODS)}")
@@ -103,19 +98,15 @@ def parse_prune_flags(args, num_layers: int | None = None):
             raise UserError(f"--rates {args.rates!r} is not a comma-separated list of numbers") from None
         if not all(0.0 <= r <= 1.0 for r in rates):
             raise UserError(f"--rates {args.rates!r}: every rate must lie in [0, 1]")
-    layer = 2 if args.layer is None else args.layer
+    layer = DEFAULT_LAYER if args.layer is None else args.layer
     if num_layers is not None and m != "none" and not (1 <= layer <= num_layers - 1):
         raise UserError(f"--layer {layer} is outside 1..{num_layers - 1} (the model has {num_layers} layers)")
-    return PruneSettings(method=m, layer=layer, ratio=0.5 if args.ratio is None else args.ratio,
+    return PruneSettings(method=m, layer=layer, ratio=DEFAULT_RATIO if args.ratio is None else args.ratio,
                          score=args.score or "last", rates=rates)
 
 
-def run(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from . import __version__
-    from .generation import Sampling, generate
-    from .loading import load_model, read_config, resolve_dtype
-    from .processing import Processor, StreamingDecoder, open_image
+def run(argv=None, prog: str = "generate.py") -> int:
+    args = build_parser(prog).parse_args(argv)
 
     # 1. Everything that can be checked without reading weights.
     if args.max_new_tokens < 1:
@@ -150,7 +141,6 @@ def run(argv=None) -> int:
                         f"model's context of {context}; shorten it")
     max_new = min(args.max_new_tokens, context - input_ids.numel())
     if prune.method == "dyrate" and prune.rates is None:
-        from .predictor import load_predictor, shipped_predictor_path
         path = args.predictor or shipped_predictor_path(weights)
         if path is None:
             raise UserError(f"--method dyrate needs --predictor FILE or --rates LIST: {weights} ships no "
@@ -191,22 +181,12 @@ def run(argv=None) -> int:
                 seed="" if args.seed is None else args.seed,
                 dyrate_ref_version=__version__, torch_version=torch.__version__)
     if args.trace:
-        from .trace import trace_tensors, write_atomic
-        write_atomic(args.trace, trace_tensors(input_ids, pixels, gen.tokens, gen.record), meta)
+        write_trace(args.trace, trace_tensors(input_ids, pixels, gen.tokens, gen.record), meta)
     if args.plot:
-        from .plots import plot_run
+        from .plots import plot_run  # matplotlib is imported only when a plot is asked for
         plot_run(args.plot, pixels, processor, gen, prune)
     return 0
 
 
-def main(argv=None):
-    try:
-        code = run(argv)
-    except UserError as e:
-        sys.stdout.flush()
-        sys.stderr.write(f"error: {e}\n")
-        code = 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        code = 130
-    sys.exit(code)
+def main(argv=None, prog: str = "generate.py"):
+    command_main(lambda a: run(a, prog), argv)

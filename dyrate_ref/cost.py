@@ -1,4 +1,8 @@
-"""Counted cost of a forward step: matmul FLOPs and KV-cache bytes.
+"""Counted cost of a forward step: matmul FLOPs and KV-cache bytes, derived from what the step did.
+
+The decode loop records only the shape of each step (generation.Step: how many query rows and keys
+layers below and above K saw); everything here is arithmetic on those shapes, so the loop itself stays
+free of bookkeeping.
 
 FLOPs are counted the way torch.utils.flop_counter.FlopCounterMode (and FastV's paper) count them:
 2·m·n·k for every matrix product and convolution, nothing for norms, softmax or element-wise ops.
@@ -30,10 +34,27 @@ def vision_flops(cfg: LlavaConfig) -> int:
     vc, tc = cfg.vision_config, cfg.text_config
     P, C, I = vc.num_patches, vc.hidden_size, vc.intermediate_size
     T = P + 1  # patches + CLS
-    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, tuple) else (cfg.vision_feature_layer,)
-    depth = max(i if i >= 0 else vc.num_hidden_layers + 1 + i for i in layers)
+    depth = max(cfg.feature_layers)
     patch_conv = 2 * P * C * vc.num_channels * vc.patch_size ** 2
     per_layer = 2 * T * C * C * 4 + 2 * (2 * T * T * C) + 2 * (2 * T * C * I)
     N = cfg.num_image_tokens
-    projector = 2 * N * (C * len(layers)) * tc.hidden_size + 2 * N * tc.hidden_size * tc.hidden_size
+    projector = 2 * N * (C * len(cfg.feature_layers)) * tc.hidden_size + 2 * N * tc.hidden_size * tc.hidden_size
     return patch_conv + depth * per_layer + projector
+
+
+def step_flops(tc: TextConfig, K: int, step) -> int:
+    """Decoder + LM head FLOPs of one step (a generation.Step): rows_low queries over keys_low keys in
+    each of the K layers below the pruning layer, rows_high over keys_high in the L - K layers above,
+    and the LM head on the one row whose logits are read."""
+    L = tc.num_hidden_layers
+    low = K * decoder_layer_flops(tc, step.rows_low, step.keys_low)
+    high = (L - K) * decoder_layer_flops(tc, step.rows_high, step.keys_high) if K < L else 0
+    return low + high + lm_head_flops(tc, 1)
+
+
+def kv_bytes(tc: TextConfig, K: int, step, element_size: int) -> int:
+    """Bytes the KV cache holds after the step (batch 1): keys and values of every layer, keys_low slots
+    in layers < K and keys_high in layers >= K."""
+    L = tc.num_hidden_layers
+    slots = K * step.keys_low + (L - K) * step.keys_high
+    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size

@@ -1,9 +1,35 @@
-"""The one exception type for problems the user can fix (bad files, bad flags).
+"""The one exception type for problems the user can fix, and the one wrapper that turns it into an exit.
 
-The CLI prints its message as one line and exits with status 2; anything else is a bug and keeps its
-traceback.
+Every command (generate.py and each `python -m dyrate_ref....` tool) runs through `command_main`: a
+UserError becomes one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import argparse
+import sys
 
 
 class UserError(Exception):
     """Something the user gave us is wrong; the message says what and what to do."""
+
+
+def command_main(run, argv=None):
+    """Call run(argv) -> exit code (None means 0) and exit with it; UserError -> 'error: ...', exit 2."""
+    try:
+        code = run(argv) or 0
+    except UserError as e:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {e}\n")
+        code = 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        code = 130
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a UserError: one line (no usage dump) and exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")

@@ -1,4 +1,4 @@
-"""Generation: prefill, decode_one_token, sample, generate -- and the no-cache recompute oracle.
+"""Generation: prefill, decode_one_token, sample, generate -- and the no-cache forward the oracle uses.
 
 The loop owns all state: the KV cache, the next position id (which after pruning is no longer the
 cache length), the kept visual tokens, and the per-step record that becomes the trace. Every step is
@@ -6,11 +6,13 @@ two halves around one decision:
 
     lower half   decoder layers [0, K); layer K-1's attention over the visual tokens gives the scores
     decision     pruning.choose_keep(...) -> keep_t (a subset of keep_{t-1})
-    upper half   evict the dropped visual tokens from layers [K, L) of the cache, run layers [K, L)
+    evict        the dropped visual tokens leave everything layers [K, L) will see (one function)
+    upper half   layers [K, L) and the LM head
 
 With method "none" the same path runs and keeps everything (K then only says which layer's attention
 is recorded). The halves are separate functions so that a reader (and the tutorial) can stop between
-them and look at the scores.
+them and look at the scores. Costs (FLOPs, KV bytes) are not counted here: each step records its
+shape (Step) and cost.py derives them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cost import decoder_layer_flops, lm_head_flops, vision_flops
-from .model import KVCache, LlavaForConditionalGeneration
+from .cost import kv_bytes, step_flops, vision_flops
+from .model import KVCache, LlavaConfig, LlavaForConditionalGeneration
 from .pruning import PruneSettings, choose_keep, visual_scores, visual_span
 
 
@@ -38,28 +40,53 @@ class State:
     span: tuple[int, int]  # (start, N) of the visual tokens in the prompt
     keep: torch.Tensor  # kept visual indices [M], ascending
     next_pos: int  # original position id of the next token to feed
-    K: int  # the layer from which pruning applies (L for "none": nothing above it)
+    K: int  # the layer from which pruning applies (min(prune.layer, L))
     step: int = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """The shape of one step, all cost.py needs: query rows and keys (cache length after the step's
+    append) in the layers below K and in the layers from K on."""
+    rows_low: int
+    keys_low: int
+    rows_high: int
+    keys_high: int
 
 
 @dataclass
 class Record:
     """Per step t (lists of length T); stacked into the trace at the end."""
+    config: LlavaConfig
+    K: int
+    element_size: int  # bytes per cached key/value number
     logits: list = field(default_factory=list)  # [V] fp32 each, on the model's device
     keep: list = field(default_factory=list)  # bool [N] each
     rates: list = field(default_factory=list)  # float
-    flops: list = field(default_factory=list)  # int
-    kv_bytes: list = field(default_factory=list)  # int
     visual_share: list = field(default_factory=list)  # 0-d tensors: layer K-1 attention mass on visual tokens
+    steps: list = field(default_factory=list)  # Step each
+
+    @property
+    def flops(self) -> list[int]:
+        """Matmul FLOPs per step; step 0 includes the vision tower and projector."""
+        tc = self.config.text_config
+        out = [step_flops(tc, self.K, s) for s in self.steps]
+        if out:
+            out[0] += vision_flops(self.config)
+        return out
+
+    @property
+    def kv_bytes(self) -> list[int]:
+        """Bytes the KV cache holds after each step."""
+        return [kv_bytes(self.config.text_config, self.K, s, self.element_size) for s in self.steps]
 
 
 def pruning_layer(model, prune: PruneSettings) -> int:
-    L = model.config.text_config.num_hidden_layers
-    return min(prune.layer, L)
+    return min(prune.layer, model.config.text_config.num_hidden_layers)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The two halves of a step.
+# The pieces of a step.
 
 
 def prefill_lower(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor, K: int):
@@ -78,18 +105,6 @@ def prefill_lower(model: LlavaForConditionalGeneration, input_ids: torch.Tensor,
     return x, pos, state, probs
 
 
-def prefill_upper(model, x, pos, state: State, keep: torch.Tensor) -> torch.Tensor:
-    """Layers [K, L) of the prompt, seeing only the kept visual tokens. -> last position's logits [V]."""
-    L = model.config.text_config.num_hidden_layers
-    if keep.numel() < state.keep.numel():  # layers >= K never see the evicted visual tokens: drop their rows
-        gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]  # [E]
-        rows = torch.isin(pos, gone, invert=True).nonzero().squeeze(1)  # [P - E]
-        x, pos = x[:, rows], pos[rows]  # [1, P-E, C], [P-E]
-    state.keep = keep
-    x, _ = model.run_layers(x, pos, state.cache, range(state.K, L))
-    return model.logits(x[:, -1])[0].float()  # [V]
-
-
 def decode_lower(model, token: torch.Tensor, state: State):
     """Embed one token (0-d id) at state.next_pos and run layers [0, K).
     -> (hidden x [1, 1, C], position [1], layer K-1 attention probs [1, H, 1, S])."""
@@ -99,15 +114,22 @@ def decode_lower(model, token: torch.Tensor, state: State):
     return x, pos, probs
 
 
-def decode_upper(model, x, pos, state: State, keep: torch.Tensor) -> torch.Tensor:
-    """Evict what keep_t drops from layers [K, L) of the cache, then run them. -> logits [V]."""
-    L = model.config.text_config.num_hidden_layers
-    if keep.numel() < state.keep.numel():
-        gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]  # positions of evicted tokens [E]
-        slots = torch.isin(state.cache.pos[state.K], gone, invert=True).nonzero().squeeze(1)  # [S_kept]
-        state.cache.keep(range(state.K, L), slots)
+def evict(model, state: State, keep: torch.Tensor, x: torch.Tensor, pos: torch.Tensor):
+    """Make keep_t the kept set: the visual tokens it drops leave everything layers [K, L) will see --
+    their slots in those layers' cache (decode steps) and their rows of the hidden states about to enter
+    layer K (the prefill, whose layers >= K have cached nothing yet). -> (x, pos) without those rows."""
+    if keep.numel() < state.keep.numel():  # nothing to do (and no host sync) when nothing is dropped
+        gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]  # original positions [E]
+        state.cache.evict(range(state.K, model.config.text_config.num_hidden_layers), gone)
+        rows = torch.isin(pos, gone, invert=True).nonzero().squeeze(1)  # [T - E']
+        x, pos = x[:, rows], pos[rows]
     state.keep = keep
-    x, _ = model.run_layers(x, pos, state.cache, range(state.K, L))
+    return x, pos
+
+
+def upper(model, x, pos, state: State) -> torch.Tensor:
+    """Layers [K, L) and the LM head on the last row. -> logits [V] fp32."""
+    x, _ = model.run_layers(x, pos, state.cache, range(state.K, model.config.text_config.num_hidden_layers))
     return model.logits(x[:, -1])[0].float()  # [V]
 
 
@@ -117,53 +139,46 @@ def decode_upper(model, x, pos, state: State, keep: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def prefill(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-            prune: PruneSettings, max_new_tokens: int, rec: Record | None = None):
+            prune: PruneSettings, rec: Record | None = None):
     """Run the prompt input_ids [P] with its image. -> (logits of the last position [V], State)."""
     x, pos, state, probs = prefill_lower(model, input_ids, pixel_values, pruning_layer(model, prune))
     scores = visual_scores(probs, state.span, "last")  # [N]
     pick = scores if prune.score == "last" else visual_scores(probs, state.span, "mean")
-    keep, rate = choose_keep(prune, 0, state.keep, pick, max_new_tokens)
-    rows_high = pos.numel() - (state.keep.numel() - keep.numel())
-    logits = prefill_upper(model, x, pos, state, keep)
+    keep, rate = choose_keep(prune, 0, state.keep, pick)
+    rows_low = pos.numel()
+    x, pos = evict(model, state, keep, x, pos)
+    logits = upper(model, x, pos, state)
     if rec is not None:
-        flops = vision_flops(model.config) + _step_flops(model, state, pos.numel(), rows_high)
-        _record(rec, state, logits, rate, scores, flops)
+        _record(rec, state, logits, rate, scores, rows_low, pos.numel())
     return logits, state
 
 
 @torch.no_grad()
 def decode_one_token(model: LlavaForConditionalGeneration, token: torch.Tensor, state: State,
-                     prune: PruneSettings, max_new_tokens: int, rec: Record | None = None) -> torch.Tensor:
+                     prune: PruneSettings, rec: Record | None = None) -> torch.Tensor:
     """Feed one token (a 0-d id tensor) at position state.next_pos. -> logits [V]."""
     state.step += 1
     x, pos, probs = decode_lower(model, token, state)
     scores = visual_scores(probs, state.span, "last")  # [N]
-    keep, rate = choose_keep(prune, state.step, state.keep, scores, max_new_tokens)
-    logits = decode_upper(model, x, pos, state, keep)
+    keep, rate = choose_keep(prune, state.step, state.keep, scores)
+    x, pos = evict(model, state, keep, x, pos)
+    logits = upper(model, x, pos, state)
     state.next_pos += 1
     if rec is not None:
-        _record(rec, state, logits, rate, scores, _step_flops(model, state, 1, 1))
+        _record(rec, state, logits, rate, scores, 1, 1)
     return logits
 
 
-def _step_flops(model, state: State, rows_low: int, rows_high: int) -> int:
-    """Matmul FLOPs of the step just run: rows_low queries in layers < K, rows_high in layers >= K."""
-    tc = model.config.text_config
-    L, K = tc.num_hidden_layers, state.K
-    low = K * decoder_layer_flops(tc, rows_low, state.cache.length(0))
-    high = (L - K) * decoder_layer_flops(tc, rows_high, state.cache.length(K)) if K < L else 0
-    return low + high + lm_head_flops(tc, 1)
-
-
-def _record(rec: Record, state: State, logits, rate, scores, flops):
+def _record(rec: Record, state: State, logits, rate, scores, rows_low: int, rows_high: int):
     mask = torch.zeros(state.span[1], dtype=torch.bool, device=logits.device)
     mask[state.keep] = True
     rec.logits.append(logits)
     rec.keep.append(mask)
     rec.rates.append(float(rate))
-    rec.flops.append(int(flops))
-    rec.kv_bytes.append(state.cache.nbytes())
     rec.visual_share.append(scores.sum())
+    L = len(state.cache.k)
+    high = state.cache.length(state.K) if state.K < L else 0
+    rec.steps.append(Step(rows_low, state.cache.length(0), rows_high, high))
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -184,6 +199,7 @@ class Generation:
     tokens: list[int]
     record: Record
     state: State
+    stop_reason: str  # "eos", "max_new_tokens" or "forced"
 
 
 @torch.no_grad()
@@ -199,8 +215,8 @@ def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixe
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     if force is not None:
         max_new_tokens = len(force)
-    rec = Record()
-    logits, state = prefill(model, input_ids, pixel_values, prune, max_new_tokens, rec)
+    rec = Record(model.config, pruning_layer(model, prune), model.lm_head.weight.element_size())
+    logits, state = prefill(model, input_ids, pixel_values, prune, rec)
     tokens: list[int] = []
     while True:
         if force is not None:
@@ -211,42 +227,62 @@ def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixe
         tokens.append(tid)
         if on_token is not None:
             on_token(tid)
-        if len(tokens) >= max_new_tokens or (force is None and tid in stop_ids):
+        if force is None and tid in stop_ids:
+            reason = "eos"
             break
-        logits = decode_one_token(model, token, state, prune, max_new_tokens, rec)
-    return Generation(tokens, rec, state)
+        if len(tokens) >= max_new_tokens:
+            reason = "forced" if force is not None else "max_new_tokens"
+            break
+        logits = decode_one_token(model, token, state, prune, rec)
+    return Generation(tokens, rec, state, reason)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The oracle: the same computation without a cache and without eviction.
+# Without a cache: the whole teacher-forced sequence in one forward. The oracle the cached, evicting
+# loop is tested against, and what the tools use to label, calibrate and measure attention.
 
 
 @torch.no_grad()
-def recompute_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                     tokens: list[int], visual_keep: torch.Tensor, K: int) -> torch.Tensor:
-    """Recompute every step's logits in one full-sequence forward with explicit per-layer masks built
-    from visual_keep [T, N] (row t = keep_t): in layers >= K, a query belonging to step t (prompt rows
-    belong to step 0, the row of generated token t-1 to step t) sees a visual token only if keep_t has
-    it. No cache, no eviction: an independent check of the cached, evicting decode loop.
-    -> logits [T, V], row t = the logits token t was chosen from."""
+def forward_no_cache(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                     tokens: list[int], masks: dict | None = None, probs_of=()):
+    """Prompt input_ids [P] followed by the answer tokens[:-1], in one forward without a cache.
+    masks: optional {layer: bool [S, S]} (True = may attend) replacing the causal default.
+    -> (logits [T, V] fp32, row t = the logits token t is chosen from; {layer: probs [1, H, S, S]} for
+    each layer in probs_of)."""
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
-    span = visual_span(input_ids, model.config.image_token_index)
-    start, N = span
-    P = input_ids.numel()  # the answer adds T = len(tokens) steps
-    seq = torch.cat([input_ids, torch.tensor(tokens[:-1], dtype=torch.long, device=device)])  # [P+T-1]
-    S = seq.numel()
-    pos = torch.arange(S, device=device)  # [S]
+    P = input_ids.numel()
+    seq = torch.cat([input_ids, torch.tensor(tokens[:-1], dtype=torch.long, device=device)])  # [S = P+T-1]
+    pos = torch.arange(seq.numel(), device=device)  # [S]
+    x = model.embed(seq[None], model.image_features(pixel_values.to(device)))  # [1, S, C]
+    probs = {}
+    for i in range(model.config.text_config.num_hidden_layers):  # one layer at a time: any layer's probs
+        x, p = model.run_layers(x, pos, None, range(i, i + 1), masks=masks, probs_of=i if i in probs_of else None)
+        if p is not None:
+            probs[i] = p
+    return model.logits(x[0, P - 1:]).float(), probs  # [T, V]
+
+
+def keep_masks(input_ids: torch.Tensor, image_token_id: int, visual_keep: torch.Tensor, K: int, L: int) -> dict:
+    """Per-layer attention masks that say, without a cache, what the evicting loop does: in layers >= K
+    a query belonging to step t (prompt rows belong to step 0, the row of generated token t-1 to step t)
+    sees a visual token only if keep_t (row t of visual_keep [T, N]) has it. -> {layer: bool [S, S]}."""
+    device = visual_keep.device
+    start, N = visual_span(input_ids, image_token_id)
+    P, T = input_ids.numel(), visual_keep.shape[0]
+    pos = torch.arange(P + T - 1, device=device)  # [S]
     step_of_row = torch.clamp(pos - (P - 1), min=0)  # [S]: prompt rows -> 0, row P-1+t -> t
     causal = pos[None, :] <= pos[:, None]  # [S, S]
-    is_visual = (pos >= start) & (pos < start + N)  # [S]
-    keep_rows = visual_keep.to(device)[step_of_row]  # [S, N]: keep set seen by each query row
-    sees_visual = torch.ones(S, S, dtype=torch.bool, device=device)
-    sees_visual[:, start:start + N] = keep_rows  # [S, S]
-    upper = causal & (sees_visual | ~is_visual[None, :])  # [S, S]
-    L = model.config.text_config.num_hidden_layers
-    masks = {i: (causal if i < K else upper) for i in range(L)}
-    feats = model.image_features(pixel_values.to(device))
-    x = model.embed(seq[None], feats)  # [1, S, C]
-    x, _ = model.run_layers(x, pos, None, range(L), masks=masks)
-    return model.logits(x[0, P - 1:]).float()  # [T, V]
+    sees = torch.ones_like(causal)
+    sees[:, start:start + N] = visual_keep[step_of_row]  # [S, N]: the keep set of each query row's step
+    return {i: (causal if i < K else causal & sees) for i in range(L)}
+
+
+def recompute_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                     tokens: list[int], visual_keep: torch.Tensor, K: int) -> torch.Tensor:
+    """Every step's logits from visual_keep [T, N] alone: no cache, no eviction, explicit masks. An
+    independent check of the cached, evicting decode loop. -> logits [T, V]."""
+    device = model.lm_head.weight.device
+    masks = keep_masks(input_ids.to(device), model.config.image_token_index, visual_keep.to(device), K,
+                       model.config.text_config.num_hidden_layers)
+    return forward_no_cache(model, input_ids, pixel_values, tokens, masks)[0]

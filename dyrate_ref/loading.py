@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import UserError
+from .files import write_atomic
 from .model import LlavaConfig, LlavaForConditionalGeneration
+from .progress import Progress
+
+# The embedded demo model every command uses when --weights is not given.
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "dyrate-shapes")
 
 # checkpoint key prefix -> model.py prefix. The first matching prefix wins, so the longer, more specific
 # prefixes come first.
@@ -58,6 +62,19 @@ def rename_key(key: str) -> str | None:
         if key.startswith(old):
             return new + key[len(old):]
     return key  # unknown prefix: reported as unexpected by the caller
+
+
+def checkpoint_key(name: str) -> str:
+    """model.py parameter name -> the key transformers 5.x's save_pretrained writes (layout c): the
+    language model's names gain a "language_model." prefix, the rest are already the same."""
+    return "language_model." + name if name.startswith(("model.", "lm_head.")) else name
+
+
+def save_weights(model: nn.Module, out_dir: str, dtype: torch.dtype = torch.float32):
+    """model.safetensors in transformers 5.x's layout (what train_demo ships and bench writes), whole
+    or not at all."""
+    state = {checkpoint_key(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
+    write_atomic(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,33 +178,6 @@ def weight_files(weights_dir: str) -> list[str]:
             f"{weights_dir} has only pickle weights ({pickles[0]}); dyrate_ref loads safetensors only, "
             "because unpickling can run arbitrary code: convert them to model.safetensors first")
     raise UserError(f"{weights_dir} has no model.safetensors or model.safetensors.index.json")
-
-
-class Progress:
-    """A one-line progress bar on stderr that appears only once a job has taken over a second."""
-
-    def __init__(self, total: float, label: str, unit: str = "", scale: float = 1.0, after_s: float = 1.0):
-        self.total, self.label, self.unit, self.scale = total, label, unit, scale
-        self.start, self.after_s, self.done, self.shown = time.time(), after_s, 0.0, False
-
-    def update(self, n: float = 1, note: str = ""):
-        self.done += n
-        elapsed = time.time() - self.start
-        if elapsed < self.after_s and self.done < self.total:
-            return
-        if not self.shown and self.done >= self.total and elapsed < self.after_s:
-            return  # finished quickly: say nothing
-        self.shown = True
-        frac = min(1.0, self.done / max(self.total, 1e-9))
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done / self.scale:.1f}/{self.total / self.scale:.1f}"
-                         f"{self.unit} {elapsed:.0f}s {note}")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -84,7 +84,8 @@ class LlavaConfig:
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_index: int = 32000
     projector_hidden_act: str = "gelu"
-    vision_feature_layer: int | tuple[int, ...] = -2
+    # HF writes one int or a list; held here always as a tuple (one entry for LLaVA-1.5's -2)
+    vision_feature_layer: tuple[int, ...] = (-2,)
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     multimodal_projector_bias: bool = True
 
@@ -104,10 +105,17 @@ class LlavaConfig:
             text["tie_word_embeddings"] = d["tie_word_embeddings"]
         top = _pick(cls, {k: v for k, v in d.items() if k not in ("vision_config", "text_config")})
         layer = top.vision_feature_layer
-        layer = tuple(layer) if isinstance(layer, list) else layer
+        layer = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
         return cls(**{**{f.name: getattr(top, f.name) for f in fields(cls)},
                       "vision_config": vision, "text_config": _pick(TextConfig, text),
                       "vision_feature_layer": layer})
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """vision_feature_layer as indices into the tower's hidden states (0 = embeddings); negative ones
+        count from the end, like HF's hidden_states[i]."""
+        L = self.vision_config.num_hidden_layers
+        return tuple(i if i >= 0 else L + 1 + i for i in self.vision_feature_layer)
 
     @property
     def num_image_tokens(self) -> int:
@@ -302,11 +310,13 @@ class KVCache:
     def length(self, layer: int) -> int:
         return 0 if self.k[layer] is None else self.k[layer].shape[2]
 
-    def keep(self, layers, slots: torch.Tensor):
-        """In each of `layers`, keep only the given slots (indices into the layer's cache, ascending); the
-        others are dropped for good (the tensors really shrink, so later steps read less). The layers
-        must share one slot layout, as layers >= K do."""
+    def evict(self, layers, positions: torch.Tensor):
+        """In each of `layers`, drop for good the slots that hold the given original positions [E] (the
+        tensors really shrink, so later steps read less). A layer that holds nothing yet is skipped."""
         for layer in layers:
+            if self.k[layer] is None:
+                continue
+            slots = torch.isin(self.pos[layer], positions, invert=True).nonzero().squeeze(1)  # [S_kept]
             self.k[layer] = self.k[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.v[layer] = self.v[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.pos[layer] = self.pos[layer].index_select(0, slots)  # [S_kept]
@@ -411,8 +421,7 @@ class LlavaForConditionalGeneration(nn.Module):
         self.config = cfg
         vc, tc = cfg.vision_config, cfg.text_config
         self.vision_tower = CLIPVisionTower(vc)
-        n_feature_layers = len(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, tuple) else 1
-        self.multi_modal_projector = LlavaMultiModalProjector(cfg, vc.hidden_size * n_feature_layers)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg, vc.hidden_size * len(cfg.vision_feature_layer))
         self.model = LlamaModel(tc)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         if tc.tie_word_embeddings:
@@ -422,9 +431,8 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, image_size, image_size] -> visual tokens [B, N, C_text]."""
-        cfg, L = self.config, self.config.vision_config.num_hidden_layers
-        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, tuple) else (cfg.vision_feature_layer,)
-        index = [i if i >= 0 else L + 1 + i for i in layers]  # negative counts from the end, like hidden_states[i]
+        cfg = self.config
+        index = cfg.feature_layers
         states = self.vision_tower.hidden_states(pixel_values.to(self.lm_head.weight.dtype), upto=max(index))
         picked = [states[i] for i in index]  # each [B, 1+N_patches, C_vis]
         if cfg.vision_feature_select_strategy == "default":
@@ -478,9 +486,5 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.logits(x)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = ["VisionConfig", "TextConfig", "LlavaConfig", "KVCache", "LlavaForConditionalGeneration",
-           "rope_cos_sin", "count_parameters"]
+           "rope_cos_sin"]

@@ -8,11 +8,10 @@ plot_run (generate.py --plot FILE.png):
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import write_atomic
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -93,15 +92,7 @@ def kept_overlay(img: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool,
 
 
 def save_png(img: Image.Image, path: str):
-    """Atomic: a temp file beside `path`, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, prune, steps: int = 4):

@@ -28,9 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
-from .model import LlavaConfig
+from .files import write_atomic
 
 FORMAT = "dyrate_ref-predictor-1"
+RATE_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
 SHIPPED_NAME = "dyrate_predictor.safetensors"
 FEATURES = (
     "visual_mass",  # share of the query's attention that goes to visual tokens at all
@@ -38,12 +39,11 @@ FEATURES = (
     "top5_mass", "top10_mass", "top25_mass", "top50_mass",  # share of visual attention on the top p% tokens
     "q50", "q90", "q99", "qmax",  # log(1 + N * quantile of the normalised scores): 0.69 = uniform
     "kept_mass",  # share of visual attention that falls on tokens still kept
-    "progress",  # t / max_new_tokens
     "kept_fraction",  # |keep_{t-1}| / N
 )
 
 
-def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor, t: int, max_new_tokens: int) -> torch.Tensor:
+def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor) -> torch.Tensor:
     """scores [N] (layer K-1 attention of step t's query over all N visual tokens, head-averaged),
     prev_keep [M] -> features [F] fp32, in the order of FEATURES."""
     N = scores.numel()
@@ -56,11 +56,11 @@ def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor, t: int, ma
     q = [(N * sorted_p[min(N - 1, int((1 - f) * N))]).log1p() for f in (0.5, 0.9, 0.99)]
     qmax = (N * sorted_p[0]).log1p()
     kept_mass = p[prev_keep].sum()
-    extra = torch.tensor([t / max(1, max_new_tokens), prev_keep.numel() / N], device=scores.device)
-    return torch.stack([mass, entropy, *top, *q, qmax, kept_mass, *extra]).float()  # [F]
+    kept_fraction = torch.tensor(prev_keep.numel() / N, device=scores.device)
+    return torch.stack([mass, entropy, *top, *q, qmax, kept_mass, kept_fraction]).float()  # [F]
 
 
-def model_fingerprint(cfg: LlavaConfig) -> str:
+def model_fingerprint(cfg) -> str:
     """Which model a predictor belongs to: a hash of the architecture (not of the weights, which would
     mean reading them all)."""
     return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
@@ -69,7 +69,6 @@ def model_fingerprint(cfg: LlavaConfig) -> str:
 class RatePredictor(nn.Module):
     def __init__(self, layer: int, rate_grid=None, hidden: int = 0, meta: dict | None = None):
         super().__init__()
-        from .pruning import RATE_GRID
         self.layer = layer
         self.rate_grid = tuple(rate_grid or RATE_GRID)
         self.hidden = hidden
@@ -92,14 +91,12 @@ class RatePredictor(nn.Module):
         i = int(self.forward(feats.to(self.mean.device)).argmax())
         return self.rate_grid[i]
 
-    def save(self, path: str, cfg: LlavaConfig, **settings):
+    def save(self, path: str, cfg, **settings):
         meta = {"format": FORMAT, "layer": str(self.layer), "rate_grid": json.dumps(list(self.rate_grid)),
                 "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden), "model": model_fingerprint(cfg),
                 **{k: str(v) for k, v in {**self.meta, **settings}.items()}}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def shipped_predictor_path(weights_dir: str) -> str | None:
@@ -107,7 +104,7 @@ def shipped_predictor_path(weights_dir: str) -> str | None:
     return p if os.path.isfile(p) else None
 
 
-def load_predictor(path: str, cfg: LlavaConfig, weights_dir: str = "") -> RatePredictor:
+def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
     """Read a predictor file and check that it fits this model; every problem is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"predictor file {path} does not exist")

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .predictor import RatePredictor, predictor_features
+
 METHODS = ("none", "fastv", "vtw", "dyrate")
-RATE_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
+DEFAULT_LAYER = 2  # K = 2, FastV's recommended setting for LLaVA-1.5
+DEFAULT_RATIO = 0.5  # FastV's R = 50 %
 
 
 def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
@@ -69,7 +72,7 @@ def fastv_keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return top_k_sorted(torch.arange(n, device=scores.device), scores, k)
 
 
-def vtw_keep(n: int, device=None) -> torch.Tensor:
+def vtw_keep(device=None) -> torch.Tensor:
     """VTW(K): from layer K on no visual token exists. -> empty indices [0]."""
     return torch.empty(0, dtype=torch.long, device=device)
 
@@ -87,28 +90,32 @@ class PruneSettings:
     """What the user asked for. `rates` is DyRate's fixed schedule (the last value repeats); without it
     DyRate asks `predictor`."""
     method: str = "none"
-    layer: int = 2  # K
-    ratio: float = 0.5  # FastV's R
+    layer: int = DEFAULT_LAYER  # K
+    ratio: float = DEFAULT_RATIO  # FastV's R
     score: str = "last"  # FastV's scoring queries: "last" or "mean"
     rates: tuple[float, ...] | None = None
-    predictor: object | None = None  # predictor.RatePredictor
+    predictor: RatePredictor | None = None
 
 
-def choose_keep(prune: PruneSettings, t: int, prev_keep: torch.Tensor, scores: torch.Tensor,
-                max_new_tokens: int) -> tuple[torch.Tensor, float]:
+def choose_keep(prune: PruneSettings, t: int, prev_keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The one place the decode loop asks a method what to keep at step t. -> (keep_t [M], rate r_t)."""
     if prune.method == "none":
         return prev_keep, 0.0
     if prune.method == "fastv":
         return (fastv_keep(scores, prune.ratio) if t == 0 else prev_keep), prune.ratio
     if prune.method == "vtw":
-        return vtw_keep(scores.numel(), scores.device), 1.0
+        return vtw_keep(scores.device), 1.0
     if prune.method == "dyrate":
         if prune.rates is not None:
             rate = prune.rates[min(t, len(prune.rates) - 1)]
         else:
-            from .predictor import predictor_features  # local: the predictor module imports this one
-            feats = predictor_features(scores, prev_keep, t, max_new_tokens)
-            rate = prune.predictor.rate(feats)
+            rate = prune.predictor.rate(predictor_features(scores, prev_keep))
         return dyrate_keep(prev_keep, scores, rate), rate
     raise ValueError(f"unknown method {prune.method!r}")
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) in nats per row, from logits [..., V]: how far a pruned next-token distribution Q is
+    from the unpruned P. VTW's calibration criterion, and the criterion of dyrate_ref's predictor labels."""
+    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)

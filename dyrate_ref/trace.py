@@ -12,21 +12,23 @@ Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary):
 Metadata (strings): weights, dtype, device, prompt, method, layer, ratio, score, rates, predictor,
 max_new_tokens, temperature, top_p, seed, dyrate_ref_version, torch_version, format.
 
-`python -m dyrate_ref.trace compare A B [--atol X]` prints how two traces differ and exits 1 if they do.
+`python -m dyrate_ref.trace compare A B [--atol X]` prints how two traces differ. Exit status: 0 same,
+1 different, 2 a file that cannot be read as a trace.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError, command_main
+from .files import write_atomic
+
 FORMAT = "dyrate_ref-trace-1"
+REQUIRED = ("input_ids", "tokens")
 
 
 def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Tensor]:
@@ -42,25 +44,27 @@ def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Te
     }
 
 
-def write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
-    """Write to a temporary file beside `path`, then rename: a failure never leaves a partial trace and
-    never touches an existing file at `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, **{k: str(v) for k, v in metadata.items()}})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_trace(path: str, tensors: dict[str, torch.Tensor], metadata: dict):
+    """Write the trace whole or not at all (files.write_atomic). Metadata keys are written in sorted
+    order, so two identical runs give byte-identical files."""
+    meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    meta = dict(sorted(meta.items()))
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_trace(path: str) -> dict[str, torch.Tensor]:
+    """A trace's tensors; a file that is not a readable trace is a UserError naming what is wrong."""
     try:
-        return load_file(path)
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise SystemExit(f"trace: cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path} as a trace: {e}") from None
+    missing = [k for k in REQUIRED if k not in tensors]
+    if missing:
+        what = "a dyrate_ref trace" if meta.get("format") == FORMAT else "a trace (no dyrate_ref trace header)"
+        raise UserError(f"{path} is not {what}: it has no {missing[0]!r} tensor")
+    return tensors
 
 
 def compare(a: dict, b: dict, atol: float) -> tuple[bool, list[str]]:
@@ -109,12 +113,12 @@ def compare(a: dict, b: dict, atol: float) -> tuple[bool, list[str]]:
     return same, lines
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dyrate_ref.trace", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="compare two trace files; exit 1 if they differ")
-    c.add_argument("a")
-    c.add_argument("b")
+    c = sub.add_parser("compare", help="compare two trace files; exit 0 same, 1 different, 2 unreadable")
+    c.add_argument("a", help="the first trace (for example the oracle's)")
+    c.add_argument("b", help="the second trace (for example your backend's)")
     c.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogit| still counted equal (default 1e-4)")
     args = p.parse_args(argv)
     same, lines = compare(read_trace(args.a), read_trace(args.b), args.atol)
@@ -123,5 +127,9 @@ def main(argv=None) -> int:
     return 0 if same else 1
 
 
+def main(argv=None):
+    command_main(run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,7 +8,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from dyrate_ref.bpe import save_tokenizer_files, train_bpe
+from dyrate_ref.demo.bpe import save_tokenizer_files, train_bpe
 
 CORPUS = [
     "USER: What color is the triangle? ASSISTANT: The triangle is red.",

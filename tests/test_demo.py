@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dyrate_ref.cli import DEFAULT_WEIGHTS
-from dyrate_ref.scenes import (COLORS, NUMBERS, POSITIONS, SIZE, describe, eval_set, object_f1, parse_description,
+from dyrate_ref.loading import DEFAULT_WEIGHTS
+from dyrate_ref.demo.scenes import (COLORS, NUMBERS, POSITIONS, SIZE, describe, eval_set, object_f1, parse_description,
                                questions, random_scene)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def test_eval_scenes_are_not_training_scenes():
 
 
 def test_a_few_training_steps_make_the_loss_fall(tmp_path):
-    from dyrate_ref.train_demo import train
+    from dyrate_ref.demo.train import train
     tiny = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, projection_dim=32),
             "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
     _, history, _ = train(str(tmp_path), steps=30, batch=4, lr=3e-3, seed=0, minutes=None, overrides=tiny,
@@ -152,7 +152,7 @@ def test_out_of_the_box_answer_is_correct():
 @shipped
 def test_evaluate_quick_has_every_row_and_beats_chance(tmp_path):
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "dyrate_ref.evaluate", "--quick", "--json", str(out)],
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr
     for name in ("| none |", "FastV K=2 R=0.5 |", "FastV K=2 R=0.75 |", "| VTW K=", "| DyRate K=", "rising"):

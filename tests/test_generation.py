@@ -35,7 +35,7 @@ def test_cached_decoding_equals_recompute(tiny):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_cache_appends_and_keeps(tiny):
+def test_cache_appends_and_evicts(tiny):
     model, _, ids, px = tiny
     cache = KVCache(model.config.text_config.num_hidden_layers)
     with torch.no_grad():
@@ -43,9 +43,9 @@ def test_cache_appends_and_keeps(tiny):
     P = ids.numel()
     assert cache.length(0) == P and cache.pos[0].tolist() == list(range(P))
     before = cache.nbytes()
-    cache.keep(range(2, 4), torch.tensor([0, 3, 5]))
+    cache.evict(range(2, 4), torch.tensor([i for i in range(P) if i not in (0, 3, 5)]))
     assert cache.length(1) == P and cache.length(2) == 3 and cache.pos[3].tolist() == [0, 3, 5]
-    cache.keep(range(2, 4), torch.tensor([1, 2]))  # slots, not positions: after a keep they differ
+    cache.evict(range(2, 4), torch.tensor([0, 4]))  # positions, not slots; 4 is already gone
     assert cache.pos[2].tolist() == [3, 5] and cache.length(3) == 2
     assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     assert cache.nbytes() < before

@@ -36,7 +36,7 @@ def test_public_7b_config_gets_hf_defaults():
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size) == (4096, 32, 32, 11008)
     assert t.num_key_value_heads == 32 and t.head_dim == 128 and t.rope_theta == 10000.0 and t.rms_norm_eps == 1e-5
     assert (v.hidden_size, v.num_hidden_layers, v.patch_size, v.image_size, v.hidden_act) == (1024, 24, 14, 336, "quick_gelu")
-    assert cfg.num_image_tokens == 576 and cfg.image_token_index == 32000 and cfg.vision_feature_layer == -2
+    assert cfg.num_image_tokens == 576 and cfg.image_token_index == 32000 and cfg.vision_feature_layer == (-2,)
 
 
 def test_both_rope_spellings_and_missing_vision_config():
@@ -143,7 +143,7 @@ def test_read_config_refusals(tmp_path):
 def test_loading_peak_memory_is_close_to_checkpoint_size():
     """A 254 MB checkpoint (the bench's 'small' shapes) loaded in a fresh process: the peak RSS it adds
     must stay <= 1.2x its size (the issue's bound). Prints the figure."""
-    r = subprocess.run([sys.executable, "-m", "dyrate_ref.bench", "loading", "--shape", "small"],
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.bench", "loading", "--shape", "small"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     print(r.stdout)

@@ -6,14 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dyrate_ref.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.errors import UserError
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
-from dyrate_ref.predictor import FEATURES, load_predictor, predictor_features
+from dyrate_ref.predictor import FEATURES, RATE_GRID, load_predictor, predictor_features
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import RATE_GRID, PruneSettings
-from dyrate_ref.train_predictor import Example, fit, label_examples
+from dyrate_ref.pruning import PruneSettings
+from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
+from dyrate_ref.tools.data import Example
+from dyrate_ref.tools.train_predictor import fit, label_examples
 from helpers import hf_config, make_checkpoint
 
 ANSWERS = ["The triangle is red and the circle is blue.", "There are three shapes: a square, a star and a circle.",
@@ -38,7 +39,7 @@ def setup(tmp_path_factory):
 
 def test_features_by_hand():
     scores = torch.tensor([0.4, 0.1, 0.1, 0.0])  # 60% of the query's attention on visual tokens
-    f = dict(zip(FEATURES, predictor_features(scores, torch.tensor([0, 1]), 3, 12).tolist()))
+    f = dict(zip(FEATURES, predictor_features(scores, torch.tensor([0, 1])).tolist()))
     assert f["visual_mass"] == pytest.approx(0.6)
     p = torch.tensor([4, 1, 1, 0]) / 6
     ent = -(p[:3] * p[:3].log()).sum() / math.log(4)
@@ -46,7 +47,7 @@ def test_features_by_hand():
     assert f["top25_mass"] == pytest.approx(4 / 6) and f["top50_mass"] == pytest.approx(5 / 6)
     assert f["qmax"] == pytest.approx(math.log1p(4 * 4 / 6))
     assert f["kept_mass"] == pytest.approx(5 / 6)
-    assert f["progress"] == pytest.approx(0.25) and f["kept_fraction"] == pytest.approx(0.5)
+    assert f["kept_fraction"] == pytest.approx(0.5)
 
 
 def test_labels_respect_tau_and_training_loss_falls(setup):
@@ -68,7 +69,7 @@ def test_smaller_tau_keeps_more_tokens(setup):
         runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.image), 12,
                          PruneSettings("dyrate", 2, predictor=pred)) for ex in examples[:4]]
         mean_kept[tau] = sum(float(torch.stack(r.record.keep).sum(1).float().mean()) for r in runs) / len(runs)
-        assert float(torch.tensor([RATE_GRID[i] for i in y]).mean()) >= 0  # labels are grid indices
+        assert y.min() >= 0 and y.max() < len(RATE_GRID)  # labels are grid indices
     assert mean_kept[0.002] > mean_kept[0.5]
 
 

@@ -33,10 +33,10 @@ def env(tmp_path_factory):
     data.write_text("\n".join(json.dumps({"image": "img.png", "prompt": "Describe it.", "answer": a})
                               for a in ["A red square.", "Two circles and a star.", "Yes."]))
     pred = str(root / "pred.safetensors")
-    r = py("-m", "dyrate_ref.train_predictor", "--weights", w, "--data", str(data), "--out", pred, "--epochs", "30")
+    r = py("-m", "dyrate_ref.tools.train_predictor", "--weights", w, "--data", str(data), "--out", pred, "--epochs", "30")
     assert r.returncode == 0, r.stderr
     other_pred = str(root / "other.safetensors")
-    r = py("-m", "dyrate_ref.train_predictor", "--weights", other, "--data", str(data), "--out", other_pred,
+    r = py("-m", "dyrate_ref.tools.train_predictor", "--weights", other, "--data", str(data), "--out", other_pred,
            "--epochs", "5")
     assert r.returncode == 0, r.stderr
     corrupt = root / "corrupt.safetensors"
@@ -134,10 +134,10 @@ def test_plot_is_written(env):
 def test_calibrate_vtw_command(env):
     root, w, img, pred, other_pred, corrupt, data = env
     out = str(root / "vtw.json")
-    r = py("-m", "dyrate_ref.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "1", "--eta", "100",
+    r = py("-m", "dyrate_ref.tools.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "1", "--eta", "100",
            "--max-new-tokens", "5", "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.load(open(out))
     assert res["layer"] == 1 and set(res["mean_kl"]) == {"1", "2", "3"}
-    bad = py("-m", "dyrate_ref.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "5")
+    bad = py("-m", "dyrate_ref.tools.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "5")
     assert bad.returncode == 2 and "outside 1..3" in bad.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dyrate_ref.cli import DEFAULT_WEIGHTS
+from dyrate_ref.loading import DEFAULT_WEIGHTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """Accuracy against cost for every method, on held-out generated scenes.
 
-  python -m dyrate_ref.evaluate [--weights DIR] [--quick] [--scenes N] [--plot DIR] [--json FILE]
+  python -m dyrate_ref.tools.evaluate [--weights DIR] [--quick] [--scenes N] [--plot DIR] [--json FILE]
 
 One row per method and setting: none; FastV (K=2, R=0.5 and 0.75); VTW (K from the weights'
 vtw_calibration.json); DyRate with the shipped predictor; DyRate with a fixed rising schedule.
@@ -16,27 +16,27 @@ over the held-out descriptions (the observation DyRate builds on).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-from .cost import vision_flops
-from .errors import UserError
-from .generation import generate
-from .loading import Progress, load_model
-from .processing import Processor
-from .pruning import PruneSettings
-from .scenes import QUESTION_KINDS, eval_set, normalise, object_f1
+from ..cost import vision_flops
+from ..demo.scenes import QUESTION_KINDS, eval_set, normalise, object_f1
+from ..errors import ArgumentParser, UserError, command_main
+from ..files import write_atomic
+from ..generation import forward_no_cache, generate
+from ..loading import DEFAULT_WEIGHTS, load_model
+from ..predictor import load_predictor, shipped_predictor_path
+from ..processing import Processor
+from ..progress import Progress
+from ..pruning import PruneSettings, visual_span
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def methods(weights_dir: str, cfg) -> list[tuple[str, PruneSettings]]:
-    from .predictor import load_predictor, shipped_predictor_path
     rows = [("none", PruneSettings()),
             ("FastV K=2 R=0.5", PruneSettings("fastv", 2, 0.5)),
             ("FastV K=2 R=0.75", PruneSettings("fastv", 2, 0.75))]
@@ -68,7 +68,6 @@ def parse_extra(spec: str, weights_dir: str, cfg) -> tuple[str, PruneSettings]:
             K, rates = rest.split(":")
             return f"DyRate K={K} rates {rates}", PruneSettings("dyrate", int(K), rates=tuple(map(float, rates.split(","))))
         if kind == "predictor":
-            from .predictor import load_predictor
             pred = load_predictor(rest, cfg, weights_dir)
             return (f"DyRate K={pred.layer} predictor {os.path.basename(rest)} (tau={pred.meta.get('tau', '?')})",
                     PruneSettings("dyrate", pred.layer, predictor=pred))
@@ -132,15 +131,10 @@ def attention_over_generation(model, processor, items, max_items: int = 40):
         img = item.scene.draw()
         ids, px = processor.input_ids(item.question), processor.pixel_values(img)
         gen = generate(model, ids, px, 80, stop_ids=processor.stop_ids)
-        seq = torch.cat([ids, torch.tensor(gen.tokens[:-1], dtype=torch.long)])  # [P+T-1]
-        start = int((ids == model.config.image_token_index).nonzero()[0])
-        N, P = model.config.num_image_tokens, ids.numel()
-        x = model.embed(seq[None], model.image_features(px))  # [1, P+T-1, C]
-        pos = torch.arange(seq.numel())
-        shares = []
-        for layer in range(L):
-            x, probs = model.run_layers(x, pos, None, range(layer, layer + 1), probs_of=layer)
-            shares.append(probs[0, :, P - 1:, start:start + N].sum(-1).mean(0))  # [T]: head-averaged visual share
+        start, N = visual_span(ids, model.config.image_token_index)
+        P = ids.numel()
+        _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=range(L))  # {layer: [1, H, S, S]}
+        shares = [probs[i][0, :, P - 1:, start:start + N].sum(-1).mean(0) for i in range(L)]  # [T] each
         per_answer.append(torch.stack(shares))
     T = max(a.shape[1] for a in per_answer)
     sums, counts = torch.zeros(L, T), torch.zeros(T)
@@ -151,7 +145,7 @@ def attention_over_generation(model, processor, items, max_items: int = 40):
 
 
 def plot_attention(path: str, means: torch.Tensor, counts: torch.Tensor, min_count: int = 5):
-    from .plots import line_chart, save_png
+    from ..plots import line_chart, save_png
     T = int((counts >= min_count).sum())
     series = {f"layer {i}": means[i, :T].tolist() for i in range(means.shape[0])}
     img = line_chart(series, "Share of attention to visual tokens vs position in the answer "
@@ -161,31 +155,32 @@ def plot_attention(path: str, means: torch.Tensor, counts: torch.Tensor, min_cou
     save_png(img, path)
 
 
-def main(argv=None):
-    from .cli import DEFAULT_WEIGHTS
-    p = argparse.ArgumentParser(prog="python -m dyrate_ref.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS)
+def run(argv=None) -> int:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--quick", action="store_true", help="a few scenes only (what the tests run)")
     p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 100; --quick: 4)")
-    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--max-new-tokens", type=int, default=80, help="longest answer generated (default 80)")
     p.add_argument("--plot", metavar="DIR", help="also write attention_over_generation.png into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--extra", action="append", default=[], metavar="SPEC",
                    help="add a row: fastv:K:R, vtw:K, dyrate:K:r0,r1,... or predictor:FILE (repeatable)")
     p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none")
     args = p.parse_args(argv)
-    try:
-        if args.plot and not os.path.isdir(args.plot):
-            raise UserError(f"--plot {args.plot}: folder does not exist")
-        model = load_model(args.weights)
-        proc = Processor(args.weights, model.config)
-        rows = methods(args.weights, model.config)
-        if args.only_extra:
-            rows = rows[:1]
-        rows += [parse_extra(spec, args.weights, model.config) for spec in args.extra]
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    if args.scenes is not None and args.scenes < 1:
+        raise UserError(f"--scenes {args.scenes}: give a positive number of held-out scenes")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.plot and not os.path.isdir(args.plot):
+        raise UserError(f"--plot {args.plot}: folder does not exist")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserError(f"--json {args.json}: its folder does not exist")
+    model = load_model(args.weights)
+    proc = Processor(args.weights, model.config)
+    rows = methods(args.weights, model.config)
+    if args.only_extra:
+        rows = rows[:1]
+    rows += [parse_extra(spec, args.weights, model.config) for spec in args.extra]
     n = args.scenes or (4 if args.quick else 100)
     items = eval_set(n)
     results = []
@@ -195,8 +190,12 @@ def main(argv=None):
     bar.close()
     print(table(results, model.config.num_image_tokens, vision_flops(model.config), len(items)))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"scenes": n, "rows": [{"method": k, **v} for k, v in results]}, f, indent=2)
+        figures = {"scenes": n, "rows": [{"method": k, **v} for k, v in results]}
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(figures, f, indent=2)
+        write_atomic(args.json, write)
     if args.plot:
         means, counts = attention_over_generation(model, proc, items)
         out = os.path.join(args.plot, "attention_over_generation.png")
@@ -204,6 +203,11 @@ def main(argv=None):
         first, last = means[:, :3].mean(1), means[:, max(0, int((counts >= 5).sum()) - 5):int((counts >= 5).sum())].mean(1)
         print(f"\nwrote {out}; visual share, first 3 answer tokens -> last 5 (positions with >= 5 answers), per layer: "
               + ", ".join(f"L{i} {a:.3f}->{b:.3f}" for i, (a, b) in enumerate(zip(first.tolist(), last.tolist()))))
+    return 0
+
+
+def main(argv=None):
+    command_main(run, argv)
 
 
 if __name__ == "__main__":

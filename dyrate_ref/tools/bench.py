@@ -1,8 +1,8 @@
 """Benchmarks: figures and ratios printed, never asserted on time.
 
-  python -m dyrate_ref.bench                 speed: dyrate_ref vs HF eager and HF sdpa (needs transformers)
-  python -m dyrate_ref.bench --prune         pruning methods: time, FLOPs and KV bytes relative to none
-  python -m dyrate_ref.bench loading --weights DIR [--dtype D]   peak RSS while loading, vs checkpoint size
+  python -m dyrate_ref.tools.bench                 speed: dyrate_ref vs HF eager and HF sdpa (needs transformers)
+  python -m dyrate_ref.tools.bench --prune         pruning methods: time, FLOPs and KV bytes relative to none
+  python -m dyrate_ref.tools.bench loading --weights DIR [--dtype D]   peak RSS while loading, vs checkpoint size
 
 Random weights with LLaVA-1.5-7B's structure scaled down to fit a 2-core CPU (576 visual tokens kept: the
 image is 336 px in 14 px patches, as in LLaVA-1.5). --shape 7b uses the real 7B shapes (a GPU's job).
@@ -10,15 +10,23 @@ image is 336 px in 14 px patches, as in LLaVA-1.5). --shape 7b uses the real 7B 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from safetensors.torch import save_file
+
+from ..cost import vision_flops
+from ..errors import ArgumentParser, command_main
+from ..generation import generate
+from ..loading import DTYPES, checkpoint_key, load_model, read_config, weight_files
+from ..model import LlavaConfig, LlavaForConditionalGeneration
+from ..pruning import PruneSettings
 
 SHAPES = {
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -40,9 +48,6 @@ SHAPES = {
 def write_random_checkpoint(out_dir: str, shape: str, dtype=torch.float32, seed: int = 0) -> dict:
     """A llava-hf directory (transformers 5.x layout) with random weights, written tensor by tensor
     from our own model's parameter list. Returns the config dict."""
-    from safetensors.torch import save_file
-
-    from .model import LlavaConfig, LlavaForConditionalGeneration
     s = SHAPES[shape]
     raw = {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
            "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
@@ -56,7 +61,7 @@ def write_random_checkpoint(out_dir: str, shape: str, dtype=torch.float32, seed:
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in model.named_parameters():
-        key = ("language_model." + name) if name.startswith(("model.", "lm_head.")) else name
+        key = checkpoint_key(name)
         if p.dim() >= 2:
             t = torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5
         else:
@@ -88,7 +93,6 @@ def loading_memory(weights_dir: str, dtype_name: str) -> dict:
     so a tiny checkpoint is loaded first and the ratio counts what grows with the checkpoint; the raw
     figure, one-time cost included, is returned too.
     """
-    from .loading import DTYPES, load_model, read_config, weight_files
     start = peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(tmp, "tiny")
@@ -125,9 +129,6 @@ def time_all(fns: dict, repeats: int) -> dict:
 
 
 def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: int, prune_rows=False):
-    from .generation import generate
-    from .loading import load_model
-    from .pruning import PruneSettings
     model = load_model(weights_dir, dtype, device)
     cfg = model.config
     N = cfg.num_image_tokens
@@ -186,8 +187,8 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
                            if n.startswith("model.layers") or n.startswith("lm_head") or n == "model.norm.weight")
         decode_bytes = new_tokens * weight_bytes + sum(kv[:-1])
         rows.append(dict(name=f"dyrate_ref {name}", decode_bytes=decode_bytes, prefill_ms=pre * 1e3, decode_ms=(tot - pre) / new_tokens * 1e3,
-                         flops=sum(fl), kv_peak=max(gen.record.kv_bytes), prefill_flops=fl[0] - _vision(cfg),
-                         decode_flops=sum(fl[1:]), lm_flops=sum(fl) - _vision(cfg)))
+                         flops=sum(fl), kv_peak=max(gen.record.kv_bytes), prefill_flops=fl[0] - vision_flops(cfg),
+                         decode_flops=sum(fl[1:]), lm_flops=sum(fl) - vision_flops(cfg)))
     for impl in hf_models:
         pre, tot = t[(f"HF {impl}", "pre")], t[(f"HF {impl}", "tot")]
         rows.append(dict(name=f"HF {impl}", prefill_ms=pre * 1e3, decode_ms=(tot - pre) / new_tokens * 1e3))
@@ -204,20 +205,17 @@ def device_bandwidth(device: str) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
-def _vision(cfg):
-    from .cost import vision_flops
-    return vision_flops(cfg)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dyrate_ref.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading"])
+def run(argv=None) -> int:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=__doc__.split("\n")[0])
+    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading"],
+                   help="speed (default): time per phase; loading: peak memory while loading")
     p.add_argument("--weights", help="checkpoint directory (default: a random one with --shape)")
-    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", default="small", choices=sorted(SHAPES),
+                   help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) / float16 (CUDA default) / bfloat16")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the best is kept (default 3)")
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bandwidth", type=float, default=None,
@@ -225,7 +223,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .loading import DTYPES
     dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,15 +233,14 @@ def main(argv=None):
             write_random_checkpoint(weights, args.shape, DTYPES[dtype_name])
         if args.what == "loading":
             if args.weights is None:  # writing the checkpoint raised this process's peak: measure in a fresh one
-                import subprocess
-                cmd = [sys.executable, "-m", "dyrate_ref.bench", "loading", "--weights", weights, "--dtype", dtype_name]
-                sys.exit(subprocess.run(cmd).returncode)
+                cmd = [sys.executable, "-m", "dyrate_ref.tools.bench", "loading", "--weights", weights, "--dtype", dtype_name]
+                return subprocess.run(cmd).returncode
             r = loading_memory(weights, dtype_name)
             print(f"checkpoint {r['checkpoint_bytes'] / 1e6:.0f} MB, parameters {r['param_bytes'] / 1e6:.0f} MB, "
                   f"peak RSS added while loading {r['peak_added'] / 1e6:.0f} MB, "
                   f"ratio {r['ratio']:.3f} (limit 1.2), {r['seconds']:.2f}s; with torch's one-time "
                   f"initialisation included: {r['raw_added'] / 1e6:.0f} MB, ratio {r['raw_ratio']:.3f}")
-            return
+            return 0
         rows, cfg = speed(weights, args.device, DTYPES[dtype_name], args.new_tokens, args.repeats, args.prune)
     vc, tc = cfg.vision_config, cfg.text_config
     print(f"\nshapes: vision {vc.num_hidden_layers}x{vc.hidden_size} ({cfg.num_image_tokens} visual tokens), "
@@ -272,7 +268,7 @@ def main(argv=None):
                 parts.append(f"{phase}: {ts:.1%} time saved for {fs:.1%} {what} saved"
                              + (f" -> {ts / fs:.2f}" if fs > 0.01 else " (nothing to track)"))
             print(f"- {r['name']}: " + "; ".join(parts))
-        return
+        return 0
     bw = args.bandwidth * 1e9 if args.bandwidth else device_bandwidth(args.device)
     if bw:
         floor = base["decode_bytes"] / args.new_tokens / bw * 1e3
@@ -283,6 +279,11 @@ def main(argv=None):
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['decode_ms'] / base['decode_ms']:.2f} |")
+    return 0
+
+
+def main(argv=None):
+    command_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the embedded demo model from scratch on generated scenes, with the project's own model code.
 
-  python -m dyrate_ref.train_demo --out weights/dyrate-shapes [--seed 0]
+  python -m dyrate_ref.demo.train --out weights/dyrate-shapes [--seed 0] [--init DIR] [--device cuda]
 
 Writes a complete llava-hf directory: config.json, model.safetensors (transformers 5.x key layout),
 tokenizer.json / tokenizer_config.json / special_tokens_map.json (a byte-level BPE trained here on the
@@ -27,7 +27,6 @@ after 16 minutes: the decoder cannot learn to read a vision tower that has not y
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,10 +38,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..errors import ArgumentParser, UserError, command_main
+from ..loading import load_model, read_config, save_weights
+from ..model import LlavaConfig, LlavaForConditionalGeneration
+from ..processing import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, ImageSettings, Processor, pixel_values
+from ..progress import Progress
 from .bpe import save_tokenizer_files, train_bpe
-from .loading import Progress
-from .model import LlavaConfig, LlavaForConditionalGeneration
-from .processing import PROMPT_TEMPLATE, ImageSettings, Processor, pixel_values
 from .scenes import COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, describe, eval_set, object_map, questions, random_scene
 
 CONFIG = {
@@ -68,7 +69,7 @@ CONFIG = {
 PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": SIZE},
                 "resample": 3, "do_center_crop": True, "crop_size": {"height": SIZE, "width": SIZE},
                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
                 "do_convert_rgb": True}
 
 
@@ -368,18 +369,6 @@ def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):
         json.dump(records, f, indent=2)
 
 
-def save_weights(model: LlavaForConditionalGeneration, out_dir: str):
-    """model.safetensors in transformers 5.x's layout, float32."""
-    from safetensors.torch import save_file
-    state = {}
-    for name, p in model.named_parameters():
-        key = "language_model." + name if name.startswith(("model.", "lm_head.")) else name
-        state[key] = p.detach().float().cpu().contiguous()
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-
-
 def _log(log, line: str):
     if log is not None:
         log.write(line + "\n")
@@ -387,7 +376,7 @@ def _log(log, line: str):
 
 
 def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: float | None,
-          bf16: bool = True, log=None, overrides: dict | None = None, show_progress: bool = True,
+          bf16: bool = False, log=None, overrides: dict | None = None, show_progress: bool = True,
           vision_steps: int = 1000, init: str | None = None, device: str = "cpu", eval_every: int = 0,
           eval_scenes: int = 40, probe: bool = False, train_tower: bool = False):
     """Stage 1 (unless `init` gives a trained model), the tower probe, then stage 2.
@@ -396,7 +385,6 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
     torch.manual_seed(seed)
     t0 = time.time()
     if init:
-        from .loading import load_model, read_config
         cfg = read_config(init)
         if os.path.abspath(init) != os.path.abspath(out_dir):
             os.makedirs(out_dir, exist_ok=True)
@@ -477,24 +465,31 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
     return model, history, time.time() - t0
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dyrate_ref.train_demo", description=__doc__.split("\n")[0])
+def run(argv=None) -> int:
+    p = ArgumentParser(prog="python -m dyrate_ref.demo.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory to write (e.g. weights/dyrate-shapes)")
-    p.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (batch 64)")
-    p.add_argument("--steps", type=int, default=2400, help="stage 2 steps")
-    p.add_argument("--batch", type=int, default=24)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-steps", type=int, default=500, help="stage 1 steps, batch 64 (default 500)")
+    p.add_argument("--steps", type=int, default=1800, help="stage 2 steps (default 1800)")
+    p.add_argument("--batch", type=int, default=16, help="stage 2 conversations per step (default 16)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and order (default 0)")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
-    p.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16 and on GPUs, far slower without")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="continue from a directory this script wrote (skips stage 1; the log says so)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--eval-every", type=int, default=250,
-                   help="log held-out per-kind exact-match every N stage-2 steps (0: never)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="log held-out per-kind exact match every N stage-2 steps (0: never; default 200)")
     p.add_argument("--train-tower", action="store_true", help="let stage 2 train the tower too (half rate)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.vision_steps < 0 or args.batch < 1:
+        raise UserError("--steps and --batch must be at least 1, --vision-steps at least 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but this machine has no CUDA device; use --device cpu")
+    if args.init:
+        read_config(args.init)  # a missing or broken directory is refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -503,11 +498,16 @@ def main(argv=None):
         log.write(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, {torch.get_num_threads()} threads, "
                   f"device {args.device}\n# step seconds smoothed_loss | heldout step kind exact-match ...\n")
         _, history, secs = train(args.out, args.steps, args.batch, args.lr, args.seed, args.minutes,
-                                 bf16=not args.no_bf16, log=log, vision_steps=args.vision_steps, init=args.init,
+                                 bf16=args.bf16, log=log, vision_steps=args.vision_steps, init=args.init,
                                  device=args.device, eval_every=args.eval_every, probe=not args.init,
                                  train_tower=args.train_tower)
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
+    return 0
+
+
+def main(argv=None):
+    command_main(run, argv)
 
 
 if __name__ == "__main__":

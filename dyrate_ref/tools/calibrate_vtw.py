@@ -1,0 +1,96 @@
+"""Choose VTW's withdrawal layer K the way VTW does: the first layer (from --min-layer on) whose mean
+KL(P_withdrawn || P_full) over generated tokens stays within eta.
+
+  python -m dyrate_ref.tools.calibrate_vtw --weights DIR --eta 0.003 [--min-layer 5] [--data FILE.jsonl|scenes:N]
+
+For each calibration example the unpruned model answers greedily; then, for each candidate K, the same
+answer is teacher-forced through the model with every visual token withdrawn from layer K on, and the
+per-token KL to the unpruned distribution is averaged over all generated tokens of all examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..errors import ArgumentParser, UserError, command_main
+from ..files import write_atomic
+from ..generation import forward_no_cache, generate, keep_masks
+from ..loading import load_model
+from ..processing import Processor
+from ..progress import Progress
+from ..pruning import kl
+from .data import read_examples
+
+
+def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tokens: int = 48,
+                      show_progress: bool = True) -> dict[int, float]:
+    """-> {K: mean over generated tokens of KL(P_withdrawn(K) || P_full)} in nats."""
+    totals = {K: 0.0 for K in layers}
+    count = 0
+    bar = Progress(len(examples), "calibrating VTW", " examples") if show_progress else None
+    for ex in examples:
+        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.image)
+        full = generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids)
+        logits_full, _ = forward_no_cache(model, ids, px, full.tokens)  # [T, V]
+        none_kept = torch.zeros(len(full.tokens), model.config.num_image_tokens, dtype=torch.bool)  # [T, N]
+        for K in layers:  # withdrawn from layer K on: no query of layers >= K sees a visual token
+            masks = keep_masks(ids, model.config.image_token_index, none_kept, K, len(model.model.layers))
+            logits_w, _ = forward_no_cache(model, ids, px, full.tokens, masks)  # [T, V]
+            totals[K] += float(kl(logits_w, logits_full).sum())
+        count += len(full.tokens)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return {K: totals[K] / max(count, 1) for K in layers}
+
+
+def choose_layer(kls: dict[int, float], eta: float) -> int | None:
+    for K in sorted(kls):
+        if kls[K] <= eta:
+            return K
+    return None
+
+
+def run(argv=None) -> int:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.calibrate_vtw", description=__doc__.split("\n")[0])
+    p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
+    p.add_argument("--eta", type=float, default=0.003, help="mean KL budget in nats (VTW's default 0.003)")
+    p.add_argument("--min-layer", type=int, default=5, help="first candidate K (VTW's default 5)")
+    p.add_argument("--data", default="scenes:32", help="JSONL of {image, prompt, answer} or scenes:N (default scenes:32)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest unpruned answer used (default 48)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    args = p.parse_args(argv)
+    model = load_model(args.weights)
+    L = model.config.text_config.num_hidden_layers
+    if not 1 <= args.min_layer <= L - 1:
+        raise UserError(f"--min-layer {args.min_layer} is outside 1..{L - 1} (the model has {L} layers)")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"--out {args.out}: its folder does not exist")
+    proc = Processor(args.weights, model.config)
+    examples = read_examples(args.data)
+    kls = mean_kl_per_layer(model, proc, examples, range(args.min_layer, L), args.max_new_tokens)
+    K = choose_layer(kls, args.eta)
+    for k, v in kls.items():
+        print(f"K={k:2d}  mean KL {v:.5f}{'  <= eta' if v <= args.eta else ''}")
+    print(f"VTW layer: {K}" if K is not None else f"no layer in {args.min_layer}..{L - 1} meets eta={args.eta}")
+    if args.out:
+        result = {"layer": K, "eta": args.eta, "min_layer": args.min_layer, "data": args.data,
+                  "mean_kl": {str(k): v for k, v in kls.items()}}
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+        write_atomic(args.out, write)
+    return 0
+
+
+def main(argv=None):
+    command_main(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The package's architecture, read from the source with `ast`, so that it stays as the README draws it:
+
+    core (dyrate_ref/*.py)      model <- loading, processing, cost <- generation <- cli; pruning <- predictor
+    dyrate_ref/demo/            the scene world, its tokenizer and the training recipe
+    dyrate_ref/tools/           evaluation, benchmarks, calibration, predictor training
+
+Rules: model imports nothing of the package; pruning and its predictor never need the model; nothing
+but `python -m dyrate_ref` imports the CLI; the core imports neither demo/ nor tools/; no command of
+demo/ or tools/ imports another command; no import circle; every command exits through the one
+UserError wrapper; shared pieces exist once.
+"""
+
+import ast
+import os
+import re
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dyrate_ref")
+
+
+def modules() -> dict[str, str]:
+    """dotted module name -> path, for every .py file of the package."""
+    out = {}
+    for folder, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), os.path.dirname(ROOT))[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                out[".".join(rel)] = os.path.join(folder, f)
+    return out
+
+
+MODULES = modules()
+
+
+def package_imports(name: str) -> set[str]:
+    """The package modules `name` imports, anywhere in the file (inside functions too)."""
+    path = MODULES[name]
+    tree = ast.parse(open(path).read())
+    is_pkg = path.endswith("__init__.py")
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = here[:len(here) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in MODULES and t != name}
+    return found - {"dyrate_ref"} if name != "dyrate_ref" else found
+
+
+GRAPH = {m: package_imports(m) for m in MODULES}
+CORE = {m for m, p in MODULES.items() if os.path.dirname(p) == ROOT}
+COMMANDS = {m for m, p in MODULES.items() if re.search(r"^def main\(", open(p).read(), re.M)}
+
+
+def test_the_layout_is_what_the_docs_say():
+    assert {"dyrate_ref.model", "dyrate_ref.loading", "dyrate_ref.processing", "dyrate_ref.pruning",
+            "dyrate_ref.predictor", "dyrate_ref.generation", "dyrate_ref.trace", "dyrate_ref.cli"} <= CORE
+    assert {"dyrate_ref.demo.scenes", "dyrate_ref.demo.train", "dyrate_ref.tools.evaluate",
+            "dyrate_ref.tools.bench", "dyrate_ref.tools.calibrate_vtw", "dyrate_ref.tools.train_predictor"} <= set(MODULES)
+
+
+def test_model_imports_nothing_of_the_package():
+    assert GRAPH["dyrate_ref.model"] == set()
+
+
+@pytest.mark.parametrize("name", ["dyrate_ref.pruning", "dyrate_ref.predictor"])
+def test_pruning_never_needs_the_model(name):
+    reach = reachable(name)
+    assert not reach & {"dyrate_ref.model", "dyrate_ref.loading", "dyrate_ref.generation", "dyrate_ref.cli"}, reach
+
+
+def test_only_the_entry_point_imports_the_cli():
+    users = {m for m, deps in GRAPH.items() if "dyrate_ref.cli" in deps}
+    assert users <= {"dyrate_ref.__main__"}, users
+
+
+def test_the_core_imports_neither_demo_nor_tools():
+    for m in CORE:
+        bad = {d for d in GRAPH[m] if d.startswith(("dyrate_ref.demo", "dyrate_ref.tools"))}
+        assert not bad, (m, bad)
+
+
+def test_no_command_of_demo_or_tools_imports_another():
+    tools = {m for m in COMMANDS if m.startswith(("dyrate_ref.demo", "dyrate_ref.tools"))}
+    assert len(tools) >= 5
+    for m in tools | CORE:
+        assert not GRAPH[m] & (tools - {m}), (m, GRAPH[m] & tools)
+
+
+def reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for d in GRAPH[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def test_no_import_circle():
+    for m in MODULES:
+        assert m not in reachable(m), f"{m} imports itself through a circle"
+
+
+def test_every_command_exits_through_the_one_wrapper():
+    for m in COMMANDS:
+        src = open(MODULES[m]).read()
+        assert "command_main(" in src, f"{m}.main does not use errors.command_main"
+        assert "sys.exit(" not in src and "except UserError" not in src, m
+
+
+@pytest.mark.parametrize("pattern, home", [
+    (r"mkstemp|os\.replace\(", "files.py"),  # atomic writes
+    (r"class Progress\b", "progress.py"),
+    (r"0\.48145466", "processing.py"),  # CLIP's normalisation constants
+    (r"\"language_model\.\"", "loading.py"),  # the checkpoint key layout
+    (r"log_softmax", "pruning.py"),  # the KL between pruned and unpruned distributions
+    (r"weights\", \"dyrate-shapes\"", "loading.py"),  # the default weights path
+    (r"def visual_span|\.nonzero\(\)\[0\]\)", "pruning.py"),  # finding the image span
+])
+def test_shared_pieces_exist_once(pattern, home):
+    where = sorted(os.path.relpath(p, ROOT) for p in MODULES.values() if re.search(pattern, open(p).read()))
+    assert where == [home], where
