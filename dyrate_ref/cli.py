@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .errors import ArgumentParser, UserError, command_main
 from .generation import Sampling, generate
-from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype
+from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype, vtw_default_layer
 from .predictor import load_predictor, shipped_predictor_path
 from .processing import Processor, StreamingDecoder, open_image
 from .pruning import DEFAULT_LAYER, DEFAULT_RATIO, METHODS, PruneSettings
@@ -35,12 +35,14 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--dtype", default="auto", help="float32, float16 or bfloat16 (auto: float32 on CPU, "
                                                    "float16 on CUDA)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (with --temperature > 0)")
     p.add_argument("--trace", metavar="FILE", help="write a safetensors trace of the run (see README)")
     g = p.add_argument_group("visual-token pruning")
     g.add_argument("--method", default="none", help="none (default), fastv, vtw or dyrate")
-    g.add_argument("--layer", type=int, default=None, help="pruning layer K, 1..L-1 (default 2)")
+    g.add_argument("--layer", type=int, default=None,
+                   help="pruning layer K, 1..L-1 (default: fastv 2; vtw the layer in the weights' "
+                        "vtw_calibration.json, else L/2; dyrate the predictor's own layer, 2 with --rates)")
     g.add_argument("--ratio", type=float, default=None, help="FastV: fraction R of visual tokens to drop (default 0.5)")
     g.add_argument("--score", default=None, help="FastV: score with the 'last' prompt query (default) or the 'mean' "
                                                  "of the queries after the image")
@@ -105,15 +107,39 @@ def parse_prune_flags(args, num_layers: int | None = None):
                          score=args.score or "last", rates=rates)
 
 
+def settings_text(prune: PruneSettings, note: str = "") -> str:
+    """The method and the settings it ran with, for the summary line."""
+    if prune.method == "none":
+        return "method none"
+    if prune.method == "fastv":
+        return f"method fastv K={prune.layer} R={prune.ratio} score={prune.score}"
+    if prune.method == "vtw":
+        return f"method vtw K={prune.layer}" + (f" ({note})" if note else "")
+    if prune.rates is not None:
+        return f"method dyrate K={prune.layer} rates {','.join(map(str, prune.rates))}"
+    return f"method dyrate K={prune.layer} predictor {os.path.basename(prune.predictor.path)}"
+
+
+STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": "stopped at --max-new-tokens",
+             "context": "stopped: the model's context is full"}
+
+
 def run(argv=None, prog: str = "generate.py") -> int:
     args = build_parser(prog).parse_args(argv)
 
-    # 1. Everything that can be checked without reading weights.
+    # 1. Everything that can be checked without reading weights. A flag that would have no effect, or
+    # an input that cannot mean anything, is refused rather than ignored.
+    if not args.prompt.replace("<image>", "").strip():
+        raise UserError("--prompt is empty; ask a question about the image, e.g. --prompt \"Describe the image.\"")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.temperature < 0:
         raise UserError(f"--temperature {args.temperature} must be >= 0")
-    if not (0.0 < args.top_p <= 1.0):
+    if args.temperature == 0 and (args.top_p is not None or args.seed is not None):
+        flag = "--top-p" if args.top_p is not None else "--seed"
+        raise UserError(f"{flag} has no effect with greedy decoding; add --temperature T (> 0) to sample")
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if not (0.0 < top_p <= 1.0):
         raise UserError(f"--top-p {args.top_p} must lie in (0, 1]")
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype if args.dtype != "auto" else
@@ -150,6 +176,10 @@ def run(argv=None, prog: str = "generate.py") -> int:
             raise UserError(f"--layer {args.layer} differs from the predictor's K={predictor.layer}; "
                             "leave --layer out or train a predictor for that layer")
         prune = dataclasses.replace(prune, predictor=predictor, layer=predictor.layer)
+    vtw_note = ""
+    if prune.method == "vtw" and args.layer is None:
+        K, vtw_note = vtw_default_layer(weights, cfg.text_config.num_hidden_layers)
+        prune = dataclasses.replace(prune, layer=K)
 
     # 2. The slow part.
     model = load_model(weights, dtype=dtype, device=device, config=cfg)
@@ -164,20 +194,25 @@ def run(argv=None, prog: str = "generate.py") -> int:
 
     t0 = time.time()
     gen = generate(model, input_ids, pixels, max_new, prune,
-                   Sampling(args.temperature, args.top_p, args.seed), processor.stop_ids, on_token=show)
+                   Sampling(args.temperature, top_p, args.seed), processor.stop_ids, on_token=show)
     sys.stdout.write("\n")
     sys.stdout.flush()
     dt = time.time() - t0
     N = gen.state.span[1]
+    stop = gen.stop_reason
+    if stop == "max_new_tokens" and max_new < args.max_new_tokens:
+        stop = "context"  # the cap came from the context, not from the flag
+    stop_text = STOP_TEXT[stop] + (f" ({context} tokens)" if stop == "context" else "")
     sys.stderr.write(f"[{len(gen.tokens)} tokens in {dt:.2f}s on {device.type}/{str(dtype).split('.')[-1]}; "
-                     f"method {prune.method}: {gen.state.keep.numel()}/{N} visual tokens kept at the end]\n")
+                     f"{settings_text(prune, vtw_note)}: {gen.state.keep.numel()}/{N} visual tokens kept at "
+                     f"the end; {stop_text}]\n")
 
     # 3. Outputs, each written whole or not at all.
     meta = dict(weights=os.path.abspath(weights), dtype=str(dtype).split(".")[-1], device=device.type,
                 prompt=args.prompt, method=prune.method, layer=prune.layer, ratio=prune.ratio, score=prune.score,
                 rates="" if prune.rates is None else ",".join(map(str, prune.rates)),
                 predictor="" if prune.predictor is None else prune.predictor.path,
-                max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
+                max_new_tokens=max_new, temperature=args.temperature, top_p=top_p, stop_reason=stop,
                 seed="" if args.seed is None else args.seed,
                 dyrate_ref_version=__version__, torch_version=torch.__version__)
     if args.trace:

@@ -20,6 +20,10 @@ from .files import write_atomic
 from .model import LlavaConfig, LlavaForConditionalGeneration
 from .progress import Progress
 
+# VTW's withdrawal layer chosen for a checkpoint, kept beside its weights
+# (python -m dyrate_ref.tools.calibrate_vtw --out DIR/vtw_calibration.json).
+VTW_CALIBRATION = "vtw_calibration.json"
+
 # The embedded demo model every command uses when --weights is not given.
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "dyrate-shapes")
 
@@ -240,3 +244,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def vtw_default_layer(weights: str, num_layers: int) -> tuple[int, str]:
+    """VTW's K when --layer is not given: the layer calibrate_vtw chose for these weights (their
+    vtw_calibration.json), else half the decoder. -> (K, where it came from)."""
+    path = os.path.join(weights, VTW_CALIBRATION)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                K = json.load(f).get("layer")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{path} is not a readable VTW calibration ({e}); recalibrate or pass --layer") from None
+        if isinstance(K, int) and 1 <= K <= num_layers - 1:
+            return K, "calibrated"
+    return num_layers // 2, "L/2: no vtw_calibration.json"

@@ -19,6 +19,7 @@ max_new_tokens, temperature, top_p, seed, dyrate_ref_version, torch_version, for
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,11 +46,28 @@ def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Te
 
 
 def write_trace(path: str, tensors: dict[str, torch.Tensor], metadata: dict):
-    """Write the trace whole or not at all (files.write_atomic). Metadata keys are written in sorted
-    order, so two identical runs give byte-identical files."""
+    """Write the trace whole or not at all (files.write_atomic), with its JSON header's keys sorted,
+    so that two identical runs give byte-identical files."""
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
-    meta = dict(sorted(meta.items()))
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=meta)
+        sort_header(tmp)
+    write_atomic(path, write)
+
+
+def sort_header(path: str):
+    """Rewrite a safetensors file's header with sorted keys, in place. The library stores metadata in a
+    hash map whose order changes from process to process; the sorted header has the same length (the
+    same keys and values, reordered), so the tensor bytes after it do not move."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header = {k: (dict(sorted(v.items())) if isinstance(v, dict) else v) for k, v in sorted(header.items())}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(text) <= n, "a sorted header is never longer than the original"
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))  # the format pads headers with spaces
 
 
 def read_trace(path: str) -> dict[str, torch.Tensor]:

@@ -128,3 +128,12 @@ def hf_processor(weights_dir: str, cfg):
                           patch_size=cfg.vision_config.patch_size,
                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                           num_additional_image_tokens=1)
+
+
+def noise_image(width: int, height: int, seed: int = 0, sigma: float = 50.0):
+    """A grey-noise RGB picture from its own seeded generator (Image.effect_noise draws from a
+    process-global one, so what a test saw would depend on which tests ran before it)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    grey = (128 + sigma * torch.randn(height, width, generator=g)).clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(grey.numpy(), mode="L").convert("RGB")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from helpers import hf_config, make_checkpoint
+from helpers import hf_config, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,7 @@ def bad_images(root):
     text.write_text("this is not a picture")
     good = root / "img.png"
     cut = root / "cut.png"
-    Image.effect_noise((200, 200), 60).convert("RGB").save(root / "noise.png")
+    noise_image(200, 200, seed=1, sigma=60).save(root / "noise.png")
     cut.write_bytes((root / "noise.png").read_bytes()[:3000])
     bomb = root / "bomb.png"
     if not bomb.exists():  # 182 M pixels, over 2x Pillow's limit; 1-bit so it is small on disk
@@ -165,6 +165,10 @@ ARGS = {
     "device": (["--device", "tpu"], "device"),
     "unknown-flag": (["--frobnicate"], "unrecognized"),
     "not-a-number": (["--max-new-tokens", "many"], "invalid int"),
+    "empty-prompt": (["--prompt", "  "], "empty"),
+    "top-p-without-temperature": (["--top-p", "0.5"], "no effect"),
+    "seed-without-temperature": (["--seed", "3"], "no effect"),
+    "top-p-out-of-range": (["--top-p", "1.5", "--temperature", "1"], "top-p"),
 }
 
 

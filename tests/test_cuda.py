@@ -14,7 +14,7 @@ from dyrate_ref.generation import generate, recompute_logits
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import PruneSettings
-from helpers import hf_config, make_checkpoint
+from helpers import hf_config, make_checkpoint, noise_image
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
@@ -32,7 +32,7 @@ def test_logits_vs_hf_on_gpu(ckpt, dtype):
     from transformers import LlavaForConditionalGeneration
     proc = Processor(ckpt, load_model(ckpt).config)
     ids = proc.input_ids("What is in the picture?")
-    px = proc.pixel_values(Image.effect_noise((64, 48), 40).convert("RGB"))
+    px = proc.pixel_values(noise_image(64, 48, seed=1, sigma=40))
     hf32 = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").cuda().eval()
     hf = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager", dtype=dtype).cuda().eval()
     model = load_model(ckpt, dtype=dtype, device="cuda")
@@ -52,7 +52,7 @@ def test_pruned_decode_vs_oracle_fp16(ckpt):
     model = load_model(ckpt, dtype=torch.float16, device="cuda")
     proc = Processor(ckpt, model.config)
     ids = proc.input_ids("Describe it.")
-    px = proc.pixel_values(Image.effect_noise((40, 40), 40).convert("RGB"))
+    px = proc.pixel_values(noise_image(40, 40, seed=2, sigma=40))
     for prune in (PruneSettings("fastv", 2, 0.5), PruneSettings("dyrate", 2, rates=(0.0, 0.3, 0.6, 0.9))):
         gen = generate(model, ids, px, 10, prune)
         oracle = recompute_logits(model, ids, px, gen.tokens, torch.stack(gen.record.keep), 2)

@@ -15,7 +15,7 @@ from dyrate_ref.pruning import PruneSettings
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.tools.data import Example
 from dyrate_ref.tools.train_predictor import fit, label_examples
-from helpers import hf_config, make_checkpoint
+from helpers import hf_config, make_checkpoint, noise_image
 
 ANSWERS = ["The triangle is red and the circle is blue.", "There are three shapes: a square, a star and a circle.",
            "Yes.", "A green square at the top left."]
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     for i in range(8):
         color = tuple(int(c) for c in torch.randint(0, 256, (3,), generator=g))
         img = Image.new("RGB", (40, 40), color)
-        img.paste(Image.effect_noise((16, 16), 80).convert("RGB"), (i * 3, 20 - i))
+        img.paste(noise_image(16, 16, seed=i, sigma=80), (i * 3, 20 - i))
         examples.append(Example(img, "Describe the image.", ANSWERS[i % 4]))
     return d, model, proc, examples
 

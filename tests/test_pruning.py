@@ -13,14 +13,14 @@ from dyrate_ref.generation import decode_one_token, generate, prefill, recompute
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import PruneSettings, dyrate_keep, fastv_keep, visual_scores
-from helpers import hf_config, make_checkpoint
+from helpers import hf_config, make_checkpoint, noise_image
 
 T_NEW = 10
 
 
 @pytest.fixture(scope="module", params=["mha", "gqa"])
 def tiny(request, tmp_path_factory):
-    """4-layer text model, 16 visual tokens (default strategy) or 17 with CLS (full, on the GQA one)."""
+    """5-layer text model, 16 visual tokens (default strategy) or 17 with CLS (full, on the GQA one)."""
     d = str(tmp_path_factory.mktemp(request.param))
     gqa = request.param == "gqa"
     cfg = hf_config(text=dict(num_hidden_layers=5, num_key_value_heads=2 if gqa else 4),
@@ -30,7 +30,7 @@ def tiny(request, tmp_path_factory):
     hf = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
     model = load_model(d)
     proc = Processor(d, model.config)
-    img = Image.effect_noise((48, 40), 50).convert("RGB")
+    img = noise_image(48, 40, seed=1, sigma=50)
     return model, proc, proc.input_ids("What is shown here?"), proc.pixel_values(img), hf
 
 

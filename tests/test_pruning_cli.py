@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import hf_config, make_checkpoint
+from helpers import hf_config, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def env(tmp_path_factory):
     other = str(root / "other")
     make_checkpoint(other, hf_config(text=dict(num_hidden_layers=3)))
     img = str(root / "img.png")
-    Image.effect_noise((40, 40), 60).convert("RGB").save(img)
+    noise_image(40, 40, seed=1, sigma=60).save(img)
     data = root / "data.jsonl"
     data.write_text("\n".join(json.dumps({"image": "img.png", "prompt": "Describe it.", "answer": a})
                               for a in ["A red square.", "Two circles and a star.", "Yes."]))

@@ -27,7 +27,7 @@ from ..demo.scenes import QUESTION_KINDS, eval_set, normalise, object_f1
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import write_atomic
 from ..generation import forward_no_cache, generate
-from ..loading import DEFAULT_WEIGHTS, load_model
+from ..loading import DEFAULT_WEIGHTS, load_model, vtw_default_layer
 from ..predictor import load_predictor, shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
@@ -40,12 +40,8 @@ def methods(weights_dir: str, cfg) -> list[tuple[str, PruneSettings]]:
     rows = [("none", PruneSettings()),
             ("FastV K=2 R=0.5", PruneSettings("fastv", 2, 0.5)),
             ("FastV K=2 R=0.75", PruneSettings("fastv", 2, 0.75))]
-    calib = os.path.join(weights_dir, "vtw_calibration.json")
-    if os.path.isfile(calib):
-        with open(calib) as f:
-            K = json.load(f).get("layer")
-        if K is not None:
-            rows.append((f"VTW K={K} (calibrated)", PruneSettings("vtw", K)))
+    K, note = vtw_default_layer(weights_dir, cfg.text_config.num_hidden_layers)
+    rows.append((f"VTW K={K} ({note.split(':')[0]})", PruneSettings("vtw", K)))
     path = shipped_predictor_path(weights_dir)
     if path:
         pred = load_predictor(path, cfg, weights_dir)

@@ -1,0 +1,140 @@
+"""What a newcomer meets: why generation stopped, the methods' default settings, file modes, identical
+runs giving identical files, `python -m dyrate_ref`, and `trace compare`'s exit codes."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from helpers import hf_config, make_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, umask=None):
+    return subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), *args], capture_output=True, text=True,
+                          timeout=120, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("habits")
+    w = root / "weights"  # 4 decoder layers, a 64-token context: 16 visual tokens + the prompt
+    make_checkpoint(str(w), hf_config(text=dict(max_position_embeddings=64, num_hidden_layers=4)))
+    img = root / "img.png"
+    Image.new("RGB", (40, 40), (20, 120, 200)).save(img)
+    return root, str(w), str(img)
+
+
+def summary(r) -> str:
+    assert r.returncode == 0, r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def meta(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_stop_reason_max_new_tokens_and_context(files):
+    root, w, img = files
+    r = run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "2", "--trace", str(root / "a.st"))
+    if "EOS" not in summary(r):  # a random model may stop on EOS; it does not with this seed
+        assert "stopped at --max-new-tokens" in summary(r)
+        assert meta(root / "a.st")["stop_reason"] == "max_new_tokens"
+    # a prompt that leaves 3 tokens of context, and a flag asking for far more
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    proc = Processor(w, load_model(w).config)
+    words = "hi " * 100
+    n = 1
+    while proc.input_ids(" ".join(words.split()[:n])).numel() < 64 - 3:
+        n += 1
+    prompt = " ".join(words.split()[:n])
+    r = run("--image", img, "--prompt", prompt, "--weights", w, "--max-new-tokens", "100000",
+            "--trace", str(root / "b.st"))
+    line = summary(r)
+    if "EOS" not in line:
+        assert "context is full (64 tokens)" in line, line
+        assert meta(root / "b.st")["stop_reason"] == "context"
+
+
+def test_vtw_defaults_to_the_calibrated_layer_and_says_so(files):
+    root, w, img = files
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "vtw", "--max-new-tokens", "2"))
+    assert "method vtw K=2 (L/2: no vtw_calibration.json)" in line, line
+    calibrated = root / "calibrated"
+    shutil.copytree(w, calibrated)
+    (calibrated / "vtw_calibration.json").write_text(json.dumps({"layer": 3, "eta": 0.1}))
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", str(calibrated), "--method", "vtw",
+                       "--max-new-tokens", "2"))
+    assert "method vtw K=3 (calibrated)" in line, line
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", str(calibrated), "--method", "vtw",
+                       "--layer", "1", "--max-new-tokens", "2"))
+    assert "method vtw K=1:" in line, line
+
+
+def test_summary_names_every_methods_settings(files):
+    root, w, img = files
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--max-new-tokens", "2"))
+    assert "method fastv K=2 R=0.5 score=last" in line, line
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate", "--rates", "0.2,0.4",
+                       "--max-new-tokens", "2"))
+    assert "method dyrate K=2 rates 0.2,0.4" in line, line
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(files, umask):
+    root, w, img = files
+    trace = root / f"mode-{umask:o}.st"
+    summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "2", "--trace", str(trace),
+                umask=umask))
+    assert stat.S_IMODE(os.stat(trace).st_mode) == 0o666 & ~umask
+
+
+def test_identical_runs_write_identical_traces(files):
+    root, w, img = files
+    for name in ("x.st", "y.st"):
+        summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--trace", str(root / name)))
+    assert (root / "x.st").read_bytes() == (root / "y.st").read_bytes()
+
+
+def test_module_entry_point_names_itself():
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref", "--help"], capture_output=True, text=True, cwd=REPO,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m dyrate_ref"), r.stdout[:80]
+
+
+def compare(a, b):
+    return subprocess.run([sys.executable, "-m", "dyrate_ref.trace", "compare", str(a), str(b)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+
+
+def test_trace_compare_exit_codes(files):
+    root, w, img = files
+    a, b = root / "c1.st", root / "c2.st"
+    summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--trace", str(a)))
+    summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--method", "fastv",
+                "--ratio", "0.9", "--trace", str(b)))
+    r = compare(a, a)
+    assert r.returncode == 0 and r.stdout.strip().endswith("SAME")
+    r = compare(a, b)
+    assert r.returncode == 1 and r.stdout.strip().endswith("DIFFERENT")
+    not_a_trace = root / "weights.st"
+    save_file({"x": torch.zeros(2)}, str(not_a_trace))
+    garbage = root / "garbage.st"
+    garbage.write_bytes(b"\x00" * 50)
+    for bad, needle in ((not_a_trace, "no 'input_ids' tensor"), (garbage, "cannot read"),
+                        (root / "missing.st", "cannot read")):
+        r = compare(a, bad)
+        assert r.returncode == 2, (bad, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
