@@ -18,6 +18,7 @@ from . import __version__
 from .errors import ArgumentParser, UserError, command_main
 from .generation import Sampling, generate
 from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype, vtw_default_layer
+from .plots import plot_run, require_matplotlib
 from .predictor import load_predictor, shipped_predictor_path
 from .processing import Processor, StreamingDecoder, open_image
 from .pruning import DEFAULT_LAYER, DEFAULT_RATIO, METHODS, PruneSettings
@@ -149,6 +150,8 @@ def run(argv=None, prog: str = "generate.py") -> int:
             check_output_path(path, flag)
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
+    if args.plot is not None:
+        require_matplotlib()  # says how to install it, before any work
     parse_prune_flags(args)  # method-level checks before the slow part
     image = open_image(args.image)
     weights = args.weights
@@ -218,7 +221,6 @@ def run(argv=None, prog: str = "generate.py") -> int:
     if args.trace:
         write_trace(args.trace, trace_tensors(input_ids, pixels, gen.tokens, gen.record), meta)
     if args.plot:
-        from .plots import plot_run  # matplotlib is imported only when a plot is asked for
         plot_run(args.plot, pixels, processor, gen, prune)
     return 0
 

@@ -1,123 +1,203 @@
-"""Pictures with Pillow only: line charts and kept-patch overlays.
+"""Figures, drawn with matplotlib (an optional extra: pip install -e ".[plots]").
 
-plot_run (generate.py --plot FILE.png):
-  (a) per generated token, the share of layer K-1 attention that goes to visual tokens, and how many
-      visual tokens are kept;
-  (b) the image the model saw, with evicted patches darkened, at a few steps.
+  plot_run             generate.py --plot FILE.png: per generated token, the share of layer K-1's
+                       attention on the image and the kept count; below, the picture at a few steps
+                       with the evicted patches darkened
+  plot_share           one curve of visual-attention share over an answer (the tutorial's figure)
+  plot_layers          the share per decoder layer over the answer, mean over many answers with a
+                       95 % confidence band (evaluate --plot)
+  plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
+  plot_pareto          accuracy against cost, one marker per method and setting (evaluate --plot)
+
+Every figure has a title, labelled axes with units, and its legend outside the data. Files are written
+whole or not at all (files.write_atomic).
 """
 
 from __future__ import annotations
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
+import io
 
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
 from .files import write_atomic
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+INSTALL_HINT = 'pip install -e ".[plots]"  (matplotlib)'
 
 
-def font(size: int = 13):
+def require_matplotlib():
+    """The pyplot module, headless; a UserError saying how to install it if it is missing."""
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+        import matplotlib
+    except ImportError:
+        raise UserError(f"figures need matplotlib, which is not installed; run: {INSTALL_HINT}") from None
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    return plt
 
 
-def line_chart(series: dict[str, list[float]], title: str, xlabel: str, ylabel: str, size=(900, 320),
-               ymax: float | None = None, right: dict[str, list[float]] | None = None, right_label: str = "",
-               right_max: float | None = None) -> Image.Image:
-    """A plain line chart. `right` series use a second y axis on the right."""
-    W, H = size
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    f, fs = font(13), font(11)
-    left, top, rgt, bottom = 60, 30, W - (60 if right else 20), H - 45
-    d.text((left, 8), title, fill="black", font=f)
-    d.rectangle([left, top, rgt, bottom], outline=(160, 160, 160))
-    n = max([len(v) for v in list(series.values()) + list((right or {}).values())] + [2])
-    ymax = ymax or max([max(v) for v in series.values() if v] + [1e-9])
+def save_figure(fig, path: str):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.clf()
+    require_matplotlib().close(fig)
+    data = buf.getvalue()
 
-    def xy(i, v, vmax):
-        return left + (rgt - left) * i / max(n - 1, 1), bottom - (bottom - top) * min(v / vmax, 1.0)
-
-    for k in range(5):  # grid and y ticks
-        y = bottom - (bottom - top) * k / 4
-        d.line([left, y, rgt, y], fill=(235, 235, 235))
-        d.text((5, y - 6), f"{ymax * k / 4:.2g}", fill="black", font=fs)
-        if right:
-            d.text((rgt + 5, y - 6), f"{right_max * k / 4:.0f}", fill="black", font=fs)
-    for k in range(0, n, max(1, n // 10)):
-        x = left + (rgt - left) * k / max(n - 1, 1)
-        d.text((x - 4, bottom + 4), str(k), fill="black", font=fs)
-    d.text(((left + rgt) // 2 - 40, H - 20), xlabel, fill="black", font=fs)
-    d.text((5, top - 18), ylabel, fill="black", font=fs)
-    if right:
-        d.text((rgt - 60, top - 18), right_label, fill="black", font=fs)
-    everything = [(name, v, ymax) for name, v in series.items()] + [(name, v, right_max) for name, v in (right or {}).items()]
-    for j, (name, values, vmax) in enumerate(everything):
-        color = COLORS[j % len(COLORS)]
-        pts = [xy(i, v, vmax) for i, v in enumerate(values)]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for p in pts if len(pts) <= 60 else []:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-        lx = left + 10 + 300 * (j // 4)
-        ly = top + 6 + 16 * (j % 4)
-        d.rectangle([lx, ly + 3, lx + 14, ly + 9], fill=color)
-        d.text((lx + 18, ly - 1), name, fill="black", font=fs)
-    return img
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    write_atomic(path, write)
 
 
 def image_from_pixels(pixel_values: torch.Tensor, mean, std) -> Image.Image:
-    """Undo normalisation of pixel_values [1, 3, H, W] -> the RGB image the vision tower saw."""
-    m = torch.tensor(mean)[:, None, None]
-    s = torch.tensor(std)[:, None, None]
-    x = ((pixel_values[0].float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)  # [3, H, W]
-    return Image.frombytes("RGB", (x.shape[2], x.shape[1]), bytes(x.permute(1, 2, 0).contiguous().flatten().tolist()))
+    """Undo the CLIP normalisation: pixel_values [1, 3, H, W] -> the picture the model saw."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    x = (pixel_values[0].float().cpu() * s + m).clamp(0, 1)  # [3, H, W]
+    return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
 
-def kept_overlay(img: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool, scale: int = 3) -> Image.Image:
-    """Darken the patches whose visual token is evicted. keep: bool [N] (N = grid² (+1 CLS first))."""
-    big = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).convert("RGBA")
-    shade = Image.new("RGBA", big.size, (0, 0, 0, 0))
-    d = ImageDraw.Draw(shade)
-    patches = keep[1:] if has_cls else keep
-    cell = big.width / grid
-    for i, k in enumerate(patches.tolist()):
-        if not k:
-            r, c = divmod(i, grid)
-            d.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=(0, 0, 0, 170))
-    return Image.alpha_composite(big, shade).convert("RGB")
+def kept_overlay(img: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool) -> Image.Image:
+    """The picture with every evicted patch darkened to a quarter of its brightness. keep: bool [N]
+    (N = grid² patches, +1 first for CLS with the 'full' strategy)."""
+    patches = keep[1:] if has_cls else keep  # [grid²]
+    x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).float()  # [H, W, 3]
+    H, W = x.shape[:2]
+    mask = patches.view(grid, grid).float().cpu()  # [grid, grid]
+    mask = mask.repeat_interleave(H // grid, 0).repeat_interleave(W // grid, 1)  # [H, W]
+    dim = 0.25 + 0.75 * mask
+    return Image.fromarray((x * dim[..., None]).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def save_png(img: Image.Image, path: str):
-    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+def _legend_below(ax, handles=None, ncol=2):
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=ncol, frameon=False)
+
+
+def plot_share(path: str, share: list[float], tokens: list[str], title: str, layer: int):
+    """Visual-attention share per generated token, the tokens written under the axis."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    t = list(range(len(share)))
+    ax.plot(t, share, marker="o", ms=3, lw=1.2, label=f"layer {layer} (head-averaged)")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("share of attention on the image")
+    ax.set_xticks(t)
+    ax.set_xticklabels([repr(s)[1:-1] for s in tokens], rotation=90, fontsize=7)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _legend_below(ax)
+    fig.subplots_adjust(bottom=0.35)
+    save_figure(fig, path)
+
+
+def plot_layers(path: str, means: torch.Tensor, sems: torch.Tensor, counts: torch.Tensor, title: str):
+    """means, sems [L, T]: per layer, mean visual share at answer position t and its standard error;
+    counts [T]: answers long enough to have position t. One panel per layer, with a 95 % band."""
+    plt = require_matplotlib()
+    L, T = means.shape
+    cols = 4 if L > 4 else L
+    rows = (L + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharex=True, sharey=True, squeeze=False)
+    t = torch.arange(T)
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= L:
+            ax.axis("off")
+            continue
+        m, s = means[i], sems[i]
+        ax.fill_between(t, (m - 1.96 * s).clamp_min(0), m + 1.96 * s, alpha=0.25, lw=0)
+        ax.plot(t, m, lw=1.5)
+        ax.set_title(f"layer {i}", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if i % cols == 0:
+            ax.set_ylabel("share on image")
+        if i // cols == rows - 1:
+            ax.set_xlabel("answer position t")
+    fig.suptitle(f"{title}\n(mean over {int(counts[0])} held-out descriptions; band: 95 % confidence; "
+                 f"positions reached by ≥ {int(counts[-1])} answers)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_kept_patches(path: str, base: Image.Image, panels: list[tuple[str, torch.Tensor]], grid: int,
+                      has_cls: bool, title: str):
+    """panels: (label, keep bool [N]) each -> the picture with evicted patches darkened, labelled."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, (label, keep) in zip(axes[0], panels):
+        ax.imshow(kept_overlay(base, keep, grid, has_cls), interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title + "\n(evicted patches darkened)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, prune, steps: int = 4):
+    """generate.py --plot: the run's visual attention and kept count per token, and kept patches."""
+    plt = require_matplotlib()
     cfg = processor.config
     rec = gen.record
     N = gen.state.span[1]
     share = [float(s) for s in rec.visual_share]
     kept = [int(k.sum()) for k in rec.keep]
-    chart = line_chart({f"attention to visual tokens (layer {gen.state.K - 1})": share},
-                       f"{prune.method}: visual attention and kept tokens per generated token",
-                       "generated token t", "share", ymax=max(share + [1e-6]) * 1.1,
-                       right={"kept visual tokens": kept}, right_label="kept", right_max=N)
     T = len(kept)
-    picks = sorted({0, T // 3, (2 * T) // 3, T - 1}) if T > 1 else [0]
+    picks = sorted({0, T // 3, (2 * T) // 3, T - 1})[:steps] if T > 1 else [0]
     base = image_from_pixels(pixel_values, processor.image.image_mean, processor.image.image_std)
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
     has_cls = cfg.vision_feature_select_strategy == "full"
-    scale = max(1, 200 // base.width)
-    tiles = [kept_overlay(base, rec.keep[t].cpu(), grid, has_cls, scale) for t in picks[:steps]]
-    tw = tiles[0].width
-    canvas = Image.new("RGB", (max(chart.width, (tw + 20) * len(tiles) + 20), chart.height + tiles[0].height + 50), "white")
-    canvas.paste(chart, (0, 0))
-    d = ImageDraw.Draw(canvas)
-    for j, (t, tile) in enumerate(zip(picks, tiles)):
-        x = 20 + j * (tw + 20)
-        d.text((x, chart.height + 8), f"step {t}: {kept[t]}/{N} kept", fill="black", font=font(12))
-        canvas.paste(tile, (x, chart.height + 28))
-    save_png(canvas, path)
+    words = [processor.decode([tid]) for tid in gen.tokens]
+
+    fig = plt.figure(figsize=(10, 6.4))
+    top = fig.add_axes([0.08, 0.52, 0.84, 0.36])
+    t = list(range(T))
+    a = top.plot(t, share, marker="o", ms=3, color="tab:blue", label=f"attention share on the image (layer {gen.state.K - 1})")
+    top.set_ylim(0, 1)
+    top.set_ylabel("share of attention")
+    top.set_xlabel("generated token t")
+    right = top.twinx()
+    b = right.step(t, kept, where="mid", color="tab:orange", label="visual tokens kept")
+    right.set_ylim(0, N * 1.05)
+    right.set_ylabel(f"kept (of {N})")
+    top.set_title(f"method {prune.method}, K = {gen.state.K}: attention to the image and kept tokens per token")
+    top.grid(alpha=0.3)
+    top.legend(handles=a + b, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    for j, step in enumerate(picks):
+        ax = fig.add_axes([0.08 + j * 0.22, 0.02, 0.19, 0.27])
+        ax.imshow(kept_overlay(base, rec.keep[step].cpu(), grid, has_cls), interpolation="nearest")
+        ax.set_title(f"step {step} ({words[step].strip() or repr(words[step])}): {kept[step]}/{N} kept", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    save_figure(fig, path)
+
+
+def plot_pareto(path: str, points: list[dict], title: str):
+    """points: {method, label, x (cost relative to none), y (accuracy), yerr (standard error)} each; one
+    marker style per method, error bars of ±1 SE, the x axis labelled by the caller's 'xlabel'."""
+    plt = require_matplotlib()
+    panels = sorted({p["panel"] for p in points}, key=lambda s: [q["panel"] for q in points].index(s))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    styles = {}
+    for ax, panel in zip(axes[0], panels):
+        for p in [q for q in points if q["panel"] == panel]:
+            st = styles.setdefault(p["method"], dict(marker="osD^vP*X"[len(styles) % 8], color=f"C{len(styles) % 10}"))
+            ax.errorbar(p["x"], p["y"], yerr=p.get("yerr", 0), fmt=st["marker"], color=st["color"], ms=6, capsize=2,
+                        label=p["method"])
+        ax.set_xlabel(panel)
+        ax.set_ylabel(points[0].get("ylabel", "accuracy"))
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        seen = {}
+        for h, lab in zip(handles, labels):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(4, len(seen)), frameon=False)
+    fig.suptitle(title + "\n(error bars: ±1 standard error)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,38 +1,48 @@
-"""DyRate's rate predictor: features of step t's visual-attention distribution -> a rate on a grid.
+"""DyRate's rate predictor: features of step t's visual-attention distribution -> how much of what is
+still kept to drop now.
 
 The paper (arXiv 2501.14204) says only that a lightweight predictor reads the attention distribution and
-picks the compression rate for each step. Everything in this file is dyrate_ref's reconstruction: the
-feature list, the model (a linear layer by default, optionally a small MLP), argmax decoding, and the
-file format. Training is in train_predictor.py.
+picks the compression rate for each step. Everything in this file is dyrate_ref's reconstruction:
+
+- Actions are relative to what is still kept (ACTIONS: drop 0 %, 25 %, 50 %, 75 % or 100 % of keep_{t-1}),
+  so one action means the same at 144 kept tokens as at 10. Step 0 (the prefill) is a decision like any
+  other: DyRate may cut at the prefill like FastV and then keep cutting as the answer proceeds.
+- The model is a linear layer (or a small MLP) from FEATURES to one logit per action, read as a
+  distribution over "the largest safe cut" (the training label, tools/train_predictor.py).
+- Decoding errs towards keeping: the chosen cut is the largest action a with P(label >= a) >= confidence.
+  confidence 0.5 is the median; closer to 1 keeps more. Over-pruning cannot be undone (kept sets only
+  shrink), under-pruning only costs a little compute, hence the asymmetry.
 
 File: safetensors with the layer weights and a metadata header:
-  format        "dyrate_ref-predictor-1"
+  format        "dyrate_ref-predictor-2"
   layer         K, the pruning layer whose input attention (layer K-1) the features read
-  rate_grid     JSON list of rates, one per output logit
+  actions       JSON list of the fractions of the still-kept tokens each output drops
   features      JSON list of feature names, in input order
   hidden        0 for linear, else the MLP's hidden width
+  confidence    the default decoding confidence
   model         fingerprint of the config.json it was trained on (the file is refused for other models)
-  trained_on    the weights directory's name; training settings (tau, seed, examples, epochs, lr)
+  trained_on    the weights directory's name; training settings (margin, rounds, seed, examples, ...)
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
 from .files import write_atomic
 
-FORMAT = "dyrate_ref-predictor-1"
-RATE_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
+FORMAT = "dyrate_ref-predictor-2"
 SHIPPED_NAME = "dyrate_predictor.safetensors"
+ACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fraction of the still-kept visual tokens dropped at this step
 FEATURES = (
     "visual_mass",  # share of the query's attention that goes to visual tokens at all
     "entropy",  # entropy of the visual distribution / log N: 1 = spread evenly, 0 = one token
@@ -40,10 +50,12 @@ FEATURES = (
     "q50", "q90", "q99", "qmax",  # log(1 + N * quantile of the normalised scores): 0.69 = uniform
     "kept_mass",  # share of visual attention that falls on tokens still kept
     "kept_fraction",  # |keep_{t-1}| / N
+    "is_prefill",  # 1 at step 0, whose query is the prompt's last token
+    "log_step",  # log(1 + t): the same in training, evaluation and the CLI, whatever max_new_tokens is
 )
 
 
-def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor) -> torch.Tensor:
+def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor, t: int) -> torch.Tensor:
     """scores [N] (layer K-1 attention of step t's query over all N visual tokens, head-averaged),
     prev_keep [M] -> features [F] fp32, in the order of FEATURES."""
     N = scores.numel()
@@ -56,8 +68,8 @@ def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor) -> torch.T
     q = [(N * sorted_p[min(N - 1, int((1 - f) * N))]).log1p() for f in (0.5, 0.9, 0.99)]
     qmax = (N * sorted_p[0]).log1p()
     kept_mass = p[prev_keep].sum()
-    kept_fraction = torch.tensor(prev_keep.numel() / N, device=scores.device)
-    return torch.stack([mass, entropy, *top, *q, qmax, kept_mass, kept_fraction]).float()  # [F]
+    step = torch.tensor([prev_keep.numel() / N, float(t == 0), math.log1p(t)], device=scores.device)
+    return torch.cat([torch.stack([mass, entropy, *top, *q, qmax, kept_mass]), step]).float()  # [F]
 
 
 def model_fingerprint(cfg) -> str:
@@ -67,33 +79,48 @@ def model_fingerprint(cfg) -> str:
 
 
 class RatePredictor(nn.Module):
-    def __init__(self, layer: int, rate_grid=None, hidden: int = 0, meta: dict | None = None):
+    def __init__(self, layer: int, actions=ACTIONS, hidden: int = 0, confidence: float = 0.5, meta: dict | None = None):
         super().__init__()
         self.layer = layer
-        self.rate_grid = tuple(rate_grid or RATE_GRID)
+        self.actions = tuple(actions)
         self.hidden = hidden
+        self.confidence = confidence
         self.meta = dict(meta or {})
         self.path = ""
-        F, R = len(FEATURES), len(self.rate_grid)
-        self.net = nn.Linear(F, R) if hidden == 0 else nn.Sequential(nn.Linear(F, hidden), nn.ReLU(), nn.Linear(hidden, R))
+        F, A = len(FEATURES), len(self.actions)
+        self.net = nn.Linear(F, A) if hidden == 0 else nn.Sequential(nn.Linear(F, hidden), nn.ReLU(), nn.Linear(hidden, A))
         # Features have different scales (masses in [0, 1], log-quantiles up to ~log N): standardised with
         # the training set's statistics, stored with the weights.
         self.register_buffer("mean", torch.zeros(F))
         self.register_buffer("std", torch.ones(F))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats [..., F] -> logits over the rate grid [..., R]."""
+        """feats [..., F] -> logits over the actions [..., A]."""
         return self.net((feats - self.mean) / self.std)
 
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [..., A] -> action index [...]: the largest a with P(label >= a) >= confidence."""
+        p = logits.float().softmax(-1)  # [..., A]
+        at_least = p.flip(-1).cumsum(-1).flip(-1)  # [..., A]: P(label >= a)
+        ok = at_least >= self.confidence - 1e-6  # action 0 always qualifies (P = 1)
+        return (ok * torch.arange(ok.shape[-1], device=ok.device)).amax(-1)
+
     @torch.no_grad()
-    def rate(self, feats: torch.Tensor) -> float:
-        """The rate for one step: argmax over the grid (a host sync: the keep size depends on it)."""
-        i = int(self.forward(feats.to(self.mean.device)).argmax())
-        return self.rate_grid[i]
+    def cut(self, feats: torch.Tensor) -> float:
+        """The fraction of the still-kept tokens to drop at this step (a host sync: the keep size
+        depends on it)."""
+        return self.actions[int(self.decide(self.forward(feats.to(self.mean.device))))]
+
+    def with_confidence(self, confidence: float) -> "RatePredictor":
+        """The same predictor (weights shared) decoding with another confidence."""
+        other = copy.copy(self)
+        other.confidence = confidence
+        return other
 
     def save(self, path: str, cfg, **settings):
-        meta = {"format": FORMAT, "layer": str(self.layer), "rate_grid": json.dumps(list(self.rate_grid)),
-                "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden), "model": model_fingerprint(cfg),
+        meta = {"format": FORMAT, "layer": str(self.layer), "actions": json.dumps(list(self.actions)),
+                "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden),
+                "confidence": str(self.confidence), "model": model_fingerprint(cfg),
                 **{k: str(v) for k, v in {**self.meta, **settings}.items()}}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -109,17 +136,17 @@ def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
     if not os.path.isfile(path):
         raise UserError(f"predictor file {path} does not exist")
     try:
-        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"predictor file {path} is not a readable safetensors file ({e}); retrain or re-copy it") from None
     if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a dyrate_ref predictor (format {meta.get('format')!r})")
+        raise UserError(f"{path} is not a dyrate_ref predictor of this version (format {meta.get('format')!r}); "
+                        "retrain it with python -m dyrate_ref.tools.train_predictor")
     try:
-        layer, hidden = int(meta["layer"]), int(meta["hidden"])
-        grid, names = json.loads(meta["rate_grid"]), json.loads(meta["features"])
+        layer, hidden, confidence = int(meta["layer"]), int(meta["hidden"]), float(meta["confidence"])
+        actions, names = json.loads(meta["actions"]), json.loads(meta["features"])
     except (KeyError, ValueError) as e:
         raise UserError(f"predictor {path} has a damaged header ({e}); retrain it") from None
     if tuple(names) != FEATURES:
@@ -127,10 +154,10 @@ def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
     L = cfg.text_config.num_hidden_layers
     if meta.get("model") != model_fingerprint(cfg):
         raise UserError(f"predictor {path} was trained for another model ({meta.get('trained_on', '?')}), not "
-                        f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.train_predictor")
+                        f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.tools.train_predictor")
     if not 1 <= layer <= L - 1:
         raise UserError(f"predictor {path} prunes from layer {layer}, outside 1..{L - 1} for this model")
-    pred = RatePredictor(layer, grid, hidden, {k: v for k, v in meta.items()})
+    pred = RatePredictor(layer, actions, hidden, confidence, {k: v for k, v in meta.items()})
     try:
         pred.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -12,8 +12,12 @@ Shared semantics (docs/pruning.md says the same):
 
 From the DyRate paper (arXiv 2501.14204, abstract and first page, all we have): the compression rate
 grows during generation and is chosen per step by a lightweight predictor that reads the attention
-distribution. Everything finer -- the features, the rate grid, the keep rule below, the training labels
+distribution. Everything finer -- the features, the actions, the keep rules below, the training labels
 -- is dyrate_ref's reconstruction.
+
+Two more rules exist only as baselines for the evaluation (not CLI methods): "mass" keeps the fewest
+tokens that hold a share p of the step's visual attention, and "random" keeps a random subset of a
+given size (matched to another method's counts: does attention-based choice matter at all?).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from .predictor import RatePredictor, predictor_features
 
 METHODS = ("none", "fastv", "vtw", "dyrate")
+BASELINES = ("mass", "random")  # evaluation baselines, chosen through PruneSettings only
 DEFAULT_LAYER = 2  # K = 2, FastV's recommended setting for LLaVA-1.5
 DEFAULT_RATIO = 0.5  # FastV's R = 50 %
 
@@ -85,16 +90,46 @@ def dyrate_keep(prev_keep: torch.Tensor, scores: torch.Tensor, rate: float) -> t
     return top_k_sorted(prev_keep, scores, k)
 
 
+def dyrate_cut(prev_keep: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """DyRate step with the predictor: drop `fraction` of the still-kept tokens (rounded half up), keeping
+    the highest-scoring rest of keep_{t-1}, so the kept sets are nested. (Our reconstruction.)"""
+    m = prev_keep.numel()
+    return top_k_sorted(prev_keep, scores, m - math.floor(fraction * m + 0.5))
+
+
+def mass_keep(prev_keep: torch.Tensor, scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Baseline: the fewest tokens of keep_{t-1} that hold `share` of the step's attention to all N visual
+    tokens; keep_{t-1} itself when even all of it holds less (what was evicted carried the rest)."""
+    total = scores.sum()
+    s = scores[prev_keep].sort(descending=True).values  # [M]
+    reach = (s.cumsum(0) >= share * total).nonzero()
+    if reach.numel() == 0:
+        return prev_keep
+    return top_k_sorted(prev_keep, scores, int(reach[0]) + 1)
+
+
+def random_keep(prev_keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Baseline: k of keep_{t-1} chosen at random (its own seeded generator), ascending."""
+    if k >= prev_keep.numel():
+        return prev_keep
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(prev_keep.numel(), generator=g)[:k].to(prev_keep.device)
+    return prev_keep[pick].sort().values
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     """What the user asked for. `rates` is DyRate's fixed schedule (the last value repeats); without it
-    DyRate asks `predictor`."""
+    DyRate asks `predictor`. `share` and `counts`/`seed` belong to the mass and random baselines."""
     method: str = "none"
     layer: int = DEFAULT_LAYER  # K
     ratio: float = DEFAULT_RATIO  # FastV's R
     score: str = "last"  # FastV's scoring queries: "last" or "mean"
     rates: tuple[float, ...] | None = None
     predictor: RatePredictor | None = None
+    share: float = 0.9  # mass: share of the visual attention to keep
+    counts: tuple[int, ...] | None = None  # random: kept count at each step (the last repeats)
+    seed: int = 0  # random
 
 
 def choose_keep(prune: PruneSettings, t: int, prev_keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -108,9 +143,15 @@ def choose_keep(prune: PruneSettings, t: int, prev_keep: torch.Tensor, scores: t
     if prune.method == "dyrate":
         if prune.rates is not None:
             rate = prune.rates[min(t, len(prune.rates) - 1)]
-        else:
-            rate = prune.predictor.rate(predictor_features(scores, prev_keep))
-        return dyrate_keep(prev_keep, scores, rate), rate
+            return dyrate_keep(prev_keep, scores, rate), rate
+        keep = dyrate_cut(prev_keep, scores, prune.predictor.cut(predictor_features(scores, prev_keep, t)))
+        return keep, 1 - keep.numel() / scores.numel()  # the rate: compression relative to N
+    if prune.method == "mass":
+        keep = mass_keep(prev_keep, scores, prune.share)
+        return keep, 1 - keep.numel() / scores.numel()
+    if prune.method == "random":
+        keep = random_keep(prev_keep, prune.counts[min(t, len(prune.counts) - 1)], prune.seed * 100_003 + t)
+        return keep, 1 - keep.numel() / scores.numel()
     raise ValueError(f"unknown method {prune.method!r}")
 
 

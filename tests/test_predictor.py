@@ -9,12 +9,12 @@ from PIL import Image
 from dyrate_ref.errors import UserError
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
-from dyrate_ref.predictor import FEATURES, RATE_GRID, load_predictor, predictor_features
+from dyrate_ref.predictor import ACTIONS, FEATURES, RatePredictor, load_predictor, predictor_features
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import PruneSettings
+from dyrate_ref.pruning import PruneSettings, dyrate_cut, mass_keep, random_keep
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.tools.data import Example
-from dyrate_ref.tools.train_predictor import fit, label_examples
+from dyrate_ref.tools.train_predictor import fit, label_example, train
 from helpers import hf_config, make_checkpoint, noise_image
 
 ANSWERS = ["The triangle is red and the circle is blue.", "There are three shapes: a square, a star and a circle.",
@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
 
 def test_features_by_hand():
     scores = torch.tensor([0.4, 0.1, 0.1, 0.0])  # 60% of the query's attention on visual tokens
-    f = dict(zip(FEATURES, predictor_features(scores, torch.tensor([0, 1])).tolist()))
+    f = dict(zip(FEATURES, predictor_features(scores, torch.tensor([0, 1]), 3).tolist()))
     assert f["visual_mass"] == pytest.approx(0.6)
     p = torch.tensor([4, 1, 1, 0]) / 6
     ent = -(p[:3] * p[:3].log()).sum() / math.log(4)
@@ -48,39 +48,99 @@ def test_features_by_hand():
     assert f["qmax"] == pytest.approx(math.log1p(4 * 4 / 6))
     assert f["kept_mass"] == pytest.approx(5 / 6)
     assert f["kept_fraction"] == pytest.approx(0.5)
+    assert f["is_prefill"] == 0.0 and f["log_step"] == pytest.approx(math.log(4))
+    assert dict(zip(FEATURES, predictor_features(scores, torch.arange(4), 0).tolist()))["is_prefill"] == 1.0
 
 
-def test_labels_respect_tau_and_training_loss_falls(setup):
+def test_cuts_are_nested_and_never_grow():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.rand(n, generator=g)
+        prev = torch.randperm(n, generator=g)[:int(torch.randint(0, n + 1, (1,), generator=g))].sort().values
+        sizes = []
+        for frac in ACTIONS:
+            keep = dyrate_cut(prev, scores, frac)
+            assert set(keep.tolist()) <= set(prev.tolist()) and keep.tolist() == sorted(keep.tolist())
+            if keep.numel():  # the survivors are the best-scoring of prev
+                assert scores[keep].min() >= scores[prev].topk(keep.numel()).values.min()
+            sizes.append(keep.numel())
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] == prev.numel() and sizes[-1] == 0
+
+
+def test_decoding_errs_towards_keeping():
+    pred = RatePredictor(2)
+    logits = torch.tensor([[0.1, 0.1, 0.1, 0.3, 0.4]]).log()  # P(label >= a) = 1, .9, .8, .7, .4
+    want = {0.5: 3, 0.7: 3, 0.75: 2, 0.85: 1, 0.95: 0, 0.3: 4}
+    for c, a in want.items():
+        assert int(pred.with_confidence(c).decide(logits)) == a, c
+
+
+class Scripted:
+    """Stands in for the predictor: the cuts to make at steps 0, 1, ... (then hold)."""
+
+    def __init__(self, actions):
+        self.actions = list(actions)
+        self.t = 0
+
+    def cut(self, feats):
+        a = self.actions[self.t] if self.t < len(self.actions) else 0
+        self.t += 1
+        return ACTIONS[a]
+
+
+def test_labels_equal_a_brute_force_search_with_free_decoding(setup):
+    """margin 0: the label of step t is the largest cut after which greedy decoding -- the cached,
+    evicting loop, not the masked forward the labeller uses -- still gives the unpruned answer."""
     d, model, proc, examples = setup
-    feats, labels, kept = label_examples(model, proc, examples, 2, 0.05, show_progress=False)
-    assert feats.shape == (labels.numel(), len(FEATURES))
-    pred, history = fit(feats, labels, 2, epochs=150, show_progress=False)
-    assert history[-1] < 0.7 * history[0]
+    checked = 0
+    for ex in examples[:3]:
+        ids, px = proc.input_ids(ex.prompt), proc.pixel_values(ex.image)
+        answer = generate(model, ids, px, 5, stop_ids=proc.stop_ids).tokens
+        _, labels, kept = label_example(model, ids, px, answer, 2, margin=0.0)
+        for t in range(len(answer)):
+            before = model.config.num_image_tokens if t == 0 else int(kept[t - 1])
+            ok = [0]  # holding is the label when no cut keeps the answer, or nothing is left to cut
+            for a in range(1, len(ACTIONS)):
+                g = generate(model, ids, px, len(answer), PruneSettings("dyrate", 2, predictor=Scripted(
+                    labels[:t].tolist() + [a])), stop_ids=proc.stop_ids)
+                if g.tokens == answer and int(g.record.keep[t].sum()) < before:
+                    ok.append(a)
+            assert int(labels[t]) == max(ok), (t, labels.tolist(), ok)
+            checked += 1
+    assert checked >= 6
 
 
-def test_smaller_tau_keeps_more_tokens(setup):
-    """Predictors trained with tau=0.002 vs tau=0.5 on the same data; run through generate on the same
-    prompts, the small-tau one must keep more visual tokens on average."""
+def test_training_loss_falls_and_a_stricter_margin_keeps_more(setup):
+    """Predictors trained with margin 0 vs 4 nats on the same prompts; run through generate, the strict
+    one keeps more visual tokens on average, and so does a more confident decoding of either."""
     d, model, proc, examples = setup
     mean_kept = {}
-    for tau in (0.002, 0.5):
-        f, y, kept = label_examples(model, proc, examples, 2, tau, show_progress=False)
-        pred, _ = fit(f, y, 2, epochs=200, show_progress=False)
-        runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.image), 12,
-                         PruneSettings("dyrate", 2, predictor=pred)) for ex in examples[:4]]
-        mean_kept[tau] = sum(float(torch.stack(r.record.keep).sum(1).float().mean()) for r in runs) / len(runs)
-        assert y.min() >= 0 and y.max() < len(RATE_GRID)  # labels are grid indices
-    assert mean_kept[0.002] > mean_kept[0.5]
+    for margin in (0.0, 4.0):
+        pred, f, y, log = train(model, proc, examples, 2, margin, rounds=2, epochs=200, max_new_tokens=6,
+                                show_progress=False)
+        assert f.shape == (y.numel(), len(FEATURES)) and y.min() >= 0 and y.max() < len(ACTIONS)
+        assert len(log) == 2
+        for c in (0.5, 0.9):
+            runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.image), 6,
+                             PruneSettings("dyrate", 2, predictor=pred.with_confidence(c))) for ex in examples]
+            mean_kept[margin, c] = sum(float(torch.stack(r.record.keep).sum(1).float().mean()) for r in runs) / len(runs)
+    _, history = fit(f, y, 2, epochs=150, show_progress=False)
+    assert history[-1] < 0.7 * history[0]
+    assert mean_kept[4.0, 0.5] > mean_kept[0.0, 0.5], mean_kept
+    assert mean_kept[0.0, 0.9] >= mean_kept[0.0, 0.5] and mean_kept[4.0, 0.9] >= mean_kept[4.0, 0.5], mean_kept
 
 
 def test_file_roundtrip_and_refusals(setup, tmp_path):
     d, model, proc, examples = setup
-    f, y, _ = label_examples(model, proc, examples[:2], 2, 0.05, show_progress=False)
-    pred, _ = fit(f, y, 2, hidden=8, epochs=20, show_progress=False)
+    f = torch.randn(20, len(FEATURES), generator=torch.Generator().manual_seed(0))
+    y = torch.arange(20) % len(ACTIONS)
+    pred, _ = fit(f, y, 2, hidden=8, epochs=20, confidence=0.8, show_progress=False)
     path = str(tmp_path / "p.safetensors")
-    pred.save(path, model.config, trained_on="tiny", tau=0.05)
+    pred.save(path, model.config, trained_on="tiny", margin=0.5)
     back = load_predictor(path, model.config)
-    assert back.layer == 2 and back.hidden == 8 and back.meta["tau"] == "0.05" and back.meta["trained_on"] == "tiny"
+    assert back.layer == 2 and back.hidden == 8 and back.meta["margin"] == "0.5" and back.meta["trained_on"] == "tiny"
+    assert back.confidence == 0.8 and back.actions == ACTIONS
     assert torch.equal(back(f), pred(f))
     # for another model
     other = tmp_path / "other"
@@ -94,6 +154,29 @@ def test_file_roundtrip_and_refusals(setup, tmp_path):
         load_predictor(str(bad), model.config)
     with pytest.raises(UserError, match="does not exist"):
         load_predictor(str(tmp_path / "nope.safetensors"), model.config)
+
+
+def test_mass_and_random_baselines_keep_what_they_promise():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        n = 30
+        scores = torch.rand(n, generator=g) ** 4
+        prev = torch.randperm(n, generator=g)[:20].sort().values
+        for share in (0.3, 0.6, 0.9):
+            keep = mass_keep(prev, scores, share)
+            ranked = scores[prev].sort(descending=True).values
+            k = next((i + 1 for i in range(prev.numel()) if ranked[:i + 1].sum() >= share * scores.sum()), None)
+            if k is None:
+                assert keep.tolist() == prev.tolist()
+            else:
+                assert keep.numel() == k and set(keep.tolist()) <= set(prev.tolist())
+                assert scores[keep].sum() >= share * scores.sum() - 1e-6
+        r = random_keep(prev, 7, seed=3)
+        assert r.numel() == 7 and set(r.tolist()) <= set(prev.tolist()) and r.tolist() == sorted(r.tolist())
+        assert torch.equal(r, random_keep(prev, 7, seed=3))
+        assert random_keep(prev, 25, seed=3).tolist() == prev.tolist()
+    picks = {tuple(random_keep(torch.arange(30), 5, seed=s).tolist()) for s in range(10)}
+    assert len(picks) > 5  # different seeds, different subsets
 
 
 def test_vtw_calibration_rule(setup):

@@ -33,11 +33,11 @@ def env(tmp_path_factory):
     data.write_text("\n".join(json.dumps({"image": "img.png", "prompt": "Describe it.", "answer": a})
                               for a in ["A red square.", "Two circles and a star.", "Yes."]))
     pred = str(root / "pred.safetensors")
-    r = py("-m", "dyrate_ref.tools.train_predictor", "--weights", w, "--data", str(data), "--out", pred, "--epochs", "30")
+    r = py("-m", "dyrate_ref.tools.train_predictor", "--weights", w, "--data", str(data), "--out", pred, "--epochs", "30", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     other_pred = str(root / "other.safetensors")
     r = py("-m", "dyrate_ref.tools.train_predictor", "--weights", other, "--data", str(data), "--out", other_pred,
-           "--epochs", "5")
+           "--epochs", "5", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     corrupt = root / "corrupt.safetensors"
     corrupt.write_bytes(b"garbage that is not safetensors")

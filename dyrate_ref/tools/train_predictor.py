@@ -1,23 +1,25 @@
-"""Train DyRate's rate predictor on a frozen VLM.
+"""Train DyRate's rate predictor on a frozen VLM, on its own greedy answers and its own trajectories.
 
-  python -m dyrate_ref.tools.train_predictor --weights DIR --data FILE.jsonl|scenes:N --out FILE [--tau 0.05]
+  python -m dyrate_ref.tools.train_predictor --weights DIR --data FILE.jsonl|scenes:N --out FILE
+      [--margin 1.0] [--rounds 2] [--confidence 0.7] [--heldout scenes:M]
 
-Labels (dyrate_ref's reconstruction; the paper does not give its recipe): on (image, prompt, answer)
-examples under teacher forcing, at each step t the label is the largest grid rate r whose pruned
-next-token distributions stay close to the unpruned model's, at step t and at every later step of the
-answer while that keep set is held:
+Labels (dyrate_ref's reconstruction; the paper does not give its recipe), in one sentence:
 
-    max_{s >= t} KL(P_full,s || P_pruned,s(keep_{t-1}, r)) <= tau
+    the label of step t is the largest cut -- drop 0, 25, 50, 75 or 100 % of the visual tokens still
+    kept -- after which, holding that kept set to the end, every token of the model's own unpruned
+    greedy answer is still the top choice, by at least min(margin, its unpruned lead) nats.
 
-where the pruned set keeps the highest-scoring ceil((1-r)N) tokens of the kept set so far (DyRate's
-keep rule) and P_full is the model without any pruning. When no rate that prunes further stays within
-tau, the label is "hold": the largest rate that leaves keep_{t-1} as it is. The labelled trajectory then
-continues with the chosen keep set, exactly as inference would. (A first version judged step t alone;
-on descriptions it labelled "prune everything" at the first word, which needs no image, and every
-later content word then lost it: kept sets only shrink, so the label has to look ahead.) The predictor is trained by
-cross-entropy on these labels; the VLM is never updated.
+So a labelled cut never changes the answer (with margin 0 it keeps exactly the greedy answer; a larger
+margin asks for head room and keeps more). Checking a cut needs the pruned logits of every remaining
+step, which one masked no-cache forward gives (generation.recompute_logits); cuts are tried from the
+largest down and the first that passes is the label ("hold" if none does). Layers < K are never pruned,
+so the scores, and hence the features, of every step come from one unpruned forward.
 
-tau is the one knob: smaller tau -> lower rates -> more visual tokens kept, closer to the unpruned answer.
+Rounds: round 0 labels the states the labels themselves lead to (the oracle's trajectory); each later
+round rolls the current predictor out on the same examples, labels the states *it* reaches (where its
+own mistakes put it), adds them, and refits (DAgger). The predictor is fit by cross-entropy; decoding
+errs towards keeping through its confidence (predictor.py). Label accuracy is reported on held-out
+examples, and `--heldout` also reports the oracle-label policy's kept fraction.
 """
 
 from __future__ import annotations
@@ -28,82 +30,105 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentParser, UserError, command_main
-from ..generation import forward_no_cache, recompute_logits
+from ..generation import forward_no_cache, generate, recompute_logits
 from ..loading import load_model
 from ..model import LlavaForConditionalGeneration
-from ..predictor import RATE_GRID, RatePredictor, predictor_features
+from ..predictor import ACTIONS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import dyrate_keep, kl, visual_scores, visual_span
+from ..pruning import dyrate_cut, visual_scores, visual_span
 from .data import read_examples
 
 
-@torch.no_grad()
-def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answer: list[int], K: int, tau: float,
-                  grid=RATE_GRID):
-    """-> (features [T, F], label indices into grid [T], kept counts [T]) for one teacher-forced answer.
+def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, margin: float) -> bool:
+    """Is every answer token still the top choice of logits [T', V], by at least min(margin, lead)?
+    lead [T']: the unpruned model's lead of the answer token over the runner-up."""
+    idx = torch.tensor(answer, device=logits.device)
+    chosen = logits.gather(1, idx[:, None])[:, 0]  # [T']
+    other = logits.scatter(1, idx[:, None], float("-inf")).amax(1)  # [T']
+    need = torch.clamp(lead, max=margin).clamp_min(0.0)
+    return bool((chosen - other > need - 1e-6).all() & (logits.argmax(1) == idx).all())
 
-    The label of step t is the largest rate whose keep set, held from step t to the end of the answer,
-    keeps every one of those steps within KL <= tau of the unpruned model. Looking ahead matters: the
-    kept sets only shrink, so a rate judged on step t alone would drop, at a token that needs no image
-    ("There"), the tokens a later word ("four") needs. The pruned logits of all remaining steps come
-    from one masked no-cache forward (generation.recompute_logits), and the largest feasible rate is
-    found by bisection over the grid (assuming more pruning never lowers the KL, which holds closely).
-    """
-    T, P = len(answer), input_ids.numel()
+
+@torch.no_grad()
+def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answer: list[int], K: int,
+                  margin: float, policy: RatePredictor | None = None):
+    """-> (features [T, F], labels [T] (indices into ACTIONS), kept counts [T] on the followed path).
+
+    The path follows the labels (policy None: the oracle) or the policy's own decisions, which is how
+    later rounds see the states the predictor itself reaches."""
+    T, N = len(answer), model.config.num_image_tokens
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     span = visual_span(input_ids, model.config.image_token_index)
-    N = span[1]
-    # Layers < K are never pruned, so one unpruned pass gives every step's layer K-1 scores and the
-    # unpruned logits.
     full, probs = forward_no_cache(model, input_ids, pixels, answer, probs_of=(K - 1,))  # [T, V]
-    probs = probs[K - 1]  # [1, H, P+T-1, P+T-1]
+    probs, P = probs[K - 1], input_ids.numel()
+    top2 = full.topk(2, dim=1).values  # [T, 2]
+    lead = top2[:, 0] - top2[:, 1]  # [T]
 
-    def worst_kl(t, keep_rows, cand):
-        mask = torch.zeros(N, dtype=torch.bool, device=device)
-        mask[cand] = True
-        rows = torch.stack(keep_rows + [mask] * (T - t))  # [T, N]
-        pruned = recompute_logits(model, input_ids, pixels, answer, rows, K)  # [T, V]
-        return float(kl(full[t:], pruned[t:]).max())
-
-    feats, labels, kept, keep_rows = [], [], [], []
+    feats, labels, kept, rows = [], [], [], []
     prev = torch.arange(N, device=device)
-    for t in range(T):
-        scores = visual_scores(probs[:, :, : P + t], span, "last")  # query row P-1+t: [N]
-        feats.append(predictor_features(scores, prev))
-        by_rate = sorted(range(len(grid)), key=lambda i: -grid[i])  # most pruning first
-        cands = [dyrate_keep(prev, scores, grid[i]) for i in by_rate]
-        hold = next(j for j, c in enumerate(cands) if c.numel() == prev.numel())  # prunes nothing more
-        lo, hi = 0, hold  # bisection for the first (most pruning) feasible candidate in [lo, hold]
-        if worst_kl(t, keep_rows, cands[hold]) > tau:
-            lo = hold
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if worst_kl(t, keep_rows, cands[mid]) <= tau:
-                hi = mid
-            else:
-                lo = mid + 1
-        choice = lo
-        prev = cands[choice]
+
+    def as_row(keep):
         mask = torch.zeros(N, dtype=torch.bool, device=device)
-        mask[prev] = True
-        keep_rows.append(mask)
-        labels.append(by_rate[choice])
+        mask[keep] = True
+        return mask
+
+    for t in range(T):
+        scores = visual_scores(probs[:, :, :P + t], span, "last")  # query row P-1+t: [N]
+        f = predictor_features(scores, prev, t)
+        label = 0
+        for a in range(len(ACTIONS) - 1, 0, -1):  # largest cut first
+            cand = dyrate_cut(prev, scores, ACTIONS[a])
+            if cand.numel() == prev.numel():
+                continue  # cuts nothing more than holding
+            pruned = recompute_logits(model, input_ids, pixels, answer, torch.stack(rows + [as_row(cand)] * (T - t)), K)
+            if answer_kept(pruned[t:], answer[t:], lead[t:], margin):
+                label = a
+                break
+        choice = label if policy is None else int(policy.decide(policy(f)))
+        prev = dyrate_cut(prev, scores, ACTIONS[choice])
+        rows.append(as_row(prev))
+        feats.append(f)
+        labels.append(label)
         kept.append(prev.numel())
     return torch.stack(feats), torch.tensor(labels), torch.tensor(kept)
 
 
-def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, grid=RATE_GRID, hidden: int = 0, epochs: int = 300,
-        lr: float = 0.05, seed: int = 0, show_progress: bool = True):
+def greedy_answers(model, processor: Processor, examples, max_new_tokens: int):
+    """The model's own unpruned greedy answer to each example: [(input_ids, pixels, tokens)]."""
+    out = []
+    for ex in examples:
+        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.image)
+        out.append((ids, px, generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids).tokens))
+    return out
+
+
+def label_all(model, answered, K: int, margin: float, policy=None, show_progress: bool = True, what: str = ""):
+    bar = Progress(len(answered), f"labelling steps{what}", " examples") if show_progress else None
+    feats, labels, kept = [], [], []
+    for ids, px, tokens in answered:
+        f, y, k = label_example(model, ids, px, tokens, K, margin, policy)
+        feats.append(f)
+        labels.append(y)
+        kept.append(k)
+        if bar:
+            bar.update(1, f"mean label cut {torch.tensor([ACTIONS[i] for i in torch.cat(labels)]).mean():.2f}")
+    if bar:
+        bar.close()
+    return torch.cat(feats), torch.cat(labels), torch.cat(kept)
+
+
+def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, hidden: int = 0, epochs: int = 300, lr: float = 0.05,
+        seed: int = 0, confidence: float = 0.5, show_progress: bool = True):
     """Cross-entropy on the labels, full batch, Adam. -> (RatePredictor, loss per epoch)."""
     torch.manual_seed(seed)
-    pred = RatePredictor(K, grid, hidden)
+    pred = RatePredictor(K, ACTIONS, hidden, confidence)
     pred.mean.copy_(feats.mean(0))
     pred.std.copy_(feats.std(0).clamp_min(1e-3) if feats.shape[0] > 1 else torch.ones(feats.shape[1]))
     opt = torch.optim.Adam(pred.net.parameters(), lr=lr)
     history = []
-    bar = Progress(epochs, "training predictor", " epochs") if show_progress else None
+    bar = Progress(epochs, "fitting predictor", " epochs") if show_progress else None
     for _ in range(epochs):
         loss = F.cross_entropy(pred(feats), labels)
         opt.zero_grad()
@@ -117,62 +142,93 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, grid=RATE_GRID, hidde
     return pred.eval(), history
 
 
-def label_examples(model, processor: Processor, examples, K: int, tau: float, grid=RATE_GRID,
-                   max_new_tokens: int = 64, show_progress: bool = True):
-    bar = Progress(len(examples), "labelling steps", " examples") if show_progress else None
-    feats, labels, kept = [], [], []
-    for ex in examples:
-        ids = processor.input_ids(ex.prompt)
-        px = processor.pixel_values(ex.image)
-        answer = processor.answer_ids(ex.answer)[:max_new_tokens]
-        f, y, k = label_example(model, ids, px, answer, K, tau, grid)
-        feats.append(f)
-        labels.append(y)
-        kept.append(k)
-        if bar:
-            bar.update(1, f"mean label rate {torch.tensor([grid[i] for i in torch.cat(labels)]).mean():.2f}")
-    if bar:
-        bar.close()
-    return torch.cat(feats), torch.cat(labels), torch.cat(kept)
+def train(model, processor, examples, K: int, margin: float, rounds: int = 2, hidden: int = 0, epochs: int = 300,
+          lr: float = 0.05, seed: int = 0, confidence: float = 0.5, max_new_tokens: int = 64, show_progress=True):
+    """Round 0 on the oracle's trajectories, then `rounds - 1` rounds on the predictor's own.
+    -> (predictor, features, labels, per-round log lines)."""
+    answered = greedy_answers(model, processor, examples, max_new_tokens)
+    feats, labels, _ = label_all(model, answered, K, margin, None, show_progress, " (round 0, oracle path)")
+    pred, history = fit(feats, labels, K, hidden, epochs, lr, seed, confidence, show_progress)
+    log = [f"round 0: {labels.numel()} steps, loss {history[0]:.3f} -> {history[-1]:.3f}"]
+    for r in range(1, rounds):
+        f, y, k = label_all(model, answered, K, margin, pred, show_progress, f" (round {r}, predictor's path)")
+        feats, labels = torch.cat([feats, f]), torch.cat([labels, y])
+        pred, history = fit(feats, labels, K, hidden, epochs, lr, seed, confidence, show_progress)
+        log.append(f"round {r}: +{y.numel()} steps on the predictor's own path (mean kept {k.float().mean():.1f}), "
+                   f"loss {history[0]:.3f} -> {history[-1]:.3f}")
+    return pred, feats, labels, log
+
+
+def label_accuracy(pred: RatePredictor, feats: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Exact label accuracy (argmax), and how often the decoded cut is larger than the label (an
+    over-prune, the costly error) or smaller (an under-prune, a little wasted compute)."""
+    with torch.no_grad():
+        logits = pred(feats)
+        decided = pred.decide(logits)
+    return {"argmax_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+            "decided_equal": float((decided == labels).float().mean()),
+            "over_prune": float((decided > labels).float().mean()),
+            "under_prune": float((decided < labels).float().mean())}
 
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.train_predictor", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
-    p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N")
+    p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N (only the images and "
+                                                 "prompts are used: labels come from the model's own answers)")
     p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
-    p.add_argument("--tau", type=float, default=0.05, help="KL budget per step in nats (default 0.05)")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="nats of lead every answer token must keep (capped at its unpruned lead; default 1.0)")
+    p.add_argument("--rounds", type=int, default=2, help="1 = oracle trajectories only; each more round adds the "
+                                                         "predictor's own (default 2)")
+    p.add_argument("--confidence", type=float, default=0.7, help="decoding confidence stored as the default (0.5..1)")
     p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
     p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
     p.add_argument("--epochs", type=int, default=300, help="full-batch Adam epochs (default 300)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the fit (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens labelled per example (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
+    p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
     args = p.parse_args(argv)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"--out {args.out}: folder {out_dir} does not exist")
-    if args.tau < 0:
-        raise UserError("--tau must be >= 0")
+    if args.margin < 0:
+        raise UserError("--margin must be >= 0")
+    if args.rounds < 1:
+        raise UserError("--rounds must be at least 1")
+    if not 0.0 < args.confidence <= 1.0:
+        raise UserError("--confidence must lie in (0, 1]")
     model = load_model(args.weights)
     L = model.config.text_config.num_hidden_layers
     if not 1 <= args.layer <= L - 1:
         raise UserError(f"--layer {args.layer} is outside 1..{L - 1}")
     proc = Processor(args.weights, model.config)
     examples = read_examples(args.data, args.seed)
-    torch.manual_seed(args.seed)
-    feats, labels, kept = label_examples(model, proc, examples, args.layer, args.tau,
-                                         max_new_tokens=args.max_new_tokens)
-    pred, history = fit(feats, labels, args.layer, hidden=args.hidden, epochs=args.epochs, lr=args.lr, seed=args.seed)
-    acc = float((pred(feats).argmax(-1) == labels).float().mean())
-    pred.save(args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), tau=args.tau,
-              seed=args.seed, examples=len(examples), steps=len(labels), epochs=args.epochs, lr=args.lr,
-              data=args.data)
-    mean_rate = torch.tensor([RATE_GRID[i] for i in labels]).mean()
-    N = model.config.num_image_tokens
-    print(f"{len(labels)} steps from {len(examples)} examples; mean label rate {mean_rate:.3f}, mean kept "
-          f"{kept.float().mean():.1f}/{N}; loss {history[0]:.3f} -> {history[-1]:.3f}; train accuracy {acc:.3f}; "
-          f"wrote {args.out}")
+    heldout = read_examples(args.heldout, args.seed + 1) if args.heldout else []
+    pred, feats, labels, log = train(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
+                                     args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)
+    for line in log:
+        print(line)
+    acc = label_accuracy(pred, feats, labels)
+    print("training label accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    settings = dict(margin=args.margin, rounds=args.rounds, seed=args.seed, examples=len(examples), steps=len(labels),
+                    epochs=args.epochs, lr=args.lr, data=args.data)
+    if heldout:
+        answered = greedy_answers(model, proc, heldout, args.max_new_tokens)
+        f, y, k_oracle = label_all(model, answered, args.layer, args.margin, None, True, " (held out)")
+        h = label_accuracy(pred, f, y)
+        print(f"held-out label accuracy ({len(heldout)} examples, {y.numel()} steps on the oracle path): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in h.items()))
+        N = model.config.num_image_tokens
+        print(f"oracle-label policy (upper bound) keeps {k_oracle.float().mean():.1f}/{N} visual tokens per step "
+              f"on the held-out examples, every greedy answer unchanged")
+        settings.update(heldout=args.heldout, heldout_accuracy=round(h["argmax_accuracy"], 4),
+                        heldout_over_prune=round(h["over_prune"], 4))
+    pred.save(args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), **settings)
+    mean_cut = torch.tensor([ACTIONS[i] for i in labels]).mean()
+    print(f"{len(labels)} steps from {len(examples)} examples; mean label cut {mean_cut:.3f}; "
+          f"{len(FEATURES)} features; wrote {args.out}")
     return 0
 
 
