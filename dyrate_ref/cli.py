@@ -39,6 +39,9 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (with --temperature > 0)")
     p.add_argument("--trace", metavar="FILE", help="write a safetensors trace of the run (see README)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core; on a busy machine 1 is "
+                        "faster, README 'Using it')")
     g = p.add_argument_group("visual-token pruning")
     g.add_argument("--method", default="none", help="none (default), fastv, vtw or dyrate")
     g.add_argument("--layer", type=int, default=None,
@@ -134,6 +137,10 @@ def run(argv=None, prog: str = "generate.py") -> int:
         raise UserError("--prompt is empty; ask a question about the image, e.g. --prompt \"Describe the image.\"")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.temperature < 0:
         raise UserError(f"--temperature {args.temperature} must be >= 0")
     if args.temperature == 0 and (args.top_p is not None or args.seed is not None):

@@ -118,10 +118,10 @@ class RatePredictor(nn.Module):
         return other
 
     def save(self, path: str, cfg, **settings):
-        meta = {"format": FORMAT, "layer": str(self.layer), "actions": json.dumps(list(self.actions)),
-                "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden),
-                "confidence": str(self.confidence), "model": model_fingerprint(cfg),
-                **{k: str(v) for k, v in {**self.meta, **settings}.items()}}
+        meta = {**{k: str(v) for k, v in {**self.meta, **settings}.items()},  # what it was trained with ...
+                "format": FORMAT, "layer": str(self.layer), "actions": json.dumps(list(self.actions)),  # ... and
+                "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden),  # what it is now, which wins
+                "confidence": str(self.confidence), "model": model_fingerprint(cfg)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

@@ -166,6 +166,8 @@ ARGS = {
     "unknown-flag": (["--frobnicate"], "unrecognized"),
     "not-a-number": (["--max-new-tokens", "many"], "invalid int"),
     "empty-prompt": (["--prompt", "  "], "empty"),
+    "threads-0": (["--threads", "0"], "--threads"),
+    "plot-not-png": (["--plot", "/tmp/x.jpg"], ".png"),
     "top-p-without-temperature": (["--top-p", "0.5"], "no effect"),
     "seed-without-temperature": (["--seed", "3"], "no effect"),
     "top-p-out-of-range": (["--top-p", "1.5", "--temperature", "1"], "top-p"),

@@ -138,3 +138,35 @@ def test_trace_compare_exit_codes(files):
         assert r.returncode == 2, (bad, r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(files, tmp_path):
+    root, w, img = files
+    blocker = tmp_path / "block"
+    (blocker / "matplotlib").mkdir(parents=True)
+    (blocker / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    out = tmp_path / "p.png"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), "--image", img, "--prompt", "hi", "--weights",
+                        w, "--plot", str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stdout == "" and not out.exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install -e ".[plots]"' in lines[0], r.stderr
+
+
+def test_plot_draws_a_labelled_figure(files):
+    root, w, img = files
+    out = root / "run.png"
+    summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "4", "--method", "dyrate",
+                "--rates", "0.3,0.6", "--plot", str(out)))
+    with Image.open(out) as im:
+        assert im.size[0] > 600 and im.size[1] > 400
+
+
+def test_progress_counts_whole_units(capsys):
+    from dyrate_ref.progress import Progress
+    bar = Progress(18, "evaluating", " prompts", after_s=0.0)
+    bar.update(2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "2/18 prompts" in err and "2.0" not in err

@@ -74,15 +74,38 @@ def test_eval_scenes_are_not_training_scenes():
     assert not {repr(i.scene) for i in eval_set(30)} & train
 
 
-def test_a_few_training_steps_make_the_loss_fall(tmp_path):
-    from dyrate_ref.demo.train import train
-    tiny = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, projection_dim=32),
-            "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
-    _, history, _ = train(str(tmp_path), steps=30, batch=4, lr=3e-3, seed=0, minutes=None, overrides=tiny,
-                          show_progress=False, vision_steps=5)
-    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, projection_dim=32),
+        "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
+
+
+def test_a_few_training_steps_make_the_loss_fall_and_training_continues_from_saved_weights(tmp_path):
+    from dyrate_ref.demo.train import heldout_conversations, heldout_exact, probe_tower, train
     from dyrate_ref.loading import load_model
-    load_model(str(tmp_path))  # what it wrote is a loadable llava-hf directory
+    from dyrate_ref.processing import Processor
+    first, later = str(tmp_path / "first"), str(tmp_path / "later")
+    log = (tmp_path / "log.txt").open("w")
+    model, history, _ = train(first, steps=30, batch=4, lr=3e-3, seed=0, minutes=None, overrides=TINY,
+                              show_progress=False, vision_steps=5, eval_every=15, eval_scenes=2, probe=True, log=log)
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+    loaded = load_model(first)  # what it wrote is a loadable llava-hf directory, equal to the trained model
+    for (name, a), b in zip(loaded.named_parameters(), model.parameters()):
+        assert torch.equal(a, b.detach()), name
+    log.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert "probe held-out occupied-cell accuracy: kind" in text and text.count("heldout ") == 2
+    # --init: stage 1 is skipped, the weights continue from the first run's (its loss starts where that ended)
+    log = (tmp_path / "log2.txt").open("w")
+    _, history2, _ = train(later, steps=5, batch=4, lr=1e-3, seed=0, minutes=None, show_progress=False,
+                           init=first, log=log)
+    log.close()
+    assert "init from" in (tmp_path / "log2.txt").read_text()
+    assert history2[0] < history[0] * 0.8
+    # the probe and the held-out exact match run on a small scene set and give fractions
+    acc = probe_tower(loaded, train_scenes=40, test_scenes=20, steps=5)
+    assert set(acc) == {"kind", "color"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    proc = Processor(first, loaded.config)
+    exact = heldout_exact(loaded, heldout_conversations(proc, 2), proc)
+    assert set(exact) >= {"count", "describe"} and all(0.0 <= v <= 1.0 for v in exact.values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,34 +153,99 @@ def test_shipped_model_equals_hf():
         assert (got - want).abs().max().item() <= 1e-4
 
 
+README_EXAMPLE = "scene1.png"  # the picture of the README's first command
+
+
+def readme_command(image: str, prompt: str) -> list[str]:
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        head = f.read()[:3000]
+    assert f"--image weights/dyrate-shapes/examples/{image} --prompt \"{prompt}\"" in head
+    return [sys.executable, os.path.join(REPO, "generate.py"), "--image",
+            os.path.join(DEFAULT_WEIGHTS, "examples", image), "--prompt", prompt]
+
+
 @shipped
-def test_out_of_the_box_answer_is_correct():
-    """The README's first command on the first shipped example, checked against the scene's ground truth:
-    the right number of shapes, and most (colour, place) pairs right. Shape kinds are the demo model's
-    weak point (README, "The embedded model"), so the full triples are reported, not required."""
+def test_readme_first_example_answer_is_right():
+    """The README's first command, as written there, answers with the scene's exact ground truth."""
     with open(os.path.join(DEFAULT_WEIGHTS, "examples", "examples.json")) as f:
-        ex = json.load(f)[0]
-    img = os.path.join(DEFAULT_WEIGHTS, "examples", ex["file"])
-    r = subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), "--image", img, "--prompt",
-                        "Describe the image."], capture_output=True, text=True, timeout=120)
+        ex = next(e for e in json.load(f) if e["file"] == README_EXAMPLE)
+    r = subprocess.run(readme_command(README_EXAMPLE, "Describe the image."), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    n = len(ex["shapes"])
-    assert f"There are {NUMBERS[n]} shapes" in r.stdout or (n == 1 and "There is one shape" in r.stdout), r.stdout
-    said = [(c, p) for c, _, p in parse_description(r.stdout)]
-    truth = [(c, p) for c, _, p in ex["shapes"]]
-    right = sum(1 for pair in said if pair in truth)
-    assert len(said) == n and right >= (n + 1) // 2, (r.stdout, ex["description"])
+    assert r.stdout.strip() == ex["description"], (r.stdout, ex["description"])
 
 
 @shipped
-def test_evaluate_quick_has_every_row_and_beats_chance(tmp_path):
+def test_examples_carry_the_prompts_the_docs_use():
+    with open(os.path.join(DEFAULT_WEIGHTS, "examples", "examples.json")) as f:
+        examples = json.load(f)
+    for ex in examples:
+        kinds = {p["kind"] for p in ex["prompts"]}
+        assert {"describe", "count", "exist"} <= kinds and all(p["prompt"] and p["answer"] for p in ex["prompts"])
+        assert os.path.isfile(os.path.join(DEFAULT_WEIGHTS, "examples", ex["file"]))
+
+
+# The demo model's targets (the demo-model issue). The shipped model misses them: the test says so by
+# being an expected failure with the measured figures, visible in every test run ("xfailed"); strict, so
+# a model that meets them makes this test fail until the marker is removed.
+TARGET_QA, TARGET_F1 = 0.95, 0.90
+
+
+@shipped
+@pytest.mark.xfail(strict=True, reason="known shortfall: the shipped demo model misses the >= 95 % per-kind and "
+                                       "F1 >= 0.90 targets (README, 'The embedded model', has the measured table)")
+def test_shipped_model_meets_the_demo_targets():
+    from dyrate_ref.generation import generate
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    model = load_model(DEFAULT_WEIGHTS)
+    proc = Processor(DEFAULT_WEIGHTS, model.config)
+    scores = {}
+    for item in eval_set(25):
+        ids, px = proc.input_ids(item.question), proc.pixel_values(item.scene.draw())
+        text = proc.decode(generate(model, ids, px, 80, stop_ids=proc.stop_ids).tokens)
+        ok = object_f1(text, item.scene) if item.kind == "describe" else float(text.strip() == item.answer)
+        scores.setdefault(item.kind, []).append(ok)
+    means = {k: sum(v) / len(v) for k, v in scores.items()}
+    assert all(means[k] >= TARGET_QA for k in ("color", "count", "exist", "position")), means
+    assert means["describe"] >= TARGET_F1, means
+
+
+@shipped
+def test_evaluate_quick_has_every_row(tmp_path):
+    """The evaluation runs end to end on a few scenes with every standard row, the control included.
+    (Accuracy is not asserted here: 4 scenes say little; the targets are the test above.)"""
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--json", str(out), "--plot",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    for name in ("| none |", "FastV K=2 R=0.5 |", "FastV K=2 R=0.75 |", "| VTW K=", "| DyRate K=", "rising"):
+    for name in ("| none |", "| none, image blanked (control) |", "| FastV K=2 R=0.5 |", "| VTW K=", "| DyRate K=",
+                 "| random keep, counts of DyRate", "rising", "| attention mass"):
         assert name in r.stdout, name
     figures = json.loads(out.read_text())
     none = figures["rows"][0]
-    # chance: colour 1/6, count 1/5, yes/no 1/2, position 1/9 -> about 0.25 overall; random triples F1 ~0.01
-    assert none["method"] == "none" and none["qa"] >= 0.45 and none["f1"] >= 0.1
+    assert none["method"] == "none" and none["qa_delta"] == 0.0 and none["lm_flops"] == 1.0
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "attention_over_generation.png").exists()
+
+
+def test_evaluate_refuses_a_non_positive_scene_count():
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--scenes", "0"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and "positive" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_workers_give_the_same_figures(tmp_path):
+    """--workers 2 shares the items between two forked processes; the table must not change (the random
+    baseline is seeded by the scene, not by its place in a worker's share)."""
+    from helpers import hf_config, make_checkpoint
+    w = tmp_path / "w"
+    make_checkpoint(str(w), hf_config(text=dict(num_hidden_layers=4)))
+    figures = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"eval{workers}.json"
+        r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--weights", str(w), "--quick",
+                            "--max-new-tokens", "5", "--workers", workers, "--extra", "mass:2:0.5", "--json", str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        figures.append(json.loads(out.read_text())["rows"])
+    for a, b in zip(*figures):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}

@@ -11,18 +11,28 @@ Recipe, and why (a naive single-stage run of this size reached only chance-level
 after 16 minutes: the decoder cannot learn to read a vision tower that has not yet learned to see):
 - LLaVA-1.5 architecture at toy size: CLIP ViT 96 px / 8 px patches -> 144 visual tokens, the last
   encoder layer's features ("vision_feature_layer": -1, so no layer is computed for nothing), a 2-layer
-  GELU projector, a 6-layer Llama decoder with grouped-query attention. Six layers, not four, so that
-  pruning from K=2 can remove up to 4/6 of the visual tokens' decoder cost.
+  GELU projector, an 8-layer Llama decoder with grouped-query attention: pruning from K=2 then acts on
+  3/4 of the decoder, as K=2 does on LLaVA-1.5-7B's 32 layers.
+- A byte-level BPE of 512 entries trained on the scene texts, so every prompt and answer word is one
+  token.
 - Stage 1 (like LLaVA's pretrained CLIP tower, here made in minutes): the vision tower alone learns to
   name, at every patch, the kind and colour of the object covering it and the 3x3 cell the patch is
-  in, through a linear head that is then thrown away.
-- Stage 2: everything trains on multi-turn conversations, LLaVA's own format: each picture carries 1-5
-  of its questions and often its description, so its 144 visual tokens are paid for once per several
-  answers. The loss is on answer tokens only. The tower learns at half the rate.
+  in, through a linear head that is then thrown away. Then probe_tower fits a fresh linear probe on the
+  frozen tower and logs its held-out accuracy: it tells a tower that cannot see from a decoder that
+  cannot read.
+- Stage 2: the projector and decoder train on multi-turn conversations, LLaVA's own format: each
+  picture carries every question it allows and, 70 % of the time, its description, so its 144 visual
+  tokens are paid for once per several answers. The loss is on answer tokens only. The tower stays
+  frozen, as LLaVA-1.5 keeps CLIP frozen (v1 of this model trained it on at half rate and lost shape
+  kinds; freezing also skips the tower's backward). Per-kind held-out exact match (heldout_exact: what
+  greedy decoding would answer) is logged every --eval-every steps.
 - A curriculum on scene size (at most 2 shapes, then 3, then 5 from 30 % of stage 2 on) and a
   warm-up + cosine learning rate.
-- Matmuls in bfloat16 autocast (fp32 master weights); the shipped weights are fp32.
+- float32 by default; --bf16 autocasts matmuls to bfloat16 (fp32 master weights), which pays only on
+  CPUs with AMX or AVX512-BF16 and on GPUs. The shipped weights are fp32.
 - The run is fixed by --vision-steps / --steps (deterministic for a seed); --minutes only stops early.
+  --init DIR continues from a directory this script wrote (stage 1 skipped, 5-shape scenes throughout,
+  a fresh warm-up and cosine), appending to its train_log.txt when DIR is --out.
 """
 
 from __future__ import annotations
@@ -354,7 +364,8 @@ def build(out_dir: str, seed: int, overrides: dict | None = None):
 
 def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):
     """A few pictures to try, from a seed stream used neither by training nor by the evaluation, with
-    their ground truth in examples/examples.json."""
+    their ground truth and the prompts the README and the tutorial use (each with its right answer) in
+    examples/examples.json."""
     folder = os.path.join(out_dir, "examples")
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
@@ -363,7 +374,10 @@ def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):
         scene = random_scene(rng, 2 + i % 3, 2 + i % 3)
         name = f"scene{i + 1}.png"
         scene.draw().save(os.path.join(folder, name))
-        records.append({"file": name, "description": describe(scene),
+        asked = questions(scene, random.Random(seed + 1 + i))  # its own stream: the scenes stay as they were
+        prompts = [{"prompt": DESCRIBE_PROMPT, "kind": "describe", "answer": describe(scene)}]
+        prompts += [{"prompt": q, "kind": kind, "answer": a} for kind, q, a in asked]
+        records.append({"file": name, "description": describe(scene), "prompts": prompts,
                         "shapes": [[s.color, s.kind, s.position] for s in scene.shapes]})
     with open(os.path.join(folder, "examples.json"), "w") as f:
         json.dump(records, f, indent=2)
