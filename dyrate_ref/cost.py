@@ -58,3 +58,23 @@ def kv_bytes(tc: TextConfig, K: int, step, element_size: int) -> int:
     L = tc.num_hidden_layers
     slots = K * step.keys_low + (L - K) * step.keys_high
     return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size
+
+
+def serving_kv_bytes(tc: TextConfig, K: int, N: int, P: int, t: int, kept: float, element_size: int = 2) -> float:
+    """An analytic model, for serving arithmetic at shapes we cannot run here: the KV bytes one sequence
+    holds at answer step t when a fraction `kept` of its N visual tokens is left in layers >= K (layers
+    < K keep all P prompt tokens). P counts the prompt with its N visual tokens."""
+    L = tc.num_hidden_layers
+    slots = K * (P + t) + (L - K) * (P - N * (1 - kept) + t)
+    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size
+
+
+def serving(tc: TextConfig, K: int, N: int, P: int, T: int, kept: float, weight_bytes: float, gpu_bytes: float,
+            batch: int, element_size: int = 2) -> dict:
+    """What pruning buys a server (analytic, batch of identical requests, answer of T tokens): bytes read
+    per decode step (every weight once, every sequence's KV cache once, at the answer's middle step) and
+    the largest batch whose KV caches, at the answer's last step, fit beside the weights."""
+    mid = serving_kv_bytes(tc, K, N, P, T // 2, kept, element_size)
+    last = serving_kv_bytes(tc, K, N, P, T, kept, element_size)
+    return {"bytes_per_step": weight_bytes + batch * mid, "kv_share": batch * mid / (weight_bytes + batch * mid),
+            "max_batch": int((gpu_bytes - weight_bytes) // last)}

@@ -71,25 +71,19 @@ def kept_overlay(img: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool)
     return Image.fromarray((x * dim[..., None]).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def _legend_below(ax, handles=None, ncol=2):
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=ncol, frameon=False)
-
-
 def plot_share(path: str, share: list[float], tokens: list[str], title: str, layer: int):
     """Visual-attention share per generated token, the tokens written under the axis."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(9, 3.6))
     t = list(range(len(share)))
-    ax.plot(t, share, marker="o", ms=3, lw=1.2, label=f"layer {layer} (head-averaged)")
+    ax.plot(t, share, marker="o", ms=3, lw=1.2)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("generated token")
-    ax.set_ylabel("share of attention on the image")
+    ax.set_xlabel("generated token (the word it produced)")
+    ax.set_ylabel(f"share of layer {layer}'s attention\non the image (head mean)")
     ax.set_xticks(t)
     ax.set_xticklabels([repr(s)[1:-1] for s in tokens], rotation=90, fontsize=7)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _legend_below(ax)
-    fig.subplots_adjust(bottom=0.35)
     save_figure(fig, path)
 
 
