@@ -170,3 +170,37 @@ def test_progress_counts_whole_units(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "2/18 prompts" in err and "2.0" not in err
+
+
+def test_trace_rows_are_the_logits_each_token_was_chosen_from(files):
+    """Row t of the trace's logits, against transformers' own forward over the prompt and the tokens
+    before t (teacher forcing): a trace shifted by one step, or from another step's query, fails."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+    root, w, img = files
+    trace = root / "rows.st"
+    summary(run("--image", img, "--prompt", "What is it?", "--weights", w, "--max-new-tokens", "6", "--trace", str(trace)))
+    t = load_file(str(trace))
+    hf = LlavaForConditionalGeneration.from_pretrained(w, attn_implementation="eager").eval()
+    ids = torch.cat([t["input_ids"], t["tokens"][:-1]])[None]  # [1, P + T - 1]
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=t["pixel_values"]).logits[0, t["input_ids"].numel() - 1:]  # [T, V]
+    assert want.shape == t["logits"].shape
+    assert (want - t["logits"]).abs().max().item() <= 1e-4  # float32 rounding over a few layers
+    assert torch.equal(t["logits"].argmax(1), t["tokens"])  # greedy: each token is its row's argmax
+
+
+def test_a_failure_while_writing_leaves_no_partial_file_and_the_old_one_untouched(tmp_path, monkeypatch):
+    import dyrate_ref.trace as trace_module
+    target = tmp_path / "t.safetensors"
+    target.write_bytes(b"the user's file")
+
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a trace")
+        raise OSError("disk full")
+    monkeypatch.setattr(trace_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trace_module.write_trace(str(target), {"tokens": torch.zeros(2, dtype=torch.long)}, {"prompt": "x"})
+    assert target.read_bytes() == b"the user's file"
+    assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]
