@@ -204,3 +204,16 @@ def test_a_failure_while_writing_leaves_no_partial_file_and_the_old_one_untouche
         trace_module.write_trace(str(target), {"tokens": torch.zeros(2, dtype=torch.long)}, {"prompt": "x"})
     assert target.read_bytes() == b"the user's file"
     assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]
+
+
+def test_cli_sampling_flags_take_effect(files):
+    root, w, img = files
+    def answer(*extra):
+        r = run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "12", *extra)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    hot = ("--temperature", "5")
+    assert answer(*hot, "--seed", "1") == answer(*hot, "--seed", "1")  # same seed, same answer
+    assert answer(*hot, "--seed", "1") != answer(*hot, "--seed", "2")  # 12 draws over ~300 tokens at T=5
+    greedy = answer()
+    assert answer("--temperature", "1", "--top-p", "1e-9", "--seed", "5") == greedy  # the nucleus is the top token

@@ -88,3 +88,13 @@ def test_streaming_never_splits_a_character(tiny):
     pieces = [dec.push(i) for i in ids]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_temperature_gives_softmax_of_logits_over_t():
+    """4,000 draws: each token's frequency within 0.03 of softmax(logits / T) (about 4 standard errors)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for T in (0.5, 2.0):
+        g = torch.Generator().manual_seed(int(T * 10))
+        draws = torch.tensor([int(sample(logits, Sampling(temperature=T), g)) for _ in range(4000)])
+        freq = torch.bincount(draws, minlength=4).float() / 4000
+        assert (freq - (logits / T).softmax(-1)).abs().max() < 0.03, (T, freq)
