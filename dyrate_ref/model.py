@@ -312,11 +312,16 @@ class KVCache:
 
     def evict(self, layers, positions: torch.Tensor):
         """In each of `layers`, drop for good the slots that hold the given original positions [E] (the
-        tensors really shrink, so later steps read less). A layer that holds nothing yet is skipped."""
-        for layer in layers:
-            if self.k[layer] is None:
-                continue
-            slots = torch.isin(self.pos[layer], positions, invert=True).nonzero().squeeze(1)  # [S_kept]
+        tensors really shrink, so later steps read less). A layer that holds nothing yet is skipped. The
+        layers must share one slot layout, as layers >= K do: the slots are found once (one host sync),
+        not once per layer."""
+        filled = [layer for layer in layers if self.k[layer] is not None]
+        if not filled:
+            return
+        S = self.pos[filled[0]].shape
+        slots = torch.isin(self.pos[filled[0]], positions, invert=True).nonzero().squeeze(1)  # [S_kept]
+        for layer in filled:
+            assert self.pos[layer].shape == S, "evict: layers with different slot layouts"
             self.k[layer] = self.k[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.v[layer] = self.v[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.pos[layer] = self.pos[layer].index_select(0, slots)  # [S_kept]
