@@ -10,13 +10,12 @@ per-token KL to the unpruned distribution is averaged over all generated tokens 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import write_atomic
+from ..files import write_json
 from ..generation import forward_no_cache, generate, keep_masks
 from ..loading import load_model
 from ..processing import Processor
@@ -80,11 +79,7 @@ def run(argv=None) -> int:
     if args.out:
         result = {"layer": K, "eta": args.eta, "min_layer": args.min_layer, "data": args.data,
                   "mean_kl": {str(k): v for k, v in kls.items()}}
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-        write_atomic(args.out, write)
+        write_json(args.out, result)
     return 0
 
 

@@ -23,7 +23,6 @@ image, per decoder layer, over the held-out descriptions: the observation DyRate
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import queue
@@ -35,7 +34,7 @@ import torch
 from ..cost import serving, vision_flops
 from ..demo.scenes import QUESTION_KINDS, eval_set, normalise, object_f1
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import write_atomic
+from ..files import write_json
 from ..generation import forward_no_cache, generate
 from ..loading import DEFAULT_WEIGHTS, load_model, vtw_default_layer
 from ..model import TextConfig
@@ -371,11 +370,7 @@ def run(argv=None) -> int:
     if args.json:
         figures = {"scenes": n, "weights": os.path.basename(os.path.normpath(args.weights)),
                    "rows": [{"method": row.name, "family": row.family, **s} for row, s in results]}
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(figures, f, indent=2)
-        write_atomic(args.json, write)
+        write_json(args.json, figures)
     if args.plot:
         plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results),
                     f"QA accuracy against cost on {n} held-out scenes ({len(base)} prompts)")
