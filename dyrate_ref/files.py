@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 
@@ -32,3 +33,19 @@ def write_json(path: str, obj):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
     write_atomic(path, write)
+
+
+def write_atomic_dir(path: str, write):
+    """Call write(tmp_dir) on a new folder beside `path`, then rename it to `path`, which must not exist:
+    a failure leaves no partial folder. The folder gets the usual mode (0777 less the umask)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.normpath(path)) + "-", suffix=".tmp", dir=folder)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,6 +1,7 @@
 """Accuracy against cost for every method, on held-out generated scenes.
 
   python -m dyrate_ref.tools.evaluate [--weights DIR] [--quick] [--scenes N] [--plot DIR] [--json FILE]
+  python -m dyrate_ref.tools.evaluate --data FILE.jsonl [--results OUT.jsonl] [--weights DIR] ...
 
 One row per method and setting (methods()): none and a control with every picture blanked (the model
 must answer from the image, not the text); FastV (K=2, R=0.5, 0.75, 0.9); VTW at the weights' calibrated
@@ -18,18 +19,28 @@ answer's steps) and wall-clock.
 --plot DIR writes pareto.png (QA accuracy against LM FLOPs and against mean KV bytes, every row a point,
 ±1 SE) and attention_over_generation.png (the share of attention each generated token gives to the
 image, per decoder layer, over the held-out descriptions: the observation DyRate builds on).
+
+Your own data: --data FILE.jsonl (the format is in tools/data.py: image, prompt, and references and/or
+answer per line) runs the same rows on the file's items and scores captions by CIDEr-D (its difference
+from none with a paired-bootstrap standard error) and answers by exact match and, where the line has the
+human `answers`, VQA soft accuracy (tools/metrics.py). --results FILE.jsonl keeps every item's output
+as a JSON line as soon as it is made; run the same command again after an interruption and it
+continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out scenes as such a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import queue
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from ..cost import serving, vision_flops
 from ..demo.scenes import QUESTION_KINDS, eval_set, normalise, object_f1
@@ -40,9 +51,11 @@ from ..loading import DEFAULT_WEIGHTS, load_model, vtw_default_layer
 from ..model import TextConfig
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import load_predictor, shipped_predictor_path
-from ..processing import Processor
+from ..processing import Processor, open_image
 from ..progress import Progress
 from ..pruning import PruneSettings, visual_span
+from .data import DataItem, read_items
+from .metrics import CiderD, bootstrap_cider_difference, caption_words, exact_match, vqa_accuracy
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
 SWEEP = (0.3, 0.4, 0.5, 0.7)  # DyRate decoding confidences drawn as the predictor's curve
@@ -112,46 +125,124 @@ def parse_extra(spec: str, weights_dir: str, cfg) -> Row:
     raise UserError(f"--extra {spec!r}: use fastv:K:R, vtw:K, dyrate:K:r0,r1,..., mass:K:p or predictor:FILE[:c]")
 
 
-def blank_scene(scene):
-    """The same picture without its shapes: background and texture only."""
-    return dataclasses.replace(scene, shapes=())
+@dataclass(frozen=True)
+class Prompt:
+    """One evaluation prompt, from the scene world or from a data file."""
+    id: str  # unique within the set: the key of the results file
+    text: str
+    kind: str  # scenes: a QUESTION_KINDS entry or "describe"; files: "caption" or "answer"
+    seed: int  # seeds the random baseline per item, so a subset of the items draws what the whole set would
+    source: object  # the scene world's EvalItem, or the file's DataItem
+
+    def picture(self, blank: bool = False) -> Image.Image:
+        """The image; blank: the control's image without content (the scene's empty background, or a
+        grey picture of the file image's size)."""
+        if isinstance(self.source, DataItem):
+            img = open_image(self.source.image_path)
+            return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
+        scene = self.source.scene
+        return (dataclasses.replace(scene, shapes=()) if blank else scene).draw()
+
+    def scores(self, text: str) -> dict:
+        """What can be scored from this answer alone (CIDEr-D needs the whole set: see file_scores)."""
+        src = self.source
+        if isinstance(src, DataItem):
+            out = {}
+            if src.answer is not None:
+                out["em"] = exact_match(text, src.answer)
+            if src.answers:
+                out["vqa"] = vqa_accuracy(text, list(src.answers))
+            return out
+        if self.kind == "describe":
+            return {"score": object_f1(text, src.scene)}
+        return {"score": float(normalise(text) == normalise(src.answer))}
 
 
-def run_method(model, processor, items, row: Row, max_new_tokens: int, matched=None, bar=None) -> list[dict]:
-    """One record per item: the answer, whether it is right (QA) or its object-F1 (describe), kept counts
-    per step, FLOPs of the prefill and of the decode steps (language model only), KV bytes, seconds."""
+def scene_prompts(n_scenes: int) -> list[Prompt]:
+    return [Prompt(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003, it)
+            for it in eval_set(n_scenes)]
+
+
+def file_prompts(items: list[DataItem]) -> list[Prompt]:
+    return [Prompt(it.id, it.prompt, "caption" if it.references else "answer", zlib.crc32(it.id.encode()), it)
+            for it in items]
+
+
+class Results:
+    """--results FILE.jsonl: a header line naming what was evaluated, then one JSON line per (method, item)
+    written as soon as it is made. Opening an existing file reuses its records (resume); a file written
+    for other weights, data or settings is refused rather than mixed. Lines are appended with one write()
+    on an O_APPEND descriptor, so forked workers cannot interleave them; a line cut by an interruption is
+    dropped on resume."""
+
+    def __init__(self, path: str, header: dict):
+        self.done: dict[tuple[str, str], dict] = {}
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            *lines, cut = data.split(b"\n")  # `cut`: what follows the last newline, a line an interruption cut
+            n = 1
+            try:
+                if not lines or json.loads(lines[0]) != header:
+                    raise UserError(f"--results {path} was written for other weights, data or settings (or is "
+                                    "not a results file); give another file or remove it to start over")
+                for n, line in enumerate(lines[1:], 2):
+                    rec = json.loads(line)
+                    self.done[(rec["method"], rec["id"])] = rec
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise UserError(f"--results {path}, line {n} is not a record of this command; "
+                                "give another file or remove it to start over") from None
+            if cut:
+                os.truncate(path, len(data) - len(cut))
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
+            self.append(header)
+
+    def append(self, rec: dict):
+        os.write(self.fd, (json.dumps(rec) + "\n").encode())
+
+
+def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens: int, matched=None, bar=None,
+               done=None, sink=None) -> list[dict]:
+    """One record per prompt: the answer, its scores, kept counts per step, FLOPs of the prefill and of
+    the decode steps (language model only), KV bytes, seconds. Records already in `done` are reused;
+    new ones are also handed to `sink` (the results file)."""
     vis = vision_flops(model.config)
     out = []
-    for i, item in enumerate(items):
-        img = (blank_scene(item.scene) if row.blank else item.scene).draw()
-        ids, px = processor.input_ids(item.question), processor.pixel_values(img)
+    for i, p in enumerate(prompts):
+        if done and (row.name, p.id) in done:
+            out.append(done[(row.name, p.id)])
+            if bar:
+                bar.update(1)
+            continue
+        ids, px = processor.input_ids(p.text), processor.pixel_values(p.picture(row.blank))
         prune = row.prune
-        if matched is not None:  # seeded by the scene, so a subset of the items draws what the whole set would
-            prune = dataclasses.replace(prune, counts=tuple(matched[i]["kept"]), seed=item.scene.seed % 1_000_003)
+        if matched is not None:
+            prune = dataclasses.replace(prune, counts=tuple(matched[i]["kept"]), seed=p.seed)
         t0 = time.perf_counter()
         gen = generate(model, ids, px, max_new_tokens, prune, stop_ids=processor.stop_ids)
         seconds = time.perf_counter() - t0
         text = processor.decode(gen.tokens)
         flops, kv = gen.record.flops, gen.record.kv_bytes
-        rec = {"kind": item.kind, "answer": text, "kept": [int(k.sum()) for k in gen.record.keep],
-               "prefill_flops": flops[0] - vis, "decode_flops": sum(flops[1:]), "kv_peak": max(kv),
-               "kv_mean": sum(kv) / len(kv), "seconds": seconds}
-        if item.kind == "describe":
-            rec["score"] = object_f1(text, item.scene)
-        else:
-            rec["score"] = float(normalise(text) == normalise(item.answer))
+        rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": text, **p.scores(text),
+               "kept": [int(k.sum()) for k in gen.record.keep], "prefill_flops": flops[0] - vis,
+               "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
         out.append(rec)
+        if sink:
+            sink(rec)
         if bar:
             bar.update(1)
     return out
 
 
-def evaluate_rows(model, processor, items, rows: list[Row], max_new_tokens: int, bar=None) -> dict[str, list[dict]]:
-    """Every row on every item. -> {row name: records in item order}."""
+def evaluate_rows(model, processor, prompts, rows: list[Row], max_new_tokens: int, bar=None, done=None,
+                  sink=None) -> dict[str, list[dict]]:
+    """Every row on every prompt. -> {row name: records in prompt order}."""
     records: dict[str, list[dict]] = {}
     for row in rows:
         matched = records[row.match] if row.match else None
-        records[row.name] = run_method(model, processor, items, row, max_new_tokens, matched, bar)
+        records[row.name] = run_method(model, processor, prompts, row, max_new_tokens, matched, bar, done, sink)
     return records
 
 
@@ -166,18 +257,20 @@ class _Counter:
             self.value.value += n
 
 
-def evaluate_parallel(model, processor, items, rows, max_new_tokens: int, workers: int, bar) -> dict[str, list[dict]]:
+def evaluate_parallel(model, processor, items, rows, max_new_tokens: int, workers: int, bar, done=None,
+                      sink=None) -> dict[str, list[dict]]:
     """evaluate_rows over `workers` forked processes, one thread each, each taking every workers-th item;
     the records are put back in item order. (Fork shares the loaded model; nothing is pickled but the
     records.)"""
     if workers <= 1:
-        return evaluate_rows(model, processor, items, rows, max_new_tokens, bar)
+        return evaluate_rows(model, processor, items, rows, max_new_tokens, bar, done, sink)
     ctx = multiprocessing.get_context("fork")
-    done, results = ctx.Value("i", 0), ctx.Queue()
+    count, results = ctx.Value("i", 0), ctx.Queue()
 
     def work(w):
         torch.set_num_threads(1)
-        results.put((w, evaluate_rows(model, processor, items[w::workers], rows, max_new_tokens, _Counter(done))))
+        results.put((w, evaluate_rows(model, processor, items[w::workers], rows, max_new_tokens, _Counter(count),
+                                             done, sink)))
 
     procs = [ctx.Process(target=work, args=(w,)) for w in range(workers)]
     for p in procs:
@@ -190,8 +283,8 @@ def evaluate_parallel(model, processor, items, rows, max_new_tokens: int, worker
         except queue.Empty:
             if any(p.exitcode not in (None, 0) for p in procs):
                 raise RuntimeError("an evaluation worker failed; run with --workers 1 to see why")
-        bar.update(done.value - shown)
-        shown = done.value
+        bar.update(count.value - shown)
+        shown = count.value
     for p in procs:
         p.join()
     merged = {}
@@ -209,9 +302,26 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), se
 
 
+def costs(records: list[dict], base: list[dict]) -> dict:
+    """Mean kept visual tokens, and costs relative to `base` (none): LM FLOPs (total, prefill, decode),
+    KV bytes (peak, mean over the answer's steps), wall-clock."""
+    total = lambda recs, key: sum(r[key] for r in recs)  # noqa: E731
+    lm = total(records, "prefill_flops") + total(records, "decode_flops")
+    lm_base = total(base, "prefill_flops") + total(base, "decode_flops")
+    return {"kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
+            "lm_flops": lm / lm_base,
+            "prefill_flops": total(records, "prefill_flops") / total(base, "prefill_flops"),
+            "decode_flops": total(records, "decode_flops") / max(1, total(base, "decode_flops")),
+            "kv_peak": total(records, "kv_peak") / total(base, "kv_peak"),
+            "kv_mean": total(records, "kv_mean") / total(base, "kv_mean"),
+            "seconds": total(records, "seconds") / total(base, "seconds"),
+            "lm_flops_per_prompt": lm / len(records),
+            "agree": sum(r["answer"] == b["answer"] for r, b in zip(records, base)) / len(records)}
+
+
 def summarise(records: list[dict], base: list[dict]) -> dict:
-    """Accuracy per kind and overall with its paired difference from `base` (none), agreement with
-    base's answers, and costs relative to base."""
+    """Scene world: accuracy per kind and overall with its paired difference from `base` (none),
+    agreement with base's answers, and costs relative to base."""
     def scores(recs, kinds):
         return [r["score"] for r in recs if r["kind"] in kinds]
     s = {}
@@ -220,45 +330,79 @@ def summarise(records: list[dict], base: list[dict]) -> dict:
         s[name] = sum(mine) / max(1, len(mine))
         s[name + "_n"] = len(mine)
         s[name + "_delta"], s[name + "_se"] = paired(theirs, mine) if mine else (0.0, 0.0)
-    s["agree"] = sum(r["answer"] == b["answer"] for r, b in zip(records, base)) / len(records)
-    s["kept"] = sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records)
-    total = lambda recs, key: sum(r[key] for r in recs)  # noqa: E731
-    lm = total(records, "prefill_flops") + total(records, "decode_flops")
-    lm_base = total(base, "prefill_flops") + total(base, "decode_flops")
-    s["lm_flops"] = lm / lm_base
-    s["prefill_flops"] = total(records, "prefill_flops") / total(base, "prefill_flops")
-    s["decode_flops"] = total(records, "decode_flops") / max(1, total(base, "decode_flops"))
-    s["kv_peak"] = total(records, "kv_peak") / total(base, "kv_peak")
-    s["kv_mean"] = total(records, "kv_mean") / total(base, "kv_mean")
-    s["seconds"] = total(records, "seconds") / total(base, "seconds")
-    s["lm_flops_per_prompt"] = lm / len(records)
-    return s
+    return {**s, **costs(records, base)}
+
+
+def file_scores(records: list[dict], base: list[dict], prompts: list[Prompt], bootstrap: int) -> dict:
+    """A data file: CIDEr-D over the caption items (idf from their references; the difference from
+    `base` with a paired-bootstrap SE), exact match and VQA accuracy over the answer items (paired SE)."""
+    s = {}
+    caps = [i for i, p in enumerate(prompts) if p.source.references]
+    if caps:
+        refs = [[caption_words(r) for r in prompts[i].source.references] for i in caps]
+        mine, theirs = ([caption_words(recs[i]["answer"]) for i in caps] for recs in (records, base))
+        s["cider"] = CiderD(refs).corpus(mine)[0]
+        s["cider_n"] = len(caps)
+        s["cider_delta"], s["cider_se"] = bootstrap_cider_difference(refs, theirs, mine, reps=bootstrap)
+    for key in ("em", "vqa"):
+        mine = [r[key] for r in records if key in r]
+        if mine:
+            s[key], s[key + "_n"] = sum(mine) / len(mine), len(mine)
+            s[key + "_delta"], s[key + "_se"] = paired([b[key] for b in base if key in b], mine)
+    return {**s, **costs(records, base)}
 
 
 def fmt(s: dict, key: str, scale: float = 100, digits: int = 1) -> str:
     return f"{scale * s[key]:.{digits}f}"
 
 
+def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
+    base = results[0][1]
+    cost = [f"| method | kept visual tokens (of {N}) | LM FLOPs | prefill FLOPs | decode FLOPs | peak KV | mean KV "
+            "| wall-clock |", "|---|---|---|---|---|---|---|---|"]
+    for row, s in results:
+        cost.append(f"| {row.name} | {s['kept']:.1f} | {s['lm_flops']:.3f} | {s['prefill_flops']:.3f} | "
+                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {s['seconds']:.3f} |")
+    note = (f"\nCosts are relative to none: language-model matmul FLOPs (none: {base['lm_flops_per_prompt'] / 1e6:.1f} "
+            f"MFLOPs per prompt on average; the vision tower and projector add {vision / 1e6:.1f} MFLOPs per image for "
+            "every method), KV-cache bytes (peak, and mean over the answer's steps) and wall-clock on this machine. "
+            "Δ: paired difference from none over the same items, ± one standard error; a difference within two "
+            "standard errors is not a difference.")
+    return "\n".join(cost) + note
+
+
 def table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
-    """Two tables: accuracy (with paired differences from none) and cost (relative to none)."""
+    """Scene world: accuracy (with paired differences from none) and cost (relative to none)."""
     acc = ["| method | QA % | Δ QA vs none (±SE) | " + " | ".join(QUESTION_KINDS) +
            " | describe F1 | Δ F1 (±SE) | same answer as none % |"]
     acc.append("|" + "---|" * (acc[0].count("|") - 1))
-    cost = [f"| method | kept visual tokens (of {N}) | LM FLOPs | prefill FLOPs | decode FLOPs | peak KV | mean KV "
-            "| wall-clock |", "|---|---|---|---|---|---|---|---|"]
     for row, s in results:
         kinds = " | ".join(fmt(s, "qa_" + k) for k in QUESTION_KINDS)
         acc.append(f"| {row.name} | {fmt(s, 'qa')} | {100 * s['qa_delta']:+.1f} ± {100 * s['qa_se']:.1f} | {kinds} | "
                    f"{s['f1']:.3f} | {s['f1_delta']:+.3f} ± {s['f1_se']:.3f} | {fmt(s, 'agree')} |")
-        cost.append(f"| {row.name} | {s['kept']:.1f} | {s['lm_flops']:.3f} | {s['prefill_flops']:.3f} | "
-                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {s['seconds']:.3f} |")
     base = results[0][1]
-    note = (f"\n{base['qa_n']} questions and {base['f1_n']} descriptions. Costs are relative to none: language-model "
-            f"matmul FLOPs (none: {base['lm_flops_per_prompt'] / 1e6:.1f} MFLOPs per prompt on average; the vision tower "
-            f"and projector add {vision / 1e6:.1f} MFLOPs per image for every method), KV-cache bytes (peak, and mean "
-            "over the answer's steps) and wall-clock on this machine. Δ: paired difference from none over the same "
-            "items, ± one standard error; a difference within two standard errors is not a difference.")
-    return "\n".join(acc) + "\n\n" + "\n".join(cost) + note
+    return (f"{base['qa_n']} questions and {base['f1_n']} descriptions.\n\n" + "\n".join(acc) + "\n\n"
+            + cost_table(results, N, vision))
+
+
+def file_table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) -> str:
+    """A data file: CIDEr-D, exact match and VQA accuracy, whichever the file's items allow, then cost."""
+    base = results[0][1]
+    cols = [k for k in ("cider", "em", "vqa") if k in base]
+    title = {"cider": "CIDEr-D", "em": "exact match %", "vqa": "VQA accuracy %"}
+    head = "| method | " + " | ".join(f"{title[k]} | Δ vs none (±SE)" for k in cols) + " | same answer as none % |"
+    acc = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row, s in results:
+        cells = []
+        for k in cols:
+            scale = 1 if k == "cider" else 100
+            cells.append(f"{scale * s[k]:.{3 if k == 'cider' else 1}f} | {scale * s[k + '_delta']:+.{3 if k == 'cider' else 1}f}"
+                         f" ± {scale * s[k + '_se']:.{3 if k == 'cider' else 1}f}")
+        acc.append(f"| {row.name} | " + " | ".join(cells) + f" | {fmt(s, 'agree')} |")
+    counts = ", ".join(f"{base[k + '_n']} items scored by {title[k].replace(' %', '')}" for k in cols)
+    boot = (f" CIDEr-D's standard error: a paired bootstrap over the caption items ({bootstrap} resamples, the "
+            "idf recomputed on each).") if "cider" in cols else ""
+    return f"{counts}.{boot}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
 
 
 # LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (cost.serving): 7.06 B parameters,
@@ -287,26 +431,27 @@ def serving_table(results: list[tuple[Row, dict]], N: int) -> str:
             + "\n".join(lines))
 
 
-def pareto_points(results: list[tuple[Row, dict]]) -> list[dict]:
+def pareto_points(results: list[tuple[Row, dict]], key: str = "qa", ylabel: str = "QA accuracy % (held-out questions)",
+                  scale: float = 100) -> list[dict]:
     points = []
     for row, s in results:
         if row.blank:
             continue
         for panel, x in (("LM FLOPs relative to none", s["lm_flops"]), ("mean KV-cache bytes relative to none", s["kv_mean"])):
-            points.append({"panel": panel, "method": row.family, "label": row.name, "x": x, "y": 100 * s["qa"],
-                           "yerr": 100 * s["qa_se"], "ylabel": "QA accuracy % (held-out questions)"})
+            points.append({"panel": panel, "method": row.family, "label": row.name, "x": x, "y": scale * s[key],
+                           "yerr": scale * s[key + "_se"], "ylabel": ylabel})
     return points
 
 
 @torch.no_grad()
-def attention_over_generation(model, processor, items, max_items: int = 40, min_count: int = 5):
+def attention_over_generation(model, processor, prompts, max_items: int = 40, min_count: int = 5):
     """Share of attention from generated token t to the visual tokens, per layer, over the model's own
     unpruned descriptions (teacher-forced, one no-cache forward each). -> means, standard errors [L, T]
     and counts [T], for the positions at least min_count answers reach."""
     L = model.config.text_config.num_hidden_layers
     per_answer = []  # [L, T_i] each
-    for item in [i for i in items if i.kind == "describe"][:max_items]:
-        ids, px = processor.input_ids(item.question), processor.pixel_values(item.scene.draw())
+    for p in [i for i in prompts if i.kind == "describe"][:max_items]:
+        ids, px = processor.input_ids(p.text), processor.pixel_values(p.picture())
         gen = generate(model, ids, px, 80, stop_ids=processor.stop_ids)
         start, N = visual_span(ids, model.config.image_token_index)
         P = ids.numel()
@@ -326,10 +471,15 @@ def attention_over_generation(model, processor, items, max_items: int = 40, min_
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--data", metavar="FILE.jsonl",
+                   help="evaluate on this file's items (image, prompt, references and/or answer per line) instead of scenes")
+    p.add_argument("--results", metavar="FILE.jsonl",
+                   help="keep every item's output here as it is made; run again to continue an interrupted evaluation")
     p.add_argument("--quick", action="store_true", help="a few scenes only (what the tests run)")
     p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; --quick: 4)")
     p.add_argument("--max-new-tokens", type=int, default=80, help="longest answer generated (default 80)")
-    p.add_argument("--plot", metavar="DIR", help="also write pareto.png and attention_over_generation.png into DIR")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for CIDEr-D's standard error (default 200)")
+    p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--extra", action="append", default=[], metavar="SPEC",
                    help="add a row: fastv:K:R, vtw:K, dyrate:K:r0,r1,..., mass:K:p or predictor:FILE[:c] (repeatable)")
@@ -340,16 +490,22 @@ def run(argv=None) -> int:
     args = p.parse_args(argv)
     if args.scenes is not None and args.scenes < 1:
         raise UserError(f"--scenes {args.scenes}: give a positive number of held-out scenes")
+    if args.data and (args.scenes is not None or args.quick):
+        raise UserError("--data replaces the scenes: leave out --scenes and --quick")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.workers < 1:
         raise UserError(f"--workers {args.workers} must be at least 1")
-    if args.plot and not os.path.isdir(args.plot):
-        raise UserError(f"--plot {args.plot}: folder does not exist")
+    if args.bootstrap < 2:
+        raise UserError(f"--bootstrap {args.bootstrap} must be at least 2")
+    for flag in ("plot", "json", "results"):
+        path = getattr(args, flag)
+        if path and not os.path.isdir(args.plot if flag == "plot" else os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"--{flag} {path}: {'folder' if flag == 'plot' else 'its folder'} does not exist")
     if args.plot:
         require_matplotlib()
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise UserError(f"--json {args.json}: its folder does not exist")
+    # Every line of the data file is checked (images opened) before the model is loaded.
+    prompts = file_prompts(read_items(args.data)) if args.data else scene_prompts(args.scenes or (4 if args.quick else 300))
     model = load_model(args.weights)
     proc = Processor(args.weights, model.config)
     if args.only_extra:
@@ -358,23 +514,41 @@ def run(argv=None) -> int:
     else:
         rows = methods(args.weights, model.config, args.quick)
     rows += [parse_extra(spec, args.weights, model.config) for spec in args.extra]
-    n = args.scenes or (4 if args.quick else 300)
-    items = eval_set(n)
-    bar = Progress(len(items) * len(rows), "evaluating", " prompts")
-    records = evaluate_parallel(model, proc, items, rows, args.max_new_tokens, args.workers, bar)
+    done, sink = None, None
+    if args.results:
+        header = {"results_of": "dyrate_ref.tools.evaluate", "weights": os.path.abspath(args.weights),
+                  "data": os.path.abspath(args.data) if args.data else f"scenes:{len(prompts)}",
+                  "max_new_tokens": args.max_new_tokens}
+        results_file = Results(args.results, header)
+        done, sink = results_file.done, results_file.append
+        if done:
+            print(f"{args.results}: {len(done)} records from an earlier run reused", flush=True)
+    bar = Progress(len(prompts) * len(rows), "evaluating", " prompts")
+    records = evaluate_parallel(model, proc, prompts, rows, args.max_new_tokens, args.workers, bar, done, sink)
     bar.close()
     base = records[rows[0].name]
-    results = [(row, summarise(records[row.name], base)) for row in rows]
-    print(table(results, model.config.num_image_tokens, vision_flops(model.config)))
-    print("\n" + serving_table(results, model.config.num_image_tokens))
+    N, vision = model.config.num_image_tokens, vision_flops(model.config)
+    if args.data:
+        results = [(row, file_scores(records[row.name], base, prompts, args.bootstrap)) for row in rows]
+        print(file_table(results, N, vision, args.bootstrap))
+        key = next(k for k in ("cider", "em", "vqa") if k in results[0][1])
+        scale, ylabel = (1, "CIDEr-D") if key == "cider" else (100, f"{'exact match' if key == 'em' else 'VQA accuracy'} %")
+    else:
+        results = [(row, summarise(records[row.name], base)) for row in rows]
+        print(table(results, N, vision))
+        key, scale, ylabel = "qa", 100, "QA accuracy % (held-out questions)"
+    print("\n" + serving_table(results, N))
+    what = os.path.basename(args.data) if args.data else f"{len(prompts)} held-out scene prompts"
     if args.json:
-        figures = {"scenes": n, "weights": os.path.basename(os.path.normpath(args.weights)),
+        figures = {"data": args.data or f"scenes:{len(prompts)}", "prompts": len(prompts),
+                   "weights": os.path.basename(os.path.normpath(args.weights)),
                    "rows": [{"method": row.name, "family": row.family, **s} for row, s in results]}
         write_json(args.json, figures)
     if args.plot:
-        plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results),
-                    f"QA accuracy against cost on {n} held-out scenes ({len(base)} prompts)")
-        means, sems, counts = attention_over_generation(model, proc, items)
+        plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results, key, ylabel, scale),
+                    f"{ylabel.split(' (')[0]} against cost on {what}")
+    if args.plot and not args.data:
+        means, sems, counts = attention_over_generation(model, proc, prompts)
         out = os.path.join(args.plot, "attention_over_generation.png")
         plot_layers(out, means, sems, counts, "Share of attention that each generated token gives to the image, per layer")
         first, last = means[:, :3].mean(1), means[:, -5:].mean(1)

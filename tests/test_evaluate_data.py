@@ -1,0 +1,129 @@
+"""Evaluating on a JSONL file (tools/evaluate.py --data): bad lines refused with their line number before
+any model work, resume after an interruption gives the same figures, and the demo's exported scenes
+evaluate end to end (CIDEr-D and exact match) on the shipped model."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from dyrate_ref.demo.export import export
+from dyrate_ref.errors import UserError
+from dyrate_ref.tools import evaluate
+from dyrate_ref.tools.data import read_items
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return tmp_path
+
+
+GOOD = '{"image": "red.png", "prompt": "Describe the image.", "references": ["a red picture"]}'
+BAD_LINES = {
+    "not JSON": ('{"image": "red.png", "prompt": ', "not JSON"),
+    "not an object": ('["red.png"]', "JSON object"),
+    "no image": ('{"prompt": "Describe.", "answer": "red"}', '"image"'),
+    "missing image": ('{"image": "nope.png", "prompt": "Describe.", "answer": "red"}', "does not exist"),
+    "unreadable image": ('{"image": "broken.png", "prompt": "Describe.", "answer": "red"}', "broken.png"),
+    "no prompt": ('{"image": "red.png", "answer": "red"}', '"prompt"'),
+    "empty prompt": ('{"image": "red.png", "prompt": "  ", "answer": "red"}', '"prompt"'),
+    "neither references nor answer": ('{"image": "red.png", "prompt": "Describe."}', "neither"),
+    "references not strings": ('{"image": "red.png", "prompt": "D.", "references": [1]}', '"references"'),
+    "empty references": ('{"image": "red.png", "prompt": "D.", "references": []}', '"references"'),
+    "answers without answer": ('{"image": "red.png", "prompt": "D.", "references": ["x"], "answers": ["y"]}', '"answers"'),
+    "duplicate id": ('{"id": "a", "image": "red.png", "prompt": "Q?", "answer": "red"}\n'
+                     '{"id": "a", "image": "red.png", "prompt": "Q?", "answer": "red"}', "already used"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_every_bad_line_is_refused_with_its_line_number(folder, case):
+    line, words = BAD_LINES[case]
+    f = folder / "data.jsonl"
+    f.write_text(GOOD + "\n\n" + line + "\n")
+    bad_line = 3 if case != "duplicate id" else 4
+    with pytest.raises(UserError) as e:
+        read_items(str(f))
+    assert f"line {bad_line}:" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_a_bad_line_stops_the_command_before_the_model_is_loaded(folder):
+    f = folder / "data.jsonl"
+    f.write_text(GOOD + "\n" + BAD_LINES["missing image"][0] + "\n")
+    # The weights do not exist: had the model been loaded first, the error would name them.
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--data", str(f), "--weights",
+                        str(folder / "no-weights")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "line 2:" in lines[0] and "nope.png" in lines[0], r.stderr
+
+
+def test_good_lines_are_read_whole(folder):
+    f = folder / "data.jsonl"
+    f.write_text(GOOD + "\n" + '{"image": "red.png", "prompt": "Colour?", "answer": "red", "answers": ["red", "dark red"], "id": 7}\n')
+    a, b = read_items(str(f))
+    assert (a.id, a.references, a.answer) == ("line1", ("a red picture",), None)
+    assert (b.id, b.answer, b.answers, b.image_path) == ("7", "red", ("red", "dark red"), str(folder / "red.png"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "scenes"
+    export(str(out), 2)
+    return out
+
+
+def run_evaluate(data, results, capsys, *extra):
+    evaluate.run(["--data", str(data), "--results", str(results), "--only-extra", "--no-control",
+                  "--extra", "fastv:2:0.75", "--bootstrap", "20", "--max-new-tokens", "24", *extra])
+    out = capsys.readouterr().out
+    # Everything but the wall-clock column, which is measured anew by every run.
+    return [re.sub(r"\| [0-9.]+ \|$", "|", line) for line in out.splitlines() if "records from an earlier run" not in line]
+
+
+def test_exported_scenes_evaluate_end_to_end(exported, tmp_path, capsys):
+    items = read_items(str(exported / "data.jsonl"))
+    assert sum(bool(i.references) for i in items) == 2 and all(i.answer or i.references for i in items)
+    table = run_evaluate(exported / "data.jsonl", tmp_path / "r.jsonl", capsys)
+    head = next(line for line in table if line.startswith("| method |"))
+    assert "CIDEr-D" in head and "exact match" in head
+    records = [json.loads(line) for line in open(tmp_path / "r.jsonl")][1:]
+    assert len(records) == 2 * len(items)  # two rows, every item once
+    # Exact match on the exported answers is the scene world's own QA scoring of the same answers.
+    from dyrate_ref.demo.scenes import normalise
+    for r in records:
+        item = next(i for i in items if i.id == r["id"])
+        if item.answer is not None:
+            assert r["em"] == float(normalise(r["answer"]) == normalise(item.answer))
+
+
+def test_resume_after_an_interruption_gives_the_same_table(exported, tmp_path, capsys):
+    whole = run_evaluate(exported / "data.jsonl", tmp_path / "whole.jsonl", capsys)
+    lines = open(tmp_path / "whole.jsonl", "rb").read().split(b"\n")
+    # Interrupted after 5 records, in the middle of writing the 6th.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"\n".join(lines[:6]) + b"\n" + lines[6][:25])
+    resumed = run_evaluate(exported / "data.jsonl", cut, capsys)
+    assert resumed == whole
+    redone = [json.loads(x) for x in open(cut)][1:]
+    assert len(redone) == len(lines) - 2  # header and the final empty string
+    assert len({(r["method"], r["id"]) for r in redone}) == len(redone)
+    # The 5 records before the cut were reused, not recomputed: their measured seconds are the old ones.
+    assert [r["seconds"] for r in redone[:5]] == [json.loads(x)["seconds"] for x in lines[1:6]]
+
+
+def test_results_of_other_settings_are_refused(exported, tmp_path, capsys):
+    run_evaluate(exported / "data.jsonl", tmp_path / "r.jsonl", capsys)
+    before = open(tmp_path / "r.jsonl").read()
+    with pytest.raises(UserError, match="other weights, data or settings"):
+        evaluate.run(["--data", str(exported / "data.jsonl"), "--results", str(tmp_path / "r.jsonl"),
+                      "--only-extra", "--max-new-tokens", "5"])
+    assert open(tmp_path / "r.jsonl").read() == before
