@@ -22,7 +22,7 @@ from .plots import plot_run, require_matplotlib
 from .predictor import load_predictor, shipped_predictor_path
 from .processing import Processor, StreamingDecoder, open_image
 from .pruning import DEFAULT_LAYER, DEFAULT_RATIO, METHODS, PruneSettings
-from .trace import trace_tensors, write_trace
+from .trace import read_trace, trace_tensors, write_trace
 
 
 def build_parser(prog: str = "generate.py") -> ArgumentParser:
@@ -39,6 +39,9 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (with --temperature > 0)")
     p.add_argument("--trace", metavar="FILE", help="write a safetensors trace of the run (see README)")
+    p.add_argument("--force-tokens", metavar="TRACE",
+                   help="feed the tokens of another trace (a backend's) instead of choosing them, recording this "
+                        "model's own logits, kept sets and costs at every step: the oracle for `trace compare`")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; on a busy machine 1 is "
                         "faster, README 'Using it')")
@@ -125,7 +128,8 @@ def settings_text(prune: PruneSettings, note: str = "") -> str:
 
 
 STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": "stopped at --max-new-tokens",
-             "context": "stopped: the model's context is full"}
+             "context": "stopped: the model's context is full",
+             "forced": "fed every token of --force-tokens"}
 
 
 def run(argv=None, prog: str = "generate.py") -> int:
@@ -176,6 +180,18 @@ def run(argv=None, prog: str = "generate.py") -> int:
         raise UserError(f"the prompt is {input_ids.numel()} tokens with the image, which does not fit the "
                         f"model's context of {context}; shorten it")
     max_new = min(args.max_new_tokens, context - input_ids.numel())
+    force = None
+    if args.force_tokens is not None:
+        if args.temperature > 0:
+            raise UserError("--force-tokens feeds the tokens of a trace; --temperature would have no effect")
+        forced = read_trace(args.force_tokens)
+        if not torch.equal(forced["input_ids"], input_ids):
+            raise UserError(f"--force-tokens {args.force_tokens} was made from another prompt or image size "
+                            "(its input_ids differ from this run's); give the same --prompt, --image and --weights")
+        force = forced["tokens"].tolist()
+        if len(force) > context - input_ids.numel():
+            raise UserError(f"--force-tokens {args.force_tokens} has {len(force)} tokens, more than the context leaves")
+        max_new = len(force)
     if prune.method == "dyrate" and prune.rates is None:
         path = args.predictor or shipped_predictor_path(weights)
         if path is None:
@@ -204,7 +220,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
 
     t0 = time.time()
     gen = generate(model, input_ids, pixels, max_new, prune,
-                   Sampling(args.temperature, top_p, args.seed), processor.stop_ids, on_token=show)
+                   Sampling(args.temperature, top_p, args.seed), processor.stop_ids, on_token=show, force=force)
     sys.stdout.write("\n")
     sys.stdout.flush()
     dt = time.time() - t0
@@ -224,6 +240,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
                 predictor="" if prune.predictor is None else prune.predictor.path,
                 max_new_tokens=max_new, temperature=args.temperature, top_p=top_p, stop_reason=stop,
                 seed="" if args.seed is None else args.seed,
+                forced_from="" if force is None else os.path.abspath(args.force_tokens),
                 dyrate_ref_version=__version__, torch_version=torch.__version__)
     if args.trace:
         write_trace(args.trace, trace_tensors(input_ids, pixels, gen.tokens, gen.record), meta)

@@ -7,6 +7,7 @@ UserError becomes one line on stderr and exit status 2; anything else is a bug a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -25,6 +26,9 @@ def command_main(run, argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         code = 130
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.exit(code)
 
 

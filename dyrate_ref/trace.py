@@ -1,31 +1,44 @@
 """The trace file: one safetensors file per run, the oracle a faster backend is checked against.
 
-Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary):
-  input_ids     int64   [P]          the prompt, <image> expanded
-  pixel_values  float32 [1, 3, H, W] the preprocessed image
-  tokens        int64   [T]          generated ids, EOS included if produced
-  logits        float32 [T, V]       row t: the logits token t was chosen from
-  visual_keep   bool    [T, N]       row t: keep_t, the visual tokens layers >= K attend to at step t
-  rates         float32 [T]          the method's compression rate at step t
-  flops         float64 [T]          matmul FLOPs of step t (step 0 includes vision tower and projector)
-  kv_bytes      int64   [T]          bytes held by the KV cache after step t
-Metadata (strings): weights, dtype, device, prompt, method, layer, ratio, score, rates, predictor,
-max_new_tokens, temperature, top_p, seed, dyrate_ref_version, torch_version, format.
+Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary, k top entries):
+  input_ids      int64   [P]          the prompt, <image> expanded                          required
+  tokens         int64   [T]          generated ids, EOS included if produced               required
+  logits         float32 [T, V]       row t: the logits token t was chosen from             or the top-k pair
+  topk_ids       int64   [T, k]       row t: the k most likely ids at step t, best first    (serving engines)
+  topk_logprobs  float32 [T, k]       their log-probabilities                               (serving engines)
+  visual_keep    bool    [T, N]       row t: keep_t, the visual tokens layers >= K attend to at step t
+  rates          float32 [T]          the method's compression rate at step t
+  pixel_values   float32 [1, 3, H, W] the preprocessed image
+  flops          float64 [T]          matmul FLOPs of step t (step 0 includes vision tower and projector)
+  kv_bytes       int64   [T]          bytes held by the KV cache after step t
+generate.py writes all but the top-k pair; a backend needs only input_ids, tokens and either logits or
+topk_ids + topk_logprobs; visual_keep and rates when it prunes. Metadata (strings): weights, dtype,
+device, prompt, method, layer, ratio, score, rates, predictor, max_new_tokens, temperature, top_p, seed,
+stop_reason, forced_from, dyrate_ref_version, torch_version, format.
 
-`python -m dyrate_ref.trace compare A B [--atol X]` prints how two traces differ. Exit status: 0 same,
+    python -m dyrate_ref.trace compare ORACLE BACKEND [--dtype float32|float16|bfloat16] [--json]
+    python -m dyrate_ref.trace from-openai RESPONSE.json --input-ids-from TRACE --out BACKEND.safetensors
+
+`compare` lines the two traces up step by step and checks, with limits chosen by the backend's dtype
+(LIMITS below): max |Δlogit| (|Δlog-prob| over the backend's top-k when it has only those), KL(oracle ‖
+backend) of the next-token distributions (full logits on both sides), top-1 agreement, top-k overlap,
+kept-set IoU and rates. Logits are comparable only while both sides were fed the same tokens: run the
+oracle with `generate.py ... --force-tokens BACKEND` to line up the whole answer. Exit status: 0 same,
 1 different, 2 a file that cannot be read as a trace.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import re
+from dataclasses import asdict, dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, command_main
+from .errors import ArgumentParser, UserError, command_main
 from .files import write_atomic
 
 FORMAT = "dyrate_ref-trace-1"
@@ -82,67 +95,313 @@ def read_trace(path: str) -> dict[str, torch.Tensor]:
     if missing:
         what = "a dyrate_ref trace" if meta.get("format") == FORMAT else "a trace (no dyrate_ref trace header)"
         raise UserError(f"{path} is not {what}: it has no {missing[0]!r} tensor")
+    T = tensors["tokens"].numel()
+    if ("topk_ids" in tensors) != ("topk_logprobs" in tensors):
+        raise UserError(f"{path}: topk_ids and topk_logprobs come together; it has only one of them")
+    for name in ("logits", "topk_ids", "topk_logprobs", "visual_keep", "rates"):
+        if name in tensors and tensors[name].shape[0] != T:
+            raise UserError(f"{path}: {name} has {tensors[name].shape[0]} rows for {T} tokens; one row per token")
+    if "topk_ids" in tensors and tensors["topk_ids"].shape != tensors["topk_logprobs"].shape:
+        raise UserError(f"{path}: topk_ids and topk_logprobs have different shapes")
     return tensors
 
 
-def compare(a: dict, b: dict, atol: float) -> tuple[bool, list[str]]:
-    """-> (equal, lines describing the differences)."""
-    lines, same = [], True
+# ----------------------------------------------------------------------------------------------------
+# Comparing two traces
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What still counts as the same computation. atol: max |Δlogit| (|Δlog-prob| against top-k traces);
+    max_kl / mean_kl: KL(oracle ‖ backend) in nats, per step / over the steps; min_top1: share of steps
+    whose most likely token agrees; min_topk: mean overlap of the k most likely tokens; min_iou: mean
+    kept-set IoU over the steps."""
+    atol: float
+    max_kl: float
+    mean_kl: float
+    min_top1: float
+    min_topk: float
+    min_iou: float
+
+
+# float32: the same formulas in a different summation order (tests/test_parity.py: <= 1e-4 against
+# transformers). float16 / bfloat16: transformers' own float32-vs-low-precision gap on the same checkpoint,
+# teacher-forced over 60 tokens on the tests' tiny checkpoints, measured 0.010 / 0.12 max |Δlogit|,
+# 5e-6 / 5e-4 max KL, 2e-6 / 2e-4 mean KL, top-1 0.98 / 0.97, top-5 overlap 0.997 / 0.97. The limits
+# leave 3x or more room (tests/test_backend.py measures the gap again and checks it stays within a third of
+# each limit, half for the top-1/top-k shares). A 7B model's gap may be larger: measure transformers' own
+# on your checkpoint (float32 vs your dtype, teacher-forced) and pass --atol / --max-kl.
+LIMITS = {
+    "float32": Limits(atol=1e-4, max_kl=1e-6, mean_kl=1e-7, min_top1=1.0, min_topk=1.0, min_iou=1.0),
+    "float16": Limits(atol=0.1, max_kl=1e-4, mean_kl=2e-5, min_top1=0.9, min_topk=0.9, min_iou=0.9),
+    "bfloat16": Limits(atol=1.0, max_kl=1e-2, mean_kl=2e-3, min_top1=0.9, min_topk=0.9, min_iou=0.9),
+}
+
+
+@dataclass
+class Report:
+    same: bool
+    steps: list[dict]  # per compared step: tokens, and each metric that could be computed
+    checks: dict  # name -> {"value", "limit", "ok"}
+    not_checked: list[str]
+    notes: list[str]
+    first_bad_step: int | None
+    first_bad_reason: str | None
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ Q) per row from log-probabilities [T, V]. (pruning.kl is the same from logits; the trace
+    module stays free of the pruning code a backend builder does not need to read.)"""
+    lp, lq = lp.double(), lq.double()  # float32 rounding alone would put a few 1e-7 of noise here
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _rows(t: dict, upto: int) -> dict:
+    """The first `upto` rows of what a trace says about the next-token distribution: full logits (as
+    float32) or the top-k pair; {} when it has neither."""
+    if "logits" in t:
+        return {"logits": t["logits"][:upto].float()}
+    if "topk_ids" in t:
+        return {"topk_ids": t["topk_ids"][:upto], "topk_logprobs": t["topk_logprobs"][:upto].float()}
+    return {}
+
+
+def _topk(r: dict, k: int):
+    """-> (ids [T, k] best first, log-probs [T, k]) from full logits or a top-k pair."""
+    if "logits" in r:
+        vals, ids = r["logits"].log_softmax(-1).topk(k, dim=-1)
+        return ids, vals
+    order = r["topk_logprobs"].argsort(dim=-1, descending=True)[:, :k]
+    return r["topk_ids"].gather(1, order), r["topk_logprobs"].gather(1, order)
+
+
+def _logprob_gap(ra: dict, rb: dict, t: int) -> float:
+    """Step t: max |Δlog-prob| over the ids a top-k side reports (both top-k: the ids both report)."""
+    def table(r):
+        if "logits" in r:
+            return None
+        return {int(i): float(v) for i, v in zip(r["topk_ids"][t], r["topk_logprobs"][t])}
+    ta, tb = table(ra), table(rb)
+    if ta is None or tb is None:
+        full, top = (ra, tb) if ta is None else (rb, ta)
+        lp = full["logits"][t].log_softmax(-1)
+        return max(abs(float(lp[i]) - v) for i, v in top.items())
+    common = set(ta) & set(tb)
+    return max(abs(ta[i] - tb[i]) for i in common) if common else float("inf")
+
+
+def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
+    """a: the oracle's trace, b: the backend's. Uses what both have; says what it could not check."""
+    checks, not_checked, notes = {}, [], []
     ta, tb = a["tokens"], b["tokens"]
     n = min(ta.numel(), tb.numel())
     mismatch = (ta[:n] != tb[:n]).nonzero().squeeze(1)
     first = int(mismatch[0]) if mismatch.numel() else None
-    if ta.numel() != tb.numel() or first is not None:
-        same = False
-        lines.append(f"tokens: {ta.numel()} vs {tb.numel()} generated, {mismatch.numel()} of the first {n} differ"
-                     + (f", first at step {first}" if first is not None else ""))
-    else:
-        lines.append(f"tokens: all {n} equal")
-    # Logits are comparable only while both runs were fed the same tokens: up to the first mismatch.
-    upto = n if first is None else first + 1
-    for name in ("input_ids",):
-        if not torch.equal(a[name], b[name]):
-            same = False
-            lines.append(f"{name}: differ")
-    if "logits" in a and "logits" in b and upto > 0:
-        if a["logits"].shape[1] != b["logits"].shape[1]:
-            same = False
-            lines.append(f"logits: vocabularies differ ({a['logits'].shape[1]} vs {b['logits'].shape[1]})")
+    tokens_ok = first is None and ta.numel() == tb.numel()
+    checks["tokens"] = {"value": f"{n - (0 if first is None else n - first)} of {max(ta.numel(), tb.numel())} equal",
+                        "limit": "all", "ok": tokens_ok}
+    if not tokens_ok:
+        where = f"from step {first}" if first is not None else f"in length ({ta.numel()} vs {tb.numel()})"
+        notes.append(f"tokens differ {where}: logits after that step were computed on different histories and are "
+                     "not compared; rerun the oracle with generate.py --force-tokens BACKEND_TRACE to compare them all")
+    upto = n if first is None else first + 1  # row `first` is still comparable: same history, different choice
+    same_prompt = torch.equal(a["input_ids"], b["input_ids"])
+    checks["input_ids"] = {"value": "equal" if same_prompt else "differ", "limit": "equal", "ok": same_prompt}
+    steps = [{"step": t, "token_oracle": int(ta[t]), "token_backend": int(tb[t])} for t in range(upto)]
+    if not same_prompt:
+        notes.append("the prompts differ (input_ids): nothing else is comparable")
+        upto, steps = 0, []
+
+    bad: dict[int, list[str]] = {}  # step -> what is wrong there
+    ra, rb = _rows(a, upto), _rows(b, upto)
+    if upto and ra and rb:
+        if "logits" in ra and "logits" in rb and ra["logits"].shape[1] != rb["logits"].shape[1]:
+            checks["vocabulary"] = {"value": f"{ra['logits'].shape[1]} vs {rb['logits'].shape[1]}", "limit": "equal", "ok": False}
+            ra = rb = None
+    if upto and ra and rb:
+        kk = min([k] + [r["topk_ids"].shape[1] for r in (ra, rb) if "topk_ids" in r])
+        if "logits" in ra and "logits" in rb:
+            la, lb = ra["logits"], rb["logits"]
+            delta = (la - lb).abs().amax(-1)  # [upto]
+            label = "max |Δlogit|"
+            kl = _kl(la.double().log_softmax(-1), lb.double().log_softmax(-1))  # [upto]
+            for t in range(upto):
+                steps[t]["kl"] = float(kl[t])
+                if kl[t] > limits.max_kl:
+                    bad.setdefault(t, []).append(f"KL {float(kl[t]):.3g} > {limits.max_kl:g}")
+            checks["max_kl"] = {"label": "max KL(oracle ‖ backend) per step", "value": float(kl.max()), "limit": limits.max_kl, "ok": float(kl.max()) <= limits.max_kl}
+            checks["mean_kl"] = {"label": "mean KL", "value": float(kl.mean()), "limit": limits.mean_kl, "ok": float(kl.mean()) <= limits.mean_kl}
         else:
-            d = (a["logits"][:upto] - b["logits"][:upto]).abs().max().item()
-            ok = d <= atol
-            same &= ok
-            lines.append(f"logits: max |Δlogit| {d:.3g} over {upto} steps ({'<=' if ok else '>'} atol {atol:g})")
-    if "visual_keep" in a and "visual_keep" in b:
-        ka, kb = a["visual_keep"][:upto], b["visual_keep"][:upto]
+            # Log-probabilities (shift-free, unlike raw logits) at the ids the top-k side reports.
+            delta = torch.tensor([_logprob_gap(ra, rb, t) for t in range(upto)])
+            label = "max |Δlog-prob| over the reported top-k"
+            not_checked.append("KL: one side has only top-k log-probabilities (the full distributions are needed)")
+        ids_a, ids_b = _topk(ra, kk)[0], _topk(rb, kk)[0]  # [upto, kk] each, best first
+        top1 = ids_a[:, 0] == ids_b[:, 0]
+        overlap = torch.tensor([len(set(ids_a[t].tolist()) & set(ids_b[t].tolist())) / kk for t in range(upto)])
+        for t in range(upto):
+            steps[t].update(delta=float(delta[t]), top1=bool(top1[t]), topk_overlap=float(overlap[t]))
+            if delta[t] > limits.atol:
+                bad.setdefault(t, []).append(f"{label} {float(delta[t]):.3g} > {limits.atol:g}")
+            if limits.min_top1 >= 1.0 and not top1[t]:
+                bad.setdefault(t, []).append("the most likely token differs")
+        checks["max_delta"] = {"label": label, "value": float(delta.max()), "limit": limits.atol,
+                               "ok": float(delta.max()) <= limits.atol}
+        checks["top1"] = {"label": "top-1 agreement", "value": float(top1.float().mean()), "limit": limits.min_top1,
+                          "ok": float(top1.float().mean()) >= limits.min_top1}
+        checks["topk_overlap"] = {"label": f"top-{kk} overlap", "value": float(overlap.mean()), "limit": limits.min_topk,
+                                  "ok": float(overlap.mean()) >= limits.min_topk}
+    elif upto and not (ra and rb) and "vocabulary" not in checks:
+        not_checked.append("logits: " + ("the oracle" if not ra else "the backend") + " has neither logits nor top-k")
+
+    if upto and "visual_keep" in a and "visual_keep" in b:
+        ka, kb = a["visual_keep"][:upto].bool(), b["visual_keep"][:upto].bool()
         if ka.shape != kb.shape:
-            same = False
-            lines.append(f"visual_keep: shapes differ {tuple(ka.shape)} vs {tuple(kb.shape)}")
+            checks["visual_keep"] = {"value": f"shapes {tuple(ka.shape)} vs {tuple(kb.shape)}", "limit": "equal", "ok": False}
         else:
-            rows = (ka != kb).any(dim=1).nonzero().squeeze(1)
-            if rows.numel():
-                same = False
-                t = int(rows[0])
-                lines.append(f"visual_keep: differs at {rows.numel()} steps, first at step {t} "
-                             f"({int(ka[t].sum())} vs {int(kb[t].sum())} kept, "
-                             f"{int((ka[t] ^ kb[t]).sum())} tokens differ)")
-            else:
-                lines.append("visual_keep: equal")
-    return same, lines
+            inter, union = (ka & kb).sum(1).float(), (ka | kb).sum(1).float()
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))  # both empty: same
+            for t in range(upto):
+                steps[t].update(kept_oracle=int(ka[t].sum()), kept_backend=int(kb[t].sum()), keep_iou=float(iou[t]))
+                if limits.min_iou >= 1.0 and iou[t] < 1.0:
+                    bad.setdefault(t, []).append(f"kept sets differ (IoU {float(iou[t]):.3f}; {int(ka[t].sum())} vs "
+                                      f"{int(kb[t].sum())} kept, {int((ka[t] ^ kb[t]).sum())} tokens differ)")
+            checks["keep_iou"] = {"label": "kept-set IoU (mean over steps)", "value": float(iou.mean()), "limit": limits.min_iou, "ok": float(iou.mean()) >= limits.min_iou}
+    elif upto and ("visual_keep" in a) != ("visual_keep" in b):
+        not_checked.append("kept sets: only " + ("the oracle" if "visual_keep" in a else "the backend") + " has visual_keep")
+    if upto and "rates" in a and "rates" in b:
+        d = (a["rates"][:upto].float() - b["rates"][:upto].float()).abs()
+        for t in range(upto):
+            steps[t]["rate_delta"] = float(d[t])
+            if d[t] > 1e-6:
+                bad.setdefault(t, []).append(f"rates differ ({float(a['rates'][t]):g} vs {float(b['rates'][t]):g})")
+        checks["rates"] = {"label": "max |Δrate|", "value": float(d.max()), "limit": 1e-6, "ok": float(d.max()) <= 1e-6}
+    elif upto and ("rates" in a) != ("rates" in b):
+        not_checked.append("rates: only " + ("the oracle" if "rates" in a else "the backend") + " has them")
+
+    same = all(c["ok"] for c in checks.values()) and not bad
+    if not tokens_ok and first is not None:
+        bad.setdefault(first, []).append("the chosen token differs")
+    first_bad = min(bad) if bad else None
+    return Report(same and tokens_ok, steps, checks, not_checked, notes, first_bad,
+                  "; ".join(bad[first_bad]) if bad else None)
+
+
+def report_text(r: Report, dtype: str, limits: Limits) -> str:
+    lines = [f"limits ({dtype}): " + ", ".join(f"{k} {v:g}" for k, v in asdict(limits).items())]
+    for name, c in r.checks.items():
+        value = c["value"] if isinstance(c["value"], str) else f"{c['value']:.4g}"
+        limit = c["limit"] if isinstance(c["limit"], str) else f"{c['limit']:g}"
+        lines.append(f"{'ok  ' if c['ok'] else 'FAIL'} {c.get('label', name)}: {value} (limit {limit})")
+    lines += [f"not checked: {x}" for x in r.not_checked]
+    lines += [f"note: {x}" for x in r.notes]
+    if r.first_bad_step is not None:
+        lines.append(f"first bad step: {r.first_bad_step} ({r.first_bad_reason})")
+    lines.append(f"{len(r.steps)} steps compared")
+    lines.append("SAME" if r.same else "DIFFERENT")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A serving engine's answer as a trace
+
+
+_ID = re.compile(r"^token_id:(\d+)$")
+
+
+def _token_id(text, where: str) -> int:
+    m = _ID.match(str(text))
+    if not m:
+        raise UserError(f"{where}: token {text!r} is text, not an id; ask the server for ids "
+                        '(vLLM: "return_tokens_as_token_ids": true) so that they can be compared exactly')
+    return int(m.group(1))
+
+
+def openai_trace(response: dict, input_ids: torch.Tensor, path: str) -> dict[str, torch.Tensor]:
+    """An OpenAI-compatible chat or completions response with logprobs -> a partial trace: input_ids,
+    tokens, topk_ids, topk_logprobs (the chosen token's own log-prob is kept in the top-k set: the engine
+    reports it separately when it falls outside)."""
+    try:
+        choice = response["choices"][0]
+        lp = choice["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError(f"{path}: no choices[0].logprobs; request logprobs (and top_logprobs) from the server") from None
+    tokens, tops = [], []
+    if isinstance(lp, dict) and "content" in lp:  # chat completions
+        for i, entry in enumerate(lp["content"] or []):
+            where = f"{path}: choices[0].logprobs.content[{i}]"
+            tokens.append(_token_id(entry["token"], where))
+            tops.append({_token_id(e["token"], where): float(e["logprob"]) for e in entry.get("top_logprobs") or []})
+            tops[-1].setdefault(tokens[-1], float(entry["logprob"]))
+    elif isinstance(lp, dict) and "tokens" in lp:  # completions
+        for i, (tok, tlp) in enumerate(zip(lp["tokens"], lp["token_logprobs"])):
+            where = f"{path}: choices[0].logprobs.tokens[{i}]"
+            tokens.append(_token_id(tok, where))
+            top = (lp.get("top_logprobs") or [None] * len(lp["tokens"]))[i] or {}
+            tops.append({_token_id(t, where): float(v) for t, v in top.items()})
+            tops[-1].setdefault(tokens[-1], float(tlp))
+    else:
+        raise UserError(f"{path}: choices[0].logprobs has neither 'content' (chat) nor 'tokens' (completions)")
+    if not tokens:
+        raise UserError(f"{path}: the response has no generated tokens")
+    k = min(len(t) for t in tops)
+    ids = torch.zeros(len(tokens), k, dtype=torch.int64)
+    vals = torch.zeros(len(tokens), k, dtype=torch.float32)
+    for t, top in enumerate(tops):
+        best = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+        ids[t] = torch.tensor([i for i, _ in best])
+        vals[t] = torch.tensor([v for _, v in best])
+    return {"input_ids": input_ids.to(torch.int64), "tokens": torch.tensor(tokens, dtype=torch.int64),
+            "topk_ids": ids, "topk_logprobs": vals}
 
 
 def run(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dyrate_ref.trace", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="compare two trace files; exit 0 same, 1 different, 2 unreadable")
-    c.add_argument("a", help="the first trace (for example the oracle's)")
-    c.add_argument("b", help="the second trace (for example your backend's)")
-    c.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogit| still counted equal (default 1e-4)")
+    p = ArgumentParser(prog="python -m dyrate_ref.trace", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
+    c = sub.add_parser("compare", help="compare an oracle trace with a backend's; exit 0 same, 1 different, 2 unreadable")
+    c.add_argument("a", help="the oracle's trace (generate.py --trace, ideally with --force-tokens B)")
+    c.add_argument("b", help="the backend's trace")
+    c.add_argument("--dtype", choices=sorted(LIMITS), default="float32",
+                   help="the backend's precision: picks the limits (default float32)")
+    c.add_argument("--atol", type=float, help="override the max |Δlogit| limit")
+    c.add_argument("--max-kl", type=float, help="override the per-step KL limit (nats)")
+    c.add_argument("--top-k", type=int, default=5, help="k of the top-k overlap (default 5, at most the trace's k)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON (per step and overall)")
+    o = sub.add_parser("from-openai", help="an OpenAI-compatible response with logprobs -> a partial trace")
+    o.add_argument("response", help="the JSON the server returned")
+    o.add_argument("--input-ids-from", required=True, metavar="TRACE",
+                   help="a trace of the same prompt (the oracle's) to take input_ids from, unless the JSON has prompt_token_ids")
+    o.add_argument("--out", required=True, help="the trace to write")
     args = p.parse_args(argv)
-    same, lines = compare(read_trace(args.a), read_trace(args.b), args.atol)
-    print("\n".join(lines))
-    print("SAME" if same else "DIFFERENT")
-    return 0 if same else 1
+    if args.cmd == "from-openai":
+        try:
+            with open(args.response, encoding="utf-8") as f:
+                response = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {args.response} as JSON: {e}") from None
+        prompt_ids = response.get("prompt_token_ids") if isinstance(response, dict) else None
+        input_ids = (torch.tensor(prompt_ids, dtype=torch.int64) if prompt_ids
+                     else read_trace(args.input_ids_from)["input_ids"])
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise UserError(f"--out {args.out}: its folder does not exist")
+        tensors = openai_trace(response, input_ids, args.response)
+        write_trace(args.out, tensors, {"source": os.path.basename(args.response)})
+        print(f"wrote {args.out}: {tensors['tokens'].numel()} tokens, top-{tensors['topk_ids'].shape[1]} log-probs")
+        return 0
+    limits = LIMITS[args.dtype]
+    if args.atol is not None or args.max_kl is not None:
+        limits = Limits(**{**asdict(limits), **({"atol": args.atol} if args.atol is not None else {}),
+                           **({"max_kl": args.max_kl} if args.max_kl is not None else {})})
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k} must be at least 1")
+    r = compare(read_trace(args.a), read_trace(args.b), limits, args.top_k)
+    if args.json:
+        print(json.dumps({"same": r.same, "dtype": args.dtype, "limits": asdict(limits), "checks": r.checks,
+                          "not_checked": r.not_checked, "notes": r.notes, "first_bad_step": r.first_bad_step,
+                          "first_bad_reason": r.first_bad_reason, "steps": r.steps}, indent=1))
+    else:
+        print(report_text(r, args.dtype, limits))
+    return 0 if r.same else 1
 
 
 def main(argv=None):

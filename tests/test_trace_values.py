@@ -43,8 +43,9 @@ def test_fastv_trace_values_against_independent_computations(files):
     from transformers import LlavaForConditionalGeneration
     root, w, img = files
     trace = root / "fastv.st"
+    # FastV's defaults, K = 2 and R = 0.5, not given: the metadata must name what was used, not the flags.
     r = cli("--image", img, "--prompt", "What is it?", "--weights", w, "--max-new-tokens", "5", "--trace", str(trace),
-            "--method", "fastv", "--layer", str(K), "--ratio", "0.5")
+            "--method", "fastv")
     assert r.returncode == 0, r.stderr
     t = load_file(str(trace))
     with safe_open(str(trace), "pt") as f:

@@ -1,0 +1,159 @@
+"""A worked example of checking a backend against dyrate_ref: Hugging Face transformers'
+LlavaForConditionalGeneration plays "the backend under test".
+
+It decodes greedily, unpruned or with FastV or a fixed-schedule DyRate whose kept sets it computes from
+its own attention, and applies them through per-layer attention masks (no KV-cache eviction: each step
+recomputes the whole sequence, which is slow and simple). Then it writes a trace in dyrate_ref's format
+with only what a backend has to produce: input_ids, tokens, logits (or, with --topk, top-k log-probs as
+a serving engine returns them), visual_keep and rates.
+
+    python examples/hf_backend.py --weights DIR --image IMG --prompt TEXT --out backend.safetensors \\
+        [--method none|fastv|dyrate] [--layer 2] [--ratio 0.5] [--rates 0.3,0.5,0.7] [--max-new-tokens 16] \\
+        [--topk K] [--image-offset 1]
+    python generate.py --weights DIR --image IMG --prompt TEXT --method fastv \\
+        --force-tokens backend.safetensors --trace oracle.safetensors
+    python -m dyrate_ref.trace compare oracle.safetensors backend.safetensors
+
+--image-offset 1 is a deliberate bug: the visual span taken one position too late, the off-by-one that
+FastV's public code has had. The comparison names the first step it breaks.
+
+The prompt and the pixels come from dyrate_ref's processor, so that only the model is under test
+(tests/test_parity.py checks that transformers' LlavaProcessor gives the same input_ids and pixels).
+The pruning rules are written out again here, from the README's definitions, as a backend builder would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dyrate_ref.loading import read_config  # noqa: E402
+from dyrate_ref.processing import Processor, open_image  # noqa: E402
+
+
+def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ratio: float, rates) -> tuple[list[int], float]:
+    """FastV: at step 0 the top round((1-R)·N) visual tokens by score, then unchanged. DyRate with a fixed
+    schedule: |keep_t| = min(|keep_{t-1}|, ceil((1-r_t)·N)), the best-scoring of keep_{t-1}."""
+    N = scores.numel()
+    if method == "none":
+        return prev, 0.0
+    if method == "fastv":
+        if t > 0:
+            return prev, ratio
+        k = int(round((1 - ratio) * N))
+        return sorted(scores.topk(k).indices.tolist()), ratio
+    rate = rates[min(t, len(rates) - 1)]
+    k = min(len(prev), math.ceil(round((1 - rate) * N, 6)))
+    best = scores[prev].topk(k).indices.tolist()
+    return sorted(prev[i] for i in best), rate
+
+
+@torch.no_grad()
+def run_backend(weights: str, image, prompt: str, method: str = "none", layer: int = 2, ratio: float = 0.5,
+                rates=(0.3, 0.5, 0.7), max_new_tokens: int = 16, image_offset: int = 0, dtype=torch.float32):
+    """-> dict of trace tensors (input_ids, tokens, logits [T, V] float32, visual_keep, rates)."""
+    from transformers import LlavaForConditionalGeneration
+    hf = LlavaForConditionalGeneration.from_pretrained(weights, attn_implementation="eager", dtype=dtype).eval()
+    proc = Processor(weights, read_config(weights))
+    ids = proc.input_ids(prompt)  # [P]
+    pixels = proc.pixel_values(image).to(dtype)  # [1, 3, H, W]
+    cfg = hf.config
+    where = (ids == cfg.image_token_id).nonzero().squeeze(1)
+    start, N = int(where[0]) + image_offset, where.numel()
+    lm = hf.model.language_model
+    L, P = len(lm.layers), ids.numel()
+    K = layer if method != "none" else L
+    feats = torch.cat(list(hf.model.get_image_features(pixel_values=pixels).pooler_output))  # [N, C]
+    eos = set(proc.stop_ids)
+
+    tokens, logits_rows, keeps, rate_list = [], [], [], []
+    keep = list(range(N))
+    for t in range(max_new_tokens):
+        seq = torch.cat([ids, torch.tensor(tokens, dtype=torch.long)])  # [S]
+        S = seq.numel()
+        x = hf.get_input_embeddings()(seq[None])  # [1, S, C]
+        x = x.masked_scatter((seq == cfg.image_token_id)[None, :, None].expand_as(x), feats.to(x.dtype))
+        pos = torch.arange(S)[None]  # [1, S]
+        rope = lm.rotary_emb(x, pos)
+        causal = torch.ones(S, S, dtype=torch.bool).tril()  # [S, S]
+        add = lambda allowed: torch.zeros(S, S, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None]  # noqa: E731
+        for i in range(min(K, L)):
+            if i < K - 1:
+                x = lm.layers[i](x, attention_mask=add(causal), position_embeddings=rope)
+                continue
+            # Layer K-1 by hand, to read its attention probabilities: the step's query over the image.
+            lay = lm.layers[i]
+            a, w = lay.self_attn(lay.input_layernorm(x), position_embeddings=rope, attention_mask=add(causal))
+            x = x + a
+            x = x + lay.mlp(lay.post_attention_layernorm(x))
+            scores = w[0, :, -1, start:start + N].float().mean(0)  # [N]
+        if K < L:
+            keep, rate = keep_for_step(method, t, keep, scores, ratio, rates)
+            keeps.append(keep)
+            rate_list.append(rate)
+            # Layers >= K: a query of step s (prompt rows: step 0) sees a visual token only if keep_s has it.
+            step_of_row = torch.clamp(torch.arange(S) - (P - 1), min=0)  # [S]
+            sees = torch.ones(S, S, dtype=torch.bool)
+            for r in range(S):
+                row = torch.zeros(N, dtype=torch.bool)
+                row[keeps[int(step_of_row[r])]] = True
+                sees[r, start:start + N] = row
+            for i in range(K, L):
+                x = lm.layers[i](x, attention_mask=add(causal & sees), position_embeddings=rope)
+        else:
+            keeps.append(keep)
+            rate_list.append(0.0)
+        logits = hf.lm_head(lm.norm(x[:, -1]))[0].float()  # [V]
+        logits_rows.append(logits)
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] in eos:
+            break
+    visual_keep = torch.zeros(len(tokens), N, dtype=torch.bool)
+    for t, kept in enumerate(keeps):
+        visual_keep[t, kept] = True
+    return {"input_ids": ids, "tokens": torch.tensor(tokens), "logits": torch.stack(logits_rows),
+            "visual_keep": visual_keep, "rates": torch.tensor(rate_list, dtype=torch.float32),
+            "pixel_values": pixels.float()}
+
+
+def to_topk(trace: dict, k: int) -> dict:
+    """What a serving engine returns instead of full logits: the k best ids and their log-probs."""
+    lp = trace["logits"].log_softmax(-1)
+    vals, ids = lp.topk(k, dim=-1)
+    out = {n: v for n, v in trace.items() if n != "logits"}
+    out.update(topk_ids=ids, topk_logprobs=vals)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="none", choices=("none", "fastv", "dyrate"))
+    p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--rates", default="0.3,0.5,0.7")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--topk", type=int, default=None, help="write top-k log-probs instead of full logits")
+    p.add_argument("--image-offset", type=int, default=0, help="a deliberate bug: shift the visual span")
+    args = p.parse_args(argv)
+    trace = run_backend(args.weights, open_image(args.image), args.prompt, args.method, args.layer, args.ratio,
+                        tuple(float(r) for r in args.rates.split(",")), args.max_new_tokens, args.image_offset,
+                        getattr(torch, args.dtype))
+    if args.topk:
+        trace = to_topk(trace, args.topk)
+    save_file({n: v.contiguous() for n, v in trace.items()}, args.out, metadata={"format": "dyrate_ref-trace-1"})
+    print(f"wrote {args.out}: {trace['tokens'].numel()} tokens, method {args.method}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The mutation check: does the suite catch deliberate, meaningful bugs?
+
+    python tests/mutants.py [--only NAME ...] [--jobs N] [--list]
+
+Each mutant below is one small edit of the project's source that a real bug could make. For each, the
+project is copied to a temporary folder (the weights linked, not copied), the edit is applied (it must
+match exactly once), and the test files that cover that part are run with `pytest -x`. A mutant is
+caught when a test fails; the report names the first failing test. Exit status 0 when every mutant is
+caught, 1 otherwise.
+
+The test files run per mutant are the ones covering that part of the code (all files would take ~5 min
+per mutant); `--full` runs the whole suite for each instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    why: str  # the bug it stands for
+    path: str
+    edits: tuple[tuple[str, str], ...]  # (old, new), each old must occur exactly once
+    tests: tuple[str, ...]
+
+
+MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
+PRUNE_TESTS = ("tests/test_pruning.py",)
+CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli_habits.py", "tests/test_cli.py")
+
+MUTANTS = [
+    # The model
+    Mutant("rope-interleaved", "RoPE with GPT-J's interleaved pairs instead of HF's rotate-half halves",
+           "dyrate_ref/model.py", (("emb = torch.cat([angles, angles], dim=-1)", "emb = angles.repeat_interleave(2, dim=-1)"),),
+           MODEL_TESTS),
+    Mutant("attention-scale", "attention scores scaled by 1/sqrt(D+1)", "dyrate_ref/model.py",
+           (("scores = (qg @ k.transpose(-2, -1)) * D**-0.5", "scores = (qg @ k.transpose(-2, -1)) * (D + 1)**-0.5"),),
+           MODEL_TESTS),
+    Mutant("gqa-grouping", "query head h reads kv head h % Hkv instead of h // G", "dyrate_ref/model.py",
+           (("qg = q.reshape(B, Hkv, G * T, D)", "qg = q.view(B, G, Hkv, T, D).transpose(1, 2).reshape(B, Hkv, G * T, D)"),),
+           MODEL_TESTS),
+    Mutant("feature-layer", "vision_feature_layer -2 read as the layer before it", "dyrate_ref/model.py",
+           (("i if i >= 0 else L + 1 + i", "i if i >= 0 else L + i"),), MODEL_TESTS),
+    Mutant("cls-strategy", "strategy 'default' drops the last patch instead of CLS", "dyrate_ref/model.py",
+           (("picked = [s[:, 1:] for s in picked]", "picked = [s[:, :-1] for s in picked]"),), MODEL_TESTS),
+    # Loading
+    Mutant("rename-public-layout", "the public hub layout's vision tower prefix not renamed", "dyrate_ref/loading.py",
+           (('("vision_tower.vision_model.", "vision_tower."),', '("vision_tower.vision_model.", "vision_tower.vision_model."),'),),
+           ("tests/test_trace_values.py",)),
+    Mutant("no-cast", "--dtype ignored while loading", "dyrate_ref/loading.py",
+           ((".to(dtype=dtype).to(device)", ".to(device)"),), ("tests/test_loading.py",)),
+    # Processing
+    Mutant("resample-bilinear", "images resized bilinearly instead of with the checkpoint's resample",
+           "dyrate_ref/processing.py", (("img.resize((w, h), resample=s.resample)", "img.resize((w, h), resample=Image.Resampling.BILINEAR)"),),
+           ("tests/test_preprocessing.py",)),
+    Mutant("crop-left", "center crop taken from the left edge", "dyrate_ref/processing.py",
+           (("top, left = (H - ch) // 2, (W - cw) // 2", "top, left = (H - ch) // 2, 0"),), ("tests/test_preprocessing.py",)),
+    Mutant("normalise-order", "mean subtracted after dividing by std", "dyrate_ref/processing.py",
+           (("x = (x - mean) / std", "x = x / std - mean"),), ("tests/test_preprocessing.py",)),
+    # Pruning
+    Mutant("span-offset", "evicted positions off by one (the image offset bug FastV's public code had)",
+           "dyrate_ref/generation.py", (("gone = state.span[0] + state.keep[", "gone = state.span[0] + 1 + state.keep["),),
+           PRUNE_TESTS),
+    Mutant("keep-instead-of-evict", "the kept tokens evicted instead of the dropped ones", "dyrate_ref/generation.py",
+           (("gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]", "gone = state.span[0] + keep"),),
+           PRUNE_TESTS),
+    Mutant("not-nested", "DyRate re-chooses from all N tokens, not from keep_{t-1}", "dyrate_ref/pruning.py",
+           (("    return top_k_sorted(prev_keep, scores, k)\n\n\ndef dyrate_cut",
+             "    return top_k_sorted(torch.arange(n, device=scores.device), scores, k)\n\n\ndef dyrate_cut"),),
+           PRUNE_TESTS),
+    Mutant("fastv-rounding", "FastV keeps floor instead of round((1-R)·N)", "dyrate_ref/pruning.py",
+           (("k = int(round((1 - ratio) * n))", "k = int((1 - ratio) * n)"),), PRUNE_TESTS + ("tests/test_trace_values.py",)),
+    # Cost
+    Mutant("flops-vision-attention", "the vision tower's attention products left out of the count", "dyrate_ref/cost.py",
+           (("+ 2 * (2 * T * T * C) +", "+ 0 * (2 * T * T * C) +"),), PRUNE_TESTS),
+    Mutant("flops-mlp", "the MLP counted as two matmuls", "dyrate_ref/cost.py",
+           (("mlp = 3 * 2 * T * C * I", "mlp = 2 * 2 * T * C * I"),), PRUNE_TESTS),
+    Mutant("flops-lm-head", "the LM head left out", "dyrate_ref/cost.py",
+           (("return low + high + lm_head_flops(tc, 1)", "return low + high"),), PRUNE_TESTS),
+    Mutant("flops-ignore-eviction", "decode FLOPs above K counted over every key, as if nothing were evicted",
+           "dyrate_ref/cost.py", (("decoder_layer_flops(tc, step.rows_high, step.keys_high)",
+                                   "decoder_layer_flops(tc, step.rows_high, step.keys_low)"),), PRUNE_TESTS),
+    Mutant("kv-bytes-keys-only", "KV bytes count keys only", "dyrate_ref/cost.py",
+           (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size\n\n\ndef serving_kv_bytes",
+             "    return slots * tc.num_key_value_heads * tc.head_dim * element_size\n\n\ndef serving_kv_bytes"),),
+           ("tests/test_trace_values.py",) + PRUNE_TESTS),
+    # The trace
+    Mutant("trace-rows-shifted", "trace logits rows shifted by one step", "dyrate_ref/trace.py",
+           (('"logits": torch.stack(record.logits)', '"logits": torch.stack(record.logits[1:] + record.logits[:1])'),),
+           CLI_TESTS),
+    Mutant("trace-metadata", "the trace records the flag's layer, not the one used", "dyrate_ref/cli.py",
+           (("method=prune.method, layer=prune.layer,", "method=prune.method, layer=args.layer,"),), CLI_TESTS),
+    # The CLI
+    Mutant("no-streaming", "the answer printed at the end instead of streamed", "dyrate_ref/cli.py",
+           (("        sys.stdout.write(decoder.push(tid))\n        sys.stdout.flush()\n",
+             "        held.append(decoder.push(tid))\n"),
+            ("    t0 = time.time()\n", "    held = []\n    t0 = time.time()\n"),
+            ('    sys.stdout.write("\\n")\n', '    sys.stdout.write("".join(held) + "\\n")\n')),
+           CLI_TESTS),
+    Mutant("not-atomic", "files written straight to their destination", "dyrate_ref/files.py",
+           (("        write(tmp)\n        umask = os.umask(0)\n        os.umask(umask)\n        os.chmod(tmp, 0o666",
+             "        tmp = path\n        write(tmp)\n        umask = os.umask(0)\n        os.umask(umask)\n        os.chmod(tmp, 0o666"),), CLI_TESTS),
+    Mutant("top-p-ignored", "--top-p accepted and ignored", "dyrate_ref/cli.py",
+           (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, 1.0, args.seed)"),), CLI_TESTS),
+    Mutant("seed-ignored", "--seed accepted and ignored", "dyrate_ref/cli.py",
+           (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, top_p, None)"),), CLI_TESTS),
+]
+
+
+def copy_project(dst: str):
+    """The source, tests and small files; weights/ linked (30 MB, never edited by a mutant)."""
+    for name in os.listdir(REPO):
+        if name in (".git", ".venv", "runs", "weights", ".pytest_cache") or name.endswith(".egg-info"):
+            continue
+        src = os.path.join(REPO, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dst, name), ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, os.path.join(dst, name))
+    os.symlink(os.path.join(REPO, "weights"), os.path.join(dst, "weights"))
+
+
+def apply(m: Mutant, root: str):
+    path = os.path.join(root, m.path)
+    src = open(path).read()
+    for old, new in m.edits:
+        n = src.count(old)
+        if n != 1:
+            raise SystemExit(f"mutant {m.name}: {old!r} occurs {n} times in {m.path}; the mutant list is out of date")
+        src = src.replace(old, new)
+    with open(path, "w") as f:
+        f.write(src)
+
+
+def check(m: Mutant, full: bool) -> tuple[Mutant, bool, str, float]:
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as root:
+        copy_project(root)
+        apply(m, root)
+        env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf"]
+        cmd += [] if full else list(m.tests)
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^FAILED (\S+)", r.stdout, re.M)
+    caught = r.returncode == 1 and bool(failed)
+    if r.returncode not in (0, 1):
+        return m, False, f"pytest exited {r.returncode}: {r.stdout.strip().splitlines()[-1:] or r.stderr[-300:]}", time.time() - t0
+    return m, caught, failed[0] if failed else "nothing failed", time.time() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    p.add_argument("--jobs", type=int, default=2, help="mutants checked at once (default 2)")
+    p.add_argument("--full", action="store_true", help="run the whole suite for each mutant")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = p.parse_args()
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:26s} {m.path:26s} {m.why}")
+        return 0
+    # Check every edit applies before spending minutes on tests.
+    with tempfile.TemporaryDirectory() as root:
+        copy_project(root)
+        for m in mutants:
+            shutil.copy2(os.path.join(REPO, m.path), os.path.join(root, m.path))
+            apply(m, root)
+    print(f"{len(mutants)} mutants, {args.jobs} at a time", flush=True)
+    results = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for m, caught, test, secs in pool.map(lambda m: check(m, args.full), mutants):
+            results.append((m, caught))
+            print(f"{'caught ' if caught else 'MISSED '} {m.name:26s} {secs:5.0f}s  {test}   ({m.why})", flush=True)
+    missed = [m.name for m, caught in results if not caught]
+    print(f"\n{len(results) - len(missed)} of {len(results)} mutants caught" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
