@@ -70,15 +70,20 @@ def test_caption_words_strip_punctuation_and_case():
 
 def test_bootstrap_difference_of_identical_methods_is_zero_and_a_real_gap_is_seen():
     candidates, references = SETS["several references"]
-    refs = [[caption_words(r) for r in rs] for rs in references * 4]
-    base = [caption_words(c) for c in candidates * 4]
+    refs = [[caption_words(r) for r in rs] for rs in references * 20]
+    base = [caption_words(c) for c in candidates * 20]
     d, se = bootstrap_cider_difference(refs, base, base, reps=50)
     assert d == 0.0 and se == 0.0
-    worse = [w[:1] for w in base]
-    d, se = bootstrap_cider_difference(refs, base, worse, reps=50)
+    worse = [w[:i % 4 + 1] for i, w in enumerate(base)]
+    d, se = bootstrap_cider_difference(refs, base, worse, reps=2000)
     full = CiderD(refs)
-    assert d == pytest.approx(full.corpus(worse)[0] - full.corpus(base)[0])
-    assert d < 0 and se > 0 and math.isfinite(se)
+    a, b = full.corpus(base), full.corpus(worse)
+    assert d == pytest.approx(b[0] - a[0])
+    # The bootstrap's SE of a mean of per-image differences approaches the textbook one, sd / sqrt(n).
+    diffs = [y - x for x, y in zip(a[1], b[1])]
+    n, mu = len(diffs), sum(diffs) / len(diffs)
+    analytic = math.sqrt(sum((x - mu) ** 2 for x in diffs) / (n - 1) / n)
+    assert d < 0 and se == pytest.approx(analytic, rel=0.1)
 
 
 @pytest.mark.parametrize("prediction, answer, want", [

@@ -3,6 +3,9 @@
   python -m dyrate_ref.tools.bench                 speed: dyrate_ref vs HF eager and HF sdpa (needs transformers)
   python -m dyrate_ref.tools.bench --prune         pruning methods: time, FLOPs and KV bytes relative to none
   python -m dyrate_ref.tools.bench loading --weights DIR [--dtype D]   peak RSS while loading, vs checkpoint size
+  python -m dyrate_ref.tools.bench overhead        a pruning method's decode step against method none on the
+                                                   same cache: what the per-step selection costs when nothing
+                                                   is evicted
 
 Random weights with LLaVA-1.5-7B's structure scaled down to fit a 2-core CPU (576 visual tokens kept: the
 image is 336 px in 14 px patches, as in LLaVA-1.5). --shape 7b uses the real 7B shapes (a GPU's job).
@@ -10,6 +13,7 @@ image is 336 px in 14 px patches, as in LLaVA-1.5). --shape 7b uses the real 7B 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -23,9 +27,10 @@ from safetensors.torch import save_file
 
 from ..cost import vision_flops
 from ..errors import ArgumentParser, command_main
-from ..generation import generate
+from ..generation import decode_one_token, generate, prefill
 from ..loading import DTYPES, checkpoint_key, load_model, read_config, weight_files
 from ..model import LlavaConfig, LlavaForConditionalGeneration
+from ..predictor import load_predictor, shipped_predictor_path
 from ..pruning import PruneSettings
 
 SHAPES = {
@@ -195,6 +200,53 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
     return rows, cfg
 
 
+def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int, repeats: int) -> list[dict]:
+    """Per decode step: each method, from its own pruned prefill, against method none fed the very same
+    cache (a copy of the state after that prefill: k visual tokens in layers >= K). The methods here
+    evict nothing after the prefill (FastV never does; DyRate at a constant rate keeps its count), so any
+    difference is the per-step cost of choosing: scores, choose_keep, the no-op eviction check, host syncs.
+    Runs interleaved, best of `repeats`."""
+    model = load_model(weights_dir, dtype, device)
+    cfg = model.config
+    N = cfg.num_image_tokens
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(3, min(31000, cfg.text_config.vocab_size), (40,), generator=g)
+    ids = torch.cat([torch.tensor([1]), text[:5], torch.full((N,), cfg.image_token_index), text[5:]])  # [P]
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    methods = [("FastV K=2 R=0.5", PruneSettings("fastv", 2, 0.5)), ("FastV K=2 R=0.9", PruneSettings("fastv", 2, 0.9)),
+               ("DyRate K=2 constant rate 0.5", PruneSettings("dyrate", 2, rates=(0.5,)))]
+    path = shipped_predictor_path(weights_dir)
+    if path:
+        pred = load_predictor(path, cfg, weights_dir)
+        pred.to(device)
+        methods.append((f"DyRate K={pred.layer} predictor (features + decision each step; may cut)",
+                        PruneSettings("dyrate", pred.layer, predictor=pred)))
+    token = torch.tensor(7, device=model.lm_head.weight.device)
+    rows = []
+    for name, prune in methods:
+        _, state = prefill(model, ids, px, prune)
+        k = state.keep.numel()
+        variants = {"method": prune, "none, same cache": PruneSettings()}
+        best = {v: float("inf") for v in variants}
+        kept_after = None
+        for r in range(repeats + 1):  # the first round warms up
+            for v, pr in variants.items():
+                st = copy.deepcopy(state)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    decode_one_token(model, token, st, pr)
+                sync()
+                if r:
+                    best[v] = min(best[v], (time.perf_counter() - t0) / steps)
+                if v == "method":
+                    kept_after = st.keep.numel()
+        rows.append(dict(name=name, k=k, kept_after=kept_after, method_ms=best["method"] * 1e3,
+                         none_ms=best["none, same cache"] * 1e3))
+    return rows
+
+
 def device_bandwidth(device: str) -> float | None:
     """Peak memory bandwidth in bytes/s from the CUDA device's properties (2 transfers per clock x bus
     width), or None where torch does not say."""
@@ -207,8 +259,9 @@ def device_bandwidth(device: str) -> float | None:
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading"],
-                   help="speed (default): time per phase; loading: peak memory while loading")
+    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead"],
+                   help="speed (default): time per phase; loading: peak memory while loading; overhead: a pruned "
+                        "decode step against method none on the same cache")
     p.add_argument("--weights", help="checkpoint directory (default: a random one with --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES),
                    help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
@@ -240,6 +293,16 @@ def run(argv=None) -> int:
                   f"peak RSS added while loading {r['peak_added'] / 1e6:.0f} MB, "
                   f"ratio {r['ratio']:.3f} (limit 1.2), {r['seconds']:.2f}s; with torch's one-time "
                   f"initialisation included: {r['raw_added'] / 1e6:.0f} MB, ratio {r['raw_ratio']:.3f}")
+            return 0
+        if args.what == "overhead":
+            rows = step_overhead(weights, args.device, DTYPES[dtype_name], args.new_tokens, max(args.repeats, 5))
+            print(f"\n{args.new_tokens} decode steps per run, best of {max(args.repeats, 5)} interleaved runs, "
+                  f"{args.device}/{dtype_name}, {torch.get_num_threads()} threads\n")
+            print("| method | visual tokens kept in layers >= K | ms per decode step | method none on the same cache | ratio |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                kept = f"{r['k']}" + (f" -> {r['kept_after']}" if r["kept_after"] != r["k"] else "")
+                print(f"| {r['name']} | {kept} | {r['method_ms']:.3f} | {r['none_ms']:.3f} | {r['method_ms'] / r['none_ms']:.3f} |")
             return 0
         rows, cfg = speed(weights, args.device, DTYPES[dtype_name], args.new_tokens, args.repeats, args.prune)
     vc, tc = cfg.vision_config, cfg.text_config

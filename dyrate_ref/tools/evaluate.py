@@ -22,7 +22,7 @@ image, per decoder layer, over the held-out descriptions: the observation DyRate
 
 Your own data: --data FILE.jsonl (the format is in tools/data.py: image, prompt, and references and/or
 answer per line) runs the same rows on the file's items and scores captions by CIDEr-D (its difference
-from none with a paired-bootstrap standard error) and answers by exact match and, where the line has the
+from none with a paired-bootstrap standard error over the items) and answers by exact match and, where the line has the
 human `answers`, VQA soft accuracy (tools/metrics.py). --results FILE.jsonl keeps every item's output
 as a JSON line as soon as it is made; run the same command again after an interruption and it
 continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out scenes as such a file.
@@ -401,7 +401,7 @@ def file_table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: 
         acc.append(f"| {row.name} | " + " | ".join(cells) + f" | {fmt(s, 'agree')} |")
     counts = ", ".join(f"{base[k + '_n']} items scored by {title[k].replace(' %', '')}" for k in cols)
     boot = (f" CIDEr-D's standard error: a paired bootstrap over the caption items ({bootstrap} resamples, the "
-            "idf recomputed on each).") if "cider" in cols else ""
+            "idf the whole set's).") if "cider" in cols else ""
     return f"{counts}.{boot}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
 
 
@@ -538,7 +538,7 @@ def run(argv=None) -> int:
         print(table(results, N, vision))
         key, scale, ylabel = "qa", 100, "QA accuracy % (held-out questions)"
     print("\n" + serving_table(results, N))
-    what = os.path.basename(args.data) if args.data else f"{len(prompts)} held-out scene prompts"
+    what = args.data if args.data else f"{len(prompts)} held-out scene prompts"
     if args.json:
         figures = {"data": args.data or f"scenes:{len(prompts)}", "prompts": len(prompts),
                    "weights": os.path.basename(os.path.normpath(args.weights)),

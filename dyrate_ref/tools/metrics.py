@@ -12,7 +12,8 @@ CIDEr-D (Vedantam et al. 2015, as computed by the COCO caption toolkit's CiderSc
     length difference δ (the toolkit measures length as the number of *bigrams*, i.e. words - 1: kept
     here so that the figures agree);
   - averaged over n and over the image's references, times 10.
-The corpus score is the mean of the per-image scores.
+The corpus score is the mean of the per-image scores, so a method's difference from another is the mean
+of per-image differences (bootstrap_cider_difference gives its standard error).
 
 Tokenisation: the toolkit runs Stanford's PTB tokenizer (Java) first. We lower-case, replace every run
 of characters that are not letters or digits by a space and split on whitespace. The two differ on contractions ("don't" -> PTB "do n't", here "don t") and on a few
@@ -93,21 +94,21 @@ class CiderD:
 
 def bootstrap_cider_difference(references, base, other, reps: int = 200, seed: int = 0) -> tuple[float, float]:
     """CIDEr-D(other) - CIDEr-D(base) on the whole set, and its standard error by a paired bootstrap:
-    resample images with replacement, recompute both scores on the resample (idf included, since the
-    resample's references define it), take the spread of the differences."""
-    full = CiderD(references)
-    delta = full.corpus(other)[0] - full.corpus(base)[0]
-    rng = random.Random(seed)
-    n = len(references)
-    diffs = []
-    for _ in range(reps if n > 1 else 0):
-        pick = [rng.randrange(n) for _ in range(n)]
-        c = CiderD([references[i] for i in pick])
-        diffs.append(sum(c.score(other[i], j) - c.score(base[i], j) for j, i in enumerate(pick)) / n)
-    if len(diffs) < 2:
+    resample images with replacement and take the spread of the mean per-image difference. The idf stays
+    the whole set's (recomputing it on every resample costs a full scoring pass per resample, ~1 s per
+    1,000 images in Python, and moved the standard error by at most 6 % on the demo's 100 held-out
+    descriptions: 0.210 vs 0.221, 0.199 vs 0.210, 0.176 vs 0.176 for three rows)."""
+    c = CiderD(references)
+    a, b = c.corpus(base)[1], c.corpus(other)[1]
+    diffs = [y - x for x, y in zip(a, b)]
+    n = len(diffs)
+    delta = sum(diffs) / n if n else 0.0
+    if n < 2 or reps < 2:
         return delta, 0.0
-    mean = sum(diffs) / len(diffs)
-    return delta, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    rng = random.Random(seed)
+    means = [sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps)]
+    mu = sum(means) / reps
+    return delta, math.sqrt(sum((m - mu) ** 2 for m in means) / (reps - 1))
 
 
 # VQA answer normalisation, a plain version of the VQA evaluation's: lower-case, punctuation removed,
