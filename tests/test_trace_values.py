@@ -115,6 +115,10 @@ def test_the_answer_streams_through_a_pipe_as_it_is_generated(files):
     assert end - pieces[0][0] > 0.05  # the first piece came well before the end
     for _, chunk in pieces:
         chunk.decode("utf-8")  # strict: a piece ending inside a character would raise
+    text = b"".join(c for _, c in pieces).decode("utf-8")
+    # The check means something: this random model's answer has multi-byte characters (its byte-level
+    # tokens also make invalid sequences, which the tokenizer decodes to U+FFFD, itself 3 bytes).
+    assert any(ord(ch) > 127 and ch != "\ufffd" for ch in text), text
 
 
 def test_streaming_decoder_holds_back_half_a_character():
