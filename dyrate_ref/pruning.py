@@ -155,8 +155,9 @@ def choose_keep(prune: PruneSettings, t: int, prev_keep: torch.Tensor, scores: t
     raise ValueError(f"unknown method {prune.method!r}")
 
 
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """KL(P || Q) in nats per row, from logits [..., V]: how far a pruned next-token distribution Q is
-    from the unpruned P. VTW's calibration criterion, and the criterion of dyrate_ref's predictor labels."""
-    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    from the unpruned P. VTW's calibration criterion, and what `trace compare` measures between an oracle
+    and a backend (there in float64: float32 rounding alone leaves a few 1e-7 of noise)."""
+    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1)

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArgumentParser, UserError, command_main
 from .files import write_atomic
+from .pruning import kl as pruning_kl
 
 FORMAT = "dyrate_ref-trace-1"
 REQUIRED = ("input_ids", "tokens")
@@ -149,13 +150,6 @@ class Report:
     first_bad_reason: str | None
 
 
-def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """KL(P ‖ Q) per row from log-probabilities [T, V]. (pruning.kl is the same from logits; the trace
-    module stays free of the pruning code a backend builder does not need to read.)"""
-    lp, lq = lp.double(), lq.double()  # float32 rounding alone would put a few 1e-7 of noise here
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
 def _rows(t: dict, upto: int) -> dict:
     """The first `upto` rows of what a trace says about the next-token distribution: full logits (as
     float32) or the top-k pair; {} when it has neither."""
@@ -224,7 +218,7 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
             la, lb = ra["logits"], rb["logits"]
             delta = (la - lb).abs().amax(-1)  # [upto]
             label = "max |Δlogit|"
-            kl = _kl(la.double().log_softmax(-1), lb.double().log_softmax(-1))  # [upto]
+            kl = pruning_kl(la, lb, torch.float64)  # [upto]
             for t in range(upto):
                 steps[t]["kl"] = float(kl[t])
                 if kl[t] > limits.max_kl:

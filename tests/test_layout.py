@@ -122,7 +122,7 @@ def test_every_command_exits_through_the_one_wrapper():
     (r"class Progress\b", "progress.py"),
     (r"0\.48145466", "processing.py"),  # CLIP's normalisation constants
     (r"\"language_model\.\"", "loading.py"),  # the checkpoint key layout
-    (r"log_softmax", "pruning.py"),  # the KL between pruned and unpruned distributions
+    (r"\.exp\(\) \* \(lp - lq\)", "pruning.py"),  # the KL between two next-token distributions
     (r"weights\", \"dyrate-shapes\"", "loading.py"),  # the default weights path
     (r"def visual_span|\.nonzero\(\)\[0\]\)", "pruning.py"),  # finding the image span
 ])
