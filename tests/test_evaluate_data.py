@@ -127,3 +127,16 @@ def test_results_of_other_settings_are_refused(exported, tmp_path, capsys):
         evaluate.run(["--data", str(exported / "data.jsonl"), "--results", str(tmp_path / "r.jsonl"),
                       "--only-extra", "--max-new-tokens", "5"])
     assert open(tmp_path / "r.jsonl").read() == before
+
+
+def test_extra_rows_parse_into_the_settings_they_name():
+    from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
+    cfg = read_config(DEFAULT_WEIGHTS)
+    row = evaluate.parse_extra("random:1:0.75", DEFAULT_WEIGHTS, cfg)
+    assert (row.prune.method, row.prune.layer, row.prune.counts) == ("random", 1, (round(0.25 * cfg.num_image_tokens),))
+    row = evaluate.parse_extra("fastv:3:0.5:mean", DEFAULT_WEIGHTS, cfg)
+    assert (row.prune.method, row.prune.layer, row.prune.ratio, row.prune.score) == ("fastv", 3, 0.5, "mean")
+    assert evaluate.parse_extra("fastv:2:0.5", DEFAULT_WEIGHTS, cfg).prune.score == "last"
+    for bad in ("fastv:2", "fastv:2:0.5:median", "random:1", "nope:1"):
+        with pytest.raises(UserError, match="--extra"):
+            evaluate.parse_extra(bad, DEFAULT_WEIGHTS, cfg)

@@ -98,12 +98,21 @@ def methods(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
 
 
 def parse_extra(spec: str, weights_dir: str, cfg) -> Row:
-    """--extra rows: fastv:K:R, vtw:K, dyrate:K:r0,r1,..., mass:K:p or predictor:FILE[:confidence]."""
+    """--extra rows: fastv:K:R[:mean], vtw:K, dyrate:K:r0,r1,..., mass:K:p, random:K:R (keep round((1-R)·N)
+    random tokens from the prefill on, drawn per item) or predictor:FILE[:confidence]."""
     kind, _, rest = spec.partition(":")
     try:
         if kind == "fastv":
+            K, R, *score = rest.split(":")
+            if score not in ([], ["last"], ["mean"]):
+                raise ValueError
+            score = (score or ["last"])[0]
+            return Row(f"FastV K={K} R={R}" + (" (mean query)" if score == "mean" else ""), "FastV",
+                       PruneSettings("fastv", int(K), float(R), score=score))
+        if kind == "random":
             K, R = rest.split(":")
-            return Row(f"FastV K={K} R={R}", "FastV", PruneSettings("fastv", int(K), float(R)))
+            N = cfg.num_image_tokens
+            return Row(f"random keep K={K} R={R}", "random", PruneSettings("random", int(K), counts=(round((1 - float(R)) * N),)))
         if kind == "vtw":
             return Row(f"VTW K={rest}", "VTW", PruneSettings("vtw", int(rest)))
         if kind == "dyrate":
@@ -122,7 +131,8 @@ def parse_extra(spec: str, weights_dir: str, cfg) -> Row:
                        "DyRate predictor", PruneSettings("dyrate", pred.layer, predictor=pred))
     except ValueError:
         pass
-    raise UserError(f"--extra {spec!r}: use fastv:K:R, vtw:K, dyrate:K:r0,r1,..., mass:K:p or predictor:FILE[:c]")
+    raise UserError(f"--extra {spec!r}: use fastv:K:R[:mean], vtw:K, dyrate:K:r0,r1,..., mass:K:p, random:K:R or "
+                    "predictor:FILE[:c]")
 
 
 @dataclass(frozen=True)
@@ -219,7 +229,9 @@ def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens
         ids, px = processor.input_ids(p.text), processor.pixel_values(p.picture(row.blank))
         prune = row.prune
         if matched is not None:
-            prune = dataclasses.replace(prune, counts=tuple(matched[i]["kept"]), seed=p.seed)
+            prune = dataclasses.replace(prune, counts=tuple(matched[i]["kept"]))
+        if prune.method == "random":  # seeded by the item, so a subset of the items draws what the whole set would
+            prune = dataclasses.replace(prune, seed=p.seed)
         t0 = time.perf_counter()
         gen = generate(model, ids, px, max_new_tokens, prune, stop_ids=processor.stop_ids)
         seconds = time.perf_counter() - t0
@@ -482,7 +494,8 @@ def run(argv=None) -> int:
     p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--extra", action="append", default=[], metavar="SPEC",
-                   help="add a row: fastv:K:R, vtw:K, dyrate:K:r0,r1,..., mass:K:p or predictor:FILE[:c] (repeatable)")
+                   help="add a row: fastv:K:R[:mean], vtw:K, dyrate:K:r0,r1,..., mass:K:p, random:K:R or predictor:FILE[:c] "
+                        "(repeatable)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, one thread each, sharing the items (default 1; 2 on a 2-core machine halves the time)")
     p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
