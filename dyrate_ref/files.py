@@ -17,14 +17,20 @@ def write_atomic(path: str, write):
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _usual_mode(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _usual_mode(path: str, base: int):
+    """The mode any program's new file (0o666) or folder (0o777) gets: less the umask (which can only be
+    read by setting it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, base & ~umask)
 
 
 def write_json(path: str, obj):
@@ -42,9 +48,7 @@ def write_atomic_dir(path: str, write):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.normpath(path)) + "-", suffix=".tmp", dir=folder)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        _usual_mode(tmp, 0o777)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -140,3 +140,18 @@ def test_extra_rows_parse_into_the_settings_they_name():
     for bad in ("fastv:2", "fastv:2:0.5:median", "random:1", "nope:1"):
         with pytest.raises(UserError, match="--extra"):
             evaluate.parse_extra(bad, DEFAULT_WEIGHTS, cfg)
+
+
+def test_export_refuses_an_existing_folder_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    from dyrate_ref.demo import export as export_module
+    (tmp_path / "there").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        export_module.run(["--out", str(tmp_path / "there"), "--scenes", "1"])
+
+    def broken(scene):
+        raise OSError("disk full")
+    from dyrate_ref.demo.scenes import Scene
+    monkeypatch.setattr(Scene, "draw", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_module.export(str(tmp_path / "new"), 1)
+    assert sorted(os.listdir(tmp_path)) == ["there"]

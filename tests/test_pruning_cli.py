@@ -111,7 +111,7 @@ def test_trace_compare_same_and_different(env):
     assert same.returncode == 0 and "SAME" in same.stdout
     diff = py("-m", "dyrate_ref.trace", "compare", a, c)
     assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
-    assert "visual_keep: differs" in diff.stdout and "max |Δlogit|" in diff.stdout
+    assert "kept sets differ" in diff.stdout and "max |Δlogit|" in diff.stdout and "first bad step: 0" in diff.stdout
     # a backend off by a little: within a loose atol it passes, within the default it does not
     t = load_file(b)
     t["logits"] = t["logits"] + 1e-3
