@@ -4,10 +4,11 @@
   python -m dyrate_ref.tools.evaluate --data FILE.jsonl [--results OUT.jsonl] [--weights DIR] ...
 
 One row per method and setting (methods()): none and a control with every picture blanked (the model
-must answer from the image, not the text); FastV (K=2, R=0.5, 0.75, 0.9); VTW at the weights' calibrated
-layer; DyRate with the shipped predictor at its own decoding confidence and a sweep; random keep at the
-predictor's own kept counts (does choosing by attention matter?); DyRate with a fixed rising schedule;
-the attention-mass rule (keep the fewest tokens holding a share p of the step's visual attention).
+must answer from the image, not the text); FastV (K=2, R=0.5, 0.75, 0.9; K=1, R=0.5, 0.75); random keep
+of 25 % of the tokens at K=1 (does choosing by attention matter?); VTW at the weights' calibrated layer;
+DyRate with the shipped predictor at its own decoding confidence and a sweep; random keep at the
+predictor's own kept counts; DyRate with a fixed rising schedule; the attention-mass rule (keep the
+fewest tokens holding a share p of the step's visual attention).
 
 Accuracy table: QA accuracy overall and per question kind, description object-F1 ((colour, shape,
 position) triples), each method's paired difference from none with its standard error, and how often
@@ -58,7 +59,7 @@ from .data import DataItem, read_items
 from .metrics import CiderD, bootstrap_cider_difference, caption_words, exact_match, vqa_accuracy
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
-SWEEP = (0.3, 0.4, 0.5, 0.7)  # DyRate decoding confidences drawn as the predictor's curve
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)  # DyRate decoding confidences drawn as the predictor's curve
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,11 @@ def methods(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
     schedule; the attention-mass rule; random keep at the shipped predictor's counts."""
     rows = [Row("none", "none", PruneSettings()),
             Row("none, image blanked (control)", "control", PruneSettings(), blank=True)]
-    rows += [Row(f"FastV K=2 R={R}", "FastV", PruneSettings("fastv", 2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
+    rows += [Row(f"FastV K=2 R={R}", "FastV K=2", PruneSettings("fastv", 2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
+    if not quick:  # layer 0's attention (K = 1) against layer 1's, and against random tokens at the same count
+        rows += [Row(f"FastV K=1 R={R}", "FastV K=1", PruneSettings("fastv", 1, R)) for R in (0.5, 0.75)]
+        rows.append(Row("random keep K=1 R=0.75", "random (fixed count)",
+                        PruneSettings("random", 1, counts=(round(0.25 * cfg.num_image_tokens),))))
     K, note = vtw_default_layer(weights_dir, cfg.text_config.num_hidden_layers)
     rows.append(Row(f"VTW K={K} ({note.split(':')[0]})", "VTW", PruneSettings("vtw", K)))
     path = shipped_predictor_path(weights_dir)
@@ -107,12 +112,12 @@ def parse_extra(spec: str, weights_dir: str, cfg) -> Row:
             if score not in ([], ["last"], ["mean"]):
                 raise ValueError
             score = (score or ["last"])[0]
-            return Row(f"FastV K={K} R={R}" + (" (mean query)" if score == "mean" else ""), "FastV",
+            return Row(f"FastV K={K} R={R}" + (" (mean query)" if score == "mean" else ""), f"FastV K={K}",
                        PruneSettings("fastv", int(K), float(R), score=score))
         if kind == "random":
             K, R = rest.split(":")
             N = cfg.num_image_tokens
-            return Row(f"random keep K={K} R={R}", "random", PruneSettings("random", int(K), counts=(round((1 - float(R)) * N),)))
+            return Row(f"random keep K={K} R={R}", "random (fixed count)", PruneSettings("random", int(K), counts=(round((1 - float(R)) * N),)))
         if kind == "vtw":
             return Row(f"VTW K={rest}", "VTW", PruneSettings("vtw", int(rest)))
         if kind == "dyrate":
