@@ -186,9 +186,9 @@ def file_prompts(items: list[DataItem]) -> list[Prompt]:
 class Results:
     """--results FILE.jsonl: a header line naming what was evaluated, then one JSON line per (method, item)
     written as soon as it is made. Opening an existing file reuses its records (resume); a file written
-    for other weights, data or settings is refused rather than mixed. Lines are appended with one write()
-    on an O_APPEND descriptor, so forked workers cannot interleave them; a line cut by an interruption is
-    dropped on resume."""
+    for other weights, data or settings is refused rather than mixed. Each line is one write() on an
+    O_APPEND descriptor, which a local Linux file system places whole at the end, so the lines of forked
+    workers do not mix; a line cut by an interruption is dropped on resume."""
 
     def __init__(self, path: str, header: dict):
         self.done: dict[tuple[str, str], dict] = {}
