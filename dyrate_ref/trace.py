@@ -184,6 +184,10 @@ def _logprob_gap(ra: dict, rb: dict, t: int) -> float:
     return max(abs(ta[i] - tb[i]) for i in common) if common else float("inf")
 
 
+def _check(label: str, value: float, limit: float, at_least: bool = False) -> dict:
+    return {"label": label, "value": value, "limit": limit, "ok": value >= limit if at_least else value <= limit}
+
+
 def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
     """a: the oracle's trace, b: the backend's. Uses what both have; says what it could not check."""
     checks, not_checked, notes = {}, [], []
@@ -208,23 +212,24 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
 
     bad: dict[int, list[str]] = {}  # step -> what is wrong there
     ra, rb = _rows(a, upto), _rows(b, upto)
-    if upto and ra and rb:
-        if "logits" in ra and "logits" in rb and ra["logits"].shape[1] != rb["logits"].shape[1]:
-            checks["vocabulary"] = {"value": f"{ra['logits'].shape[1]} vs {rb['logits'].shape[1]}", "limit": "equal", "ok": False}
-            ra = rb = None
-    if upto and ra and rb:
+    vocab = {r["logits"].shape[1] for r in (ra, rb) if "logits" in r}
+    if upto and not (ra and rb):
+        not_checked.append("logits: " + ("the oracle" if not ra else "the backend") + " has neither logits nor top-k")
+    elif upto and len(vocab) > 1:
+        checks["vocabulary"] = {"value": " vs ".join(str(r["logits"].shape[1]) for r in (ra, rb)), "limit": "equal",
+                                 "ok": False}
+    elif upto:
         kk = min([k] + [r["topk_ids"].shape[1] for r in (ra, rb) if "topk_ids" in r])
         if "logits" in ra and "logits" in rb:
-            la, lb = ra["logits"], rb["logits"]
-            delta = (la - lb).abs().amax(-1)  # [upto]
+            delta = (ra["logits"] - rb["logits"]).abs().amax(-1)  # [upto]
             label = "max |Δlogit|"
-            kl = pruning_kl(la, lb, torch.float64)  # [upto]
+            kl = pruning_kl(ra["logits"], rb["logits"], torch.float64)  # [upto]
             for t in range(upto):
                 steps[t]["kl"] = float(kl[t])
                 if kl[t] > limits.max_kl:
                     bad.setdefault(t, []).append(f"KL {float(kl[t]):.3g} > {limits.max_kl:g}")
-            checks["max_kl"] = {"label": "max KL(oracle ‖ backend) per step", "value": float(kl.max()), "limit": limits.max_kl, "ok": float(kl.max()) <= limits.max_kl}
-            checks["mean_kl"] = {"label": "mean KL", "value": float(kl.mean()), "limit": limits.mean_kl, "ok": float(kl.mean()) <= limits.mean_kl}
+            checks["max_kl"] = _check("max KL(oracle ‖ backend) per step", float(kl.max()), limits.max_kl)
+            checks["mean_kl"] = _check("mean KL", float(kl.mean()), limits.mean_kl)
         else:
             # Log-probabilities (shift-free, unlike raw logits) at the ids the top-k side reports.
             delta = torch.tensor([_logprob_gap(ra, rb, t) for t in range(upto)])
@@ -239,14 +244,9 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
                 bad.setdefault(t, []).append(f"{label} {float(delta[t]):.3g} > {limits.atol:g}")
             if limits.min_top1 >= 1.0 and not top1[t]:
                 bad.setdefault(t, []).append("the most likely token differs")
-        checks["max_delta"] = {"label": label, "value": float(delta.max()), "limit": limits.atol,
-                               "ok": float(delta.max()) <= limits.atol}
-        checks["top1"] = {"label": "top-1 agreement", "value": float(top1.float().mean()), "limit": limits.min_top1,
-                          "ok": float(top1.float().mean()) >= limits.min_top1}
-        checks["topk_overlap"] = {"label": f"top-{kk} overlap", "value": float(overlap.mean()), "limit": limits.min_topk,
-                                  "ok": float(overlap.mean()) >= limits.min_topk}
-    elif upto and not (ra and rb) and "vocabulary" not in checks:
-        not_checked.append("logits: " + ("the oracle" if not ra else "the backend") + " has neither logits nor top-k")
+        checks["max_delta"] = _check(label, float(delta.max()), limits.atol)
+        checks["top1"] = _check("top-1 agreement", float(top1.float().mean()), limits.min_top1, at_least=True)
+        checks["topk_overlap"] = _check(f"top-{kk} overlap", float(overlap.mean()), limits.min_topk, at_least=True)
 
     if upto and "visual_keep" in a and "visual_keep" in b:
         ka, kb = a["visual_keep"][:upto].bool(), b["visual_keep"][:upto].bool()
@@ -260,7 +260,7 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
                 if limits.min_iou >= 1.0 and iou[t] < 1.0:
                     bad.setdefault(t, []).append(f"kept sets differ (IoU {float(iou[t]):.3f}; {int(ka[t].sum())} vs "
                                       f"{int(kb[t].sum())} kept, {int((ka[t] ^ kb[t]).sum())} tokens differ)")
-            checks["keep_iou"] = {"label": "kept-set IoU (mean over steps)", "value": float(iou.mean()), "limit": limits.min_iou, "ok": float(iou.mean()) >= limits.min_iou}
+            checks["keep_iou"] = _check("kept-set IoU (mean over steps)", float(iou.mean()), limits.min_iou, at_least=True)
     elif upto and ("visual_keep" in a) != ("visual_keep" in b):
         not_checked.append("kept sets: only " + ("the oracle" if "visual_keep" in a else "the backend") + " has visual_keep")
     if upto and "rates" in a and "rates" in b:
@@ -269,16 +269,15 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
             steps[t]["rate_delta"] = float(d[t])
             if d[t] > 1e-6:
                 bad.setdefault(t, []).append(f"rates differ ({float(a['rates'][t]):g} vs {float(b['rates'][t]):g})")
-        checks["rates"] = {"label": "max |Δrate|", "value": float(d.max()), "limit": 1e-6, "ok": float(d.max()) <= 1e-6}
+        checks["rates"] = _check("max |Δrate|", float(d.max()), 1e-6)
     elif upto and ("rates" in a) != ("rates" in b):
         not_checked.append("rates: only " + ("the oracle" if "rates" in a else "the backend") + " has them")
 
-    same = all(c["ok"] for c in checks.values()) and not bad
-    if not tokens_ok and first is not None:
+    if first is not None:
         bad.setdefault(first, []).append("the chosen token differs")
+    same = all(c["ok"] for c in checks.values()) and not bad  # checks["tokens"] covers a length mismatch
     first_bad = min(bad) if bad else None
-    return Report(same and tokens_ok, steps, checks, not_checked, notes, first_bad,
-                  "; ".join(bad[first_bad]) if bad else None)
+    return Report(same, steps, checks, not_checked, notes, first_bad, "; ".join(bad[first_bad]) if bad else None)
 
 
 def report_text(r: Report, dtype: str, limits: Limits) -> str:

@@ -98,12 +98,12 @@ def run_backend(weights: str, image, prompt: str, method: str = "none", layer: i
             keeps.append(keep)
             rate_list.append(rate)
             # Layers >= K: a query of step s (prompt rows: step 0) sees a visual token only if keep_s has it.
+            kept_by_step = torch.zeros(t + 1, N, dtype=torch.bool)  # [steps so far, N]
+            for s, kept in enumerate(keeps):
+                kept_by_step[s, kept] = True
             step_of_row = torch.clamp(torch.arange(S) - (P - 1), min=0)  # [S]
             sees = torch.ones(S, S, dtype=torch.bool)
-            for r in range(S):
-                row = torch.zeros(N, dtype=torch.bool)
-                row[keeps[int(step_of_row[r])]] = True
-                sees[r, start:start + N] = row
+            sees[:, start:start + N] = kept_by_step[step_of_row]  # [S, N]
             for i in range(K, L):
                 x = lm.layers[i](x, attention_mask=add(causal & sees), position_embeddings=rope)
         else:

@@ -14,7 +14,7 @@ from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor, open_image
 from dyrate_ref.pruning import PruneSettings
-from dyrate_ref.trace import LIMITS, compare, openai_trace, read_trace, report_text, trace_tensors, write_trace
+from dyrate_ref.trace import LIMITS, compare, read_trace, report_text, trace_tensors, write_trace
 from helpers import hf_config, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -516,10 +516,11 @@ def run(argv=None) -> int:
         raise UserError(f"--workers {args.workers} must be at least 1")
     if args.bootstrap < 2:
         raise UserError(f"--bootstrap {args.bootstrap} must be at least 2")
-    for flag in ("plot", "json", "results"):
-        path = getattr(args, flag)
-        if path and not os.path.isdir(args.plot if flag == "plot" else os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"--{flag} {path}: {'folder' if flag == 'plot' else 'its folder'} does not exist")
+    if args.plot and not os.path.isdir(args.plot):
+        raise UserError(f"--plot {args.plot}: folder does not exist")
+    for flag, path in (("--json", args.json), ("--results", args.results)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: its folder does not exist")
     if args.plot:
         require_matplotlib()
     # Every line of the data file is checked (images opened) before the model is loaded.
