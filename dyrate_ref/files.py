@@ -1,4 +1,4 @@
-"""Writing output files whole or not at all."""
+"""Output files: checked before any work (check_outputs and friends), written whole or not at all."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+
+from .errors import UserError
 
 
 def write_atomic(path: str, write):
@@ -53,3 +55,66 @@ def write_atomic_dir(path: str, write):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking output paths before any work: every command's outputs go through these, so a mistake is one
+# line and exit 2 before anything slow runs, and nothing the user gave us is ever overwritten.
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, top]) == top
+
+
+def check_outputs(outputs, inputs=()):
+    """outputs: [(flag, path or None)] of files a command will write; inputs: [(what, path or None)] it
+    reads (a folder stands for every file in it). Refused with a UserError, before any work: an output
+    that is a directory, whose folder does not exist or is not writable, that is one of the inputs (or
+    inside an input folder), or that is another output of the same run."""
+    outputs = [(flag, path) for flag, path in outputs if path is not None]
+    for i, (flag, path) in enumerate(outputs):
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a directory; give a file name")
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"{flag} {path}: folder {folder} is not writable")
+        for what, source in inputs:
+            if source is None:
+                continue
+            if (os.path.isdir(source) and _inside(path, source)) or _same_file(path, source):
+                raise UserError(f"{flag} {path} would overwrite {what} ({source}); write the output elsewhere")
+        for other_flag, other in outputs[:i]:
+            if _same_file(path, other):
+                raise UserError(f"{flag} and {other_flag} are the same file ({path}); give each its own")
+
+
+def check_new_folder(path: str, flag: str, inputs=()):
+    """A folder a command will create (whole, write_atomic_dir): it must not exist yet, its parent must,
+    and it may not lie inside an input."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        raise UserError(f"{flag} {path} already exists; give a new folder name (nothing is overwritten)")
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {parent} is not writable")
+    for what, source in inputs:
+        if source is not None and os.path.isdir(source) and _inside(path, source):
+            raise UserError(f"{flag} {path} lies inside {what} ({source}); write the output elsewhere")
+
+
+def check_folder(path: str, flag: str):
+    """An existing folder a command writes files into."""
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: folder does not exist; create it first")
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: folder is not writable")

@@ -1,18 +1,18 @@
 """Generation: prefill, decode_one_token, sample, generate -- and the no-cache forward the oracle uses.
 
-The loop owns all state: the KV cache, the next position id (which after pruning is no longer the
-cache length), the kept visual tokens, and the per-step record that becomes the trace. Every step is
-two halves around one decision:
+The loop owns all state: the KV cache, the step t, the next position id (which after pruning is no
+longer the cache length) and the kept visual tokens; the per-step record becomes the trace. Prefill
+and decode steps differ only in what they feed (the prompt with its image, or one token); the rest is
+one function, `step`, two halves around one decision:
 
     lower half   decoder layers [0, K); layer K-1's attention over the visual tokens gives the scores
-    decision     pruning.choose_keep(...) -> keep_t (a subset of keep_{t-1})
-    evict        the dropped visual tokens leave everything layers [K, L) will see (one function)
+    decision     method.choose(t, keep, scores) -> keep_t (a subset of keep_{t-1})   (pruning.py)
+    drop         the dropped visual tokens leave everything layers [K, L) will see (drop_visual)
     upper half   layers [K, L) and the LM head
 
-With method "none" the same path runs and keeps everything (K then only says which layer's attention
-is recorded). The halves are separate functions so that a reader (and the tutorial) can stop between
-them and look at the scores. Costs (FLOPs, KV bytes) are not counted here: each step records its
-shape (Step) and cost.py derives them.
+With method none the same path runs and keeps everything (K then only says which layer's attention
+is recorded). Costs (FLOPs, KV bytes) are not counted here: each step records its shape (Step) and
+cost.py derives them.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 
 from .cost import kv_bytes, step_flops, vision_flops
 from .model import KVCache, LlavaConfig, LlavaForConditionalGeneration
-from .pruning import PruneSettings, choose_keep, visual_scores, visual_span
+from .pruning import Method, NoPruning, keep_mask, visual_scores, visual_span
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -35,13 +35,13 @@ class Sampling:
 
 @dataclass
 class State:
-    """Everything that changes from one step to the next."""
+    """Everything that changes from one step to the next. The loop in `generate` advances step and
+    next_pos; the step function changes the cache and keep."""
     cache: KVCache
     span: tuple[int, int]  # (start, N) of the visual tokens in the prompt
     keep: torch.Tensor  # kept visual indices [M], ascending
     next_pos: int  # original position id of the next token to feed
-    K: int  # the layer from which pruning applies (min(prune.layer, L))
-    step: int = 0
+    step: int = 0  # t: 0 is the prefill
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,13 @@ class Step:
 
 @dataclass
 class Record:
-    """Per step t (lists of length T); stacked into the trace at the end."""
+    """The run's constants (config, K, bytes per cached number) and, per step t, lists of length T that
+    are stacked into the trace at the end."""
     config: LlavaConfig
-    K: int
+    K: int  # the layer from which the method prunes (min(method.layer, L))
     element_size: int  # bytes per cached key/value number
     logits: list = field(default_factory=list)  # [V] fp32 each, on the model's device
-    keep: list = field(default_factory=list)  # bool [N] each
+    keep: list = field(default_factory=list)  # bool mask [N] each (keep_mask of keep_t)
     rates: list = field(default_factory=list)  # float
     visual_share: list = field(default_factory=list)  # 0-d tensors: layer K-1 attention mass on visual tokens
     steps: list = field(default_factory=list)  # Step each
@@ -81,8 +82,9 @@ class Record:
         return [kv_bytes(self.config.text_config, self.K, s, self.element_size) for s in self.steps]
 
 
-def pruning_layer(model, prune: PruneSettings) -> int:
-    return min(prune.layer, model.config.text_config.num_hidden_layers)
+def pruning_layer(model, method: Method) -> int:
+    """K for this model: the method's layer, or L when the model is shallower (nothing is pruned)."""
+    return min(method.layer, model.config.text_config.num_hidden_layers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,8 +92,17 @@ def pruning_layer(model, prune: PruneSettings) -> int:
 
 
 def prefill_lower(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor, K: int):
-    """Vision tower, projector, embeddings and layers [0, K) of the prompt input_ids [P].
+    """Vision tower, projector, embeddings and layers [0, K) of the prompt input_ids [P]: the lower half
+    of step 0 on its own, for readers (the tutorial) who want to stop there and look at the scores.
     -> (hidden x [1, P, C], positions [P], State, layer K-1 attention probs [1, H, P, P])."""
+    x, pos, state = embed_prompt(model, input_ids, pixel_values)
+    x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)
+    return x, pos, state, probs
+
+
+def embed_prompt(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor):
+    """Vision tower, projector and embeddings of the prompt input_ids [P]; a fresh State.
+    -> (x [1, P, C], positions [P], State)."""
     cfg = model.config
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
@@ -100,37 +111,46 @@ def prefill_lower(model: LlavaForConditionalGeneration, input_ids: torch.Tensor,
     feats = model.image_features(pixel_values.to(device))  # [1, N, C]
     x = model.embed(input_ids[None], feats)  # [1, P, C]
     pos = torch.arange(P, device=device)  # [P]
-    state = State(KVCache(cfg.text_config.num_hidden_layers), span, torch.arange(N, device=device), P, K)
-    x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)
-    return x, pos, state, probs
+    return x, pos, State(KVCache(cfg.text_config.num_hidden_layers), span, torch.arange(N, device=device), P)
 
 
-def decode_lower(model, token: torch.Tensor, state: State):
-    """Embed one token (0-d id) at state.next_pos and run layers [0, K).
-    -> (hidden x [1, 1, C], position [1], layer K-1 attention probs [1, H, 1, S])."""
-    pos = torch.tensor([state.next_pos], device=token.device)  # [1]
-    x = model.model.embed_tokens(token.view(1, 1))  # [1, 1, C]
-    x, probs = model.run_layers(x, pos, state.cache, range(0, state.K), probs_of=state.K - 1)
-    return x, pos, probs
-
-
-def evict(model, state: State, keep: torch.Tensor, x: torch.Tensor, pos: torch.Tensor):
+def drop_visual(model, state: State, keep: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, K: int):
     """Make keep_t the kept set: the visual tokens it drops leave everything layers [K, L) will see --
-    their slots in those layers' cache (decode steps) and their rows of the hidden states about to enter
-    layer K (the prefill, whose layers >= K have cached nothing yet). -> (x, pos) without those rows."""
+    their slots in those layers' cache (decode steps: KVCache.evict) and their rows of the hidden states
+    about to enter layer K (the prefill, whose layers >= K have cached nothing yet).
+    -> (x, pos) without those rows."""
     if keep.numel() < state.keep.numel():  # nothing to do (and no host sync) when nothing is dropped
         gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]  # original positions [E]
-        state.cache.evict(range(state.K, model.config.text_config.num_hidden_layers), gone)
+        state.cache.evict(range(K, model.config.text_config.num_hidden_layers), gone)
         rows = torch.isin(pos, gone, invert=True).nonzero().squeeze(1)  # [T - E']
         x, pos = x[:, rows], pos[rows]
     state.keep = keep
     return x, pos
 
 
-def upper(model, x, pos, state: State) -> torch.Tensor:
+def upper(model, x, pos, state: State, K: int) -> torch.Tensor:
     """Layers [K, L) and the LM head on the last row. -> logits [V] fp32."""
-    x, _ = model.run_layers(x, pos, state.cache, range(state.K, model.config.text_config.num_hidden_layers))
+    x, _ = model.run_layers(x, pos, state.cache, range(K, model.config.text_config.num_hidden_layers))
     return model.logits(x[:, -1])[0].float()  # [V]
+
+
+def step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method, rec: Record) -> torch.Tensor:
+    """One step t = state.step on the rows it feeds (x [1, T, C] at positions pos [T]: the prompt at
+    t = 0, one token after): lower half, the method's decision, the drop, upper half. -> logits [V]."""
+    K, t = rec.K, state.step
+    x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)  # probs [1, H, T, S]
+    scores = method.scores(probs, state.span, t)  # [N]
+    keep, rate = method.choose(t, state.keep, scores)
+    rows_low = pos.numel()
+    x, pos = drop_visual(model, state, keep, x, pos, K)
+    logits = upper(model, x, pos, state, K)
+    rec.logits.append(logits)
+    rec.keep.append(keep_mask(state.keep, state.span[1]))
+    rec.rates.append(float(rate))
+    rec.visual_share.append(visual_scores(probs, state.span, "last").sum())
+    high = state.cache.length(K) if K < len(state.cache.k) else 0
+    rec.steps.append(Step(rows_low, state.cache.length(0), pos.numel(), high))
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,46 +159,19 @@ def upper(model, x, pos, state: State) -> torch.Tensor:
 
 @torch.no_grad()
 def prefill(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-            prune: PruneSettings, rec: Record | None = None):
-    """Run the prompt input_ids [P] with its image. -> (logits of the last position [V], State)."""
-    x, pos, state, probs = prefill_lower(model, input_ids, pixel_values, pruning_layer(model, prune))
-    scores = visual_scores(probs, state.span, "last")  # [N]
-    pick = scores if prune.score == "last" else visual_scores(probs, state.span, "mean")
-    keep, rate = choose_keep(prune, 0, state.keep, pick)
-    rows_low = pos.numel()
-    x, pos = evict(model, state, keep, x, pos)
-    logits = upper(model, x, pos, state)
-    if rec is not None:
-        _record(rec, state, logits, rate, scores, rows_low, pos.numel())
-    return logits, state
+            method: Method, rec: Record):
+    """Step 0: the prompt input_ids [P] with its image. -> (logits of the last position [V], State)."""
+    x, pos, state = embed_prompt(model, input_ids, pixel_values)
+    return step(model, x, pos, state, method, rec), state
 
 
 @torch.no_grad()
-def decode_one_token(model: LlavaForConditionalGeneration, token: torch.Tensor, state: State,
-                     prune: PruneSettings, rec: Record | None = None) -> torch.Tensor:
-    """Feed one token (a 0-d id tensor) at position state.next_pos. -> logits [V]."""
-    state.step += 1
-    x, pos, probs = decode_lower(model, token, state)
-    scores = visual_scores(probs, state.span, "last")  # [N]
-    keep, rate = choose_keep(prune, state.step, state.keep, scores)
-    x, pos = evict(model, state, keep, x, pos)
-    logits = upper(model, x, pos, state)
-    state.next_pos += 1
-    if rec is not None:
-        _record(rec, state, logits, rate, scores, 1, 1)
-    return logits
-
-
-def _record(rec: Record, state: State, logits, rate, scores, rows_low: int, rows_high: int):
-    mask = torch.zeros(state.span[1], dtype=torch.bool, device=logits.device)
-    mask[state.keep] = True
-    rec.logits.append(logits)
-    rec.keep.append(mask)
-    rec.rates.append(float(rate))
-    rec.visual_share.append(scores.sum())
-    L = len(state.cache.k)
-    high = state.cache.length(state.K) if state.K < L else 0
-    rec.steps.append(Step(rows_low, state.cache.length(0), rows_high, high))
+def decode_one_token(model: LlavaForConditionalGeneration, token: torch.Tensor, state: State, method: Method,
+                     rec: Record) -> torch.Tensor:
+    """Step state.step: feed one token (a 0-d id tensor) at position state.next_pos. -> logits [V]."""
+    pos = torch.tensor([state.next_pos], device=token.device)  # [1]
+    x = model.model.embed_tokens(token.view(1, 1))  # [1, 1, C]
+    return step(model, x, pos, state, method, rec)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -204,7 +197,7 @@ class Generation:
 
 @torch.no_grad()
 def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-             max_new_tokens: int = 64, prune: PruneSettings = PruneSettings(), sampling: Sampling = Sampling(),
+             max_new_tokens: int = 64, method: Method = NoPruning(), sampling: Sampling = Sampling(),
              stop_ids=(), on_token=None, force: list[int] | None = None) -> Generation:
     """Prefill, then sample and decode until a stop id or max_new_tokens. on_token(id) is called as each
     token is chosen (the CLI prints there, so the answer streams). `force`: feed these tokens instead of
@@ -215,8 +208,8 @@ def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixe
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     if force is not None:
         max_new_tokens = len(force)
-    rec = Record(model.config, pruning_layer(model, prune), model.lm_head.weight.element_size())
-    logits, state = prefill(model, input_ids, pixel_values, prune, rec)
+    rec = Record(model.config, pruning_layer(model, method), model.lm_head.weight.element_size())
+    logits, state = prefill(model, input_ids, pixel_values, method, rec)
     tokens: list[int] = []
     while True:
         if force is not None:
@@ -233,7 +226,9 @@ def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixe
         if len(tokens) >= max_new_tokens:
             reason = "forced" if force is not None else "max_new_tokens"
             break
-        logits = decode_one_token(model, token, state, prune, rec)
+        state.step += 1
+        logits = decode_one_token(model, token, state, method, rec)
+        state.next_pos += 1
     return Generation(tokens, rec, state, reason)
 
 

@@ -20,10 +20,6 @@ from .files import write_atomic
 from .model import LlavaConfig, LlavaForConditionalGeneration
 from .progress import Progress
 
-# VTW's withdrawal layer chosen for a checkpoint, kept beside its weights
-# (python -m dyrate_ref.tools.calibrate_vtw --out DIR/vtw_calibration.json).
-VTW_CALIBRATION = "vtw_calibration.json"
-
 # The embedded demo model every command uses when --weights is not given.
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "dyrate-shapes")
 
@@ -184,6 +180,21 @@ def weight_files(weights_dir: str) -> list[str]:
     raise UserError(f"{weights_dir} has no model.safetensors or model.safetensors.index.json")
 
 
+# Every file of a checkpoint directory that loading reads besides its weights.
+CHECKPOINT_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "model.safetensors.index.json")
+
+
+def weight_inputs(weights_dir: str) -> list[str]:
+    """The files of weights_dir a run reads (config, tokenizer, preprocessor and every weight file that
+    exists): what an output may never overwrite (files.check_outputs)."""
+    files = [os.path.join(weights_dir, n) for n in CHECKPOINT_FILES]
+    if os.path.isdir(weights_dir):
+        files += [os.path.join(weights_dir, n) for n in os.listdir(weights_dir) if n.endswith(".safetensors")
+                  and n.startswith("model")]
+    return files
+
+
 def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                config: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
     """Build the model from `weights_dir`, reading each tensor once, casting it to `dtype` and putting
@@ -222,7 +233,7 @@ def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str
 
     # Pass 2: read, cast and place each tensor; only one tensor is ever in flight.
     total = sum(info["data_offsets"][1] - info["data_offsets"][0] for _, _, info, _ in plan)
-    bar = Progress(total, "loading weights", " GB", scale=1e9)
+    bar = Progress(total, "loading weights", bytes_=True)
     open_files = {}
     try:
         for path, data_start, info, name in plan:
@@ -240,22 +251,11 @@ def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str
     return model.eval()
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A --dtype value -> torch dtype. "auto": float16 on CUDA, float32 on the CPU (where float16 matmuls
+    are slow and bfloat16 needs AMX or AVX512-BF16 to pay)."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def vtw_default_layer(weights: str, num_layers: int) -> tuple[int, str]:
-    """VTW's K when --layer is not given: the layer calibrate_vtw chose for these weights (their
-    vtw_calibration.json), else half the decoder. -> (K, where it came from)."""
-    path = os.path.join(weights, VTW_CALIBRATION)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                K = json.load(f).get("layer")
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"{path} is not a readable VTW calibration ({e}); recalibrate or pass --layer") from None
-        if isinstance(K, int) and 1 <= K <= num_layers - 1:
-            return K, "calibrated"
-    return num_layers // 2, "L/2: no vtw_calibration.json"

@@ -5,9 +5,12 @@
     tokens --Llama decoder (explicit attention, explicit KV cache)--> logits
 
 Module and parameter names follow Hugging Face's llava-hf checkpoints, so weights load by name
-(see loading.py for the key-rename table). Shape letters used in comments everywhere:
-B batch, T query tokens, S key/value tokens (cache length), N visual tokens, H heads,
-Hkv key/value heads, G = H / Hkv, D head dim, C channels (hidden size), V vocab, L layers.
+(see loading.py for the key-rename table). Shape letters, the same in every file of the package:
+  B batch              T tokens fed in one forward (query rows); in a trace, the generated tokens
+  P prompt tokens      S key/value slots (cache length)      N visual tokens     M kept visual tokens
+  E evicted tokens     H heads     Hkv key/value heads       G = H / Hkv         D head dim
+  C channels (hidden size)         V vocab    L layers    K the pruning layer (1 <= K <= L-1)
+  F predictor features             A predictor actions
 
 The decoder is deliberately run layer by layer from the outside (`run_layers`): the generation loop in
 generation.py runs layers [0, K), reads layer K-1's attention probabilities, decides which visual tokens
@@ -136,7 +139,6 @@ ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as transformers' "gelu"
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's original approximation
     "silu": F.silu,
-    "relu": F.relu,
 }
 
 

@@ -132,7 +132,14 @@ def plot_kept_patches(path: str, base: Image.Image, panels: list[tuple[str, torc
     save_figure(fig, path)
 
 
-def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, prune, steps: int = 4):
+def token_label(word: str, token_id: int, processor) -> str:
+    """How a panel title names a generated token: its text, or what it is when it has none to show."""
+    if token_id in processor.stop_ids:
+        return "end of answer"
+    return word.strip() or repr(word)
+
+
+def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, steps: int = 4):
     """generate.py --plot: the run's visual attention and kept count per token, and kept patches."""
     plt = require_matplotlib()
     cfg = processor.config
@@ -150,7 +157,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, prune, steps
     fig = plt.figure(figsize=(10, 6.4))
     top = fig.add_axes([0.08, 0.52, 0.84, 0.36])
     t = list(range(T))
-    a = top.plot(t, share, marker="o", ms=3, color="tab:blue", label=f"attention share on the image (layer {gen.state.K - 1})")
+    a = top.plot(t, share, marker="o", ms=3, color="tab:blue", label=f"attention share on the image (layer {rec.K - 1})")
     top.set_ylim(0, 1)
     top.set_ylabel("share of attention")
     top.set_xlabel("generated token t")
@@ -158,13 +165,14 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, prune, steps
     b = right.step(t, kept, where="mid", color="tab:orange", label="visual tokens kept")
     right.set_ylim(0, N * 1.05)
     right.set_ylabel(f"kept (of {N})")
-    top.set_title(f"method {prune.method}, K = {gen.state.K}: attention to the image and kept tokens per token")
+    top.set_title(f"method {method.name}, K = {rec.K}: attention to the image and kept tokens per token")
     top.grid(alpha=0.3)
     top.legend(handles=a + b, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for j, step in enumerate(picks):
         ax = fig.add_axes([0.08 + j * 0.22, 0.02, 0.19, 0.27])
         ax.imshow(kept_overlay(base, rec.keep[step].cpu(), grid, has_cls), interpolation="nearest")
-        ax.set_title(f"step {step} ({words[step].strip() or repr(words[step])}): {kept[step]}/{N} kept", fontsize=8)
+        ax.set_title(f"step {step} ({token_label(words[step], gen.tokens[step], processor)}): {kept[step]}/{N} kept",
+                     fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     save_figure(fig, path)

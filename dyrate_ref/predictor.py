@@ -26,7 +26,6 @@ File: safetensors with the layer weights and a metadata header:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -65,7 +64,8 @@ def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor, t: int) ->
     sorted_p = p.sort(descending=True).values  # [N]
     cum = sorted_p.cumsum(0)  # [N]
     top = [cum[max(1, math.ceil(f * N)) - 1] for f in (0.05, 0.10, 0.25, 0.50)]
-    q = [(N * sorted_p[min(N - 1, int((1 - f) * N))]).log1p() for f in (0.5, 0.9, 0.99)]
+    # the f-quantile is the floor((1-f)·N)-th largest, 0-based; round() first: (1 - 0.9)·20 is 1.9999999999999996
+    q = [(N * sorted_p[min(N - 1, int(round((1 - f) * N, 6)))]).log1p() for f in (0.5, 0.9, 0.99)]
     qmax = (N * sorted_p[0]).log1p()
     kept_mass = p[prev_keep].sum()
     step = torch.tensor([prev_keep.numel() / N, float(t == 0), math.log1p(t)], device=scores.device)
@@ -98,24 +98,20 @@ class RatePredictor(nn.Module):
         """feats [..., F] -> logits over the actions [..., A]."""
         return self.net((feats - self.mean) / self.std)
 
-    def decide(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [..., A] -> action index [...]: the largest a with P(label >= a) >= confidence."""
+    def decide(self, logits: torch.Tensor, confidence: float | None = None) -> torch.Tensor:
+        """logits [..., A] -> action index [...]: the largest a with P(label >= a) >= confidence
+        (default: the predictor's own)."""
+        confidence = self.confidence if confidence is None else confidence
         p = logits.float().softmax(-1)  # [..., A]
         at_least = p.flip(-1).cumsum(-1).flip(-1)  # [..., A]: P(label >= a)
-        ok = at_least >= self.confidence - 1e-6  # action 0 always qualifies (P = 1)
+        ok = at_least >= confidence - 1e-6  # action 0 always qualifies (P = 1)
         return (ok * torch.arange(ok.shape[-1], device=ok.device)).amax(-1)
 
     @torch.no_grad()
-    def cut(self, feats: torch.Tensor) -> float:
-        """The fraction of the still-kept tokens to drop at this step (a host sync: the keep size
+    def cut(self, feats: torch.Tensor, confidence: float | None = None) -> float:
+        """The share of the still-kept tokens to drop at this step (a host sync: the keep size
         depends on it)."""
-        return self.actions[int(self.decide(self.forward(feats.to(self.mean.device))))]
-
-    def with_confidence(self, confidence: float) -> "RatePredictor":
-        """The same predictor (weights shared) decoding with another confidence."""
-        other = copy.copy(self)
-        other.confidence = confidence
-        return other
+        return self.actions[int(self.decide(self.forward(feats.to(self.mean.device)), confidence))]
 
     def save(self, path: str, cfg, **settings):
         meta = {**{k: str(v) for k, v in {**self.meta, **settings}.items()},  # what it was trained with ...
@@ -151,12 +147,9 @@ def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
         raise UserError(f"predictor {path} has a damaged header ({e}); retrain it") from None
     if tuple(names) != FEATURES:
         raise UserError(f"predictor {path} was trained on other features ({len(names)}); retrain it with this version")
-    L = cfg.text_config.num_hidden_layers
     if meta.get("model") != model_fingerprint(cfg):
         raise UserError(f"predictor {path} was trained for another model ({meta.get('trained_on', '?')}), not "
                         f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.tools.train_predictor")
-    if not 1 <= layer <= L - 1:
-        raise UserError(f"predictor {path} prunes from layer {layer}, outside 1..{L - 1} for this model")
     pred = RatePredictor(layer, actions, hidden, confidence, {k: v for k, v in meta.items()})
     try:
         pred.load_state_dict(tensors, strict=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -210,6 +211,17 @@ class Processor:
         N = self.config.num_image_tokens
         ids = ids[:at] + [self.image_token_id] * N + ids[at + 1:]
         return torch.tensor(ids, dtype=torch.long)  # [P]
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """The characters of `text` the vocabulary has no token for: each one is spelt out byte by byte
+        (byte-level BPE's single-byte pieces, or sentencepiece's <0x..> byte fallback), so a model trained
+        without them has never seen them. The CLI warns about them."""
+        out = []
+        for ch in dict.fromkeys(text):
+            pieces = self.tokenizer.encode(ch, add_special_tokens=False).tokens
+            if len(pieces) > 1 and all(len(t) == 1 or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) for t in pieces):
+                out.append(ch)
+        return out
 
     def answer_ids(self, answer: str) -> list[int]:
         """The ids the model should produce after `ASSISTANT:` for this answer, EOS included (teacher

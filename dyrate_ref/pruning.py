@@ -1,38 +1,57 @@
-"""FastV, VTW and DyRate as plain functions. The decode loop (generation.py) calls them once per step.
+"""FastV, VTW and DyRate: each method is a value. The decode loop (generation.py) asks it once per step.
 
 Shared semantics (docs/pruning.md says the same):
 - N visual tokens; their span is found from the <image> ids in input_ids. Pruning layer K, 1 <= K <= L-1.
   Layers < K always see every token.
 - Step t is the forward pass whose output is token t; step 0 is the prefill, whose query is the last
-  prompt token. The method chooses keep_t, a subset of {0..N-1}. In layers >= K the step's query attends
-  only to kept visual tokens; evicted ones are removed from the KV cache of layers >= K and never come
-  back, so keep_t ⊆ keep_{t-1}. In the prefill every prompt position in layers >= K sees only keep_0.
+  prompt token. The method chooses keep_t, a subset of {0..N-1} (visual indices, ascending). In layers
+  >= K the step's query attends only to kept visual tokens; evicted ones are removed from the KV cache
+  of layers >= K and never come back, so keep_t ⊆ keep_{t-1}. In the prefill every prompt position in
+  layers >= K sees only keep_0.
 - Scores: layer K-1's attention probabilities of step t's query over the visual tokens, averaged over
   heads. Position ids keep their original values after eviction.
+- Words: "keep" is the kept visual indices [M]; the trace's `visual_keep` is the same set as a bool
+  mask [N] (keep_mask). The "rate" r_t is the share of the N visual tokens a method has dropped by
+  step t (what the paper calls the compression rate; FastV's R is its rate from the prefill on).
+
+A method is one small frozen dataclass holding exactly its own settings. Its fields are its settings:
+the CLI turns them into flags (--layer, --ratio, ...), `evaluate --extra NAME:field=value:...` and the
+trace's metadata are built from them, and `describe` says what ran. Each has
+
+    choose(t, keep, scores) -> (keep_t, r_t)     the decision of step t
+    scores(probs, span, t)  -> [N]               what it decides on (default: the step's last query)
+    resolve(given, context) -> (method, origins)  defaults filled in once, each value's origin named
+
+METHODS maps names to classes; nothing outside it dispatches on a method's name. Adding a method is a
+class and a registry line (docs/pruning.md, "Adding a method").
 
 From the DyRate paper (arXiv 2501.14204, abstract and first page, all we have): the compression rate
 grows during generation and is chosen per step by a lightweight predictor that reads the attention
 distribution. Everything finer -- the features, the actions, the keep rules below, the training labels
 -- is dyrate_ref's reconstruction.
-
-Two more rules exist only as baselines for the evaluation (not CLI methods): "mass" keeps the fewest
-tokens that hold a share p of the step's visual attention, and "random" keeps a random subset of a
-given size (matched to another method's counts: does attention-based choice matter at all?).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
-from .predictor import RatePredictor, predictor_features
+from .errors import UserError
+from .predictor import RatePredictor, load_predictor, predictor_features, shipped_predictor_path
 
-METHODS = ("none", "fastv", "vtw", "dyrate")
-BASELINES = ("mass", "random")  # evaluation baselines, chosen through PruneSettings only
 DEFAULT_LAYER = 2  # K = 2, FastV's recommended setting for LLaVA-1.5
-DEFAULT_RATIO = 0.5  # FastV's R = 50 %
+# VTW's withdrawal layer chosen for a checkpoint, kept beside its weights
+# (python -m dyrate_ref.tools.calibrate_vtw --out DIR/vtw_calibration.json).
+VTW_CALIBRATION = "vtw_calibration.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared pieces: where the image is, what a step's attention says about it, how many tokens to keep.
 
 
 def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
@@ -44,22 +63,25 @@ def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]
     return start, n
 
 
-def visual_scores(attn_probs: torch.Tensor, span: tuple[int, int], query: str | slice = "last") -> torch.Tensor:
+def visual_scores(attn_probs: torch.Tensor, span: tuple[int, int], query: str = "last") -> torch.Tensor:
     """Importance of each visual token: attention probabilities [1, H, T, S] of one layer (whose keys are
     the full sequence, slot == position) -> [N] fp32, averaged over heads and over the chosen queries.
 
     query "last": the step's last query (FastV's public code; the only query of a decode step).
-    query "mean": every prompt query after the image (what FastV's paper writes); prefill only.
+    query "mean": every prompt query after the image (the text part of the prompt); prefill only. FastV's
+    paper averages over all tokens; averaging over the text after the image is dyrate_ref's variant.
     """
     start, n = span
     p = attn_probs[0, :, :, start:start + n].float()  # [H, T, N]
-    if query == "last":
-        rows = p[:, -1:]  # [H, 1, N]
-    elif query == "mean":
-        rows = p[:, start + n:]  # [H, T_after, N]: queries after the image
-    else:
-        rows = p[:, query]
+    rows = p[:, -1:] if query == "last" else p[:, start + n:]  # [H, 1, N] or [H, T_after, N]
     return rows.mean(dim=(0, 1))  # [N]
+
+
+def kept_count(n: int, rate: float) -> int:
+    """How many of n tokens remain when a share `rate` of them is dropped: n - round(rate·n), the dropped
+    count rounded half up. The one rounding rule of every method (FastV's R, DyRate's schedule and its
+    predictor's cuts). round(·, 6) first: 0.7·10 is 7.000000000000001 in floating point."""
+    return n - math.floor(round(rate * n, 6) + 0.5)
 
 
 def top_k_sorted(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,89 +92,327 @@ def top_k_sorted(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torc
     return candidates[best].sort().values  # [k]
 
 
-def fastv_keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """FastV(K, R) at step 0: keep the top round((1-R)·N) visual tokens by score. -> indices [M]."""
-    n = scores.numel()
-    k = int(round((1 - ratio) * n))
-    return top_k_sorted(torch.arange(n, device=scores.device), scores, k)
+def cut(keep: torch.Tensor, scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Drop `share` of the still-kept tokens keep [M]: keep the best kept_count(M, share) of them by
+    score (nested: a subset of keep). DyRate's predictor acts through this, and its labels are made
+    with it (tools/train_predictor.py)."""
+    return top_k_sorted(keep, scores, kept_count(keep.numel(), share))
 
 
-def vtw_keep(device=None) -> torch.Tensor:
-    """VTW(K): from layer K on no visual token exists. -> empty indices [0]."""
-    return torch.empty(0, dtype=torch.long, device=device)
+def keep_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Kept visual indices [M] -> the same set as a bool mask [N] (the trace's visual_keep row)."""
+    mask = torch.zeros(n, dtype=torch.bool, device=keep.device)
+    mask[keep] = True
+    return mask
 
 
-def dyrate_keep(prev_keep: torch.Tensor, scores: torch.Tensor, rate: float) -> torch.Tensor:
-    """DyRate step: |keep_t| = min(|keep_{t-1}|, ceil((1-r)·N)); the survivors are the highest-scoring
-    tokens of keep_{t-1}, so the kept sets are nested. (Keep rule: our reconstruction.)"""
-    n = scores.numel()
-    k = min(prev_keep.numel(), math.ceil(round((1 - rate) * n, 6)))  # round(): 0.7*10 is 7.000000000000001
-    return top_k_sorted(prev_keep, scores, k)
+def check_layer(K, num_layers: int, what: str) -> int:
+    """The one range check of a pruning layer: 1 <= K <= L-1 (layer 0 has no attention to read before
+    it; at K = L nothing would be pruned). `what` names where K came from, for the message."""
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= num_layers - 1:
+        raise UserError(f"{what} {K} is outside 1..{num_layers - 1} (the model has {num_layers} layers)")
+    return K
 
 
-def dyrate_cut(prev_keep: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """DyRate step with the predictor: drop `fraction` of the still-kept tokens (rounded half up), keeping
-    the highest-scoring rest of keep_{t-1}, so the kept sets are nested. (Our reconstruction.)"""
-    m = prev_keep.numel()
-    return top_k_sorted(prev_keep, scores, m - math.floor(fraction * m + 0.5))
+# ----------------------------------------------------------------------------------------------------
+# Settings: field metadata, parsing from text, resolution against a checkpoint.
 
 
-def mass_keep(prev_keep: torch.Tensor, scores: torch.Tensor, share: float) -> torch.Tensor:
-    """Baseline: the fewest tokens of keep_{t-1} that hold `share` of the step's attention to all N visual
-    tokens; keep_{t-1} itself when even all of it holds less (what was evicted carried the rest)."""
-    total = scores.sum()
-    s = scores[prev_keep].sort(descending=True).values  # [M]
-    reach = (s.cumsum(0) >= share * total).nonzero()
-    if reach.numel() == 0:
-        return prev_keep
-    return top_k_sorted(prev_keep, scores, int(reach[0]) + 1)
+def setting(default, parse, help: str, short: str):
+    """A method's setting: a dataclass field that also says how to read it from text (a CLI flag or an
+    --extra spec), what it means and its short name in the summary line."""
+    return field(default=default, metadata={"parse": parse, "help": help, "short": short})
 
 
-def random_keep(prev_keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """Baseline: k of keep_{t-1} chosen at random (its own seeded generator), ascending."""
-    if k >= prev_keep.numel():
-        return prev_keep
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(prev_keep.numel(), generator=g)[:k].to(prev_keep.device)
-    return prev_keep[pick].sort().values
+def parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("is not a whole number") from None
+
+
+def parse_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("is outside [0, 1]")
+    return value
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(r) for r in text.split(","))
+    except ValueError:
+        raise ValueError("is not a comma-separated list of numbers") from None
+    if not all(0.0 <= r <= 1.0 for r in rates):
+        raise ValueError("has a rate outside [0, 1]")
+    return rates
+
+
+def parse_score(text: str) -> str:
+    if text not in ("last", "mean"):
+        raise ValueError("is not 'last' or 'mean'")
+    return text
+
+
+LAYER_HELP = "pruning layer K, 1..L-1"
 
 
 @dataclass(frozen=True)
-class PruneSettings:
-    """What the user asked for. `rates` is DyRate's fixed schedule (the last value repeats); without it
-    DyRate asks `predictor`. `share` and `counts`/`seed` belong to the mass and random baselines."""
-    method: str = "none"
-    layer: int = DEFAULT_LAYER  # K
-    ratio: float = DEFAULT_RATIO  # FastV's R
-    score: str = "last"  # FastV's scoring queries: "last" or "mean"
-    rates: tuple[float, ...] | None = None
-    predictor: RatePredictor | None = None
-    share: float = 0.9  # mass: share of the visual attention to keep
-    counts: tuple[int, ...] | None = None  # random: kept count at each step (the last repeats)
-    seed: int = 0  # random
+class Context:
+    """What resolving a method may read: the checkpoint's directory and its decoder depth, and the
+    config (a predictor checks it was trained for this model)."""
+    weights_dir: str
+    num_layers: int
+    config: object = None
 
 
-def choose_keep(prune: PruneSettings, t: int, prev_keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The one place the decode loop asks a method what to keep at step t. -> (keep_t [M], rate r_t)."""
-    if prune.method == "none":
-        return prev_keep, 0.0
-    if prune.method == "fastv":
-        return (fastv_keep(scores, prune.ratio) if t == 0 else prev_keep), prune.ratio
-    if prune.method == "vtw":
-        return vtw_keep(scores.device), 1.0
-    if prune.method == "dyrate":
-        if prune.rates is not None:
-            rate = prune.rates[min(t, len(prune.rates) - 1)]
-            return dyrate_keep(prev_keep, scores, rate), rate
-        keep = dyrate_cut(prev_keep, scores, prune.predictor.cut(predictor_features(scores, prev_keep, t)))
-        return keep, 1 - keep.numel() / scores.numel()  # the rate: compression relative to N
-    if prune.method == "mass":
-        keep = mass_keep(prev_keep, scores, prune.share)
-        return keep, 1 - keep.numel() / scores.numel()
-    if prune.method == "random":
-        keep = random_keep(prev_keep, prune.counts[min(t, len(prune.counts) - 1)], prune.seed * 100_003 + t)
-        return keep, 1 - keep.numel() / scores.numel()
-    raise ValueError(f"unknown method {prune.method!r}")
+def settings_of(method) -> dict:
+    """The method's settings as {field: value}, in field order."""
+    return {f.name: getattr(method, f.name) for f in fields(method)}
+
+
+def setting_text(value) -> str:
+    if isinstance(value, RatePredictor):
+        return os.path.basename(value.path) or "predictor"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def given_label(name: str, origin: str) -> str:
+    """How a message names a setting: its flag when it came from one, else the setting and its origin."""
+    return f"--{name.replace('_', '-')}" if origin == "flag" else f"{name} (from {origin})"
+
+
+class Method:
+    """What every method shares. Subclasses are frozen dataclasses whose fields are their settings."""
+    name: ClassVar[str]
+
+    def scores(self, probs: torch.Tensor, span: tuple[int, int], t: int) -> torch.Tensor:
+        """What step t decides on: layer K-1's attention of the step's last query. -> [N]."""
+        return visual_scores(probs, span, "last")
+
+    def choose(self, t: int, keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def resolve(cls, given: dict, ctx: Context, given_as: str = "flag"):
+        """Fill in what was not given, once: -> (method, {field: where its value came from})."""
+        values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
+        origins = {f.name: given_as if f.name in given else "default" for f in fields(cls)}
+        return cls._checked(values, origins, ctx)
+
+    @classmethod
+    def _checked(cls, values: dict, origins: dict, ctx: Context):
+        if "layer" in values:
+            check_layer(values["layer"], ctx.num_layers, given_label("layer", origins["layer"]))
+        return cls(**values), origins
+
+    def describe(self, origins: dict | None = None) -> str:
+        """One line for the summary: the method, its settings, and where each came from."""
+        parts = [f"{f.metadata['short']}={setting_text(getattr(self, f.name))}" for f in fields(self)
+                 if getattr(self, f.name) is not None]
+        text = " ".join([f"method {self.name}"] + parts)
+        if origins:
+            by_origin: dict[str, list[str]] = {}
+            for f in fields(self):
+                if getattr(self, f.name) is not None and f.name in origins:
+                    by_origin.setdefault(origins[f.name], []).append(f.metadata["short"])
+            text += " (" + "; ".join(f"{', '.join(v)}: {k}" for k, v in by_origin.items()) + ")"
+        return text
+
+    def to(self, device):
+        """Move what the method computes with (a predictor) to the model's device; most hold nothing."""
+        return self
+
+    def metadata(self, origins: dict | None = None) -> dict:
+        """The trace's record of the method: its name and only the settings it has, each with its origin."""
+        meta = {"method": self.name}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta[f.name] = value.path if isinstance(value, RatePredictor) else setting_text(value)
+            if origins and f.name in origins:
+                meta[f.name + "_from"] = origins[f.name]
+        return meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# The methods.
+
+
+@dataclass(frozen=True)
+class NoPruning(Method):
+    """Keep every visual token. The loop still splits the decoder at `layer` (not a setting) and records
+    that layer's attention to the image, which the plots draw."""
+    name: ClassVar[str] = "none"
+    layer: ClassVar[int] = DEFAULT_LAYER
+
+    def choose(self, t, keep, scores):
+        return keep, 0.0
+
+
+@dataclass(frozen=True)
+class FastV(Method):
+    """FastV (Chen et al., 2024): at the prefill, keep the visual tokens layer K-1 attends to most,
+    kept_count(N, R) of them, for the whole answer."""
+    name: ClassVar[str] = "fastv"
+    layer: int = setting(DEFAULT_LAYER, parse_int, LAYER_HELP + " (default 2, FastV's setting for LLaVA-1.5)", "K")
+    ratio: float = setting(0.5, parse_fraction, "fraction R of the visual tokens dropped at the prefill (default 0.5)",
+                           "R")
+    score: str = setting("last", parse_score, "score by the prompt's 'last' query (default) or the 'mean' of the "
+                         "queries after the image", "score")
+
+    def scores(self, probs, span, t):
+        return visual_scores(probs, span, self.score if t == 0 else "last")
+
+    def choose(self, t, keep, scores):
+        if t > 0:
+            return keep, self.ratio
+        n = scores.numel()
+        return top_k_sorted(torch.arange(n, device=scores.device), scores, kept_count(n, self.ratio)), self.ratio
+
+
+def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None, str]:
+    """The layer calibrate_vtw chose for these weights (their vtw_calibration.json) and what the file
+    said: -> (K or None, why). A file that cannot be read is a UserError."""
+    path = os.path.join(weights_dir, VTW_CALIBRATION)
+    if not os.path.isfile(path):
+        return None, f"no {VTW_CALIBRATION}"
+    try:
+        with open(path) as f:
+            K = json.load(f).get("layer")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} is not a readable VTW calibration ({e}); recalibrate or pass --layer") from None
+    if K is None:
+        return None, f"{VTW_CALIBRATION} found no layer within its eta"
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= num_layers - 1:
+        return None, f"{VTW_CALIBRATION} holds layer {K!r}, outside 1..{num_layers - 1}"
+    return K, VTW_CALIBRATION
+
+
+@dataclass(frozen=True)
+class VTW(Method):
+    """VTW (Lin et al., 2024): withdraw every visual token from layer K on."""
+    name: ClassVar[str] = "vtw"
+    layer: int = setting(None, parse_int, LAYER_HELP + " (default: the weights' vtw_calibration.json, else L/2)", "K")
+
+    def choose(self, t, keep, scores):
+        return torch.empty(0, dtype=torch.long, device=scores.device), 1.0
+
+    @classmethod
+    def resolve(cls, given, ctx, given_as="flag"):
+        if "layer" in given:
+            return cls._checked({"layer": given["layer"]}, {"layer": given_as}, ctx)
+        K, why = vtw_calibrated_layer(ctx.weights_dir, ctx.num_layers)
+        if K is None:
+            return cls._checked({"layer": ctx.num_layers // 2}, {"layer": f"L/2, {why}"}, ctx)
+        return cls._checked({"layer": K}, {"layer": why}, ctx)
+
+
+@dataclass(frozen=True)
+class DyRate(Method):
+    """DyRate (arXiv 2501.14204): the rate grows during the answer, step by step. With `rates`, a fixed
+    schedule (r_t = rates[t], the last value repeating; kept_count(N, r_t) of keep_{t-1}'s best); without,
+    the predictor reads step t's attention and picks the share of what is still kept to drop
+    (predictor.py), decoding at `confidence`. Either way the survivors are the highest-scoring tokens of
+    keep_{t-1}, so the kept sets are nested. (Keep rules: our reconstruction.)"""
+    name: ClassVar[str] = "dyrate"
+    layer: int = setting(DEFAULT_LAYER, parse_int, LAYER_HELP + " (default: the predictor's own layer; 2 with --rates)", "K")
+    rates: tuple[float, ...] | None = setting(None, parse_rates, "fixed schedule r0,r1,... instead of the predictor "
+                                              "(the last value repeats)", "rates")
+    predictor: RatePredictor | None = setting(None, str, "predictor file (default: the one shipped with the weights)",
+                                              "predictor")
+    confidence: float | None = setting(None, parse_fraction, "the predictor's decoding confidence (default: its "
+                                       "own; closer to 1 keeps more)", "c")
+
+    def to(self, device):
+        if self.predictor is not None:
+            self.predictor.to(device)
+        return self
+
+    def choose(self, t, keep, scores):
+        n = scores.numel()
+        if self.rates is not None:
+            rate = self.rates[min(t, len(self.rates) - 1)]
+            return top_k_sorted(keep, scores, min(keep.numel(), kept_count(n, rate))), rate
+        share = self.predictor.cut(predictor_features(scores, keep, t), self.confidence)
+        keep = cut(keep, scores, share)
+        return keep, 1 - keep.numel() / n
+
+    @classmethod
+    def resolve(cls, given, ctx, given_as="flag"):
+        values = {f.name: given.get(f.name) for f in fields(cls)}
+        origins = {k: given_as for k in given}
+        if values["rates"] is not None:
+            if values["predictor"] is not None or values["confidence"] is not None:
+                other = "predictor" if values["predictor"] is not None else "confidence"
+                raise UserError(f"{given_label('rates', given_as)} and {given_label(other, given_as)} both given; "
+                                "DyRate uses a fixed schedule or the predictor")
+            if values["layer"] is None:
+                values["layer"], origins["layer"] = DEFAULT_LAYER, "default"
+            return cls._checked(values, origins, ctx)
+        pred = values["predictor"]
+        if not isinstance(pred, RatePredictor):
+            path = pred or shipped_predictor_path(ctx.weights_dir)
+            if path is None:
+                raise UserError(f"method dyrate needs {given_label('predictor', given_as)} FILE or "
+                                f"{given_label('rates', given_as)} LIST: {ctx.weights_dir} ships no "
+                                "dyrate_predictor.safetensors")
+            origins["predictor"] = origins.get("predictor", "shipped with the weights")
+            pred = load_predictor(path, ctx.config, ctx.weights_dir)
+        values["predictor"] = pred
+        where = f"predictor file {os.path.basename(pred.path) or 'predictor'}"
+        check_layer(pred.layer, ctx.num_layers, f"{where} prunes from layer")
+        if values["layer"] is not None and values["layer"] != pred.layer:
+            label = given_label("layer", given_as)
+            raise UserError(f"{label} {values['layer']} differs from the predictor's K={pred.layer}; "
+                            f"leave {label.split(' ')[0]} out or train a predictor for that layer")
+        values["layer"], origins["layer"] = pred.layer, origins.get("layer", "predictor file")
+        if values["confidence"] is None:
+            values["confidence"], origins["confidence"] = pred.confidence, "predictor file"
+        return cls._checked(values, origins, ctx)
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPruning, FastV, VTW, DyRate)}
+
+
+def parse_settings(cls, texts: dict[str, str], registry: dict | None = None, where: str = "--") -> dict:
+    """{field: text} -> {field: value} through each field's parser; a field the method does not have, or
+    a value its parser refuses, is a UserError naming the flag (where="--") or the spec field."""
+    registry = METHODS if registry is None else registry
+    own = {f.name: f for f in fields(cls)}
+    out = {}
+    for name, text in texts.items():
+        flag = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where}{name}"
+        if name not in own:
+            owners = [m for m, c in registry.items() if name in {f.name for f in fields(c)}]
+            belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
+            raise UserError(f"{flag} does not apply to --method {cls.name}{belongs}")
+        try:
+            out[name] = own[name].metadata["parse"](text)
+        except ValueError as e:
+            raise UserError(f"{flag} {text!r} {e}") from None
+    return out
+
+
+def method_class(name: str, registry: dict | None = None) -> type[Method]:
+    registry = METHODS if registry is None else registry
+    if name not in registry:
+        raise UserError(f"unknown --method {name!r}; use one of {', '.join(registry)}")
+    return registry[name]
+
+
+def setting_fields(registry: dict | None = None) -> dict:
+    """Every setting any method of the registry has: {field name: [(method name, field)]}, in
+    registry order. The CLI makes one flag of each."""
+    out: dict[str, list] = {}
+    for name, cls in (METHODS if registry is None else registry).items():
+        for f in fields(cls):
+            out.setdefault(f.name, []).append((name, f))
+    return out
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -30,6 +30,7 @@ oracle with `generate.py ... --force-tokens BACKEND` to line up the whole answer
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ArgumentParser, UserError, command_main
-from .files import write_atomic
+from .files import check_outputs, write_atomic
 from .pruning import kl as pruning_kl
 
 FORMAT = "dyrate_ref-trace-1"
@@ -219,11 +220,13 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
         checks["vocabulary"] = {"value": " vs ".join(str(r["logits"].shape[1]) for r in (ra, rb)), "limit": "equal",
                                  "ok": False}
     elif upto:
-        kk = min([k] + [r["topk_ids"].shape[1] for r in (ra, rb) if "topk_ids" in r])
+        kk = min([k] + [r["topk_ids"].shape[1] for r in (ra, rb) if "topk_ids" in r]
+                 + [r["logits"].shape[1] for r in (ra, rb) if "logits" in r])  # never more than the vocabulary
         if "logits" in ra and "logits" in rb:
             delta = (ra["logits"] - rb["logits"]).abs().amax(-1)  # [upto]
             label = "max |Δlogit|"
-            kl = pruning_kl(ra["logits"], rb["logits"], torch.float64)  # [upto]
+            # clamped at 0: rounding leaves a few -1e-16 where the two distributions are equal
+            kl = pruning_kl(ra["logits"], rb["logits"], torch.float64).clamp_min(0.0)  # [upto]
             for t in range(upto):
                 steps[t]["kl"] = float(kl[t])
                 if kl[t] > limits.max_kl:
@@ -367,6 +370,8 @@ def run(argv=None) -> int:
     o.add_argument("--out", required=True, help="the trace to write")
     args = p.parse_args(argv)
     if args.cmd == "from-openai":
+        check_outputs([("--out", args.out)], [("the response", args.response), ("the --input-ids-from trace",
+                                                                              args.input_ids_from)])
         try:
             with open(args.response, encoding="utf-8") as f:
                 response = json.load(f)
@@ -375,12 +380,16 @@ def run(argv=None) -> int:
         prompt_ids = response.get("prompt_token_ids") if isinstance(response, dict) else None
         input_ids = (torch.tensor(prompt_ids, dtype=torch.int64) if prompt_ids
                      else read_trace(args.input_ids_from)["input_ids"])
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise UserError(f"--out {args.out}: its folder does not exist")
         tensors = openai_trace(response, input_ids, args.response)
         write_trace(args.out, tensors, {"source": os.path.basename(args.response)})
         print(f"wrote {args.out}: {tensors['tokens'].numel()} tokens, top-{tensors['topk_ids'].shape[1]} log-probs")
         return 0
+    for flag, value in (("--atol", args.atol), ("--max-kl", args.max_kl)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag} {value} must be a finite number >= 0")
+    if os.path.exists(args.a) and os.path.exists(args.b) and os.path.samefile(args.a, args.b):
+        raise UserError(f"{args.a} and {args.b} are the same file: comparing a trace with itself checks nothing; "
+                        "give the oracle's trace and the backend's")
     limits = LIMITS[args.dtype]
     if args.atol is not None or args.max_kl is not None:
         limits = Limits(**{**asdict(limits), **({"atol": args.atol} if args.atol is not None else {}),

@@ -38,18 +38,19 @@ from dyrate_ref.processing import Processor, open_image  # noqa: E402
 
 
 def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ratio: float, rates) -> tuple[list[int], float]:
-    """FastV: at step 0 the top round((1-R)·N) visual tokens by score, then unchanged. DyRate with a fixed
-    schedule: |keep_t| = min(|keep_{t-1}|, ceil((1-r_t)·N)), the best-scoring of keep_{t-1}."""
+    """How many to keep, the oracle's one rule: N - round(r·N), the dropped count rounded half up.
+    FastV: at step 0 that many of the visual tokens by score, then unchanged. DyRate with a fixed
+    schedule: |keep_t| = min(|keep_{t-1}|, N - round(r_t·N)), the best-scoring of keep_{t-1}."""
     N = scores.numel()
     if method == "none":
         return prev, 0.0
     if method == "fastv":
         if t > 0:
             return prev, ratio
-        k = int(round((1 - ratio) * N))
+        k = N - math.floor(ratio * N + 0.5 + 1e-9)
         return sorted(scores.topk(k).indices.tolist()), ratio
     rate = rates[min(t, len(rates) - 1)]
-    k = min(len(prev), math.ceil(round((1 - rate) * N, 6)))
+    k = min(len(prev), N - math.floor(rate * N + 0.5 + 1e-9))
     best = scores[prev].topk(k).indices.tolist()
     return sorted(prev[i] for i in best), rate
 

@@ -13,7 +13,7 @@ import torch
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor, open_image
-from dyrate_ref.pruning import PruneSettings
+from dyrate_ref.pruning import DyRate, FastV, NoPruning
 from dyrate_ref.trace import LIMITS, compare, read_trace, report_text, trace_tensors, write_trace
 from helpers import hf_config, make_checkpoint, noise_image
 
@@ -34,7 +34,7 @@ def files(tmp_path_factory):
     return root, str(w), str(img)
 
 
-def oracle(w, img, prune=PruneSettings(), dtype=torch.float32, force=None, max_new_tokens=12):
+def oracle(w, img, prune=NoPruning(), dtype=torch.float32, force=None, max_new_tokens=12):
     """dyrate_ref's trace tensors for the example's prompt (free, or forced with `force`)."""
     model = load_model(w, dtype=dtype)
     proc = Processor(w, model.config)
@@ -43,9 +43,9 @@ def oracle(w, img, prune=PruneSettings(), dtype=torch.float32, force=None, max_n
     return trace_tensors(ids, px, gen.tokens, gen.record)
 
 
-SETTINGS = {"none": (PruneSettings(), {}),
-            "fastv": (PruneSettings("fastv", 2, 0.5), dict(method="fastv", layer=2, ratio=0.5)),
-            "dyrate": (PruneSettings("dyrate", 2, rates=(0.3, 0.5, 0.7)), dict(method="dyrate", layer=2, rates=(0.3, 0.5, 0.7)))}
+SETTINGS = {"none": (NoPruning(), {}),
+            "fastv": (FastV(2, 0.5), dict(method="fastv", layer=2, ratio=0.5)),
+            "dyrate": (DyRate(2, rates=(0.3, 0.5, 0.7)), dict(method="dyrate", layer=2, rates=(0.3, 0.5, 0.7)))}
 
 
 def test_forced_with_its_own_tokens_equals_free_decoding(files):

@@ -70,25 +70,35 @@ def test_stop_reason_max_new_tokens_and_context(files):
 def test_vtw_defaults_to_the_calibrated_layer_and_says_so(files):
     root, w, img = files
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "vtw", "--max-new-tokens", "2"))
-    assert "method vtw K=2 (L/2: no vtw_calibration.json)" in line, line
+    assert "method vtw K=2 (K: L/2, no vtw_calibration.json)" in line, line
     calibrated = root / "calibrated"
     shutil.copytree(w, calibrated)
     (calibrated / "vtw_calibration.json").write_text(json.dumps({"layer": 3, "eta": 0.1}))
     line = summary(run("--image", img, "--prompt", "hi", "--weights", str(calibrated), "--method", "vtw",
                        "--max-new-tokens", "2"))
-    assert "method vtw K=3 (calibrated)" in line, line
+    assert "method vtw K=3 (K: vtw_calibration.json)" in line, line
     line = summary(run("--image", img, "--prompt", "hi", "--weights", str(calibrated), "--method", "vtw",
                        "--layer", "1", "--max-new-tokens", "2"))
-    assert "method vtw K=1:" in line, line
+    assert "method vtw K=1 (K: flag)" in line, line
+    # a calibration that found no layer, or one out of range for these weights: said as it is, not "no file"
+    for layer, why in ((None, "vtw_calibration.json found no layer within its eta"),
+                       (9, "vtw_calibration.json holds layer 9, outside 1..3")):
+        (calibrated / "vtw_calibration.json").write_text(json.dumps({"layer": layer, "eta": 0.1}))
+        line = summary(run("--image", img, "--prompt", "hi", "--weights", str(calibrated), "--method", "vtw",
+                           "--max-new-tokens", "2"))
+        assert f"method vtw K=2 (K: L/2, {why})" in line, line
 
 
 def test_summary_names_every_methods_settings(files):
     root, w, img = files
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--max-new-tokens", "2"))
-    assert "method fastv K=2 R=0.5 score=last" in line, line
+    assert "method fastv K=2 R=0.5 score=last (K, R, score: default)" in line, line
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--ratio", "0.25",
+                       "--max-new-tokens", "2"))
+    assert "method fastv K=2 R=0.25 score=last (K, score: default; R: flag)" in line, line
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate", "--rates", "0.2,0.4",
                        "--max-new-tokens", "2"))
-    assert "method dyrate K=2 rates 0.2,0.4" in line, line
+    assert "method dyrate K=2 rates=0.2,0.4 (K: default; rates: flag)" in line, line
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -124,7 +134,10 @@ def test_trace_compare_exit_codes(files):
     summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--trace", str(a)))
     summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--method", "fastv",
                 "--ratio", "0.9", "--trace", str(b)))
-    r = compare(a, a)
+    import shutil
+    same = root / "c1-copy.st"
+    shutil.copyfile(a, same)  # a copy, not the file itself (a file compared with itself is refused)
+    r = compare(a, same)
     assert r.returncode == 0 and r.stdout.strip().endswith("SAME")
     r = compare(a, b)
     assert r.returncode == 1 and r.stdout.strip().endswith("DIFFERENT")

@@ -223,7 +223,7 @@ def test_evaluate_quick_has_every_row(tmp_path):
         assert name in r.stdout, name
     figures = json.loads(out.read_text())
     none = figures["rows"][0]
-    assert none["method"] == "none" and none["qa_delta"] == 0.0 and none["lm_flops"] == 1.0
+    assert none["method"] == "none" and none["em_delta"] == 0.0 and none["lm_flops"] == 1.0
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "attention_over_generation.png").exists()
 
 
@@ -243,7 +243,7 @@ def test_evaluate_workers_give_the_same_figures(tmp_path):
     for workers in ("1", "2"):
         out = tmp_path / f"eval{workers}.json"
         r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--weights", str(w), "--quick",
-                            "--max-new-tokens", "5", "--workers", workers, "--extra", "mass:2:0.5", "--json", str(out)],
+                            "--max-new-tokens", "5", "--workers", workers, "--extra", "mass:layer=2:share=0.5", "--json", str(out)],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
         assert r.returncode == 0, r.stderr
         figures.append(json.loads(out.read_text())["rows"])

@@ -83,7 +83,7 @@ def exported(tmp_path_factory):
 
 def run_evaluate(data, results, capsys, *extra):
     evaluate.run(["--data", str(data), "--results", str(results), "--only-extra", "--no-control",
-                  "--extra", "fastv:2:0.75", "--bootstrap", "20", "--max-new-tokens", "24", *extra])
+                  "--extra", "fastv:layer=2:ratio=0.75", "--bootstrap", "20", "--max-new-tokens", "24", *extra])
     out = capsys.readouterr().out
     # Everything but the wall-clock column, which is measured anew by every run.
     return [re.sub(r"\| [0-9.]+ \|$", "|", line) for line in out.splitlines() if "records from an earlier run" not in line]
@@ -123,7 +123,7 @@ def test_resume_after_an_interruption_gives_the_same_table(exported, tmp_path, c
 def test_results_of_other_settings_are_refused(exported, tmp_path, capsys):
     run_evaluate(exported / "data.jsonl", tmp_path / "r.jsonl", capsys)
     before = open(tmp_path / "r.jsonl").read()
-    with pytest.raises(UserError, match="other weights, data or settings"):
+    with pytest.raises(UserError, match="was written with max_new_tokens"):
         evaluate.run(["--data", str(exported / "data.jsonl"), "--results", str(tmp_path / "r.jsonl"),
                       "--only-extra", "--max-new-tokens", "5"])
     assert open(tmp_path / "r.jsonl").read() == before
@@ -131,15 +131,24 @@ def test_results_of_other_settings_are_refused(exported, tmp_path, capsys):
 
 def test_extra_rows_parse_into_the_settings_they_name():
     from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
+    from dyrate_ref.pruning import Context, DyRate, FastV
+    from dyrate_ref.tools.baselines import RandomKeep
     cfg = read_config(DEFAULT_WEIGHTS)
-    row = evaluate.parse_extra("random:1:0.75", DEFAULT_WEIGHTS, cfg)
-    assert (row.prune.method, row.prune.layer, row.prune.counts) == ("random", 1, (round(0.25 * cfg.num_image_tokens),))
-    row = evaluate.parse_extra("fastv:3:0.5:mean", DEFAULT_WEIGHTS, cfg)
-    assert (row.prune.method, row.prune.layer, row.prune.ratio, row.prune.score) == ("fastv", 3, 0.5, "mean")
-    assert evaluate.parse_extra("fastv:2:0.5", DEFAULT_WEIGHTS, cfg).prune.score == "last"
-    for bad in ("fastv:2", "fastv:2:0.5:median", "random:1", "nope:1"):
-        with pytest.raises(UserError, match="--extra"):
-            evaluate.parse_extra(bad, DEFAULT_WEIGHTS, cfg)
+    ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
+    assert evaluate.parse_extra("random:layer=1:ratio=0.75", ctx).method == RandomKeep(1, ratio=0.75)
+    assert evaluate.parse_extra("fastv:layer=3:score=mean", ctx).method == FastV(3, 0.5, "mean")
+    assert evaluate.parse_extra("fastv", ctx).method == FastV(2, 0.5, "last")
+    assert evaluate.parse_extra("dyrate:rates=0.5,0.9", ctx).method == DyRate(2, rates=(0.5, 0.9))
+    row = evaluate.parse_extra("dyrate:confidence=0.6", ctx)  # the shipped predictor at another confidence
+    assert row.method.confidence == 0.6 and row.method.layer == row.method.predictor.layer
+    L = cfg.text_config.num_hidden_layers
+    for bad, why in (("fastv:2", "use NAME"), ("fastv:score=median", "'last' or 'mean'"), ("nope", "use NAME"),
+                     (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:ratio=2", "outside [0, 1]"),
+                     ("vtw:ratio=0.5", "does not apply"), ("dyrate:layer=3", "differs from the predictor"),
+                     ("random:layer=0:ratio=0.5", "outside 1.."), ("mass:share=x", "not a number")):
+        with pytest.raises(UserError, match="--extra") as e:
+            evaluate.parse_extra(bad, ctx)
+        assert why in str(e.value), (bad, str(e.value))
 
 
 def test_export_refuses_an_existing_folder_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):

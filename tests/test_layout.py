@@ -129,3 +129,91 @@ def test_every_command_exits_through_the_one_wrapper():
 def test_shared_pieces_exist_once(pattern, home):
     where = sorted(os.path.relpath(p, ROOT) for p in MODULES.values() if re.search(pattern, open(p).read()))
     assert where == [home], where
+
+
+# ----------------------------------------------------------------------------------------------------
+# A method is a value (pruning.py): rules read from the source of any package root, so that each can be
+# shown to fail on a copy with a planted violation.
+
+METHOD_NAMES = {"none", "fastv", "vtw", "dyrate", "mass", "random"}
+REGISTRY_FILES = {"pruning.py", os.path.join("tools", "baselines.py")}
+
+
+def _sources(root: str) -> dict[str, str]:
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                out[os.path.relpath(path, root)] = open(path).read()
+    return out
+
+
+def name_dispatch(root: str) -> list[str]:
+    """Places outside the registry that compare something with a method's name ("fastv", ...)."""
+    bad = []
+    for rel, src in _sources(root).items():
+        if rel in REGISTRY_FILES:
+            continue
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Compare):
+                consts = [n for n in [node.left, *node.comparators] for n in ast.walk(n)
+                          if isinstance(n, ast.Constant) and n.value in METHOD_NAMES]
+                if consts:
+                    bad.append(f"{rel}:{node.lineno}")
+    return bad
+
+
+def loader_knows_methods(root: str) -> list[str]:
+    """The loader loads weights: it imports nothing of pruning and says nothing of VTW or DyRate."""
+    src = open(os.path.join(root, "loading.py")).read()
+    bad = [f"imports {m}" for m in ("pruning", "predictor") if re.search(rf"from \.{m} import|import .*{m}", src)]
+    return bad + [f"mentions {w}" for w in ("vtw", "VTW", "dyrate_predictor") if w in src]
+
+
+HOMES = [
+    (r"os\.access\(", "files.py"),  # the output-path checks (writable folders)
+    (r"would overwrite", "files.py"),  # an output may not be one of the run's inputs
+    (r"torch\.float16 if", "loading.py"),  # the dtype "auto" rule
+    (r"\] = True", "pruning.py"),  # keep indices -> bool mask (keep_mask)
+    (r"outside 1\.\.", "pruning.py"),  # the range check of a pruning layer (check_layer)
+    (r"def kept_count", "pruning.py"),  # the one rounding rule of "how many to keep"
+    (r"round\(\(1 - |ceil\(round|\* m \+ 0\.5", None),  # ... and no other (FastV's, DyRate's old ones)
+    (r"def top_k_sorted", "pruning.py"),
+]
+
+
+def misplaced(root: str) -> list[str]:
+    bad = []
+    sources = _sources(root)
+    for pattern, home in HOMES:
+        where = sorted(rel for rel, src in sources.items() if re.search(pattern, src))
+        if where != ([home] if home else []):
+            bad.append(f"{pattern}: {where}")
+    return bad
+
+
+RULES = {"name dispatch": name_dispatch, "loader knows methods": loader_knows_methods, "shared pieces": misplaced}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_method_rules_hold(rule):
+    assert RULES[rule](ROOT) == []
+
+
+PLANTED = {  # (file, text appended) -> the rule it must break
+    "name dispatch": ("generation.py", "\n\ndef planted(method):\n    return method.name == 'fastv'\n"),
+    "loader knows methods": ("loading.py", "\n\nfrom .pruning import VTW  # planted\n"),
+    "shared pieces": ("cli.py", "\n\ndef planted(path):\n    return os.access(path, os.W_OK)\n"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(PLANTED))
+def test_method_rules_fail_on_a_planted_violation(rule, tmp_path):
+    import shutil
+    copy = tmp_path / "dyrate_ref"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    rel, text = PLANTED[rule]
+    with open(copy / rel, "a") as f:
+        f.write(text)
+    assert RULES[rule](str(copy)) != []

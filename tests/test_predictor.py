@@ -11,7 +11,8 @@ from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.predictor import ACTIONS, FEATURES, RatePredictor, load_predictor, predictor_features
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import PruneSettings, dyrate_cut, mass_keep, random_keep
+from dyrate_ref.pruning import DyRate, cut
+from dyrate_ref.tools.baselines import AttentionMass, random_subset
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.tools.data import Example
 from dyrate_ref.tools.train_predictor import fit, label_example, train
@@ -60,7 +61,7 @@ def test_cuts_are_nested_and_never_grow():
         prev = torch.randperm(n, generator=g)[:int(torch.randint(0, n + 1, (1,), generator=g))].sort().values
         sizes = []
         for frac in ACTIONS:
-            keep = dyrate_cut(prev, scores, frac)
+            keep = cut(prev, scores, frac)
             assert set(keep.tolist()) <= set(prev.tolist()) and keep.tolist() == sorted(keep.tolist())
             if keep.numel():  # the survivors are the best-scoring of prev
                 assert scores[keep].min() >= scores[prev].topk(keep.numel()).values.min()
@@ -73,7 +74,7 @@ def test_decoding_errs_towards_keeping():
     logits = torch.tensor([[0.1, 0.1, 0.1, 0.3, 0.4]]).log()  # P(label >= a) = 1, .9, .8, .7, .4
     want = {0.5: 3, 0.7: 3, 0.75: 2, 0.85: 1, 0.95: 0, 0.3: 4}
     for c, a in want.items():
-        assert int(pred.with_confidence(c).decide(logits)) == a, c
+        assert int(pred.decide(logits, c)) == a, c
 
 
 class Scripted:
@@ -83,7 +84,7 @@ class Scripted:
         self.actions = list(actions)
         self.t = 0
 
-    def cut(self, feats):
+    def cut(self, feats, confidence=None):
         a = self.actions[self.t] if self.t < len(self.actions) else 0
         self.t += 1
         return ACTIONS[a]
@@ -102,7 +103,7 @@ def test_labels_equal_a_brute_force_search_with_free_decoding(setup):
             before = model.config.num_image_tokens if t == 0 else int(kept[t - 1])
             ok = [0]  # holding is the label when no cut keeps the answer, or nothing is left to cut
             for a in range(1, len(ACTIONS)):
-                g = generate(model, ids, px, len(answer), PruneSettings("dyrate", 2, predictor=Scripted(
+                g = generate(model, ids, px, len(answer), DyRate(2, predictor=Scripted(
                     labels[:t].tolist() + [a])), stop_ids=proc.stop_ids)
                 if g.tokens == answer and int(g.record.keep[t].sum()) < before:
                     ok.append(a)
@@ -123,7 +124,7 @@ def test_training_loss_falls_and_a_stricter_margin_keeps_more(setup):
         assert len(log) == 2
         for c in (0.5, 0.9):
             runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.image), 6,
-                             PruneSettings("dyrate", 2, predictor=pred.with_confidence(c))) for ex in examples]
+                             DyRate(2, predictor=pred, confidence=c)) for ex in examples]
             mean_kept[margin, c] = sum(float(torch.stack(r.record.keep).sum(1).float().mean()) for r in runs) / len(runs)
     _, history = fit(f, y, 2, epochs=150, show_progress=False)
     assert history[-1] < 0.7 * history[0]
@@ -163,7 +164,7 @@ def test_mass_and_random_baselines_keep_what_they_promise():
         scores = torch.rand(n, generator=g) ** 4
         prev = torch.randperm(n, generator=g)[:20].sort().values
         for share in (0.3, 0.6, 0.9):
-            keep = mass_keep(prev, scores, share)
+            keep = AttentionMass(share=share).choose(0, prev, scores)[0]
             ranked = scores[prev].sort(descending=True).values
             k = next((i + 1 for i in range(prev.numel()) if ranked[:i + 1].sum() >= share * scores.sum()), None)
             if k is None:
@@ -171,11 +172,11 @@ def test_mass_and_random_baselines_keep_what_they_promise():
             else:
                 assert keep.numel() == k and set(keep.tolist()) <= set(prev.tolist())
                 assert scores[keep].sum() >= share * scores.sum() - 1e-6
-        r = random_keep(prev, 7, seed=3)
+        r = random_subset(prev, 7, 3)
         assert r.numel() == 7 and set(r.tolist()) <= set(prev.tolist()) and r.tolist() == sorted(r.tolist())
-        assert torch.equal(r, random_keep(prev, 7, seed=3))
-        assert random_keep(prev, 25, seed=3).tolist() == prev.tolist()
-    picks = {tuple(random_keep(torch.arange(30), 5, seed=s).tolist()) for s in range(10)}
+        assert torch.equal(r, random_subset(prev, 7, 3))
+        assert random_subset(prev, 25, 3).tolist() == prev.tolist()
+    picks = {tuple(random_subset(torch.arange(30), 5, s).tolist()) for s in range(10)}
     assert len(picks) > 5  # different seeds, different subsets
 
 

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dyrate_ref.generation import decode_one_token, generate, prefill, recompute_logits, sample, Sampling
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import PruneSettings, dyrate_keep, fastv_keep, visual_scores
+from dyrate_ref.pruning import VTW, DyRate, FastV, NoPruning, kept_count, visual_scores
 from helpers import hf_config, make_checkpoint, noise_image
 
 T_NEW = 10
@@ -35,12 +35,12 @@ def tiny(request, tmp_path_factory):
 
 
 METHODS = {
-    "none": PruneSettings(),
-    "fastv-last": PruneSettings("fastv", 2, 0.5),
-    "fastv-mean": PruneSettings("fastv", 3, 0.75, score="mean"),
-    "vtw": PruneSettings("vtw", 2),
-    "dyrate-rising": PruneSettings("dyrate", 2, rates=(0.0, 0.2, 0.3, 0.5, 0.7, 0.9)),
-    "dyrate-k1": PruneSettings("dyrate", 1, rates=(0.1, 0.6)),
+    "none": NoPruning(),
+    "fastv-last": FastV(2, 0.5),
+    "fastv-mean": FastV(3, 0.75, score="mean"),
+    "vtw": VTW(2),
+    "dyrate-rising": DyRate(2, rates=(0.0, 0.2, 0.3, 0.5, 0.7, 0.9)),
+    "dyrate-k1": DyRate(1, rates=(0.1, 0.6)),
 }
 
 
@@ -69,13 +69,13 @@ def test_identities(tiny):
     model, _, ids, px, _ = tiny
     N = model.config.num_image_tokens
     none = generate(model, ids, px, T_NEW)
-    _same(generate(model, ids, px, T_NEW, PruneSettings("fastv", 2, 0.0)), none)
-    _same(generate(model, ids, px, T_NEW, PruneSettings("dyrate", 2, rates=(0.0,))), none)
-    _same(generate(model, ids, px, T_NEW, PruneSettings("vtw", 3)),
-          generate(model, ids, px, T_NEW, PruneSettings("dyrate", 3, rates=(1.0,))))
+    _same(generate(model, ids, px, T_NEW, FastV(2, 0.0)), none)
+    _same(generate(model, ids, px, T_NEW, DyRate(2, rates=(0.0,))), none)
+    _same(generate(model, ids, px, T_NEW, VTW(3)),
+          generate(model, ids, px, T_NEW, DyRate(3, rates=(1.0,))))
     r = 0.25 if N == 16 else 1 - 13 / 17  # (1-r)N must be an integer: 12 of 16, or 13 of 17
-    _same(generate(model, ids, px, T_NEW, PruneSettings("dyrate", 2, rates=(r,))),
-          generate(model, ids, px, T_NEW, PruneSettings("fastv", 2, r)))
+    _same(generate(model, ids, px, T_NEW, DyRate(2, rates=(r,))),
+          generate(model, ids, px, T_NEW, FastV(2, r)))
 
 
 def _hf_layer_scores(hf, ids, px, tokens, K, span):
@@ -93,7 +93,7 @@ def test_fastv_keeps_top_scores_by_hf_attention(tiny):
     N = model.config.num_image_tokens
     start = int((ids == model.config.image_token_index).nonzero()[0])
     for R in (0.25, 0.5, 0.8):
-        gen = generate(model, ids, px, 3, PruneSettings("fastv", 2, R))
+        gen = generate(model, ids, px, 3, FastV(2, R))
         scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[ids.numel() - 1]  # last prompt query
         want = set(scores.topk(int(round((1 - R) * N))).indices.tolist())
         for row in gen.record.keep:
@@ -104,7 +104,7 @@ def test_fastv_mean_scores_use_queries_after_the_image(tiny):
     model, _, ids, px, hf = tiny
     N = model.config.num_image_tokens
     start = int((ids == model.config.image_token_index).nonzero()[0])
-    gen = generate(model, ids, px, 2, PruneSettings("fastv", 2, 0.5, score="mean"))
+    gen = generate(model, ids, px, 2, FastV(2, 0.5, score="mean"))
     rows = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[start + N:ids.numel()]  # [P_after, N]
     want = set(rows.mean(0).topk(int(round(0.5 * N))).indices.tolist())
     assert set(gen.record.keep[0].nonzero().squeeze(1).tolist()) == want
@@ -115,13 +115,13 @@ def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
     N = model.config.num_image_tokens
     start = int((ids == model.config.image_token_index).nonzero()[0])
     rates = (0.1, 0.1, 0.35, 0.2, 0.6, 0.6, 0.85)
-    gen = generate(model, ids, px, T_NEW, PruneSettings("dyrate", 2, rates=rates))
+    gen = generate(model, ids, px, T_NEW, DyRate(2, rates=rates))
     scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))  # [rows, N]
     prev = set(range(N))
     for t, row in enumerate(gen.record.keep):
         r = rates[min(t, len(rates) - 1)]
         kept = set(row.nonzero().squeeze(1).tolist())
-        assert len(kept) == min(len(prev), math.ceil(round((1 - r) * N, 6)))
+        assert len(kept) == min(len(prev), N - math.floor(r * N + 0.5 + 1e-9))  # dropped count rounded half up
         assert kept <= prev
         s = scores[ids.numel() - 1 + t]
         ranked = sorted(prev, key=lambda i: -float(s[i]))
@@ -133,9 +133,13 @@ def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
 
 def test_keep_functions_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3])
-    assert fastv_keep(scores, 0.4).tolist() == [1, 3, 4]  # round(0.6*5)=3 best, ascending order
-    assert dyrate_keep(torch.tensor([1, 3, 4]), scores, 0.8).tolist() == [3]  # ceil(0.2*5)=1
-    assert dyrate_keep(torch.tensor([1, 3]), scores, 0.0).tolist() == [1, 3]  # never grows back
+    assert FastV(ratio=0.4).choose(0, torch.arange(5), scores)[0].tolist() == [1, 3, 4]  # 5-2=3 best, ascending
+    assert FastV(ratio=0.4).choose(3, torch.tensor([1, 3]), scores)[0].tolist() == [1, 3]  # only step 0 chooses
+    assert DyRate(rates=(0.8,)).choose(1, torch.tensor([1, 3, 4]), scores)[0].tolist() == [3]  # 5-4=1
+    assert DyRate(rates=(0.0,)).choose(2, torch.tensor([1, 3]), scores)[0].tolist() == [1, 3]  # never grows back
+    assert VTW(2).choose(0, torch.arange(5), scores)[0].numel() == 0
+    # the one rounding rule: the dropped count rounded half up (0.5*5 = 2.5 -> 3 dropped; 0.7*10 is 7)
+    assert [kept_count(5, 0.5), kept_count(10, 0.7), kept_count(144, 0.9), kept_count(4, 0.125)] == [2, 3, 14, 3]
     probs = torch.zeros(1, 2, 3, 6)
     probs[0, 0, -1, 1:4] = torch.tensor([0.2, 0.4, 0.1])
     probs[0, 1, -1, 1:4] = torch.tensor([0.0, 0.2, 0.3])
@@ -157,14 +161,16 @@ def test_flops_match_flop_counter_and_kv_bytes_match_tensors(tiny, name):
     sizes = [state.keep.numel()]
     for _ in range(T_NEW - 1):
         token = sample(logits, Sampling(), None)
+        state.step += 1
         with FlopCounterMode(display=False) as fc:
             logits = decode_one_token(model, token, state, prune, rec)
         counted.append(fc.get_total_flops())
+        state.next_pos += 1
         sizes.append(state.keep.numel())
     # Exact: cost.py's formulas count every matmul FlopCounterMode sees, vision tower included.
     assert rec.flops == counted
     # KV bytes from first principles: layers < K hold every token, layers >= K lose the evicted ones.
-    P, N, K, L = ids.numel(), cfg.num_image_tokens, state.K, tc.num_hidden_layers
+    P, N, K, L = ids.numel(), cfg.num_image_tokens, rec.K, tc.num_hidden_layers
     per_slot = 2 * tc.num_key_value_heads * tc.head_dim * 4  # k and v, fp32
     for t, (kv, kept) in enumerate(zip(rec.kv_bytes, sizes)):
         want = K * (P + t) * per_slot + (L - K) * (P - (N - kept) + t) * per_slot

@@ -70,7 +70,7 @@ BAD = {
     "layer-zero": (["--method", "fastv", "--layer", "0"], "outside 1..3"),
     "layer-too-deep": (["--method", "vtw", "--layer", "4"], "outside 1..3"),
     "rates-not-numbers": (["--method", "dyrate", "--rates", "0.1,lots"], "not a comma-separated list"),
-    "rates-out-of-range": (["--method", "dyrate", "--rates", "0.1,1.2"], "in [0, 1]"),
+    "rates-out-of-range": (["--method", "dyrate", "--rates", "0.1,1.2"], "rate outside [0, 1]"),
     "predictor-missing": (["--method", "dyrate", "--predictor", "/nonexistent.safetensors"], "does not exist"),
     "dyrate-without-either": (["--method", "dyrate"], "needs --predictor"),
     "ratio-with-dyrate": (["--method", "dyrate", "--ratio", "0.5", "--rates", "0.5"], "does not apply"),

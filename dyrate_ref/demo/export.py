@@ -16,7 +16,7 @@ import json
 import os
 
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import write_atomic_dir
+from ..files import check_new_folder, write_atomic_dir
 from ..progress import Progress
 from .scenes import eval_set
 
@@ -51,10 +51,7 @@ def run(argv=None) -> int:
     args = p.parse_args(argv)
     if args.scenes < 1:
         raise UserError(f"--scenes {args.scenes}: give a positive number of scenes")
-    if os.path.exists(args.out):
-        raise UserError(f"--out {args.out} already exists; give a new folder")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out}: its parent folder does not exist")
+    check_new_folder(args.out, "--out")
     export(args.out, args.scenes)
     print(f"wrote {os.path.join(args.out, 'data.jsonl')}")
     return 0

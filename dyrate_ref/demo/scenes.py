@@ -10,6 +10,15 @@ scene come short questions with one right answer and descriptions that name ever
     Where is the square?                -> top left            (asked only of a kind seen once)
     Describe the image.                 -> There are two shapes: a red circle at the top left and a
                                            blue square at the center.
+    Is there a red circle? Look first.  -> There are two shapes: a red circle at the top left and a
+                                           blue square in the center. So yes, there is a red circle.
+                                           (asked of scenes of 2 or more shapes)
+
+The last answer kind looks first, then reasons: its first part is the scene's description and its
+last part ("So yes, there is a red circle.") follows from that part and the question alone, so after
+the looking part the picture is no longer needed. It is the setting in which DyRate's premise (later
+tokens need the image less) holds by construction; in a description every later word names another
+shape and needs the picture as much as the first.
 
 Everything is drawn with Pillow from a seeded random.Random, so a (seed, index) pair always gives the
 same picture and the same answers.
@@ -30,6 +39,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_KINDS = ("color", "count", "exist", "position")
+LOOK_SUFFIX = " Look first."  # appended to an existence question: the look-then-reason answer kind
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,60 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 
 
 DESCRIBE_PROMPT = "Describe the image."
+
+
+def exist_pair(scene: Scene, rng: random.Random, want_yes: bool) -> tuple[str, str, bool]:
+    """A (colour, kind) to ask about: present if want_yes, else a near miss (a colour or a kind that is
+    in the picture, but not together). -> (colour, kind, present)."""
+    present = {(s.color, s.kind) for s in scene.shapes}
+    if want_yes:
+        color, kind = rng.choice(sorted(present))
+        return color, kind, True
+    s = rng.choice(scene.shapes)
+    options = [(c, s.kind) for c in COLORS if (c, s.kind) not in present] + \
+              [(s.color, k) for k in SHAPES if (s.color, k) not in present]
+    color, kind = rng.choice(options)
+    return color, kind, (color, kind) in present
+
+
+def look_question(color: str, kind: str) -> str:
+    return f"Is there {article(color)} {color} {kind}?{LOOK_SUFFIX}"
+
+
+def look_answer(scene: Scene, color: str, kind: str) -> str:
+    """Look (the description), then reason from it and the question alone."""
+    thing = f"{article(color)} {color} {kind}"
+    present = any(s.color == color and s.kind == kind for s in scene.shapes)
+    verdict = f"So yes, there is {thing}." if present else f"So no, there is no {color} {kind}."
+    return f"{describe(scene)} {verdict}"
+
+
+LOOK_SPLIT = " So "  # where the looking part ends and the reasoning part begins
+
+
+def look_verdict(text: str) -> str | None:
+    """The final answer of a look-then-reason answer ("yes" / "no"), or None if it has none."""
+    m = re.search(r"\bso (yes|no)\b", text.lower())
+    return m.group(1) if m else None
+
+
+def all_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every question the scene allows, asked so that the answers depend on the question's words:
+    colour and position of every kind seen once, the count, a yes and a near-miss no existence
+    question, and (2+ shapes) a look-then-reason question. The demo model v3 trains on these."""
+    kinds = [s.kind for s in scene.shapes]
+    out = [("count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
+    for s in scene.shapes:
+        if kinds.count(s.kind) == 1:
+            out.append(("color", f"What color is the {s.kind}?", s.color))
+            out.append(("position", f"Where is the {s.kind}?", s.position))
+    for want_yes in (True, False):
+        color, kind, present = exist_pair(scene, rng, want_yes)
+        out.append(("exist", f"Is there {article(color)} {color} {kind}?", "yes" if present else "no"))
+    if len(scene.shapes) >= 2:
+        color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
+        out.append(("look", look_question(color, kind), look_answer(scene, color, kind)))
+    return out
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ Recipe, and why (a naive single-stage run of this size reached only chance-level
 after 16 minutes: the decoder cannot learn to read a vision tower that has not yet learned to see):
 - LLaVA-1.5 architecture at toy size: CLIP ViT 96 px / 8 px patches -> 144 visual tokens, the last
   encoder layer's features ("vision_feature_layer": -1, so no layer is computed for nothing), a 2-layer
-  GELU projector, an 8-layer Llama decoder with grouped-query attention: pruning from K=2 then acts on
-  3/4 of the decoder, as K=2 does on LLaVA-1.5-7B's 32 layers.
-- A byte-level BPE of 512 entries trained on the scene texts, so every prompt and answer word is one
-  token.
+  GELU projector, an 8-layer Llama decoder with grouped-query attention (pruning from K=2 acts on 6 of
+  its 8 layers; on LLaVA-1.5-7B's 32 the same K acts on 30, so K is not carried over as a share of depth).
+- A byte-level BPE (capped at 512 entries; v2's stopped at 400) trained on the scene texts, so every
+  prompt and answer word is one token.
 - Stage 1 (like LLaVA's pretrained CLIP tower, here made in minutes): the vision tower alone learns to
   name, at every patch, the kind and colour of the object covering it and the 3x3 cell the patch is
   in, through a linear head that is then thrown away. Then probe_tower fits a fresh linear probe on the
@@ -33,6 +33,18 @@ after 16 minutes: the decoder cannot learn to read a vision tower that has not y
 - The run is fixed by --vision-steps / --steps (deterministic for a seed); --minutes only stops early.
   --init DIR continues from a directory this script wrote (stage 1 skipped, 5-shape scenes throughout,
   a fresh warm-up and cosine), appending to its train_log.txt when DIR is --out.
+
+The v3 pieces (--tower DIR: a fresh tokenizer, projector and decoder on a trained tower), aimed at a
+decoder that reads the question, which v2's does not (the kind-swap test, demo/reading.py, logged
+every --eval-every steps as the go/no-go signal): every picture's questions differ by their words
+(scenes.all_questions: colour and position of every kind seen once, a yes and a near-miss no, the
+look-then-reason kind), the loss weighted per answer rather than per token, scenes of distinct kinds
+and colours first, text embeddings and visual tokens started at the same scale (balance_init) with a
+penalty that keeps the visual tokens within VISUAL_RMS_CAP of the text (--visual-penalty), no weight
+decay on the embeddings and the LM head, and optionally a training-only "which shape does this ask
+about" turn (--echo) and a ramp of the visual tokens in from zero (--read-first). Measured this round
+(README, "The embedded model"): none of these has yet made the decoder read the question within the
+go/no-go window; the shipped model is still v2.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -54,7 +67,9 @@ from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..processing import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, ImageSettings, Processor, pixel_values
 from ..progress import Progress
 from .bpe import save_tokenizer_files, train_bpe
-from .scenes import COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, describe, eval_set, object_map, questions, random_scene
+from .reading import kind_swap_kl, kind_swap_pairs
+from .scenes import (COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, all_questions, describe, eval_set, exist_pair, look_answer,
+                     look_question, object_map, questions, random_scene)
 
 CONFIG = {
     "architectures": ["LlavaForConditionalGeneration"],
@@ -83,14 +98,16 @@ PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
                 "do_convert_rgb": True}
 
 
-def tokenizer_corpus(seed: int = 123, scenes: int = 3000) -> list[str]:
+def tokenizer_corpus(seed: int = 123, scenes: int = 3000, recipe: str = "v2") -> list[str]:
     rng = random.Random(seed)
     texts = []
     for _ in range(scenes):
         s = random_scene(rng)
         texts.append(describe(s))
-        for _, q, a in questions(s, rng):
+        for _, q, a in (questions(s, rng) if recipe == "v2" else all_questions(s, rng)):
             texts.append(PROMPT_TEMPLATE.format(prompt=q).replace("<image>", "") + " " + a)
+            if recipe == "v3":
+                texts.append(f"{ECHO_PROMPT} {q}")
     texts.append(PROMPT_TEMPLATE.format(prompt=DESCRIBE_PROMPT).replace("<image>", ""))
     return texts
 
@@ -108,49 +125,101 @@ def init_weights(model: torch.nn.Module, seed: int):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+# Loss weight of one answer (each answer's tokens share it): per answer, not per token, so that the
+# long descriptions do not drown the short questions (v2 averaged over tokens: descriptions were 69 % of
+# the loss and reading the question's kind word earned almost nothing). Questions : long answers is
+# about 3 : 1 over a conversation.
+TURN_WEIGHT = {"describe": 1.5, "look": 1.5}
+ECHO_PROMPT = "Which shape does this ask about:"  # v3's training-only turn (--echo)
+RECIPES = ("v2", "v3")
+
+
+def distinct_scene(rng: random.Random, min_shapes: int, max_shapes: int):
+    """A scene whose shapes all differ in kind and in colour: the curriculum's start, where no colour or
+    position question can be answered without reading which kind it asks about."""
+    while True:
+        scene = random_scene(rng, min_shapes, max_shapes)
+        if len({s.kind for s in scene.shapes}) == len({s.color for s in scene.shapes}) == len(scene.shapes):
+            return scene
+
+
 class Batcher:
     """Multi-turn conversations about generated scenes. The first turn is tokenised by the same
     Processor inference uses (prompt ids with <image> expanded, then answer ids: space + answer + EOS);
-    later turns continue as `USER: {q} ASSISTANT:` without the image. Every question the scene allows
-    is asked (and the description, 70 % of the time), in random order, so each picture's 144 visual
-    tokens pay for several answers."""
+    later turns continue as `USER: {q} ASSISTANT:` without the image. The description is asked 70 % of
+    the time, in random order with the questions, so each picture's 144 visual tokens pay for several
+    answers. Recipe v2 (the shipped model): one question of each kind the scene allows
+    (scenes.questions), every answer token weighing the same. Recipe v3: every question the scene
+    allows (scenes.all_questions: colour and position of every kind seen once, a yes and a near-miss
+    no, a look-then-reason question), so the answers on one picture differ by the question's words,
+    each answer weighing TURN_WEIGHT whatever its length."""
 
-    def __init__(self, processor: Processor, seed: int):
+    def __init__(self, processor: Processor, seed: int, recipe: str = "v2", echo: float = 0.0):
         self.processor = processor
         self.rng = random.Random(seed)
         self.eos = processor.eos_id
+        self.recipe, self.echo = recipe, echo
 
-    def conversation(self, max_shapes: int):
+    def conversation_v2(self, max_shapes: int):
         scene = random_scene(self.rng, 1, max_shapes)
-        turns = [(q, a) for _, q, a in questions(scene, self.rng)]
+        turns = list(questions(scene, self.rng))
         if self.rng.random() < 0.7:
-            turns.append((DESCRIBE_PROMPT, describe(scene)))
+            turns.append(("describe", DESCRIBE_PROMPT, describe(scene)))
         self.rng.shuffle(turns)
-        ids, labels = [], []
-        for i, (q, a) in enumerate(turns):
+        return self.tokens(scene, turns, per_answer=False)
+
+    def conversation(self, scene):
+        turns = all_questions(scene, self.rng)
+        if self.echo and self.rng.random() < self.echo:
+            # Training only: which kind does a question ask about? Answerable from the text alone, so
+            # nothing is gained by attending to the picture: the path from the answer position to the
+            # question's kind word is learnt first, then the colour and position questions use it.
+            kind, q, _ = self.rng.choice([t for t in turns if t[0] in ("color", "position")] or [turns[0]])
+            m = re.search(r"the (\w+)\?$", q)
+            if m:
+                turns.append(("echo", f"{ECHO_PROMPT} {q}", m.group(1)))
+        if self.rng.random() < 0.7:
+            turns.append(("describe", DESCRIBE_PROMPT, describe(scene)))
+        self.rng.shuffle(turns)
+        return self.tokens(scene, turns, per_answer=True)
+
+    def tokens(self, scene, turns, per_answer: bool):
+        """-> (image, ids, labels, weights): per_answer, each answer's tokens share its TURN_WEIGHT;
+        else every answer token weighs 1 (the per-token mean)."""
+        ids, labels, weights = [], [], []
+        for i, (kind, q, a) in enumerate(turns):
             if i == 0:
                 p = self.processor.input_ids(q).tolist()
             else:
                 p = self.processor.tokenizer.encode(f"USER: {q} ASSISTANT:", add_special_tokens=False).ids
             ans = self.processor.answer_ids(a)
+            w = TURN_WEIGHT.get(kind, 1.0) / len(ans) if per_answer else 1.0
             ids += p + ans
             labels += [-100] * len(p) + ans
-        return scene.draw(), ids, labels
+            weights += [0.0] * len(p) + [w] * len(ans)
+        return scene.draw(), ids, labels, weights
 
-    def batch(self, size: int, max_shapes: int):
-        return collate([self.conversation(max_shapes) for _ in range(size)], self.processor)
+    def batch(self, size: int, max_shapes: int, distinct: bool = False):
+        if self.recipe == "v2":
+            return collate([self.conversation_v2(max_shapes) for _ in range(size)], self.processor)
+        scenes = [distinct_scene(self.rng, 2, min(4, max_shapes)) if distinct else random_scene(self.rng, 1, max_shapes)
+                  for _ in range(size)]
+        return collate([self.conversation(s) for s in scenes], self.processor)
 
 
 def collate(convs, processor: Processor):
-    """[(image, ids, labels)] -> ids, labels [B, T] (right-padded with EOS / -100), px [B, 3, H, W]."""
+    """[(image, ids, labels[, weights])] -> ids, labels [B, T] (right-padded with EOS / -100),
+    px [B, 3, H, W], weights [B, T] (per-token loss weights; without them every answer token weighs 1)."""
     T = max(len(c[1]) for c in convs)
     ids = torch.full((len(convs), T), processor.eos_id, dtype=torch.long)
     labels = torch.full((len(convs), T), -100, dtype=torch.long)
-    for b, (_, i, l) in enumerate(convs):
+    weights = torch.zeros(len(convs), T)
+    for b, (_, i, l, *w) in enumerate(convs):
         ids[b, :len(i)] = torch.tensor(i)
         labels[b, :len(l)] = torch.tensor(l)
-    px = torch.cat([processor.pixel_values(img) for img, _, _ in convs])  # [B, 3, 96, 96]
-    return ids, labels, px
+        weights[b, :len(l)] = torch.tensor(w[0]) if w else (torch.tensor(l) != -100).float()
+    px = torch.cat([processor.pixel_values(c[0]) for c in convs])  # [B, 3, 96, 96]
+    return ids, labels, px, weights
 
 
 def patch_targets(scene, patch: int = 8):
@@ -280,13 +349,30 @@ def probe_tower(model: LlavaForConditionalGeneration, train_scenes: int = 1500, 
     return result
 
 
-def heldout_conversations(processor: Processor, n_scenes: int):
-    """Single-turn (image, ids, labels, kind) examples from the evaluation's seed stream."""
+def heldout_conversations(processor: Processor, n_scenes: int, echo: bool = False):
+    """Single-turn (image, ids, labels, kind) examples from the evaluation's seed stream, plus one
+    look-then-reason question per scene of 2+ shapes. Colour and position questions on scenes of 3-5
+    shapes are also counted as "color3+" / "position3+": there, naming some shape of the scene (the
+    failure of v2) is right only by chance."""
     out = []
-    for item in eval_set(n_scenes):
+    rng = random.Random(77)
+    items = eval_set(n_scenes)
+    for item in items:
         p = processor.input_ids(item.question).tolist()
         ans = processor.answer_ids(item.answer)
         out.append((item.scene.draw(), p + ans, [-100] * len(p) + ans, item.kind))
+        if item.kind in ("color", "position") and len(item.scene.shapes) >= 3:
+            out.append((item.scene.draw(), p + ans, [-100] * len(p) + ans, item.kind + "3+"))
+        if echo and item.kind in ("color", "position"):  # can it read the question at all?
+            e = processor.input_ids(f"Which shape does this ask about: {item.question}").tolist()
+            a = processor.answer_ids(re.search(r"the (\w+)\?$", item.question).group(1))
+            out.append((item.scene.draw(), e + a, [-100] * len(e) + a, "echo"))
+    for scene in dict.fromkeys(i.scene for i in items):
+        if len(scene.shapes) >= 2:
+            color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
+            p = processor.input_ids(look_question(color, kind)).tolist()
+            ans = processor.answer_ids(look_answer(scene, color, kind))
+            out.append((scene.draw(), p + ans, [-100] * len(p) + ans, "look"))
     return out
 
 
@@ -298,7 +384,7 @@ def heldout_exact(model: LlavaForConditionalGeneration, examples, processor: Pro
     hits: dict[str, list[float]] = {}
     for i in range(0, len(examples), 32):
         chunk = examples[i:i + 32]
-        ids, labels, px = collate([(img, a, b) for img, a, b, _ in chunk], processor)
+        ids, labels, px, _ = collate([(img, a, b) for img, a, b, _ in chunk], processor)
         ids, labels, px = ids.to(device), labels.to(device), px.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             x = model.embed(ids, model.image_features(px))
@@ -311,25 +397,76 @@ def heldout_exact(model: LlavaForConditionalGeneration, examples, processor: Pro
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower: bool = False):
-    """Next-token cross-entropy on answer tokens. ids, labels [B, T]; px [B, 3, H, W]."""
+# The visual tokens may not outgrow the text: v2's entered the decoder at norm ~474 against the text
+# embeddings' ~0.35, its attention saturated on them, and the question's words got ~0 weight and ~0
+# gradient. Balancing the two at initialisation alone did not hold (the projector's output grew 7x in
+# 480 steps), so a penalty keeps the visual tokens' RMS at most VISUAL_RMS_CAP times the text
+# embeddings' mean RMS while training. It acts on weights only: the saved model is plain LLaVA-1.5.
+VISUAL_RMS_CAP = 1.5
+VISUAL_PENALTY = 1.0
+
+
+def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower: bool = False, weights=None,
+            penalty: float = 0.0, visual_scale: float = 1.0):
+    """Next-token cross-entropy on answer tokens, weighted per token (weights [B, T], default 1 each),
+    plus `penalty` x the visual-scale penalty. ids, labels [B, T]; px [B, 3, H, W]."""
     if frozen_tower:  # LLaVA-1.5 keeps its CLIP tower frozen; no graph through it saves ~a third of a step
         with torch.no_grad():
             feats = tower_features(model, px.to(model.lm_head.weight.dtype))  # [B, P, C_vis]
         feats = model.multi_modal_projector(feats)  # [B, N, C]
     else:
         feats = model.image_features(px)  # [B, N, C]
-    x = model.embed(ids, feats)  # [B, T, C]
+    x = model.embed(ids, feats * visual_scale)  # [B, T, C]
     pos = torch.arange(ids.shape[1], device=ids.device)  # right padding: every row starts at position 0
     x, _ = model.run_layers(x, pos, None, range(len(model.model.layers)))
     logits = model.logits(x[:, :-1])  # [B, T-1, V]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                         ignore_index=-100, reduction="none")  # [B*(T-1)]
+    w = (labels[:, 1:] != -100).float() if weights is None else weights[:, 1:].to(ce.device)
+    loss = (ce * w.reshape(-1)).sum() / w.sum()
+    if penalty:
+        text_rms = model.model.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean().detach()
+        vis_rms = feats.float().pow(2).mean(-1).sqrt()  # [B, N]
+        loss = loss + penalty * F.relu(vis_rms / text_rms - VISUAL_RMS_CAP).pow(2).mean()
+    return loss
 
 
 def max_shapes_at(step: int, steps: int) -> int:
     """Curriculum: small scenes first."""
     frac = step / steps
     return 2 if frac < 0.12 else 3 if frac < 0.3 else 5
+
+
+def distinct_until(step: int, steps: int) -> bool:
+    """v3 curriculum: the first 15 % of stage 2 on scenes of 2-4 shapes of distinct kinds and colours
+    (every answer needs the question's words), then scenes of 1-5 random shapes."""
+    return step < 0.15 * steps
+
+
+@torch.no_grad()
+def balance_init(model: LlavaForConditionalGeneration, seed: int, embed_rms: float = 1.0, scenes: int = 256):
+    """Start text and visual tokens at the same scale (RMS `embed_rms` per token): text embeddings
+    N(0, embed_rms^2); the projector's first layer reads the tower's features standardised (their mean
+    and spread over `scenes` training pictures folded into its weight and bias) and its second layer is
+    scaled so the visual tokens' RMS is embed_rms on those pictures. Weights only."""
+    g = torch.Generator().manual_seed(seed + 5)
+    emb = model.model.embed_tokens.weight
+    emb.copy_(torch.randn(emb.shape, generator=g) * embed_rms)
+    rng = random.Random(seed + 6)
+    settings = ImageSettings.from_dict(PREPROCESSOR)
+    dev = emb.device
+    px = torch.cat([pixel_values(random_scene(rng).draw(), settings) for _ in range(scenes)]).to(dev)
+    feats = torch.cat([tower_features(model, px[i:i + 64]) for i in range(0, scenes, 64)]).flatten(0, 1)  # [n, C_vis]
+    mean, std = feats.mean(0), feats.std(0) + 1e-5
+    proj = model.multi_modal_projector
+    c_in, c = proj.linear_1.weight.shape[1], proj.linear_1.weight.shape[0]
+    w1 = torch.randn(proj.linear_1.weight.shape, generator=g).to(dev) / math.sqrt(c_in) / std[None]
+    proj.linear_1.weight.copy_(w1)
+    proj.linear_1.bias.copy_(-(w1 @ mean))
+    proj.linear_2.weight.copy_(torch.randn(proj.linear_2.weight.shape, generator=g).to(dev) / math.sqrt(c))
+    proj.linear_2.bias.zero_()
+    out = torch.cat([proj(tower_features(model, px[i:i + 64])) for i in range(0, scenes, 64)])  # [n, N, C]
+    proj.linear_2.weight.mul_(embed_rms / out.pow(2).mean(-1).sqrt().mean())
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int = 300) -> float:
@@ -339,12 +476,12 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 300) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build(out_dir: str, seed: int, overrides: dict | None = None):
+def build(out_dir: str, seed: int, overrides: dict | None = None, recipe: str = "v2"):
     """Tokenizer files, config.json and preprocessor_config.json; -> (tokenizer, LlavaConfig, raw config).
     overrides: {"vision_config": {...}, "text_config": {...}} merged into CONFIG (tests use a tiny one).
     The vocabulary (512: 256 bytes + merges) is large enough that every word of the prompts and answers
     is one token ("Describe", " color", " purple")."""
-    tok = train_bpe(tokenizer_corpus(), vocab_size=512)
+    tok = train_bpe(tokenizer_corpus(recipe=recipe), vocab_size=512)
     os.makedirs(out_dir, exist_ok=True)
     raw = json.loads(json.dumps(CONFIG))
     for part, values in (overrides or {}).items():
@@ -392,13 +529,29 @@ def _log(log, line: str):
 def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: float | None,
           bf16: bool = False, log=None, overrides: dict | None = None, show_progress: bool = True,
           vision_steps: int = 1000, init: str | None = None, device: str = "cpu", eval_every: int = 0,
-          eval_scenes: int = 40, probe: bool = False, train_tower: bool = False):
-    """Stage 1 (unless `init` gives a trained model), the tower probe, then stage 2.
+          eval_scenes: int = 40, probe: bool = False, train_tower: bool = False, tower: str | None = None,
+          penalty: float | None = None, swap_scenes: int = 30, echo: float = 0.0, read_first: int = 0,
+          recipe: str = "v2"):
+    """Stage 1 (unless `init` or `tower` gives a trained tower), the tower probe, then stage 2.
     init: a llava-hf directory written by this script to continue from (its tokenizer and config are
-    copied; stage 1 is skipped since its tower is already trained)."""
+    copied; stage 1 is skipped since its tower is already trained).
+    tower: a llava-hf directory written by this script whose vision tower is taken as stage 1's result;
+    the tokenizer, projector and decoder are new (balance_init)."""
     torch.manual_seed(seed)
     t0 = time.time()
-    if init:
+    penalty = (VISUAL_PENALTY if recipe == "v3" else 0.0) if penalty is None else penalty
+    if tower:
+        _, cfg, _ = build(out_dir, seed, overrides, recipe)
+        model = LlavaForConditionalGeneration(cfg)
+        init_weights(model, seed)
+        source = load_model(tower, device="cpu")
+        model.vision_tower.load_state_dict(source.vision_tower.state_dict())
+        del source
+        model.to(device)
+        balance_init(model, seed)
+        _log(log, f"# vision tower from {tower}: stage 1 skipped; fresh tokenizer, projector and decoder")
+        vision_steps = 0
+    elif init:
         cfg = read_config(init)
         if os.path.abspath(init) != os.path.abspath(out_dir):
             os.makedirs(out_dir, exist_ok=True)
@@ -411,7 +564,7 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
         _log(log, f"# init from {init}: stage 1 skipped; stage 2 steps below continue that run's")
         vision_steps = 0
     else:
-        _, cfg, _ = build(out_dir, seed, overrides)
+        _, cfg, _ = build(out_dir, seed, overrides, recipe)
         model = LlavaForConditionalGeneration(cfg)
         init_weights(model, seed)
         model.to(device)
@@ -425,8 +578,9 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
         if show_progress:
             sys.stderr.write(f"tower probe (held-out, occupied cells): kind {acc['kind']:.4f}, color {acc['color']:.4f}\n")
     processor = Processor(out_dir, cfg)
-    batcher = Batcher(processor, seed + (1000 if init else 0))
-    heldout = heldout_conversations(processor, eval_scenes) if eval_every else []
+    batcher = Batcher(processor, seed + (1000 if init else 0), recipe, echo)
+    heldout = heldout_conversations(processor, eval_scenes, echo > 0) if eval_every else []
+    swaps = kind_swap_pairs(swap_scenes) if eval_every else []
     frozen = not train_tower
     for p in model.vision_tower.parameters():
         p.requires_grad_(not frozen)
@@ -439,8 +593,12 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
         if not named:
             continue
         scale = 0.5 if is_vision else 1.0
-        groups.append({"params": [p for n, p in named if p.dim() >= 2], "weight_decay": 0.05, "scale": scale})
-        groups.append({"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "scale": scale})
+        # No decay on the embeddings and the LM head: in v2 decay held the text embeddings at their tiny
+        # initial scale while the visual tokens grew.
+        decays = [p.dim() >= 2 and (recipe == "v2" or ("embed_tokens" not in n and "lm_head" not in n))
+                  for n, p in named]
+        groups.append({"params": [p for (n, p), d in zip(named, decays) if d], "weight_decay": 0.05, "scale": scale})
+        groups.append({"params": [p for (n, p), d in zip(named, decays) if not d], "weight_decay": 0.0, "scale": scale})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     bar = Progress(steps, "stage 2: conversations", " steps", after_s=0.0 if show_progress else float("inf"))
     history = []
@@ -449,10 +607,14 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(300, max(1, steps // 8))) * g["scale"]
-        ids, labels, px = batcher.batch(batch, 5 if init else max_shapes_at(step, steps))
+        if recipe == "v2":
+            ids, labels, px, weights = batcher.batch(batch, 5 if init else max_shapes_at(step, steps))
+        else:
+            ids, labels, px, weights = batcher.batch(batch, 5, distinct=not init and distinct_until(step, steps))
         ids, labels, px = ids.to(device), labels.to(device), px.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model, ids, labels, px, frozen_tower=frozen)
+            loss = loss_fn(model, ids, labels, px, frozen_tower=frozen, weights=weights, penalty=penalty,
+                           visual_scale=min(1.0, step / read_first) if read_first else 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -466,8 +628,10 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
         if eval_every and (step % eval_every == eval_every - 1 or step == steps - 1):
             model.eval()
             acc = heldout_exact(model, heldout, processor, device, bf16)
+            acc["kind_swap_kl"] = kind_swap_kl(model, processor, swaps, device)
             model.train()
-            _log(log, f"heldout {step + 1} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            _log(log, f"heldout {step + 1} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "kind_swap_kl")
+                 + f" kind_swap_kl {acc['kind_swap_kl']:.2e}")
         if minutes is not None and time.time() - t0 > minutes * 60:
             sys.stderr.write(f"\nstopping at step {step + 1}: --minutes {minutes} reached\n")
             _log(log, f"# stopped at step {step + 1}: --minutes {minutes} reached")
@@ -497,13 +661,40 @@ def run(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=200,
                    help="log held-out per-kind exact match every N stage-2 steps (0: never; default 200)")
     p.add_argument("--train-tower", action="store_true", help="let stage 2 train the tower too (half rate)")
+    p.add_argument("--tower", default=None, metavar="DIR",
+                   help="take the vision tower of a directory this script wrote (skips stage 1); the tokenizer, "
+                        "projector and decoder start fresh")
+    p.add_argument("--recipe", default="v2", choices=RECIPES,
+                   help="v2 (default: the shipped model's) or v3 (the question-reading attempt; see above)")
+    p.add_argument("--echo", type=float, default=0.0,
+                   help="share of conversations given a training-only 'which shape does this ask about' turn (default 0)")
+    p.add_argument("--read-first", type=int, default=0, metavar="STEPS",
+                   help="ramp the visual tokens in from zero over the first STEPS stage-2 steps (default 0: off)")
+    p.add_argument("--visual-penalty", type=float, default=None,
+                   help=f"weight of the penalty that keeps visual tokens within {VISUAL_RMS_CAP}x the text "
+                        f"embeddings' scale (default: {VISUAL_PENALTY} with --recipe v3, else 0)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.vision_steps < 0 or args.batch < 1:
         raise UserError("--steps and --batch must be at least 1, --vision-steps at least 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but this machine has no CUDA device; use --device cpu")
-    if args.init:
-        read_config(args.init)  # a missing or broken directory is refused before any work
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder to write the model into")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"--out {args.out}: folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    if args.tower and os.path.abspath(args.tower) == os.path.abspath(args.out):
+        raise UserError("--tower and --out are the same folder: the new model would replace the tower it starts "
+                        "from; give a new --out")
+    if not (math.isfinite(args.lr) and args.lr > 0) or (args.minutes is not None and not args.minutes > 0):
+        raise UserError("--lr and --minutes must be positive numbers")
+    if not 0.0 <= args.echo <= 1.0 or args.read_first < 0 or not (args.visual_penalty or 0) >= 0:
+        raise UserError("--echo must lie in [0, 1], --read-first and --visual-penalty must be >= 0")
+    if args.init and args.tower:
+        raise UserError("--init and --tower exclude each other: --init continues a whole model, --tower starts a new "
+                        "decoder on a trained tower")
+    for d in (args.init, args.tower):
+        if d:
+            read_config(d)  # a missing or broken directory is refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -513,8 +704,10 @@ def run(argv=None) -> int:
                   f"device {args.device}\n# step seconds smoothed_loss | heldout step kind exact-match ...\n")
         _, history, secs = train(args.out, args.steps, args.batch, args.lr, args.seed, args.minutes,
                                  bf16=args.bf16, log=log, vision_steps=args.vision_steps, init=args.init,
-                                 device=args.device, eval_every=args.eval_every, probe=not args.init,
-                                 train_tower=args.train_tower)
+                                 device=args.device, eval_every=args.eval_every,
+                                 probe=not (args.init or args.tower), train_tower=args.train_tower,
+                                 tower=args.tower, penalty=args.visual_penalty, echo=args.echo,
+                                 read_first=args.read_first, recipe=args.recipe)
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
     return 0

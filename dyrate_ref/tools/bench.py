@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import resource
 import subprocess
@@ -26,12 +27,12 @@ import torch
 from safetensors.torch import save_file
 
 from ..cost import vision_flops
-from ..errors import ArgumentParser, command_main
-from ..generation import decode_one_token, generate, prefill
-from ..loading import DTYPES, checkpoint_key, load_model, read_config, weight_files
+from ..errors import ArgumentParser, UserError, command_main
+from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
+from ..loading import DTYPES, checkpoint_key, load_model, read_config, resolve_dtype, weight_files
 from ..model import LlavaConfig, LlavaForConditionalGeneration
-from ..predictor import load_predictor, shipped_predictor_path
-from ..pruning import PruneSettings
+from ..pruning import VTW, Context, DyRate, FastV, NoPruning
+from ..predictor import shipped_predictor_path
 
 SHAPES = {
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -133,6 +134,20 @@ def time_all(fns: dict, repeats: int) -> dict:
     return best
 
 
+def bench_methods(weights_dir: str, cfg) -> list[tuple[str, object, bool]]:
+    """The methods the benchmarks time: (label, method, whether it drops nothing after the prefill --
+    the per-step overhead benchmark times only those)."""
+    L = cfg.text_config.num_hidden_layers
+    rows = [("none", NoPruning(), True), ("fastv R=0.5", FastV(2, 0.5), True), ("fastv R=0.75", FastV(2, 0.75), True),
+            ("fastv R=0.9", FastV(2, 0.9), True), ("vtw K=L/2", VTW(L // 2), True),
+            ("dyrate constant rate 0.5", DyRate(2, rates=(0.5,)), True),
+            ("dyrate rising", DyRate(2, rates=(0.0, 0.25, 0.5, 0.75, 0.9)), False)]
+    if shipped_predictor_path(weights_dir):
+        pred, _ = DyRate.resolve({}, Context(weights_dir, L, cfg))
+        rows.append((f"dyrate K={pred.layer} predictor (features + decision each step; may cut)", pred, True))
+    return rows
+
+
 def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: int, prune_rows=False):
     model = load_model(weights_dir, dtype, device)
     cfg = model.config
@@ -144,9 +159,9 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
 
-    def ours(prune, n):
+    def ours(method, n):
         def f():
-            generate(model, ids, px, max_new_tokens=n, prune=prune)
+            generate(model, ids, px, max_new_tokens=n, method=method)
             sync()
         return f
 
@@ -160,16 +175,15 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
             sync()
         return f
 
-    methods = [("none", PruneSettings())]
-    if prune_rows:
-        L = cfg.text_config.num_hidden_layers
-        methods += [("fastv R=0.5", PruneSettings("fastv", 2, 0.5)), ("fastv R=0.75", PruneSettings("fastv", 2, 0.75)),
-                    ("vtw K=L/2", PruneSettings("vtw", L // 2)),
-                    ("dyrate rising", PruneSettings("dyrate", 2, rates=(0.0, 0.25, 0.5, 0.75, 0.9)))]
+    methods = [(name, m) for name, m, _ in bench_methods(weights_dir, cfg)]
+    if not prune_rows:
+        methods = methods[:1]
+    for _, m in methods:
+        m.to(device)
     fns = {}
-    for name, prune in methods:
-        fns[(name, "pre")] = ours(prune, 1)
-        fns[(name, "tot")] = ours(prune, new_tokens + 1)
+    for name, method in methods:
+        fns[(name, "pre")] = ours(method, 1)
+        fns[(name, "tot")] = ours(method, new_tokens + 1)
     hf_models = {}
     if not prune_rows:
         try:
@@ -182,9 +196,9 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
             fns[(f"HF {impl}", "pre")] = theirs(hf_models[impl], 1)
             fns[(f"HF {impl}", "tot")] = theirs(hf_models[impl], new_tokens + 1)
     t = time_all(fns, repeats)
-    for name, prune in methods:
+    for name, method in methods:
         pre, tot = t[(name, "pre")], t[(name, "tot")]
-        gen = generate(model, ids, px, max_new_tokens=new_tokens + 1, prune=prune)
+        gen = generate(model, ids, px, max_new_tokens=new_tokens + 1, method=method)
         fl, kv = gen.record.flops, gen.record.kv_bytes
         # A decode step reads every text weight once and the whole KV cache once: on a CPU, and on a GPU at
         # batch 1, that traffic rather than FLOPs sets its time.
@@ -204,7 +218,7 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     """Per decode step: each method, from its own pruned prefill, against method none fed the very same
     cache (a copy of the state after that prefill: k visual tokens in layers >= K). The methods here
     evict nothing after the prefill (FastV never does; DyRate at a constant rate keeps its count), so any
-    difference is the per-step cost of choosing: scores, choose_keep, the no-op eviction check, host syncs.
+    difference is the per-step cost of choosing: scores, method.choose, the no-op drop check, host syncs.
     Runs interleaved, best of `repeats`."""
     model = load_model(weights_dir, dtype, device)
     cfg = model.config
@@ -214,29 +228,26 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     ids = torch.cat([torch.tensor([1]), text[:5], torch.full((N,), cfg.image_token_index), text[5:]])  # [P]
     px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    methods = [("FastV K=2 R=0.5", PruneSettings("fastv", 2, 0.5)), ("FastV K=2 R=0.9", PruneSettings("fastv", 2, 0.9)),
-               ("DyRate K=2 constant rate 0.5", PruneSettings("dyrate", 2, rates=(0.5,)))]
-    path = shipped_predictor_path(weights_dir)
-    if path:
-        pred = load_predictor(path, cfg, weights_dir)
-        pred.to(device)
-        methods.append((f"DyRate K={pred.layer} predictor (features + decision each step; may cut)",
-                        PruneSettings("dyrate", pred.layer, predictor=pred)))
+    methods = [(name, m.to(device)) for name, m, constant in bench_methods(weights_dir, cfg)[1:] if constant
+               and not isinstance(m, VTW)]  # VTW: no visual token left for the per-step choice to look at
     token = torch.tensor(7, device=model.lm_head.weight.device)
     rows = []
-    for name, prune in methods:
-        _, state = prefill(model, ids, px, prune)
+    for name, method in methods:
+        rec = Record(cfg, pruning_layer(model, method), model.lm_head.weight.element_size())
+        _, state = prefill(model, ids, px, method, rec)
         k = state.keep.numel()
-        variants = {"method": prune, "none, same cache": PruneSettings()}
+        variants = {"method": method, "none, same cache": NoPruning()}
         best = {v: float("inf") for v in variants}
         kept_after = None
         for r in range(repeats + 1):  # the first round warms up
             for v, pr in variants.items():
-                st = copy.deepcopy(state)
+                st, log = copy.deepcopy(state), Record(cfg, rec.K, rec.element_size)  # the method's K: same layout
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    decode_one_token(model, token, st, pr)
+                    st.step += 1
+                    decode_one_token(model, token, st, pr, log)
+                    st.next_pos += 1
                 sync()
                 if r:
                     best[v] = min(best[v], (time.perf_counter() - t0) / steps)
@@ -266,7 +277,7 @@ def run(argv=None) -> int:
     p.add_argument("--shape", default="small", choices=sorted(SHAPES),
                    help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) / float16 (CUDA default) / bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the best is kept (default 3)")
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
@@ -274,9 +285,19 @@ def run(argv=None) -> int:
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be at least 1")
+    if args.new_tokens < 1 or args.repeats < 1:
+        raise UserError("--new-tokens and --repeats must be at least 1")
+    if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
+        raise UserError(f"--bandwidth {args.bandwidth} must be a positive number of GB/s")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"--device {args.device}: this machine has no such device; use --device cpu")
+    if args.weights is not None:
+        read_config(args.weights)  # a missing or broken directory is refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    dtype_name = str(resolve_dtype(args.dtype, args.device)).split(".")[-1]
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.weights

@@ -10,6 +10,7 @@ per-token KL to the unpruned distribution is averaged over all generated tokens 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -17,10 +18,11 @@ import torch
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import write_json
 from ..generation import forward_no_cache, generate, keep_masks
-from ..loading import load_model
+from ..files import check_outputs
+from ..loading import load_model, read_config, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import kl
+from ..pruning import check_layer, kl
 from .data import read_examples
 
 
@@ -63,14 +65,19 @@ def run(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest unpruned answer used (default 48)")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
-    model = load_model(args.weights)
-    L = model.config.text_config.num_hidden_layers
-    if not 1 <= args.min_layer <= L - 1:
-        raise UserError(f"--min-layer {args.min_layer} is outside 1..{L - 1} (the model has {L} layers)")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out}: its folder does not exist")
-    proc = Processor(args.weights, model.config)
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta {args.eta} must be a KL budget >= 0 nats")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    cfg = read_config(args.weights)
+    L = cfg.text_config.num_hidden_layers
+    check_layer(args.min_layer, L, "--min-layer")
+    # vtw_calibration.json beside the weights is the usual place: an output there is fine, but never
+    # one of the weights' own files.
+    check_outputs([("--out", args.out)], [("a file the --weights folder reads", p) for p in weight_inputs(args.weights)])
     examples = read_examples(args.data)
+    model = load_model(args.weights, config=cfg)
+    proc = Processor(args.weights, model.config)
     kls = mean_kl_per_layer(model, proc, examples, range(args.min_layer, L), args.max_new_tokens)
     K = choose_layer(kls, args.eta)
     for k, v in kls.items():

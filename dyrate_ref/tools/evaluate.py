@@ -31,156 +31,153 @@ continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing
 import os
 import queue
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from PIL import Image
 
 from ..cost import serving, vision_flops
-from ..demo.scenes import QUESTION_KINDS, eval_set, normalise, object_f1
+from ..demo.reading import kind_swap_kl, kind_swap_pairs
+from ..demo.scenes import Scene, eval_set, object_f1
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import write_json
+from ..files import check_folder, check_outputs, write_json
 from ..generation import forward_no_cache, generate
-from ..loading import DEFAULT_WEIGHTS, load_model, vtw_default_layer
+from ..loading import DEFAULT_WEIGHTS, load_model, read_config, weight_inputs
 from ..model import TextConfig
 from ..plots import plot_layers, plot_pareto, require_matplotlib
-from ..predictor import load_predictor, shipped_predictor_path
+from ..predictor import shipped_predictor_path
 from ..processing import Processor, open_image
 from ..progress import Progress
-from ..pruning import PruneSettings, visual_span
-from .data import DataItem, read_items
+from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, method_class, parse_settings,
+                       visual_span)
+from .baselines import BASELINES, AttentionMass, RandomKeep
+from .data import read_items
 from .metrics import CiderD, bootstrap_cider_difference, caption_words, exact_match, vqa_accuracy
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)  # DyRate decoding confidences drawn as the predictor's curve
 
 
+def registry() -> dict:
+    """What --extra can build: the methods (pruning.METHODS) and the evaluation baselines."""
+    return {**METHODS, **BASELINES}
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
     family: str  # one marker per family in the Pareto plot
-    prune: PruneSettings
+    method: Method
     blank: bool = False  # the control: every picture replaced by its empty background
-    match: str | None = None  # random baseline: keep as many tokens at each step as this row did
+    match: str | None = None  # keep as many tokens at each step as this row did (a method with `counts`)
 
 
-def methods(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
+def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
     """The standard table: none and its blank-image control; FastV at several R; VTW at its calibrated
     layer; DyRate with the shipped predictor (its own confidence and a sweep) and a fixed rising
     schedule; the attention-mass rule; random keep at the shipped predictor's counts."""
-    rows = [Row("none", "none", PruneSettings()),
-            Row("none, image blanked (control)", "control", PruneSettings(), blank=True)]
-    rows += [Row(f"FastV K=2 R={R}", "FastV K=2", PruneSettings("fastv", 2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
+    ctx = Context(weights_dir, cfg.text_config.num_hidden_layers, cfg)
+    rows = [Row("none", "none", NoPruning()), Row("none, image blanked (control)", "control", NoPruning(), blank=True)]
+    rows += [Row(f"FastV K=2 R={R}", "FastV K=2", FastV(2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
     if not quick:  # layer 0's attention (K = 1) against layer 1's, and against random tokens at the same count
-        rows += [Row(f"FastV K=1 R={R}", "FastV K=1", PruneSettings("fastv", 1, R)) for R in (0.5, 0.75)]
-        rows.append(Row("random keep K=1 R=0.75", "random (fixed count)",
-                        PruneSettings("random", 1, counts=(round(0.25 * cfg.num_image_tokens),))))
-    K, note = vtw_default_layer(weights_dir, cfg.text_config.num_hidden_layers)
-    rows.append(Row(f"VTW K={K} ({note.split(':')[0]})", "VTW", PruneSettings("vtw", K)))
-    path = shipped_predictor_path(weights_dir)
-    if path:
-        pred = load_predictor(path, cfg, weights_dir)
-        main_name = f"DyRate K={pred.layer} predictor (c={pred.confidence:g})"
-        rows.append(Row(main_name, "DyRate predictor", PruneSettings("dyrate", pred.layer, predictor=pred)))
+        rows += [Row(f"FastV K=1 R={R}", "FastV K=1", FastV(1, R)) for R in (0.5, 0.75)]
+        rows.append(Row("random keep K=1 R=0.75", "random (fixed count)", RandomKeep(1, ratio=0.75)))
+    vtw, origins = VTW.resolve({}, ctx)
+    where = "calibrated" if origins["layer"].endswith(".json") else "L/2"
+    rows.append(Row(f"VTW K={vtw.layer} ({where})", "VTW", vtw))
+    if shipped_predictor_path(weights_dir):
+        dyrate, _ = DyRate.resolve({}, ctx)
+        main_name = f"DyRate K={dyrate.layer} predictor (c={dyrate.confidence:g})"
+        rows.append(Row(main_name, "DyRate predictor", dyrate))
         for c in () if quick else SWEEP:
-            if abs(c - pred.confidence) > 1e-9:
-                rows.append(Row(f"DyRate K={pred.layer} predictor (c={c:g})", "DyRate predictor",
-                                PruneSettings("dyrate", pred.layer, predictor=pred.with_confidence(c))))
-        rows.append(Row(f"random keep, counts of {main_name}", "random (matched counts)",
-                        PruneSettings("random", pred.layer), match=main_name))
-    rows.append(Row(f"DyRate K=2 rising {','.join(map(str, RISING))}", "DyRate fixed schedule",
-                    PruneSettings("dyrate", 2, rates=RISING)))
-    rows += [Row(f"attention mass K=2 p={p}", "attention mass", PruneSettings("mass", 2, share=p))
+            if abs(c - dyrate.confidence) > 1e-9:
+                rows.append(Row(f"DyRate K={dyrate.layer} predictor (c={c:g})", "DyRate predictor",
+                                replace(dyrate, confidence=c)))
+        rows.append(Row(f"random keep, counts of {main_name}", "random (matched counts)", RandomKeep(dyrate.layer),
+                        match=main_name))
+    rows.append(Row(f"DyRate K=2 rising {','.join(map(str, RISING))}", "DyRate fixed schedule", DyRate(2, rates=RISING)))
+    rows += [Row(f"attention mass K=2 p={p}", "attention mass", AttentionMass(2, p))
              for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
     return rows
 
 
-def parse_extra(spec: str, weights_dir: str, cfg) -> Row:
-    """--extra rows: fastv:K:R[:mean], vtw:K, dyrate:K:r0,r1,..., mass:K:p, random:K:R (keep round((1-R)·N)
-    random tokens from the prefill on, drawn per item) or predictor:FILE[:confidence]."""
-    kind, _, rest = spec.partition(":")
-    try:
-        if kind == "fastv":
-            K, R, *score = rest.split(":")
-            if score not in ([], ["last"], ["mean"]):
-                raise ValueError
-            score = (score or ["last"])[0]
-            return Row(f"FastV K={K} R={R}" + (" (mean query)" if score == "mean" else ""), f"FastV K={K}",
-                       PruneSettings("fastv", int(K), float(R), score=score))
-        if kind == "random":
-            K, R = rest.split(":")
-            N = cfg.num_image_tokens
-            return Row(f"random keep K={K} R={R}", "random (fixed count)", PruneSettings("random", int(K), counts=(round((1 - float(R)) * N),)))
-        if kind == "vtw":
-            return Row(f"VTW K={rest}", "VTW", PruneSettings("vtw", int(rest)))
-        if kind == "dyrate":
-            K, rates = rest.split(":")
-            return Row(f"DyRate K={K} rates {rates}", "DyRate fixed schedule",
-                       PruneSettings("dyrate", int(K), rates=tuple(map(float, rates.split(",")))))
-        if kind == "mass":
-            K, share = rest.split(":")
-            return Row(f"attention mass K={K} p={share}", "attention mass", PruneSettings("mass", int(K), share=float(share)))
-        if kind == "predictor":
-            path, _, conf = rest.partition(":")
-            pred = load_predictor(path, cfg, weights_dir)
-            if conf:
-                pred = pred.with_confidence(float(conf))
-            return Row(f"DyRate K={pred.layer} predictor {os.path.basename(path)} (c={pred.confidence:g})",
-                       "DyRate predictor", PruneSettings("dyrate", pred.layer, predictor=pred))
-    except ValueError:
-        pass
-    raise UserError(f"--extra {spec!r}: use fastv:K:R[:mean], vtw:K, dyrate:K:r0,r1,..., mass:K:p, random:K:R or "
-                    "predictor:FILE[:c]")
+EXTRA_HELP = ("NAME[:setting=value...], NAME a method or baseline (none, fastv, vtw, dyrate, mass, random, ...), the "
+              "settings its own, as generate.py's flags (e.g. fastv:layer=1:ratio=0.75, dyrate:rates=0.5,0.9, "
+              "dyrate:predictor=FILE:confidence=0.6, random:layer=1:ratio=0.75, mass:share=0.8)")
+
+
+def parse_extra(spec: str, ctx: Context) -> Row:
+    """An --extra row: NAME[:setting=value...], built by the same classes, parsers and resolution as
+    generate.py's flags (a setting the method does not have is refused the same way)."""
+    name, *pairs = spec.split(":")
+    known = registry()
+    if name not in known or not all("=" in p for p in pairs):
+        raise UserError(f"--extra {spec!r}: use {EXTRA_HELP}")
+    cls = method_class(name, known)
+    texts = dict(p.split("=", 1) for p in pairs)
+    method, _ = cls.resolve(parse_settings(cls, texts, known, where=f"--extra {spec}: "), ctx,
+                            given_as=f"--extra {spec}")
+    label = method.describe().removeprefix("method ")
+    return Row(label, f"{name} (--extra)", method)
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One evaluation prompt, from the scene world or from a data file."""
+    """One evaluation item, from the scene world or from a data file: the prompt and what it is scored
+    against. Scene items carry their scene (drawn on demand; object-F1 and the blank control read it)."""
     id: str  # unique within the set: the key of the results file
     text: str
     kind: str  # scenes: a QUESTION_KINDS entry or "describe"; files: "caption" or "answer"
-    seed: int  # seeds the random baseline per item, so a subset of the items draws what the whole set would
-    source: object  # the scene world's EvalItem, or the file's DataItem
+    seed: int  # seeds a random baseline per item, so a subset of the items draws what the whole set would
+    cluster: str  # items that share a picture: standard errors are clustered by it
+    references: tuple[str, ...] = ()  # captions: CIDEr-D
+    answer: str | None = None  # exact match
+    answers: tuple[str, ...] = ()  # VQA accuracy
+    image_path: str | None = None  # files
+    scene: Scene | None = field(default=None, compare=False)  # scenes
 
     def picture(self, blank: bool = False) -> Image.Image:
         """The image; blank: the control's image without content (the scene's empty background, or a
         grey picture of the file image's size)."""
-        if isinstance(self.source, DataItem):
-            img = open_image(self.source.image_path)
+        if self.scene is None:
+            img = open_image(self.image_path)
             return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
-        scene = self.source.scene
-        return (dataclasses.replace(scene, shapes=()) if blank else scene).draw()
+        return (replace(self.scene, shapes=()) if blank else self.scene).draw()
 
     def scores(self, text: str) -> dict:
-        """What can be scored from this answer alone (CIDEr-D needs the whole set: see file_scores)."""
-        src = self.source
-        if isinstance(src, DataItem):
-            out = {}
-            if src.answer is not None:
-                out["em"] = exact_match(text, src.answer)
-            if src.answers:
-                out["vqa"] = vqa_accuracy(text, list(src.answers))
-            return out
-        if self.kind == "describe":
-            return {"score": object_f1(text, src.scene)}
-        return {"score": float(normalise(text) == normalise(src.answer))}
+        """What can be scored from this answer alone (CIDEr-D needs the whole set: see summarise)."""
+        out = {}
+        if self.answer is not None:
+            out["em"] = exact_match(text, self.answer)
+        if self.answers:
+            out["vqa"] = vqa_accuracy(text, list(self.answers))
+        if self.scene is not None and self.kind == "describe":
+            out["f1"] = object_f1(text, self.scene)
+        return out
 
 
 def scene_prompts(n_scenes: int) -> list[Prompt]:
-    return [Prompt(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003, it)
-            for it in eval_set(n_scenes)]
+    """The held-out scene world as evaluation items: questions scored by exact match, descriptions by
+    object-F1 (and CIDEr-D against the ground-truth description), clustered by scene."""
+    out = []
+    for it in eval_set(n_scenes):
+        gold = dict(references=(it.answer,)) if it.kind == "describe" else dict(answer=it.answer)
+        out.append(Prompt(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
+                          f"scene{it.scene.seed}", scene=it.scene, **gold))
+    return out
 
 
-def file_prompts(items: list[DataItem]) -> list[Prompt]:
-    return [Prompt(it.id, it.prompt, "caption" if it.references else "answer", zlib.crc32(it.id.encode()), it)
-            for it in items]
+def file_prompts(items) -> list[Prompt]:
+    """A data file's items (tools/data.py), clustered by image."""
+    return [Prompt(it.id, it.prompt, "caption" if it.references else "answer", zlib.crc32(it.id.encode()),
+                   it.image_path, references=it.references, answer=it.answer, answers=it.answers,
+                   image_path=it.image_path) for it in items]
 
 
 class Results:
@@ -198,9 +195,13 @@ class Results:
             *lines, cut = data.split(b"\n")  # `cut`: what follows the last newline, a line an interruption cut
             n = 1
             try:
-                if not lines or json.loads(lines[0]) != header:
-                    raise UserError(f"--results {path} was written for other weights, data or settings (or is "
-                                    "not a results file); give another file or remove it to start over")
+                first = json.loads(lines[0]) if lines else None
+                if not isinstance(first, dict) or first.get("results_of") != header["results_of"]:
+                    raise UserError(f"--results {path} is not a results file of this command; give another file")
+                for key, value in header.items():
+                    if first.get(key) != value:
+                        raise UserError(f"--results {path} was written with {key} {first.get(key)!r}, not {value!r}; "
+                                        "give another file or remove it to start over")
                 for n, line in enumerate(lines[1:], 2):
                     rec = json.loads(line)
                     self.done[(rec["method"], rec["id"])] = rec
@@ -218,6 +219,18 @@ class Results:
         os.write(self.fd, (json.dumps(rec) + "\n").encode())
 
 
+def item_method(row: Row, prompt: Prompt, matched: dict | None) -> Method:
+    """The row's method for one item: a method with a `seed` setting is seeded by the item, one with
+    `counts` follows the matched row's kept counts on the same item."""
+    names = {f.name for f in fields(row.method)}
+    changes = {}
+    if "seed" in names:
+        changes["seed"] = prompt.seed
+    if matched is not None and "counts" in names:
+        changes["counts"] = tuple(matched["kept"])
+    return replace(row.method, **changes) if changes else row.method
+
+
 def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens: int, matched=None, bar=None,
                done=None, sink=None) -> list[dict]:
     """One record per prompt: the answer, its scores, kept counts per step, FLOPs of the prefill and of
@@ -232,13 +245,9 @@ def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens
                 bar.update(1)
             continue
         ids, px = processor.input_ids(p.text), processor.pixel_values(p.picture(row.blank))
-        prune = row.prune
-        if matched is not None:
-            prune = dataclasses.replace(prune, counts=tuple(matched[i]["kept"]))
-        if prune.method == "random":  # seeded by the item, so a subset of the items draws what the whole set would
-            prune = dataclasses.replace(prune, seed=p.seed)
+        method = item_method(row, p, matched[i] if matched is not None else None)
         t0 = time.perf_counter()
-        gen = generate(model, ids, px, max_new_tokens, prune, stop_ids=processor.stop_ids)
+        gen = generate(model, ids, px, max_new_tokens, method, stop_ids=processor.stop_ids)
         seconds = time.perf_counter() - t0
         text = processor.decode(gen.tokens)
         flops, kv = gen.record.flops, gen.record.kv_bytes
@@ -312,11 +321,22 @@ def evaluate_parallel(model, processor, items, rows, max_new_tokens: int, worker
     return merged
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of b - a and its standard error (the paired difference: the same items under two methods)."""
+def paired(a: list[float], b: list[float], clusters: list[str] | None = None) -> tuple[float, float]:
+    """Mean of b - a over the same items under two methods, and its standard error, clustered: items
+    that share a picture (several questions about one scene) are not independent, so the deviations are
+    summed within each cluster first (the cluster-robust SE; with one item per cluster it is the usual
+    paired SE)."""
     d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
-    se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
-    return float(d.mean()), se
+    n = len(d)
+    if n < 2:
+        return (float(d.mean()) if n else 0.0), 0.0
+    clusters = clusters or [str(i) for i in range(n)]
+    ids = {c: j for j, c in enumerate(dict.fromkeys(clusters))}
+    G = len(ids)
+    if G < 2:
+        return float(d.mean()), 0.0
+    sums = torch.zeros(G, dtype=torch.float64).index_add_(0, torch.tensor([ids[c] for c in clusters]), d - d.mean())
+    return float(d.mean()), float((G / (G - 1) * sums.pow(2).sum()).sqrt() / n)
 
 
 def costs(records: list[dict], base: list[dict]) -> dict:
@@ -336,36 +356,32 @@ def costs(records: list[dict], base: list[dict]) -> dict:
             "agree": sum(r["answer"] == b["answer"] for r, b in zip(records, base)) / len(records)}
 
 
-def summarise(records: list[dict], base: list[dict]) -> dict:
-    """Scene world: accuracy per kind and overall with its paired difference from `base` (none),
-    agreement with base's answers, and costs relative to base."""
-    def scores(recs, kinds):
-        return [r["score"] for r in recs if r["kind"] in kinds]
-    s = {}
-    for name, kinds in [("qa", QUESTION_KINDS)] + [(f"qa_{k}", (k,)) for k in QUESTION_KINDS] + [("f1", ("describe",))]:
-        mine, theirs = scores(records, kinds), scores(base, kinds)
-        s[name] = sum(mine) / max(1, len(mine))
-        s[name + "_n"] = len(mine)
-        s[name + "_delta"], s[name + "_se"] = paired(theirs, mine) if mine else (0.0, 0.0)
-    return {**s, **costs(records, base)}
+METRICS = {"em": "exact match %", "vqa": "VQA accuracy %", "f1": "describe object-F1", "cider": "CIDEr-D"}
+PERCENT = {"em", "vqa"}
 
 
-def file_scores(records: list[dict], base: list[dict], prompts: list[Prompt], bootstrap: int) -> dict:
-    """A data file: CIDEr-D over the caption items (idf from their references; the difference from
-    `base` with a paired-bootstrap SE), exact match and VQA accuracy over the answer items (paired SE)."""
+def summarise(records: list[dict], base: list[dict], prompts: list[Prompt], bootstrap: int = 200) -> dict:
+    """Every score the items allow -- exact match overall and per kind, VQA accuracy, object-F1, CIDEr-D
+    (idf from the references; its difference from `base` by a paired bootstrap) -- each with its paired,
+    scene-clustered difference from `base` (none), agreement with base's answers, and costs."""
     s = {}
-    caps = [i for i, p in enumerate(prompts) if p.source.references]
+    kinds = sorted({p.kind for p in prompts if p.answer is not None})
+    groups = [("em", None)] + ([("em", k) for k in kinds] if len(kinds) > 1 else []) + [("vqa", None), ("f1", None)]
+    for key, kind in groups:
+        idx = [i for i, r in enumerate(records) if key in r and (kind is None or prompts[i].kind == kind)]
+        if not idx:
+            continue
+        name = key if kind is None else f"{key}_{kind}"
+        mine, theirs = [records[i][key] for i in idx], [base[i][key] for i in idx]
+        s[name], s[name + "_n"] = sum(mine) / len(mine), len(mine)
+        s[name + "_delta"], s[name + "_se"] = paired(theirs, mine, [prompts[i].cluster for i in idx])
+    caps = [i for i, p in enumerate(prompts) if p.references]
     if caps:
-        refs = [[caption_words(r) for r in prompts[i].source.references] for i in caps]
+        refs = [[caption_words(r) for r in prompts[i].references] for i in caps]
         mine, theirs = ([caption_words(recs[i]["answer"]) for i in caps] for recs in (records, base))
         s["cider"] = CiderD(refs).corpus(mine)[0]
         s["cider_n"] = len(caps)
         s["cider_delta"], s["cider_se"] = bootstrap_cider_difference(refs, theirs, mine, reps=bootstrap)
-    for key in ("em", "vqa"):
-        mine = [r[key] for r in records if key in r]
-        if mine:
-            s[key], s[key + "_n"] = sum(mine) / len(mine), len(mine)
-            s[key + "_delta"], s[key + "_se"] = paired([b[key] for b in base if key in b], mine)
     return {**s, **costs(records, base)}
 
 
@@ -388,38 +404,26 @@ def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
     return "\n".join(cost) + note
 
 
-def table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
-    """Scene world: accuracy (with paired differences from none) and cost (relative to none)."""
-    acc = ["| method | QA % | Δ QA vs none (±SE) | " + " | ".join(QUESTION_KINDS) +
-           " | describe F1 | Δ F1 (±SE) | same answer as none % |"]
-    acc.append("|" + "---|" * (acc[0].count("|") - 1))
-    for row, s in results:
-        kinds = " | ".join(fmt(s, "qa_" + k) for k in QUESTION_KINDS)
-        acc.append(f"| {row.name} | {fmt(s, 'qa')} | {100 * s['qa_delta']:+.1f} ± {100 * s['qa_se']:.1f} | {kinds} | "
-                   f"{s['f1']:.3f} | {s['f1_delta']:+.3f} ± {s['f1_se']:.3f} | {fmt(s, 'agree')} |")
+def table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) -> str:
+    """Accuracy (each score the items allow, with its paired difference from none) and cost."""
     base = results[0][1]
-    return (f"{base['qa_n']} questions and {base['f1_n']} descriptions.\n\n" + "\n".join(acc) + "\n\n"
-            + cost_table(results, N, vision))
-
-
-def file_table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) -> str:
-    """A data file: CIDEr-D, exact match and VQA accuracy, whichever the file's items allow, then cost."""
-    base = results[0][1]
-    cols = [k for k in ("cider", "em", "vqa") if k in base]
-    title = {"cider": "CIDEr-D", "em": "exact match %", "vqa": "VQA accuracy %"}
-    head = "| method | " + " | ".join(f"{title[k]} | Δ vs none (±SE)" for k in cols) + " | same answer as none % |"
+    cols = [k for k in ("em", "vqa", "f1", "cider") if k in base]
+    kinds = [k[3:] for k in base if k.startswith("em_") and not k.endswith(("_n", "_delta", "_se"))]
+    head = ("| method | " + " | ".join(f"{METRICS[k]} | Δ vs none (±SE)" for k in cols)
+            + "".join(f" | {k} %" for k in kinds) + " | same answer as none % |")
     acc = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cell(s, k):
+        scale, digits = (100, 1) if k in PERCENT else (1, 3)
+        return f"{scale * s[k]:.{digits}f} | {scale * s[k + '_delta']:+.{digits}f} ± {scale * s[k + '_se']:.{digits}f}"
     for row, s in results:
-        cells = []
-        for k in cols:
-            scale = 1 if k == "cider" else 100
-            cells.append(f"{scale * s[k]:.{3 if k == 'cider' else 1}f} | {scale * s[k + '_delta']:+.{3 if k == 'cider' else 1}f}"
-                         f" ± {scale * s[k + '_se']:.{3 if k == 'cider' else 1}f}")
-        acc.append(f"| {row.name} | " + " | ".join(cells) + f" | {fmt(s, 'agree')} |")
-    counts = ", ".join(f"{base[k + '_n']} items scored by {title[k].replace(' %', '')}" for k in cols)
-    boot = (f" CIDEr-D's standard error: a paired bootstrap over the caption items ({bootstrap} resamples, the "
-            "idf the whole set's).") if "cider" in cols else ""
-    return f"{counts}.{boot}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
+        acc.append(f"| {row.name} | " + " | ".join(cell(s, k) for k in cols)
+                   + "".join(f" | {100 * s['em_' + k]:.1f}" for k in kinds) + f" | {fmt(s, 'agree')} |")
+    counts = ", ".join(f"{base[k + '_n']} items scored by {METRICS[k].replace(' %', '')}" for k in cols)
+    notes = ("Standard errors are clustered by picture (several questions about one image are not independent)."
+             + (f" CIDEr-D's: a paired bootstrap over the caption items ({bootstrap} resamples, the idf the whole "
+                "set's)." if "cider" in cols else ""))
+    return f"{counts}. {notes}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
 
 
 # LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (cost.serving): 7.06 B parameters,
@@ -437,7 +441,7 @@ def serving_table(results: list[tuple[Row, dict]], N: int) -> str:
     for row, s in results:
         if row.blank:
             continue
-        K = row.prune.layer if row.prune.method != "none" else 2
+        K = row.method.layer
         got = {B: serving(tc, K, c["N"], c["P"], c["T"], s["kept"] / N, c["weight_bytes"], c["gpu_bytes"], B)
                for B in (1, 8, 64)}
         lines.append(f"| {row.name} | {s['kept'] / N:.3f} | " + " | ".join(
@@ -499,8 +503,7 @@ def run(argv=None) -> int:
     p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--extra", action="append", default=[], metavar="SPEC",
-                   help="add a row: fastv:K:R[:mean], vtw:K, dyrate:K:r0,r1,..., mass:K:p, random:K:R or predictor:FILE[:c] "
-                        "(repeatable)")
+                   help=f"add a row (repeatable): {EXTRA_HELP}")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, one thread each, sharing the items (default 1; 2 on a 2-core machine halves the time)")
     p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
@@ -516,52 +519,63 @@ def run(argv=None) -> int:
         raise UserError(f"--workers {args.workers} must be at least 1")
     if args.bootstrap < 2:
         raise UserError(f"--bootstrap {args.bootstrap} must be at least 2")
-    if args.plot and not os.path.isdir(args.plot):
-        raise UserError(f"--plot {args.plot}: folder does not exist")
-    for flag, path in (("--json", args.json), ("--results", args.results)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"{flag} {path}: its folder does not exist")
+    if args.no_control and not args.only_extra:
+        raise UserError("--no-control works with --only-extra (the standard rows always include the control)")
+    if args.plot:
+        check_folder(args.plot, "--plot")
+    inputs = [("a file the --weights folder reads", f) for f in weight_inputs(args.weights)] + [("the --data file", args.data)]
+    check_outputs([("--json", args.json), ("--results", args.results)], inputs)
     if args.plot:
         require_matplotlib()
-    # Every line of the data file is checked (images opened) before the model is loaded.
+    # Every line of the data file is checked (images opened), and every --extra spec, before the model loads.
     prompts = file_prompts(read_items(args.data)) if args.data else scene_prompts(args.scenes or (4 if args.quick else 300))
-    model = load_model(args.weights)
-    proc = Processor(args.weights, model.config)
+    cfg = read_config(args.weights)
+    ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
+    extra = [parse_extra(spec, ctx) for spec in args.extra]
     if args.only_extra:
-        rows = [Row("none", "none", PruneSettings())] + ([] if args.no_control else
-                                                          [Row("none, image blanked (control)", "control", PruneSettings(), blank=True)])
+        rows = [Row("none", "none", NoPruning())] + ([] if args.no_control else
+                                                      [Row("none, image blanked (control)", "control", NoPruning(),
+                                                           blank=True)])
     else:
-        rows = methods(args.weights, model.config, args.quick)
-    rows += [parse_extra(spec, args.weights, model.config) for spec in args.extra]
+        rows = standard_rows(args.weights, cfg, args.quick)
+    rows += extra
+    names = [r.name for r in rows]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two rows are both {dup!r}; leave out the --extra that repeats a standard row")
     done, sink = None, None
+    data_name = os.path.abspath(args.data) if args.data else f"scenes:{args.scenes or (4 if args.quick else 300)}"
     if args.results:
         header = {"results_of": "dyrate_ref.tools.evaluate", "weights": os.path.abspath(args.weights),
-                  "data": os.path.abspath(args.data) if args.data else f"scenes:{len(prompts)}",
-                  "max_new_tokens": args.max_new_tokens}
+                  "data": data_name, "max_new_tokens": args.max_new_tokens}
         results_file = Results(args.results, header)
         done, sink = results_file.done, results_file.append
         if done:
             print(f"{args.results}: {len(done)} records from an earlier run reused", flush=True)
+    model = load_model(args.weights, config=cfg)
+    proc = Processor(args.weights, model.config)
     bar = Progress(len(prompts) * len(rows), "evaluating", " prompts")
     records = evaluate_parallel(model, proc, prompts, rows, args.max_new_tokens, args.workers, bar, done, sink)
     bar.close()
     base = records[rows[0].name]
     N, vision = model.config.num_image_tokens, vision_flops(model.config)
-    if args.data:
-        results = [(row, file_scores(records[row.name], base, prompts, args.bootstrap)) for row in rows]
-        print(file_table(results, N, vision, args.bootstrap))
-        key = next(k for k in ("cider", "em", "vqa") if k in results[0][1])
-        scale, ylabel = (1, "CIDEr-D") if key == "cider" else (100, f"{'exact match' if key == 'em' else 'VQA accuracy'} %")
-    else:
-        results = [(row, summarise(records[row.name], base)) for row in rows]
-        print(table(results, N, vision))
-        key, scale, ylabel = "qa", 100, "QA accuracy % (held-out questions)"
+    results = [(row, summarise(records[row.name], base, prompts, args.bootstrap)) for row in rows]
+    print(table(results, N, vision, args.bootstrap))
+    key = next(k for k in ("em", "vqa", "f1", "cider") if k in results[0][1])
+    scale = 100 if key in PERCENT else 1
+    ylabel = METRICS[key] + (" (held-out questions)" if not args.data and key == "em" else "")
     print("\n" + serving_table(results, N))
     what = args.data if args.data else f"{len(prompts)} held-out scene prompts"
+    swap = None
+    if not args.data:  # does the model read the question? (demo/reading.py)
+        swap = kind_swap_kl(model, proc, kind_swap_pairs(max(10, min(100, len(prompts) // 5))))
+        print(f"\nkind-swap sensitivity (mean symmetric KL of the first answer token when only the asked shape kind "
+              f"changes, same picture): {swap:.3f} nats; 0 means the question's kind word is ignored")
     if args.json:
-        figures = {"data": args.data or f"scenes:{len(prompts)}", "prompts": len(prompts),
-                   "weights": os.path.basename(os.path.normpath(args.weights)),
+        figures = {"data": data_name, "prompts": len(prompts), "weights": os.path.basename(os.path.normpath(args.weights)),
                    "rows": [{"method": row.name, "family": row.family, **s} for row, s in results]}
+        if swap is not None:
+            figures["kind_swap_kl"] = swap
         write_json(args.json, figures)
     if args.plot:
         plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results, key, ylabel, scale),

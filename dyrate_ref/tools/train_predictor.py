@@ -24,6 +24,7 @@ examples, and `--heldout` also reports the oracle-label policy's kept fraction.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -31,12 +32,13 @@ import torch.nn.functional as F
 
 from ..errors import ArgumentParser, UserError, command_main
 from ..generation import forward_no_cache, generate, recompute_logits
-from ..loading import load_model
+from ..files import check_outputs
+from ..loading import load_model, read_config, weight_inputs
 from ..model import LlavaForConditionalGeneration
 from ..predictor import ACTIONS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import dyrate_cut, visual_scores, visual_span
+from ..pruning import check_layer, cut, keep_mask, visual_scores, visual_span
 from .data import read_examples
 
 
@@ -69,26 +71,21 @@ def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answe
     feats, labels, kept, rows = [], [], [], []
     prev = torch.arange(N, device=device)
 
-    def as_row(keep):
-        mask = torch.zeros(N, dtype=torch.bool, device=device)
-        mask[keep] = True
-        return mask
-
     for t in range(T):
         scores = visual_scores(probs[:, :, :P + t], span, "last")  # query row P-1+t: [N]
         f = predictor_features(scores, prev, t)
         label = 0
         for a in range(len(ACTIONS) - 1, 0, -1):  # largest cut first
-            cand = dyrate_cut(prev, scores, ACTIONS[a])
+            cand = cut(prev, scores, ACTIONS[a])
             if cand.numel() == prev.numel():
                 continue  # cuts nothing more than holding
-            pruned = recompute_logits(model, input_ids, pixels, answer, torch.stack(rows + [as_row(cand)] * (T - t)), K)
+            pruned = recompute_logits(model, input_ids, pixels, answer, torch.stack(rows + [keep_mask(cand, N)] * (T - t)), K)
             if answer_kept(pruned[t:], answer[t:], lead[t:], margin):
                 label = a
                 break
         choice = label if policy is None else int(policy.decide(policy(f)))
-        prev = dyrate_cut(prev, scores, ACTIONS[choice])
-        rows.append(as_row(prev))
+        prev = cut(prev, scores, ACTIONS[choice])
+        rows.append(keep_mask(prev, N))
         feats.append(f)
         labels.append(label)
         kept.append(prev.numel())
@@ -190,22 +187,23 @@ def run(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
     p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
     args = p.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"--out {args.out}: folder {out_dir} does not exist")
-    if args.margin < 0:
-        raise UserError("--margin must be >= 0")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        raise UserError(f"--margin {args.margin} must be a number >= 0")
     if args.rounds < 1:
-        raise UserError("--rounds must be at least 1")
+        raise UserError(f"--rounds {args.rounds} must be at least 1")
     if not 0.0 < args.confidence <= 1.0:
-        raise UserError("--confidence must lie in (0, 1]")
-    model = load_model(args.weights)
-    L = model.config.text_config.num_hidden_layers
-    if not 1 <= args.layer <= L - 1:
-        raise UserError(f"--layer {args.layer} is outside 1..{L - 1}")
-    proc = Processor(args.weights, model.config)
+        raise UserError(f"--confidence {args.confidence} must lie in (0, 1]")
+    if args.hidden < 0 or args.epochs < 1 or args.max_new_tokens < 1:
+        raise UserError("--hidden must be >= 0, --epochs and --max-new-tokens at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr {args.lr} must be a number > 0")
+    cfg = read_config(args.weights)
+    check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
+    check_outputs([("--out", args.out)], [("a file the --weights folder reads", p) for p in weight_inputs(args.weights)])
     examples = read_examples(args.data, args.seed)
     heldout = read_examples(args.heldout, args.seed + 1) if args.heldout else []
+    model = load_model(args.weights, config=cfg)
+    proc = Processor(args.weights, model.config)
     pred, feats, labels, log = train(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
                                      args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)
     for line in log:

@@ -1,0 +1,64 @@
+"""Evaluation baselines, shaped like the methods of pruning.py but not methods a user runs: the core
+knows nothing of them. `evaluate --extra` builds them from the same kind of spec (BASELINES extends the
+registry there).
+
+- attention mass: keep the fewest tokens that hold a share p of the step's visual attention;
+- random keep: a random subset of a given size (from a fixed ratio, or matched to another row's kept
+  counts step by step): does choosing by attention matter at all?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..pruning import DEFAULT_LAYER, Method, kept_count, parse_fraction, parse_int, setting, top_k_sorted
+
+
+@dataclass(frozen=True)
+class AttentionMass(Method):
+    """Keep the fewest tokens of keep_{t-1} that hold `share` of the step's attention to all N visual
+    tokens; keep_{t-1} itself when even all of it holds less (what was dropped carried the rest)."""
+    name: ClassVar[str] = "mass"
+    layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
+    share: float = setting(0.9, parse_fraction, "share p of the step's visual attention to keep", "p")
+
+    def choose(self, t, keep, scores):
+        total = scores.sum()
+        s = scores[keep].sort(descending=True).values  # [M]
+        reach = (s.cumsum(0) >= self.share * total).nonzero()
+        if reach.numel() > 0:
+            keep = top_k_sorted(keep, scores, int(reach[0]) + 1)
+        return keep, 1 - keep.numel() / scores.numel()
+
+
+def random_subset(keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k of keep (visual indices [M]) chosen at random with their own seeded generator, ascending."""
+    if k >= keep.numel():
+        return keep
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(keep.numel(), generator=g)[:k].to(keep.device)
+    return keep[pick].sort().values
+
+
+@dataclass(frozen=True)
+class RandomKeep(Method):
+    """Keep a random subset of keep_{t-1}: kept_count(N, ratio) tokens from the prefill on, or, with
+    `counts`, counts[t] at step t (the last repeating; another row's own counts, matched per item by the
+    evaluation). Seeded per item and step, so a subset of the items draws what the whole set would."""
+    name: ClassVar[str] = "random"
+    layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
+    ratio: float | None = setting(None, parse_fraction, "fraction R of the visual tokens dropped at random", "R")
+    counts: tuple[int, ...] | None = setting(None, None, "kept count at each step (set by the evaluation)", "counts")
+    seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed")
+
+    def choose(self, t, keep, scores):
+        n = scores.numel()
+        k = kept_count(n, self.ratio) if self.counts is None else self.counts[min(t, len(self.counts) - 1)]
+        keep = random_subset(keep, k, self.seed * 100_003 + t)
+        return keep, 1 - keep.numel() / n
+
+
+BASELINES = {cls.name: cls for cls in (AttentionMass, RandomKeep)}

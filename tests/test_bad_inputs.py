@@ -1,0 +1,163 @@
+"""Every command refuses bad input before any work: exit status 2, one line on stderr, no traceback, and
+nothing left behind or overwritten. A table of mistakes per command, each run through the command's own
+main() (the exit path a user sees), on a tiny checkpoint where weights are needed."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dyrate_ref import trace
+from dyrate_ref.demo import export as demo_export
+from dyrate_ref.demo import train as demo_train
+from dyrate_ref.tools import bench, calibrate_vtw, evaluate, train_predictor
+from helpers import hf_config, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    w = root / "w"
+    make_checkpoint(str(w), hf_config(text=dict(num_hidden_layers=4)))
+    t = root / "t.safetensors"
+    save_file({"input_ids": torch.arange(5), "tokens": torch.tensor([1, 2]), "logits": torch.zeros(2, 8)}, str(t))
+    (root / "r.json").write_text(json.dumps({"choices": [{"logprobs": {"content": []}}]}))
+    (root / "nolog.json").write_text(json.dumps({"choices": [{"text": "x"}]}))
+    (root / "text.txt").write_text("not a trace")
+    (root / "dir").mkdir()
+    (root / "data.jsonl").write_text("not json\n")
+    return root
+
+
+def snapshot(root) -> dict:
+    """Every file under root with a hash of its bytes."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(folder, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def refused(main, argv, capsys, root):
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert snapshot(root) == before, "a refused command left or changed files"
+    return err[0]
+
+
+def cases(root):
+    w, t = str(root / "w"), str(root / "t.safetensors")
+    return {
+        "evaluate": (evaluate.main, [
+            (["--scenes", "0"], "positive number"),
+            (["--scenes", "2", "--data", str(root / "data.jsonl")], "replaces the scenes"),
+            (["--max-new-tokens", "0"], "at least 1"),
+            (["--workers", "0"], "at least 1"),
+            (["--results", str(root / "dir")], "is a directory"),
+            (["--json", "/nonexistent/x.json"], "does not exist"),
+            (["--weights", w, "--extra", "fastv:layer=4"], "outside 1..3"),
+            (["--weights", w, "--extra", "fastv:ratio=2"], "outside [0, 1]"),
+            (["--weights", w, "--extra", "nope:x=1"], "use NAME"),
+            (["--weights", w, "--extra", "vtw:ratio=0.5"], "does not apply"),
+            (["--plot", "/nonexistent"], "does not exist"),
+            (["--weights", w, "--results", os.path.join(w, "model.safetensors")], "would overwrite"),
+            (["--data", str(root / "data.jsonl"), "--weights", w], "line 1"),
+            (["--weights", "/nonexistent"], "nonexistent"),
+        ]),
+        "trace compare": (trace.main, [
+            (["compare", t, t], "same file"),
+            (["compare", t, str(root / "text.txt")], "cannot read"),
+            (["compare", t, "/nonexistent.safetensors"], "cannot read"),
+            (["compare", t, t + "x", "--atol", "-1"], "--atol -1.0 must be"),
+            (["compare", t, t + "x", "--max-kl", "nan"], "--max-kl nan must be"),
+            (["compare", t, str(root / "text.txt"), "--top-k", "0"], "--top-k 0 must be at least 1"),
+            (["compare", t, t, "--dtype", "float8"], "invalid choice"),
+            (["compare", t], "required"),
+        ]),
+        "trace from-openai": (trace.main, [
+            (["from-openai", "/nonexistent.json", "--input-ids-from", t, "--out", str(root / "o.st")], "cannot read"),
+            (["from-openai", str(root / "text.txt"), "--input-ids-from", t, "--out", str(root / "o.st")], "as JSON"),
+            (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", str(root / "dir")], "is a directory"),
+            (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", str(root / "r.json")], "would overwrite"),
+            (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", t], "would overwrite"),
+            (["from-openai", str(root / "nolog.json"), "--input-ids-from", t, "--out", str(root / "o.st")], "logprobs"),
+            (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", "/nonexistent/o.st"], "does not exist"),
+            (["from-openai", str(root / "r.json"), "--input-ids-from", "/nonexistent.st", "--out", str(root / "o.st")],
+             "cannot read"),
+        ]),
+        "calibrate_vtw": (calibrate_vtw.main, [
+            (["--weights", w, "--min-layer", "1", "--eta", "-1"], "--eta -1.0 must be"),
+            (["--weights", w, "--min-layer", "1", "--eta", "nan"], "--eta nan must be"),
+            (["--weights", w, "--min-layer", "0"], "outside 1..3"),
+            (["--weights", w, "--min-layer", "4"], "outside 1..3"),
+            (["--weights", w, "--min-layer", "1", "--max-new-tokens", "0"], "at least 1"),
+            (["--weights", w, "--min-layer", "1", "--out", os.path.join(w, "config.json")], "would overwrite"),
+            (["--weights", w, "--min-layer", "1", "--out", str(root / "dir")], "is a directory"),
+            (["--weights", "/nonexistent"], "nonexistent"),
+            (["--weights", w, "--min-layer", "1", "--data", str(root / "data.jsonl")], "line 1"),
+        ]),
+        "train_predictor": (train_predictor.main, [
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--margin", "-1"], "--margin"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--rounds", "0"], "--rounds"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--confidence", "0"], "--confidence"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--layer", "0"], "outside 1..3"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--layer", "4"], "outside 1..3"),
+            (["--weights", w, "--data", "scenes:2", "--out", os.path.join(w, "model.safetensors")], "would overwrite"),
+            (["--weights", w, "--data", "scenes:2", "--out", "/nonexistent/p.st"], "does not exist"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--lr", "0"], "--lr"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--epochs", "0"], "--epochs"),
+        ]),
+        "demo.train": (demo_train.main, [
+            (["--out", t], "is a file"),
+            (["--out", str(root / "m"), "--steps", "0"], "at least 1"),
+            (["--out", str(root / "m"), "--batch", "0"], "at least 1"),
+            (["--out", str(root / "m"), "--vision-steps", "-1"], "at least 0"),
+            (["--out", str(root / "m"), "--init", w, "--tower", w], "exclude each other"),
+            (["--out", str(root / "m"), "--tower", "/nonexistent"], "nonexistent"),
+            (["--out", str(root / "m"), "--lr", "0"], "positive"),
+            (["--out", str(root / "m"), "--minutes", "0"], "positive"),
+            (["--out", w, "--tower", w], "same folder"),
+            (["--out", "/nonexistent/m"], "does not exist"),
+        ] + ([(["--out", str(root / "m"), "--device", "cuda"], "no CUDA")] if not torch.cuda.is_available() else [])),
+        "demo.export": (demo_export.main, [
+            (["--out", str(root / "dir")], "already exists"),
+            (["--out", t], "already exists"),
+            (["--out", "/nonexistent/x"], "does not exist"),
+            (["--out", str(root / "e"), "--scenes", "0"], "positive"),
+            (["--out", str(root / "e"), "--scenes", "-3"], "positive"),
+            (["--out", str(root / "e"), "--scenes", "abc"], "invalid int"),
+            (["--out", str(root / "e"), "--foo"], "unrecognized"),
+            ([], "required"),
+        ]),
+        "bench": (bench.main, [
+            (["nope"], "invalid choice"),
+            (["--shape", "huge"], "invalid choice"),
+            (["--repeats", "0"], "at least 1"),
+            (["--new-tokens", "0"], "at least 1"),
+            (["--dtype", "float8"], "unknown dtype"),
+            (["--threads", "0"], "at least 1"),
+            (["--weights", "/nonexistent"], "nonexistent"),
+            (["--bandwidth", "-1"], "positive"),
+        ] + ([(["--device", "cuda"], "no such device")] if not torch.cuda.is_available() else [])),
+    }
+
+
+COMMANDS = ["evaluate", "trace compare", "trace from-openai", "calibrate_vtw", "train_predictor", "demo.train",
+            "demo.export", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_refuses_a_table_of_bad_inputs(env, command, capsys):
+    main, table = cases(env)[command]
+    assert len(table) >= 8
+    for argv, needle in table:
+        line = refused(main, argv, capsys, env)
+        assert needle in line, (argv, line)

@@ -1,0 +1,98 @@
+"""A method is a value: a new one is a class and a registry entry, written here in the test file alone,
+and it runs through generate.py's flags, the trace and `evaluate --extra` without touching any other
+file. Settings are resolved once, and every value says where it came from."""
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dyrate_ref import cli, pruning
+from dyrate_ref.errors import UserError
+from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
+from dyrate_ref.pruning import Context, DyRate, FastV, Method, NoPruning, VTW, parse_int, setting
+from dyrate_ref.tools import evaluate
+
+IMAGE = f"{DEFAULT_WEIGHTS}/examples/scene1.png"
+
+
+@dataclass(frozen=True)
+class KeepEvery(Method):
+    """Toy method: at the prefill keep every `stride`-th visual token, then hold."""
+    name: ClassVar[str] = "every"
+    layer: int = setting(2, parse_int, "pruning layer K", "K")
+    stride: int = setting(2, parse_int, "keep every stride-th visual token", "stride")
+
+    def choose(self, t, keep, scores):
+        if t == 0:
+            keep = keep[::self.stride]
+        return keep, 1 - keep.numel() / scores.numel()
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    monkeypatch.setitem(pruning.METHODS, "every", KeepEvery)  # the one registry line
+
+
+def test_a_new_method_runs_through_the_cli_and_the_trace(registered, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    assert cli.run(["--image", IMAGE, "--prompt", "Describe the image.", "--method", "every", "--stride", "3",
+                    "--max-new-tokens", "4", "--trace", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "method every K=2 stride=3 (K: default; stride: flag)" in err, err
+    keep = load_file(str(out))["visual_keep"]
+    assert keep.shape[1] == 144 and keep.sum(1).tolist() == [48] * keep.shape[0]
+    assert keep[0].nonzero().squeeze(1).tolist() == list(range(0, 144, 3))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert (meta["method"], meta["stride"], meta["stride_from"], meta["layer"]) == ("every", "3", "flag", "2")
+    # its flag is refused for the other methods, with the usual line
+    with pytest.raises(UserError, match=r"--stride does not apply to --method fastv \(it belongs to every\)"):
+        cli.run(["--image", IMAGE, "--prompt", "hi", "--method", "fastv", "--stride", "2"])
+
+
+def test_a_new_method_runs_through_evaluate_extra(registered, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert evaluate.run(["--scenes", "1", "--only-extra", "--no-control", "--extra", "every:stride=4",
+                         "--max-new-tokens", "6", "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.load(open(out))["rows"]}
+    assert set(rows) == {"none", "every K=2 stride=4"}
+    assert rows["every K=2 stride=4"]["kept"] == pytest.approx(36.0)
+
+
+def test_metadata_holds_only_the_methods_own_settings():
+    ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
+    assert NoPruning().metadata() == {"method": "none"}
+    fastv, origins = FastV.resolve({"ratio": 0.25}, ctx)
+    assert fastv.metadata(origins) == {"method": "fastv", "layer": "2", "layer_from": "default", "ratio": "0.25",
+                                       "ratio_from": "flag", "score": "last", "score_from": "default"}
+    vtw, origins = VTW.resolve({}, ctx)
+    assert vtw.metadata(origins) == {"method": "vtw", "layer": "7", "layer_from": "vtw_calibration.json"}
+    dyrate, origins = DyRate.resolve({}, ctx)
+    assert origins == {"layer": "predictor file", "confidence": "predictor file",
+                       "predictor": "shipped with the weights"}
+    assert dyrate.layer == dyrate.predictor.layer and dyrate.confidence == dyrate.predictor.confidence
+
+
+def test_settings_are_checked_once_with_one_message():
+    ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
+    for cls, given in ((FastV, {"layer": 8}), (VTW, {"layer": 0}), (DyRate, {"layer": 9, "rates": (0.5,)})):
+        with pytest.raises(UserError, match=r"--layer \d is outside 1\.\.7 \(the model has 8 layers\)"):
+            cls.resolve(given, ctx)
+    with pytest.raises(UserError, match="differs from the predictor's K=1"):
+        DyRate.resolve({"layer": 2}, ctx)
+    with pytest.raises(UserError, match="--rates and --confidence both given"):
+        DyRate.resolve({"rates": (0.5,), "confidence": 0.5}, ctx)
+
+
+def test_the_shipped_predictors_confidence_is_a_setting():
+    """--confidence decodes the same predictor more cautiously: at c = 1 it can only hold."""
+    ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
+    cautious, _ = DyRate.resolve({"confidence": 1.0}, ctx)
+    scores = torch.softmax(torch.randn(144, generator=torch.Generator().manual_seed(0)) * 3, 0)
+    keep, rate = cautious.choose(0, torch.arange(144), scores)
+    assert keep.numel() == 144 and rate == 0.0
