@@ -40,6 +40,7 @@ class Mutant:
 MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
 PRUNE_TESTS = ("tests/test_pruning.py",)
 CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli_habits.py", "tests/test_cli.py")
+TEETH_TESTS = ("tests/test_teeth.py",)
 
 MUTANTS = [
     # The model
@@ -119,6 +120,43 @@ MUTANTS = [
            (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, 1.0, args.seed)"),), CLI_TESTS),
     Mutant("seed-ignored", "--seed accepted and ignored", "dyrate_ref/cli.py",
            (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, top_p, None)"),), CLI_TESTS),
+    # Round 2 (tests/test_teeth.py and the newcomer issue's tests): what an oracle's users rely on
+    Mutant("kl-reversed", "trace compare reports KL(backend || oracle), not KL(oracle || backend)", "dyrate_ref/trace.py",
+           (('kl = pruning_kl(ra["logits"], rb["logits"], torch.float64)', 'kl = pruning_kl(rb["logits"], ra["logits"], torch.float64)'),),
+           TEETH_TESTS),
+    Mutant("prefix-is-same", "a backend that stopped early (its tokens a prefix) passes", "dyrate_ref/trace.py",
+           (("tokens_ok = first is None and ta.numel() == tb.numel()", "tokens_ok = first is None"),), TEETH_TESTS),
+    Mutant("iou-over-oracle", "kept-set IoU divides by the oracle's kept count, not the union", "dyrate_ref/trace.py",
+           (("inter / union.clamp(min=1)", "inter / ka.sum(1).float().clamp(min=1)"),), TEETH_TESTS),
+    Mutant("rmsnorm-order", "RMSNorm multiplies by its weight before casting back (not HF's order)", "dyrate_ref/model.py",
+           (("return self.weight * x.to(dtype)", "return (self.weight * x).to(dtype)"),), TEETH_TESTS),
+    Mutant("no-resize-ignored", "do_resize: false resizes anyway", "dyrate_ref/processing.py",
+           (("    if s.do_resize:\n", "    if True:\n"),), TEETH_TESTS),
+    Mutant("fastv-mean-rows", "FastV's mean score averages the image's own rows too", "dyrate_ref/pruning.py",
+           (('else p[:, start + n:]', 'else p[:, start:]'),), TEETH_TESTS),
+    Mutant("quantile-end", "the predictor's f-quantile read from the wrong end", "dyrate_ref/predictor.py",
+           (("sorted_p[min(N - 1, int(round((1 - f) * N, 6)))]", "sorted_p[min(N - 1, int(round(f * N, 6)))]"),),
+           TEETH_TESTS + ("tests/test_predictor.py",)),
+    Mutant("topk-share-floor", "the predictor's top-p% shares count floor(p·N) tokens", "dyrate_ref/predictor.py",
+           (("cum[max(1, math.ceil(f * N)) - 1]", "cum[max(1, math.floor(f * N)) - 1]"),), TEETH_TESTS),
+    Mutant("serving-heads-for-kv-heads", "serving KV bytes count attention heads, not key/value heads", "dyrate_ref/cost.py",
+           (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size\n\n\ndef serving(",
+             "    return 2 * slots * tc.num_attention_heads * tc.head_dim * element_size\n\n\ndef serving("),), TEETH_TESTS),
+    Mutant("template-newline", "the prompt template ends its question with a newline", "dyrate_ref/processing.py",
+           (('PROMPT_TEMPLATE = "USER: <image>\\n{prompt} ASSISTANT:"', 'PROMPT_TEMPLATE = "USER: <image>\\n{prompt}\\nASSISTANT:"'),),
+           TEETH_TESTS),
+    Mutant("layer-mismatch-ignored", "--layer that differs from the predictor's is silently replaced", "dyrate_ref/pruning.py",
+           (('if values["layer"] is not None and values["layer"] != pred.layer:', 'if False:'),),
+           ("tests/test_method_value.py", "tests/test_pruning_cli.py")),
+    Mutant("confidence-ignored", "DyRate --confidence accepted and ignored", "dyrate_ref/pruning.py",
+           (("self.predictor.cut(predictor_features(scores, keep, t), self.confidence)",
+             "self.predictor.cut(predictor_features(scores, keep, t))"),), ("tests/test_method_value.py",)),
+    Mutant("vtw-origin-lies", "a calibration that found no layer is reported as a missing file", "dyrate_ref/pruning.py",
+           (('return None, f"{VTW_CALIBRATION} found no layer within its eta"', 'return None, f"no {VTW_CALIBRATION}"'),),
+           ("tests/test_cli_habits.py",)),
+    Mutant("output-over-input", "an output path that is one of the run's inputs is accepted", "dyrate_ref/files.py",
+           (("if (os.path.isdir(source) and _inside(path, source)) or _same_file(path, source):", "if False:"),),
+           ("tests/test_no_overwrite.py", "tests/test_bad_inputs.py")),
 ]
 
 

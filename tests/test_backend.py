@@ -1,4 +1,4 @@
-"""Checking a backend against the oracle (README "Checking your backend"): teacher forcing, the
+"""Checking a backend against the oracle (docs/backend.md): teacher forcing, the
 comparison and its limits per dtype, top-k-only traces from a serving engine, and the worked example
 with transformers as the backend under test, including a deliberately broken one."""
 

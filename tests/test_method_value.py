@@ -90,9 +90,23 @@ def test_settings_are_checked_once_with_one_message():
 
 
 def test_the_shipped_predictors_confidence_is_a_setting():
-    """--confidence decodes the same predictor more cautiously: at c = 1 it can only hold."""
-    ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
+    """--confidence decodes the same predictor more cautiously: on a prefill where the shipped predictor
+    cuts at its own confidence, at c = 1 it holds."""
+    from PIL import Image
+    from dyrate_ref.generation import prefill_lower
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    model = load_model(DEFAULT_WEIGHTS)
+    proc = Processor(DEFAULT_WEIGHTS, model.config)
+    ctx = Context(DEFAULT_WEIGHTS, 8, model.config)
+    own, _ = DyRate.resolve({}, ctx)
     cautious, _ = DyRate.resolve({"confidence": 1.0}, ctx)
-    scores = torch.softmax(torch.randn(144, generator=torch.Generator().manual_seed(0)) * 3, 0)
-    keep, rate = cautious.choose(0, torch.arange(144), scores)
-    assert keep.numel() == 144 and rate == 0.0
+    ids = proc.input_ids("Describe the image.")
+    px = proc.pixel_values(Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png"))
+    with torch.no_grad():
+        _, _, state, probs = prefill_lower(model, ids, px, own.layer)
+    scores = own.scores(probs, state.span, 0)
+    keep_own, _ = own.choose(0, torch.arange(144), scores)
+    keep_cautious, rate = cautious.choose(0, torch.arange(144), scores)
+    assert keep_own.numel() < 144  # the precondition: at its own confidence it cuts here
+    assert keep_cautious.numel() == 144 and rate == 0.0

@@ -178,27 +178,29 @@ def test_fastv_mean_score_values_equal_transformers_attention(tmp_path):
 # The predictor
 
 
-def test_predictor_features_by_hand_on_twenty_tokens():
-    """N = 20 distinct scores: the quantiles' ends, the top-k shares and every other feature by hand."""
+@pytest.mark.parametrize("N, tops, quantiles", [
+    (20, (1, 2, 5, 10), (10, 2, 0)),  # (1 - 0.9)·20 is 1.9999999999999996 in floating point: still index 2
+    (22, (2, 3, 6, 11), (11, 2, 0)),  # 0.05·22 = 1.1: the top 5 % share counts ceil(1.1) = 2 tokens
+])
+def test_predictor_features_by_hand(N, tops, quantiles):
+    """N distinct scores 1..N: every feature by hand, on sizes that tell a quantile's ends apart and
+    where p·N is not a whole number. The top-p share counts ceil(p·N) tokens; the f-quantile of the
+    normalised scores is the floor((1-f)·N)-th largest (0-based)."""
     from dyrate_ref.predictor import FEATURES, predictor_features
-    N = 20
-    scores = torch.tensor([float(i + 1) for i in range(N)]) / 420  # 1..20, sum 210 -> total mass 0.5
-    keep = torch.tensor([0, 5, 19])
+    total = N * (N + 1) / 2
+    scores = torch.tensor([float(i + 1) for i in range(N)]) / (2 * total)  # visual mass 0.5
+    keep = torch.tensor([0, 5, N - 1])
     f = dict(zip(FEATURES, predictor_features(scores, keep, 7).tolist()))
-    p = [(i + 1) / 210 for i in range(N)]
+    p = [(i + 1) / total for i in range(N)]
     desc = sorted(p, reverse=True)
     assert f["visual_mass"] == pytest.approx(0.5)
     assert f["entropy"] == pytest.approx(-sum(x * math.log(x) for x in p) / math.log(N), rel=1e-5)
-    for name, share in (("top5_mass", 0.05), ("top10_mass", 0.10), ("top25_mass", 0.25), ("top50_mass", 0.50)):
-        assert f[name] == pytest.approx(sum(desc[:math.ceil(share * N)]), rel=1e-5), name  # 1, 2, 5, 10 tokens
-    # the f-quantile of the normalised scores is the floor((1-f)·N)-th largest, 0-based: q50 -> desc[10],
-    # q90 -> desc[2] (in floating point (1 - 0.9)·20 is just below 2: a plain int() would take desc[1]),
-    # q99 -> desc[0]
-    assert f["q50"] == pytest.approx(math.log1p(N * desc[10]), rel=1e-5)
-    assert f["q90"] == pytest.approx(math.log1p(N * desc[2]), rel=1e-5)
-    assert f["q99"] == pytest.approx(math.log1p(N * desc[0]), rel=1e-5)
+    for name, k in zip(("top5_mass", "top10_mass", "top25_mass", "top50_mass"), tops):
+        assert f[name] == pytest.approx(sum(desc[:k]), rel=1e-5), name
+    for name, i in zip(("q50", "q90", "q99"), quantiles):
+        assert f[name] == pytest.approx(math.log1p(N * desc[i]), rel=1e-5), name
     assert f["qmax"] == pytest.approx(math.log1p(N * desc[0]), rel=1e-5)
-    assert f["kept_mass"] == pytest.approx(p[0] + p[5] + p[19], rel=1e-5)
+    assert f["kept_mass"] == pytest.approx(p[0] + p[5] + p[N - 1], rel=1e-5)
     assert f["kept_fraction"] == pytest.approx(3 / N)
     assert f["is_prefill"] == 0.0 and f["log_step"] == pytest.approx(math.log(8))
 

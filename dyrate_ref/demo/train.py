@@ -5,7 +5,7 @@
 Writes a complete llava-hf directory: config.json, model.safetensors (transformers 5.x key layout),
 tokenizer.json / tokenizer_config.json / special_tokens_map.json (a byte-level BPE trained here on the
 scene vocabulary, <image> a special token) and preprocessor_config.json. Then train the predictor with
-train_predictor and calibrate VTW (README, "Reproducing the embedded model").
+train_predictor and calibrate VTW (docs/embedded_model.md, "Reproducing the embedded model").
 
 Recipe, and why (a naive single-stage run of this size reached only chance-level position answers
 after 16 minutes: the decoder cannot learn to read a vision tower that has not yet learned to see):
@@ -43,7 +43,7 @@ and colours first, text embeddings and visual tokens started at the same scale (
 penalty that keeps the visual tokens within VISUAL_RMS_CAP of the text (--visual-penalty), no weight
 decay on the embeddings and the LM head, and optionally a training-only "which shape does this ask
 about" turn (--echo) and a ramp of the visual tokens in from zero (--read-first). Measured this round
-(README, "The embedded model"): none of these has yet made the decoder read the question within the
+(docs/embedded_model.md): none of these has yet made the decoder read the question within the
 go/no-go window; the shipped model is still v2.
 """
 
