@@ -14,8 +14,10 @@ a serving engine returns them), visual_keep and rates.
         --force-tokens backend.safetensors --trace oracle.safetensors
     python -m dyrate_ref.trace compare oracle.safetensors backend.safetensors
 
---image-offset 1 is a deliberate bug: the visual span taken one position too late, the off-by-one that
-FastV's public code has had. The comparison names the first step it breaks.
+--image-offset 1 is a deliberate bug: the kept set is chosen right, but the masks that apply it in
+layers >= K are placed one position too late (the off-by-one of a hard-coded image offset, as in
+FastV's public code), so the backend computes with the wrong patches while reporting the right ones.
+The comparison names the first step it breaks (by its logits: its kept sets look correct).
 
 The prompt and the pixels come from dyrate_ref's processor, so that only the model is under test
 (tests/test_parity.py checks that transformers' LlavaProcessor gives the same input_ids and pixels).
@@ -30,11 +32,11 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dyrate_ref.loading import read_config  # noqa: E402
 from dyrate_ref.processing import Processor, open_image  # noqa: E402
+from dyrate_ref.trace import write_trace  # noqa: E402  (atomic, the usual file mode)
 
 
 def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ratio: float, rates) -> tuple[list[int], float]:
@@ -60,13 +62,16 @@ def run_backend(weights: str, image, prompt: str, method: str = "none", layer: i
                 rates=(0.3, 0.5, 0.7), max_new_tokens: int = 16, image_offset: int = 0, dtype=torch.float32):
     """-> dict of trace tensors (input_ids, tokens, logits [T, V] float32, visual_keep, rates)."""
     from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a backend's own loading bar would only clutter the example's output
     hf = LlavaForConditionalGeneration.from_pretrained(weights, attn_implementation="eager", dtype=dtype).eval()
     proc = Processor(weights, read_config(weights))
     ids = proc.input_ids(prompt)  # [P]
     pixels = proc.pixel_values(image).to(dtype)  # [1, 3, H, W]
     cfg = hf.config
     where = (ids == cfg.image_token_id).nonzero().squeeze(1)
-    start, N = int(where[0]) + image_offset, where.numel()
+    start, N = int(where[0]), where.numel()
+    masked = start + image_offset  # where the masks put the image: start, unless the deliberate bug shifts it
     lm = hf.model.language_model
     L, P = len(lm.layers), ids.numel()
     K = layer if method != "none" else L
@@ -104,7 +109,7 @@ def run_backend(weights: str, image, prompt: str, method: str = "none", layer: i
                 kept_by_step[s, kept] = True
             step_of_row = torch.clamp(torch.arange(S) - (P - 1), min=0)  # [S]
             sees = torch.ones(S, S, dtype=torch.bool)
-            sees[:, start:start + N] = kept_by_step[step_of_row]  # [S, N]
+            sees[:, masked:masked + N] = kept_by_step[step_of_row][:, :S - masked]  # [S, N]
             for i in range(K, L):
                 x = lm.layers[i](x, attention_mask=add(causal & sees), position_embeddings=rope)
         else:
@@ -152,7 +157,7 @@ def main(argv=None):
                         getattr(torch, args.dtype))
     if args.topk:
         trace = to_topk(trace, args.topk)
-    save_file({n: v.contiguous() for n, v in trace.items()}, args.out, metadata={"format": "dyrate_ref-trace-1"})
+    write_trace(args.out, {n: v.contiguous() for n, v in trace.items()}, {"source": "examples/hf_backend.py"})
     print(f"wrote {args.out}: {trace['tokens'].numel()} tokens, method {args.method}")
 
 

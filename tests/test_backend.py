@@ -81,7 +81,11 @@ def test_an_off_by_one_image_offset_is_different_and_the_first_bad_step_is_named
     ours = oracle(w, img, prune, force=backend["tokens"].tolist())
     r = compare(ours, backend, LIMITS["float32"])
     text = report_text(r, "float32", LIMITS["float32"])
-    assert not r.same and r.first_bad_step == 0 and "kept sets differ" in r.first_bad_reason, text
+    # The broken backend reports the right kept sets but attends to the patches beside them: the kept
+    # sets agree at step 0, and its logits are what gives it away.
+    assert r.steps[0]["keep_iou"] == 1.0, text
+    assert not r.same and r.first_bad_step == 0 and "max |Δlogit|" in r.first_bad_reason, text
+    assert r.steps[0]["delta"] > 100 * LIMITS["float32"].atol, text
     assert "first bad step: 0" in text and text.endswith("DIFFERENT")
 
 
@@ -188,3 +192,19 @@ def test_force_tokens_from_another_prompt_is_refused(files, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "another prompt" in r.stderr and r.stdout == ""
     assert not (tmp_path / "no.st").exists()
+
+
+def test_the_example_backend_writes_a_readable_trace_with_the_usual_mode(files, tmp_path, capsys):
+    """examples/hf_backend.py writes through the same atomic writer as generate.py: the usual file mode
+    (0666 less the umask, not mkstemp's 0600), and no transformers loading bar on stderr."""
+    from hf_backend import main
+    root, w, img = files
+    out = tmp_path / "bk.safetensors"
+    old = os.umask(0o022)
+    try:
+        main(["--weights", w, "--image", img, "--prompt", PROMPT, "--max-new-tokens", "2", "--out", str(out)])
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o644
+    assert read_trace(str(out))["tokens"].numel() == 2
+    assert "Loading weights" not in capsys.readouterr().err

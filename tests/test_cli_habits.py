@@ -230,3 +230,27 @@ def test_cli_sampling_flags_take_effect(files):
     assert answer(*hot, "--seed", "1") != answer(*hot, "--seed", "2")  # 12 draws over ~300 tokens at T=5
     greedy = answer()
     assert answer("--temperature", "1", "--top-p", "1e-9", "--seed", "5") == greedy  # the nucleus is the top token
+
+
+def test_progress_into_a_pipe_is_one_final_line_in_mb(capsys):
+    """Into a pipe or a log file the bar does not redraw itself with carriage returns: one line when the
+    job ends; and a 29 MB load is counted in MB, not as 0.0/0.0 GB."""
+    from dyrate_ref.progress import Progress
+    bar = Progress(29e6, "loading weights", bytes_=True, after_s=0.0)
+    for _ in range(29):
+        bar.update(1e6)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 1, repr(err)
+    assert "29.0/29.0 MB" in err, err
+    big = Progress(3e9, "x", bytes_=True, after_s=0.0)
+    big.update(1.5e9)
+    big.close()
+    assert "1.5/3.0 GB" in capsys.readouterr().err
+
+
+def test_unknown_prompt_characters_are_named(files):
+    root, w, img = files
+    r = run("--image", img, "--prompt", "Qué es ☃?", "--weights", w, "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "2 character(s) of the prompt are not in the model's vocabulary (é☃)" in r.stderr, r.stderr
