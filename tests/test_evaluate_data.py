@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from dyrate_ref.demo.export import export
@@ -164,3 +165,45 @@ def test_export_refuses_an_existing_folder_and_leaves_nothing_when_it_fails(tmp_
     with pytest.raises(OSError, match="disk full"):
         export_module.export(str(tmp_path / "new"), 1)
     assert sorted(os.listdir(tmp_path)) == ["there"]
+
+
+def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(tmp_path):
+    """FastV with R = 0 keeps everything: its answers are none's, so its costs counted on none's answers
+    (forced) equal its own; FastV R = 0.9's answers differ, and its forced costs follow none's lengths."""
+    from helpers import hf_config, make_checkpoint
+    w = tmp_path / "w"
+    make_checkpoint(str(w), hf_config(text=dict(num_hidden_layers=4)))
+    results = tmp_path / "r.jsonl"
+    evaluate.run(["--weights", str(w), "--scenes", "2", "--only-extra", "--no-control", "--extra", "fastv:ratio=0",
+                  "--extra", "fastv:ratio=0.9", "--max-new-tokens", "6", "--results", str(results)])
+    recs = [json.loads(x) for x in open(results)][1:]
+    none = {r["id"]: r for r in recs if r["method"] == "none"}
+    same = [r for r in recs if r["method"] == "fastv K=2 R=0.0 score=last"]
+    assert same and all(r["answer"] == none[r["id"]]["answer"] for r in same)
+    for r in same:
+        assert (r["forced_prefill_flops"], r["forced_decode_flops"], r["forced_kv_mean"], r["forced_kv_peak"]) == \
+            (r["prefill_flops"], r["decode_flops"], r["kv_mean"], r["kv_peak"])
+    for r in (r for r in recs if r["method"] == "fastv K=2 R=0.9 score=last"):
+        # forced on none's tokens: as many decode steps as none's answer
+        assert r["forced_kv_peak"] < none[r["id"]]["kv_peak"] and len(none[r["id"]]["tokens"]) >= 1
+
+
+def test_clustered_standard_error_by_hand():
+    """Four items, three pictures: d = b - a = [1, 1, 0, 1], mean 0.75; deviations summed per picture
+    (x: 0.25 + 0.25, y: -0.75, z: 0.25); SE^2 = G/(G-1) * sum(s_g^2) / n^2 = 1.5 * 0.875 / 16."""
+    mean, se = evaluate.paired([0, 0, 0, 0], [1, 1, 0, 1], ["x", "x", "y", "z"])
+    assert mean == pytest.approx(0.75) and se == pytest.approx((1.5 * 0.875 / 16) ** 0.5)
+    # one item per picture: the usual paired SE, std / sqrt(n)
+    d = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    assert evaluate.paired([0, 0, 0, 0], [1, 1, 0, 1], ["a", "b", "c", "d"])[1] == pytest.approx(float(d.std() / 2))
+    # items of one picture moving together widen the error: the same differences, two pictures
+    assert evaluate.paired([0] * 4, [1, 1, 0, 0], ["x", "x", "y", "y"])[1] > evaluate.paired([0] * 4, [1, 1, 0, 0])[1]
+
+
+def test_validation_and_test_scenes_are_disjoint():
+    from dyrate_ref.demo.scenes import TEST_SEED, VALIDATION_SEED, eval_set
+    test = {repr(i.scene) for i in eval_set(300, TEST_SEED)}
+    val = {repr(i.scene) for i in eval_set(300, VALIDATION_SEED)}
+    assert len(test) == len(val) == 300 and not test & val
+    assert {p.cluster for p in evaluate.scene_prompts(5, "validation")}.isdisjoint(
+        {p.cluster for p in evaluate.scene_prompts(5, "test")})

@@ -178,7 +178,7 @@ HOMES = [
     (r"\] = True", "pruning.py"),  # keep indices -> bool mask (keep_mask)
     (r"outside 1\.\.", "pruning.py"),  # the range check of a pruning layer (check_layer)
     (r"def kept_count", "pruning.py"),  # the one rounding rule of "how many to keep"
-    (r"round\(\(1 - |ceil\(round|\* m \+ 0\.5", None),  # ... and no other (FastV's, DyRate's old ones)
+    (r"int\(round\(\(1 - \w+\) \* n\)\)|ceil\(round\(\(1 - |\* m \+ 0\.5", None),  # ... and no other (the three old ones)
     (r"def top_k_sorted", "pruning.py"),
 ]
 

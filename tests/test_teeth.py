@@ -308,3 +308,25 @@ def test_the_template_equals_a_shipped_chat_template(tmp_path):
                                     add_generation_prompt=True)
     ours = Processor(str(d), load_model(str(d)).config).prompt_text("What is it?")
     assert text == ours
+
+
+def test_serving_follows_the_schedule_maps_k_by_depth_and_sizes_the_batch_by_the_peak():
+    """By hand, LLaVA-1.5-7B shapes (32 layers, 32 kv heads of 128, fp16: 0.5 MiB per token over the
+    layers): a rate that grows over a 4-token answer, K mapped from an 8-layer model."""
+    from dyrate_ref.cost import depth_matched_layer, serving_schedule
+    from dyrate_ref.model import TextConfig
+    assert [depth_matched_layer(k, 8, 32) for k in (1, 2, 4, 7)] == [4, 8, 16, 28]
+    assert depth_matched_layer(1, 40, 32) == 1 and depth_matched_layer(39, 40, 32) == 31  # within 1..L-1
+    tc = TextConfig()
+    layer_token = 2 * 32 * 128 * 2  # k and v of one token in one layer, fp16
+    K, N, P, T = 8, 576, 616, 4
+    kept = [1.0, 0.5, 0.25]  # the last repeats: step 3 keeps a quarter too
+    slots = [K * (P + t) + (32 - K) * (P - N * (1 - kept[min(t, 2)]) + t) for t in range(T)]
+    per_step = [x * layer_token for x in slots]
+    s = serving_schedule(tc, K, N, P, kept, T, weight_bytes=14e9, gpu_bytes=80e9, batch=64)
+    assert s["kv_mean"] == pytest.approx(sum(per_step) / T)
+    assert s["kv_peak"] == pytest.approx(per_step[0])  # the prefill, before the cuts, is the peak here
+    assert s["bytes_per_step"] == pytest.approx(14e9 + 64 * sum(per_step) / T)
+    assert s["max_batch"] == int((80e9 - 14e9) // per_step[0])
+    # a mean-sized batch would be larger, and wrong: at step 0 every sequence holds the peak
+    assert int((80e9 - 14e9) // s["kv_mean"]) > s["max_batch"]

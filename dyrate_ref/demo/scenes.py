@@ -236,17 +236,37 @@ class EvalItem:
     answer: str
 
 
-def eval_set(n_scenes: int, seed: int = 10_000_019) -> list[EvalItem]:
-    """The fixed held-out set: per scene, one question of each kind it allows, plus a description.
-    Its seed stream is disjoint from training's (train_demo draws from seeds < 10_000_000)."""
+TEST_SEED = 10_000_019  # the held-out scenes every reported table uses
+VALIDATION_SEED = 10_000_051  # held-out scenes for choosing settings (K, c) before the test set is looked at
+
+
+def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False) -> list[EvalItem]:
+    """The fixed held-out set: per scene, one question of each kind it allows, plus a description, and
+    with `look` a look-then-reason question on scenes of 2+ shapes (from its own stream, so the other
+    items are the same with or without it). Its seed stream is disjoint from training's (train_demo
+    draws from seeds < 10_000_000)."""
     rng = random.Random(seed)
+    look_rng = random.Random(seed + 1)
     items = []
     for _ in range(n_scenes):
         scene = random_scene(rng)
         for kind, q, a in questions(scene, rng):
             items.append(EvalItem(scene, kind, q, a))
         items.append(EvalItem(scene, "describe", DESCRIBE_PROMPT, describe(scene)))
+        if look and len(scene.shapes) >= 2:
+            color, kind, _ = exist_pair(scene, look_rng, look_rng.random() < 0.5)
+            items.append(EvalItem(scene, "look", look_question(color, kind), look_answer(scene, color, kind)))
     return items
+
+
+def score_answer(item: EvalItem, text: str) -> float:
+    """The scene world's score of one answer: object-F1 for a description, the final yes/no for a
+    look-then-reason answer, exact match (normalised) for the other questions."""
+    if item.kind == "describe":
+        return object_f1(text, item.scene)
+    if item.kind == "look":
+        return float(look_verdict(text) == look_verdict(item.answer))
+    return float(normalise(text) == normalise(item.answer))
 
 
 def training_examples(n: int, seed: int = 0):

@@ -3,16 +3,22 @@
   python -m dyrate_ref.tools.evaluate [--weights DIR] [--quick] [--scenes N] [--plot DIR] [--json FILE]
   python -m dyrate_ref.tools.evaluate --data FILE.jsonl [--results OUT.jsonl] [--weights DIR] ...
 
-One row per method and setting (methods()): none and a control with every picture blanked (the model
-must answer from the image, not the text); FastV (K=2, R=0.5, 0.75, 0.9; K=1, R=0.5, 0.75); random keep
-of 25 % of the tokens at K=1 (does choosing by attention matter?); VTW at the weights' calibrated layer;
-DyRate with the shipped predictor at its own decoding confidence and a sweep; random keep at the
-predictor's own kept counts; DyRate with a fixed rising schedule; the attention-mass rule (keep the
-fewest tokens holding a share p of the step's visual attention).
+One row per method and setting (standard_rows()): none and a control with every picture blanked (the
+model must answer from the image, not the text); FastV (K=2, R=0.5, 0.75, 0.9; K=1, R=0.5, 0.75);
+random keep of 25 % of the tokens at K=1 (does choosing by attention matter?); VTW at the weights'
+calibrated layer; DyRate with the shipped predictor at its own decoding confidence and a sweep; random
+keep at the predictor's own kept counts; DyRate with a fixed rising schedule at K=2 and K=1; the
+attention-mass rule (keep the fewest tokens holding a share p of the step's visual attention).
+--split validation runs them on scenes disjoint from the reported test split, to choose settings on.
 
-Accuracy table: QA accuracy overall and per question kind, description object-F1 ((colour, shape,
-position) triples), each method's paired difference from none with its standard error, and how often
-the answer is exactly none's. Cost table, relative to none: kept visual tokens, language-model FLOPs
+Accuracy table: exact match overall and per question kind, description object-F1 ((colour, shape,
+position) triples) and CIDEr-D, each method's paired difference from none with its standard error
+clustered by picture (the questions about one scene are not independent), and how often the answer is
+exactly none's. Costs are counted twice: on each method's own answers, and on none's answer tokens fed
+to the method (a method whose answers collapse would otherwise look cheap). The kind-swap sensitivity
+(demo/reading.py: does the model read the question?) follows the table.
+
+Cost table, relative to none: kept visual tokens, language-model FLOPs
 (FastV's way of counting: decoder matmuls over every step, split into prefill and decode; the vision
 tower + projector is the same for every method and stated once), KV-cache bytes (peak and mean over the
 answer's steps) and wall-clock.
@@ -42,9 +48,9 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from PIL import Image
 
-from ..cost import serving, vision_flops
+from ..cost import depth_matched_layer, serving_schedule, vision_flops
 from ..demo.reading import kind_swap_kl, kind_swap_pairs
-from ..demo.scenes import Scene, eval_set, object_f1
+from ..demo.scenes import TEST_SEED, VALIDATION_SEED, Scene, eval_set, object_f1
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import check_folder, check_outputs, write_json
 from ..generation import forward_no_cache, generate
@@ -102,6 +108,9 @@ def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
         rows.append(Row(f"random keep, counts of {main_name}", "random (matched counts)", RandomKeep(dyrate.layer),
                         match=main_name))
     rows.append(Row(f"DyRate K=2 rising {','.join(map(str, RISING))}", "DyRate fixed schedule", DyRate(2, rates=RISING)))
+    if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
+        rows.append(Row(f"DyRate K=1 rising {','.join(map(str, RISING))}", "DyRate fixed schedule",
+                        DyRate(1, rates=RISING)))
     rows += [Row(f"attention mass K=2 p={p}", "attention mass", AttentionMass(2, p))
              for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
     return rows
@@ -162,11 +171,12 @@ class Prompt:
         return out
 
 
-def scene_prompts(n_scenes: int) -> list[Prompt]:
+def scene_prompts(n_scenes: int, split: str = "test") -> list[Prompt]:
     """The held-out scene world as evaluation items: questions scored by exact match, descriptions by
-    object-F1 (and CIDEr-D against the ground-truth description), clustered by scene."""
+    object-F1 (and CIDEr-D against the ground-truth description), clustered by scene. split "test": the
+    scenes every reported table uses; "validation": a disjoint set, for choosing settings first."""
     out = []
-    for it in eval_set(n_scenes):
+    for it in eval_set(n_scenes, TEST_SEED if split == "test" else VALIDATION_SEED):
         gold = dict(references=(it.answer,)) if it.kind == "describe" else dict(answer=it.answer)
         out.append(Prompt(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
                           f"scene{it.scene.seed}", scene=it.scene, **gold))
@@ -232,9 +242,11 @@ def item_method(row: Row, prompt: Prompt, matched: dict | None) -> Method:
 
 
 def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens: int, matched=None, bar=None,
-               done=None, sink=None) -> list[dict]:
+               done=None, sink=None, none=None, is_base=False) -> list[dict]:
     """One record per prompt: the answer, its scores, kept counts per step, FLOPs of the prefill and of
-    the decode steps (language model only), KV bytes, seconds. Records already in `done` are reused;
+    the decode steps (language model only), KV bytes, seconds. With `none` (method none's records, same
+    prompts), the costs are also counted on none's answer, fed to this method (forced_*): a method whose
+    answers collapse to a few tokens does not look cheap for that. Records already in `done` are reused;
     new ones are also handed to `sink` (the results file)."""
     vis = vision_flops(model.config)
     out = []
@@ -254,6 +266,13 @@ def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens
         rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": text, **p.scores(text),
                "kept": [int(k.sum()) for k in gen.record.keep], "prefill_flops": flops[0] - vis,
                "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
+        if none is not None and none[i].get("tokens"):
+            forced = generate(model, ids, px, max_new_tokens, method, force=none[i]["tokens"]).record
+            f_flops, f_kv = forced.flops, forced.kv_bytes
+            rec.update(forced_prefill_flops=f_flops[0] - vis, forced_decode_flops=sum(f_flops[1:]),
+                       forced_kv_peak=max(f_kv), forced_kv_mean=sum(f_kv) / len(f_kv))
+        if is_base:
+            rec["tokens"] = gen.tokens  # what the other rows are forced with
         out.append(rec)
         if sink:
             sink(rec)
@@ -266,9 +285,11 @@ def evaluate_rows(model, processor, prompts, rows: list[Row], max_new_tokens: in
                   sink=None) -> dict[str, list[dict]]:
     """Every row on every prompt. -> {row name: records in prompt order}."""
     records: dict[str, list[dict]] = {}
-    for row in rows:
+    for i, row in enumerate(rows):  # rows[0] is method none: the base the others are forced with and measured against
         matched = records[row.match] if row.match else None
-        records[row.name] = run_method(model, processor, prompts, row, max_new_tokens, matched, bar, done, sink)
+        base = records[rows[0].name] if i else None
+        records[row.name] = run_method(model, processor, prompts, row, max_new_tokens, matched, bar, done, sink, base,
+                                       is_base=not i)
     return records
 
 
@@ -345,7 +366,14 @@ def costs(records: list[dict], base: list[dict]) -> dict:
     total = lambda recs, key: sum(r[key] for r in recs)  # noqa: E731
     lm = total(records, "prefill_flops") + total(records, "decode_flops")
     lm_base = total(base, "prefill_flops") + total(base, "decode_flops")
-    return {"kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
+    forced = {}
+    if all("forced_kv_mean" in r for r in records) and "tokens" in base[0]:
+        f_lm = total(records, "forced_prefill_flops") + total(records, "forced_decode_flops")
+        forced = {"lm_flops_forced": f_lm / lm_base, "kv_mean_forced": total(records, "forced_kv_mean") / total(base, "kv_mean"),
+                  "kv_peak_forced": total(records, "forced_kv_peak") / total(base, "kv_peak")}
+    elif records is base:
+        forced = {"lm_flops_forced": 1.0, "kv_mean_forced": 1.0, "kv_peak_forced": 1.0}
+    return {**forced, "kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
             "lm_flops": lm / lm_base,
             "prefill_flops": total(records, "prefill_flops") / total(base, "prefill_flops"),
             "decode_flops": total(records, "decode_flops") / max(1, total(base, "decode_flops")),
@@ -392,13 +420,16 @@ def fmt(s: dict, key: str, scale: float = 100, digits: int = 1) -> str:
 def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
     base = results[0][1]
     cost = [f"| method | kept visual tokens (of {N}) | LM FLOPs | prefill FLOPs | decode FLOPs | peak KV | mean KV "
-            "| wall-clock |", "|---|---|---|---|---|---|---|---|"]
+            "| LM FLOPs on none's answers | mean KV on none's answers | wall-clock |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row, s in results:
+        fl, kv = (f"{s['lm_flops_forced']:.3f}", f"{s['kv_mean_forced']:.3f}") if "lm_flops_forced" in s else ("", "")
         cost.append(f"| {row.name} | {s['kept']:.1f} | {s['lm_flops']:.3f} | {s['prefill_flops']:.3f} | "
-                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {s['seconds']:.3f} |")
+                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {fl} | {kv} | {s['seconds']:.3f} |")
     note = (f"\nCosts are relative to none: language-model matmul FLOPs (none: {base['lm_flops_per_prompt'] / 1e6:.1f} "
             f"MFLOPs per prompt on average; the vision tower and projector add {vision / 1e6:.1f} MFLOPs per image for "
-            "every method), KV-cache bytes (peak, and mean over the answer's steps) and wall-clock on this machine. "
+            "every method), KV-cache bytes (peak, and mean over the answer's steps) and wall-clock on this machine, "
+            "each counted on the method's own answers; the two columns 'on none's answers' count them on none's "
+            "answer tokens fed to the method, so that a method whose answers collapse does not look cheap. "
             "Δ: paired difference from none over the same items, ± one standard error; a difference within two "
             "standard errors is not a difference.")
     return "\n".join(cost) + note
@@ -431,25 +462,39 @@ def table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) 
 SERVE_7B = dict(N=576, P=616, T=64, weight_bytes=7.06e9 * 2, gpu_bytes=80e9)
 
 
-def serving_table(results: list[tuple[Row, dict]], N: int) -> str:
-    """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model fed with the mean
-    kept fraction each method reached here (cost.serving; labelled as such in the output)."""
+def kept_schedule(records: list[dict], N: int) -> list[float]:
+    """The mean kept share of the N visual tokens at each answer step, over the items that reach it."""
+    T = max(len(r["kept"]) for r in records)
+    return [sum(r["kept"][t] for r in records if len(r["kept"]) > t) / N / sum(len(r["kept"]) > t for r in records)
+            for t in range(T)]
+
+
+def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int) -> str:
+    """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model (cost.serving_schedule)
+    fed with the kept share each method reached here at every answer step, K mapped by depth."""
     tc, c = TextConfig(), SERVE_7B  # TextConfig's defaults are Llama-7B's shapes
-    lines = ["| method | kept fraction (measured here) | bytes read per decode step vs none, batch 1 | batch 8 "
-             "| batch 64 | KV share of those bytes at batch 64 | largest batch in 80 GB |", "|---|---|---|---|---|---|---|"]
-    base = {B: serving(tc, 2, c["N"], c["P"], c["T"], 1.0, c["weight_bytes"], c["gpu_bytes"], B) for B in (1, 8, 64)}
+    L7 = tc.num_hidden_layers
+    lines = ["| method | K here → on 7B | kept share at steps 0 / 4 / 16 (measured here) | bytes read per decode step "
+             "vs none, batch 1 | batch 8 | batch 64 | KV share of those bytes at batch 64 | largest batch in 80 GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {B: serving_schedule(tc, depth_matched_layer(2, L, L7), c["N"], c["P"], [1.0], c["T"], c["weight_bytes"],
+                                c["gpu_bytes"], B) for B in (1, 8, 64)}
     for row, s in results:
         if row.blank:
             continue
-        K = row.method.layer
-        got = {B: serving(tc, K, c["N"], c["P"], c["T"], s["kept"] / N, c["weight_bytes"], c["gpu_bytes"], B)
+        K7 = depth_matched_layer(row.method.layer, L, L7)
+        sched = kept_schedule(records[row.name], N)
+        got = {B: serving_schedule(tc, K7, c["N"], c["P"], sched, c["T"], c["weight_bytes"], c["gpu_bytes"], B)
                for B in (1, 8, 64)}
-        lines.append(f"| {row.name} | {s['kept'] / N:.3f} | " + " | ".join(
+        at = " / ".join(f"{sched[min(t, len(sched) - 1)]:.2f}" for t in (0, 4, 16))
+        lines.append(f"| {row.name} | {row.method.layer} → {K7} | {at} | " + " | ".join(
             f"{got[B]['bytes_per_step'] / base[B]['bytes_per_step']:.3f}" for B in (1, 8, 64))
             + f" | {got[64]['kv_share']:.2f} | {got[64]['max_batch']} |")
-    return ("Analytic serving model (not measured): LLaVA-1.5-7B in float16 on an 80 GB GPU, 576 visual tokens in "
-            "a 616-token prompt, a 64-token answer, each method's mean kept fraction as measured above.\n\n"
-            + "\n".join(lines))
+    return (f"Analytic serving model (not measured): LLaVA-1.5-7B in float16 on an 80 GB GPU, 576 visual tokens in "
+            f"a 616-token prompt, a {c['T']}-token answer; each method's kept share at every answer step as measured "
+            f"above (the last measured step's share repeats to the end); K mapped by depth (K of this model's {L} "
+            f"layers -> the same share of 7B's {L7}); bytes per step averaged over the answer, the largest batch "
+            "from the cache's peak.\n\n" + "\n".join(lines))
 
 
 def pareto_points(results: list[tuple[Row, dict]], key: str = "qa", ylabel: str = "QA accuracy % (held-out questions)",
@@ -498,6 +543,8 @@ def run(argv=None) -> int:
                    help="keep every item's output here as it is made; run again to continue an interrupted evaluation")
     p.add_argument("--quick", action="store_true", help="a few scenes only (what the tests run)")
     p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; --quick: 4)")
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="scene split: test (default; the reported tables) or validation (disjoint: choose K, c on it)")
     p.add_argument("--max-new-tokens", type=int, default=80, help="longest answer generated (default 80)")
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for CIDEr-D's standard error (default 200)")
     p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
@@ -528,7 +575,8 @@ def run(argv=None) -> int:
     if args.plot:
         require_matplotlib()
     # Every line of the data file is checked (images opened), and every --extra spec, before the model loads.
-    prompts = file_prompts(read_items(args.data)) if args.data else scene_prompts(args.scenes or (4 if args.quick else 300))
+    prompts = (file_prompts(read_items(args.data)) if args.data else
+               scene_prompts(args.scenes or (4 if args.quick else 300), args.split))
     cfg = read_config(args.weights)
     ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
     extra = [parse_extra(spec, ctx) for spec in args.extra]
@@ -544,7 +592,8 @@ def run(argv=None) -> int:
         dup = next(n for n in names if names.count(n) > 1)
         raise UserError(f"two rows are both {dup!r}; leave out the --extra that repeats a standard row")
     done, sink = None, None
-    data_name = os.path.abspath(args.data) if args.data else f"scenes:{args.scenes or (4 if args.quick else 300)}"
+    data_name = (os.path.abspath(args.data) if args.data else
+                 f"scenes:{args.scenes or (4 if args.quick else 300)}" + (":validation" if args.split != "test" else ""))
     if args.results:
         header = {"results_of": "dyrate_ref.tools.evaluate", "weights": os.path.abspath(args.weights),
                   "data": data_name, "max_new_tokens": args.max_new_tokens}
@@ -564,7 +613,7 @@ def run(argv=None) -> int:
     key = next(k for k in ("em", "vqa", "f1", "cider") if k in results[0][1])
     scale = 100 if key in PERCENT else 1
     ylabel = METRICS[key] + (" (held-out questions)" if not args.data and key == "em" else "")
-    print("\n" + serving_table(results, N))
+    print("\n" + serving_table(results, records, N, cfg.text_config.num_hidden_layers))
     what = args.data if args.data else f"{len(prompts)} held-out scene prompts"
     swap = None
     if not args.data:  # does the model read the question? (demo/reading.py)

@@ -1,0 +1,248 @@
+"""DyRate's premise, tested on any checkpoint: do later answer tokens need the image less?
+
+  python -m dyrate_ref.tools.premise [--weights DIR] [--data FILE.jsonl | --scenes N] [--layer K]
+      [--steps 0,1,2,4,8,16] [--fractions 0.5,0.25,0.1,0] [--json FILE] [--plot FILE.png]
+
+For each item, the model's own unpruned greedy answer is the reference. Then, for every answer step s
+and kept fraction f of a grid, the visual tokens are cut to f·N from step s on (the ones layer K-1's
+attention of step s's query ranks highest; layers < K always see every token, as in every method here),
+and the cost of the cut is measured two ways:
+
+- teacher-forced on the unpruned answer (one masked no-cache forward per cut,
+  generation.recompute_logits): KL(unpruned ‖ cut) of the next-token distributions at steps >= s, and
+  how often the unpruned answer's token stays the top choice there;
+- free-running (the cached, evicting decode loop with a one-cut method): how often the whole answer
+  stays the same, and its score (scene items: exact match, object-F1, or the look-then-reason answer's
+  final yes/no; a data file's items: exact match against `answer`, where they have one).
+
+If the premise holds, the cost falls as s grows: a cut made later in the answer hurts less. On the demo
+scenes it can be checked per answer kind: descriptions, where every later word names another shape,
+and the look-then-reason answers, whose last part follows from the first part and the question.
+
+The test itself is dyrate_ref's construction (the paper states the premise; it does not say how it was
+measured). It needs nothing of the demo model: --weights and --data run it on LLaVA-1.5-7B (--device cuda).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..demo.scenes import eval_set, score_answer
+from ..errors import ArgumentParser, UserError, command_main
+from ..files import check_outputs, write_json
+from ..generation import forward_no_cache, generate, recompute_logits
+from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype, weight_inputs
+from ..plots import require_matplotlib, save_figure
+from ..processing import Processor, open_image
+from ..progress import Progress
+from ..pruning import Method, check_layer, keep_mask, kept_count, kl, top_k_sorted, visual_scores, visual_span
+from .data import read_items
+from .metrics import exact_match
+
+
+@dataclass(frozen=True)
+class CutAt(Method):
+    """The premise test's one cut: every visual token until step `at`, then the best f·N of them (by
+    step `at`'s scores), held to the end. Not a user method: the tool builds it."""
+    name: ClassVar[str] = "cut-at"
+    layer: int = 1
+    at: int = 0
+    fraction: float = 0.5  # kept share of the N visual tokens from step `at` on
+
+    def choose(self, t, keep, scores):
+        n = scores.numel()
+        if t == self.at:
+            keep = top_k_sorted(keep, scores, kept_count(n, 1 - self.fraction))
+        return keep, 1 - keep.numel() / n
+
+
+@dataclass(frozen=True)
+class Item:
+    image: object  # PIL image
+    prompt: str
+    kind: str
+    score: object  # text -> float, or None
+
+
+def scene_items(n: int) -> list[Item]:
+    return [Item(it.scene.draw(), it.question, it.kind, (lambda text, it=it: score_answer(it, text)))
+            for it in eval_set(n, look=True)]
+
+
+def file_items(path: str) -> list[Item]:
+    out = []
+    for it in read_items(path):
+        score = (lambda text, a=it.answer: exact_match(text, a)) if it.answer is not None else None
+        out.append(Item(open_image(it.image_path), it.prompt, "caption" if it.references else "answer", score))
+    return out
+
+
+@torch.no_grad()
+def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_tokens: int) -> list[dict]:
+    """One record per (s, f) the answer is long enough for."""
+    ids, px = processor.input_ids(item.prompt), processor.pixel_values(item.image)
+    base = generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids)
+    tokens, T = base.tokens, len(base.tokens)
+    full, probs = forward_no_cache(model, ids, px, tokens, probs_of=(K - 1,))  # [T, V]; layer K-1 unpruned
+    span = visual_span(ids.to(full.device), model.config.image_token_index)
+    P, N = ids.numel(), span[1]
+    text = processor.decode(tokens)
+    base_score = item.score(text) if item.score else None
+    out = []
+    for s in steps:
+        if s >= T:
+            continue
+        scores = visual_scores(probs[K - 1][:, :, :P + s], span, "last")  # step s's query: row P-1+s
+        for f in fractions:
+            kept = top_k_sorted(torch.arange(N, device=scores.device), scores, kept_count(N, 1 - f))
+            rows = torch.stack([keep_mask(torch.arange(N, device=kept.device), N)] * s
+                               + [keep_mask(kept, N)] * (T - s))  # [T, N]
+            cut = recompute_logits(model, ids, px, tokens, rows, K)  # [T, V]
+            d = kl(full[s:], cut[s:], torch.float64).clamp_min(0)  # [T - s]
+            top1 = (cut[s:].argmax(-1) == torch.tensor(tokens[s:], device=cut.device)).float()
+            free = generate(model, ids, px, max_new_tokens, CutAt(K, s, f), stop_ids=processor.stop_ids)
+            ftext = processor.decode(free.tokens)
+            out.append({"kind": item.kind, "step": s, "fraction": f, "kl": float(d.mean()),
+                        "top1": float(top1.mean()), "same_answer": float(free.tokens == tokens),
+                        "score": item.score(ftext) if item.score else None, "base_score": base_score})
+    return out
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Means over items per (kind, s, f), with the standard error of the answer agreement."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        for kind in (r["kind"], "all"):
+            groups.setdefault((kind, r["step"], r["fraction"]), []).append(r)
+    rows = []
+    for (kind, s, f), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0])):
+        n = len(rs)
+        same = [r["same_answer"] for r in rs]
+        mean = sum(same) / n
+        se = math.sqrt(sum((x - mean) ** 2 for x in same) / (n - 1) / n) if n > 1 else 0.0
+        scored = [r for r in rs if r["score"] is not None]
+        rows.append({"kind": kind, "step": s, "fraction": f, "n": n, "kl": sum(r["kl"] for r in rs) / n,
+                     "top1": sum(r["top1"] for r in rs) / n, "same_answer": mean, "same_answer_se": se,
+                     "score": sum(r["score"] for r in scored) / len(scored) if scored else None,
+                     "base_score": sum(r["base_score"] for r in scored) / len(scored) if scored else None})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| answers | cut from step s | kept fraction f | items | mean KL at steps >= s (nats) | top-1 kept "
+             "% | same answer % (±SE) | score (unpruned) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        score = "" if r["score"] is None else f"{r['score']:.3f} ({r['base_score']:.3f})"
+        lines.append(f"| {r['kind']} | {r['step']} | {r['fraction']:g} | {r['n']} | {r['kl']:.4f} | "
+                     f"{100 * r['top1']:.1f} | {100 * r['same_answer']:.1f} ± {100 * r['same_answer_se']:.1f} | {score} |")
+    return "\n".join(lines)
+
+
+def plot(path: str, rows: list[dict], title: str):
+    plt = require_matplotlib()
+    # Only answers long enough to be cut at two or more steps have a curve (one-word answers end at s = 0).
+    kinds = [k for k in dict.fromkeys(r["kind"] for r in rows) if len({r["step"] for r in rows if r["kind"] == k}) > 1]
+    if len(kinds) > 1 and "all" in kinds:  # "all" mixes kinds whose answers end at different steps
+        kinds.remove("all")
+    kinds = kinds or list(dict.fromkeys(r["kind"] for r in rows))
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.4 * len(kinds), 5.6), squeeze=False, sharex=True)
+    for j, kind in enumerate(kinds):
+        for f in fractions:
+            rs = sorted((r for r in rows if r["kind"] == kind and r["fraction"] == f), key=lambda r: r["step"])
+            s = [r["step"] for r in rs]
+            axes[0][j].plot(s, [r["kl"] for r in rs], marker="o", ms=3, label=f"kept {f:g}")
+            axes[1][j].errorbar(s, [100 * r["same_answer"] for r in rs], yerr=[100 * r["same_answer_se"] for r in rs],
+                                marker="o", ms=3, capsize=2, label=f"kept {f:g}")
+        axes[0][j].set_title(f"{kind} (n = {max((r['n'] for r in rows if r['kind'] == kind), default=0)})", fontsize=10)
+        axes[0][j].set_yscale("symlog", linthresh=1e-3)
+        axes[1][j].set_ylim(-5, 105)
+        axes[1][j].set_xlabel("visual tokens cut from answer step s")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean KL after the cut (nats,\nteacher-forced)")
+    axes[1][0].set_ylabel("same answer as unpruned %\n(free-running, ±1 SE)")
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(fractions), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure(fig, path)
+
+
+def parse_list(text: str, flag: str, kind):
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of numbers") from None
+    return values
+
+
+def run(argv=None) -> int:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.premise", description=__doc__.split("\n")[0])
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--data", metavar="FILE.jsonl", help="the items (image, prompt, optional answer) instead of scenes")
+    p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 40), their questions, "
+                                                            "descriptions and look-then-reason answers")
+    p.add_argument("--layer", type=int, default=1, help="K: layers < K keep every token, the cut acts on layers >= K "
+                                                         "(default 1)")
+    p.add_argument("--steps", default="0,1,2,4,8,16", help="answer steps s to cut from (default 0,1,2,4,8,16)")
+    p.add_argument("--fractions", default="0.5,0.25,0.1,0", help="kept fractions f (default 0.5,0.25,0.1,0)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw it")
+    args = p.parse_args(argv)
+    if args.data and args.scenes is not None:
+        raise UserError("--data replaces the scenes: leave out --scenes")
+    if args.scenes is not None and args.scenes < 1:
+        raise UserError(f"--scenes {args.scenes}: give a positive number of held-out scenes")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    steps = parse_list(args.steps, "--steps", int)
+    fractions = parse_list(args.fractions, "--fractions", float)
+    if any(s < 0 for s in steps) or any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise UserError("--steps must be >= 0 and --fractions in [0, 1]")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"--device {args.device}: this machine has no such device; use --device cpu")
+    dtype = resolve_dtype(args.dtype, args.device)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot} must end in .png")
+    check_outputs([("--json", args.json), ("--plot", args.plot)],
+                  [("a file the --weights folder reads", f) for f in weight_inputs(args.weights)] + [("the --data file", args.data)])
+    if args.plot:
+        require_matplotlib()
+    items = file_items(args.data) if args.data else scene_items(args.scenes or 40)
+    cfg = read_config(args.weights)
+    K = check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
+    model = load_model(args.weights, dtype=dtype, device=args.device, config=cfg)
+    proc = Processor(args.weights, cfg)
+    bar = Progress(len(items), "premise test", " items")
+    records = []
+    for it in items:
+        records += cut_costs(model, proc, it, K, steps, fractions, args.max_new_tokens)
+        bar.update(1)
+    bar.close()
+    rows = summarise(records)
+    what = args.data or f"{len(items)} held-out scene prompts"
+    print(f"Cutting the visual tokens to a fraction f from answer step s on (K = {K}), on {what}:\n")
+    print(table(rows))
+    if args.json:
+        write_json(args.json, {"weights": os.path.basename(os.path.normpath(args.weights)), "layer": K, "data": what,
+                               "rows": rows})
+    if args.plot:
+        plot(args.plot, rows, f"Do later answer tokens need the image less? Cuts from step s, K = {K}, {what}")
+    return 0
+
+
+def main(argv=None):
+    command_main(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The premise test (tools/premise.py) against a brute-force loop over (s, f) computed another way: the
+cached, evicting decode loop fed the unpruned answer (not the masked no-cache recompute the tool uses),
+and free decoding compared token by token."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dyrate_ref.generation import generate
+from dyrate_ref.loading import load_model
+from dyrate_ref.processing import Processor
+from dyrate_ref.tools import premise
+from helpers import hf_config, make_checkpoint, noise_image
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("premise"))
+    make_checkpoint(d, hf_config(text=dict(num_hidden_layers=4, num_key_value_heads=2)))
+    model = load_model(d)
+    return d, model, Processor(d, model.config)
+
+
+def test_cut_costs_equal_a_brute_force_loop(setup):
+    d, model, proc = setup
+    item = premise.Item(noise_image(40, 40, seed=5), "What is it?", "answer", lambda text: float(len(text) > 3))
+    steps, fractions = (0, 2, 5), (0.5, 0.25, 0.0)
+    records = premise.cut_costs(model, proc, item, 2, steps, fractions, max_new_tokens=8)
+    ids, px = proc.input_ids(item.prompt), proc.pixel_values(item.image)
+    base = generate(model, ids, px, 8, stop_ids=proc.stop_ids)
+    T, full = len(base.tokens), torch.stack(base.record.logits).double()
+    assert {(r["step"], r["fraction"]) for r in records} == {(s, f) for s in steps for f in fractions if s < T}
+    for r in records:
+        s, f = r["step"], r["fraction"]
+        forced = generate(model, ids, px, T, premise.CutAt(2, s, f), force=base.tokens)  # cached, evicting
+        cut = torch.stack(forced.record.logits).double()
+        lp, lq = full[s:].log_softmax(-1), cut[s:].log_softmax(-1)
+        assert r["kl"] == pytest.approx(float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).mean()), abs=1e-5)
+        assert r["top1"] == pytest.approx(float((cut[s:].argmax(-1) == torch.tensor(base.tokens[s:])).double().mean()))
+        free = generate(model, ids, px, 8, premise.CutAt(2, s, f), stop_ids=proc.stop_ids)
+        assert r["same_answer"] == float(free.tokens == base.tokens)
+        kept = [int(k.sum()) for k in forced.record.keep]
+        N = model.config.num_image_tokens
+        assert kept == [N] * s + [N - math.floor((1 - f) * N + 0.5 + 1e-9)] * (T - s)  # f·N kept, rounded half up
+    # the cut costs something: keeping nothing from step 0 moves the distribution
+    assert next(r for r in records if r["step"] == 0 and r["fraction"] == 0.0)["kl"] > 1e-3
+
+
+def test_the_command_writes_its_table_and_refuses_bad_grids(setup, tmp_path, capsys):
+    d, _, _ = setup
+    data = tmp_path / "d.jsonl"
+    noise_image(40, 40, seed=6).save(tmp_path / "a.png")
+    data.write_text(json.dumps({"image": "a.png", "prompt": "What is it?", "answer": "nothing"}) + "\n")
+    out = tmp_path / "p.json"
+    assert premise.run(["--weights", d, "--data", str(data), "--layer", "2", "--steps", "0,1", "--fractions", "0.5",
+                        "--max-new-tokens", "4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kind"], r["step"], r["fraction"]) for r in rows} >= {("all", 0, 0.5), ("answer", 0, 0.5)}
+    assert "| all | 0 | 0.5 |" in capsys.readouterr().out
+    from dyrate_ref.errors import UserError
+    for bad in (["--steps", "0,x"], ["--fractions", "1.5"], ["--layer", "4"], ["--scenes", "0"]):
+        with pytest.raises(UserError):
+            premise.run(["--weights", d, "--data", str(data), *bad] if bad[0] != "--scenes" else ["--weights", d, *bad])
