@@ -145,8 +145,9 @@ def table(rows: list[dict]) -> str:
 
 def plot(path: str, rows: list[dict], title: str):
     plt = require_matplotlib()
-    # Only answers long enough to be cut at two or more steps have a curve (one-word answers end at s = 0).
-    kinds = [k for k in dict.fromkeys(r["kind"] for r in rows) if len({r["step"] for r in rows if r["kind"] == k}) > 1]
+    # Only answers long enough to be cut at three or more steps make a curve (a one-word answer and its EOS
+    # end at s = 1); the table has them all.
+    kinds = [k for k in dict.fromkeys(r["kind"] for r in rows) if len({r["step"] for r in rows if r["kind"] == k}) > 2]
     if len(kinds) > 1 and "all" in kinds:  # "all" mixes kinds whose answers end at different steps
         kinds.remove("all")
     kinds = kinds or list(dict.fromkeys(r["kind"] for r in rows))
