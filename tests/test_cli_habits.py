@@ -254,3 +254,14 @@ def test_unknown_prompt_characters_are_named(files):
     r = run("--image", img, "--prompt", "Qué es ☃?", "--weights", w, "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "2 character(s) of the prompt are not in the model's vocabulary (é☃)" in r.stderr, r.stderr
+
+
+def test_plot_titles_name_the_end_of_the_answer():
+    """A panel at the EOS step says so, instead of showing ('')."""
+    from dyrate_ref.plots import token_label
+
+    class Proc:
+        stop_ids = {2}
+    assert token_label("", 2, Proc()) == "end of answer"
+    assert token_label(" red", 7, Proc()) == "red"
+    assert token_label(" ", 8, Proc()) == "' '"

@@ -207,3 +207,16 @@ def test_validation_and_test_scenes_are_disjoint():
     assert len(test) == len(val) == 300 and not test & val
     assert {p.cluster for p in evaluate.scene_prompts(5, "validation")}.isdisjoint(
         {p.cluster for p in evaluate.scene_prompts(5, "test")})
+
+
+def test_the_results_header_records_the_scene_count_and_a_mismatch_names_the_field(tmp_path):
+    from helpers import hf_config, make_checkpoint
+    w = tmp_path / "w"
+    make_checkpoint(str(w), hf_config(text=dict(num_hidden_layers=2)))
+    results = tmp_path / "r.jsonl"
+    args = ["--weights", str(w), "--only-extra", "--no-control", "--max-new-tokens", "2", "--results", str(results)]
+    evaluate.run(["--scenes", "1", *args])
+    header = json.loads(open(results).readline())
+    assert header["data"] == "scenes:1"  # the scene count, not the prompt count
+    with pytest.raises(UserError, match="was written with data 'scenes:1', not 'scenes:2'"):
+        evaluate.run(["--scenes", "2", *args])

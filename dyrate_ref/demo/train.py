@@ -34,15 +34,16 @@ after 16 minutes: the decoder cannot learn to read a vision tower that has not y
   --init DIR continues from a directory this script wrote (stage 1 skipped, 5-shape scenes throughout,
   a fresh warm-up and cosine), appending to its train_log.txt when DIR is --out.
 
-The v3 pieces (--tower DIR: a fresh tokenizer, projector and decoder on a trained tower), aimed at a
-decoder that reads the question, which v2's does not (the kind-swap test, demo/reading.py, logged
+The v3 recipe (--recipe v3; --tower DIR starts a fresh tokenizer, projector and decoder on a trained
+tower), aimed at a decoder that reads the question, which v2's does not (the kind-swap test, demo/reading.py, logged
 every --eval-every steps as the go/no-go signal): every picture's questions differ by their words
 (scenes.all_questions: colour and position of every kind seen once, a yes and a near-miss no, the
 look-then-reason kind), the loss weighted per answer rather than per token, scenes of distinct kinds
 and colours first, text embeddings and visual tokens started at the same scale (balance_init) with a
 penalty that keeps the visual tokens within VISUAL_RMS_CAP of the text (--visual-penalty), no weight
 decay on the embeddings and the LM head, and optionally a training-only "which shape does this ask
-about" turn (--echo) and a ramp of the visual tokens in from zero (--read-first). Measured this round
+about" turn (--echo), a ramp of the visual tokens in from zero (--read-first) and the image withheld
+from every text token for the first steps (--withhold). Measured this round
 (docs/embedded_model.md): none of these has yet made the decoder read the question within the
 go/no-go window; the shipped model is still v2.
 """
@@ -224,11 +225,11 @@ def collate(convs, processor: Processor):
 
 def patch_targets(scene, patch: int = 8):
     """Per patch (row-major, like the visual tokens): the index into ("none",)+SHAPES of the object that
-    covers most of it (>= 1/4 of its pixels), and likewise into ("none",)+colours. -> two LongTensors [P]."""
+    covers most of it (>= 1/4 of its pixels), and likewise into ("none",)+colours. -> two LongTensors [N]."""
     grid = SIZE // patch
     m = torch.frombuffer(bytearray(object_map(scene).tobytes()), dtype=torch.uint8).view(SIZE, SIZE).long()
-    cells = m.view(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)  # [P, p*p]
-    counts = torch.stack([(cells == i + 1).sum(1) for i in range(len(scene.shapes))], 1)  # [P, n_shapes]
+    cells = m.view(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)  # [N, p*p]
+    counts = torch.stack([(cells == i + 1).sum(1) for i in range(len(scene.shapes))], 1)  # [N, n_shapes]
     best, which = counts.max(1)
     covered = best * 4 >= patch * patch
     kinds = torch.tensor([1 + SHAPES.index(s.kind) for s in scene.shapes])
@@ -245,14 +246,14 @@ def cell_targets(scene):
 
 
 def patch_cells(vc) -> torch.Tensor:
-    """The 3x3 cell (0..8, row-major) each patch lies in: LongTensor [P]."""
+    """The 3x3 cell (0..8, row-major) each patch lies in: LongTensor [N]."""
     grid = vc.image_size // vc.patch_size
     idx = torch.arange(grid * grid)
-    return (idx // grid * 3 // grid) * 3 + (idx % grid) * 3 // grid  # [P]
+    return (idx // grid * 3 // grid) * 3 + (idx % grid) * 3 // grid  # [N]
 
 
 def tower_features(model: LlavaForConditionalGeneration, px: torch.Tensor) -> torch.Tensor:
-    """The feature layer's patch tokens, what the projector reads: px [B, 3, H, W] -> [B, P, C_vis]."""
+    """The feature layer's patch tokens, what the projector reads: px [B, 3, H, W] -> [B, N, C_vis]."""
     vc = model.config.vision_config
     return model.vision_tower.hidden_states(px, upto=vc.num_hidden_layers)[-1][:, 1:]
 
@@ -272,7 +273,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
     settings = ImageSettings.from_dict(PREPROCESSOR)
-    cell = patch_cells(vc)[None].to(device)  # [1, P]
+    cell = patch_cells(vc)[None].to(device)  # [1, N]
     bar = Progress(steps, "stage 1: vision tower", " steps", after_s=0.0 if show_progress else float("inf"))
     history = []
     for step in range(steps):
@@ -281,9 +282,9 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
         scenes = [random_scene(rng) for _ in range(batch)]
         px = torch.cat([pixel_values(s.draw(), settings) for s in scenes]).to(device)  # [B, 3, H, W]
         kind, color = zip(*(patch_targets(s, vc.patch_size) for s in scenes))
-        kind, color = torch.stack(kind).to(device), torch.stack(color).to(device)  # [B, P] each
+        kind, color = torch.stack(kind).to(device), torch.stack(color).to(device)  # [B, N] each
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            out = head(tower_features(model, px)).float()  # [B, P, 5 + 7 + 9]
+            out = head(tower_features(model, px)).float()  # [B, N, 5 + 7 + 9]
         k, c = n_kind, n_kind + n_color
         loss = F.cross_entropy(out[..., :k].reshape(-1, k), kind.reshape(-1)) + \
             F.cross_entropy(out[..., k:c].reshape(-1, n_color), color.reshape(-1)) + \
@@ -314,10 +315,10 @@ def probe_tower(model: LlavaForConditionalGeneration, train_scenes: int = 1500, 
     stage-1 head, and it is fitted after the tower is frozen."""
     vc = model.config.vision_config
     settings = ImageSettings.from_dict(PREPROCESSOR)
-    cells = patch_cells(vc).to(device)  # [P]
+    cells = patch_cells(vc).to(device)  # [N]
     pool = torch.zeros(9, cells.numel(), device=device)
     pool[cells, torch.arange(cells.numel(), device=device)] = 1.0
-    pool = pool / pool.sum(1, keepdim=True)  # [9, P]: averages the patches of each cell
+    pool = pool / pool.sum(1, keepdim=True)  # [9, N]: averages the patches of each cell
 
     def featurize(rng, n):
         xs, ks, cs = [], [], []
@@ -407,18 +408,26 @@ VISUAL_PENALTY = 1.0
 
 
 def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower: bool = False, weights=None,
-            penalty: float = 0.0, visual_scale: float = 1.0):
+            penalty: float = 0.0, visual_scale: float = 1.0, withhold: bool = False):
     """Next-token cross-entropy on answer tokens, weighted per token (weights [B, T], default 1 each),
-    plus `penalty` x the visual-scale penalty. ids, labels [B, T]; px [B, 3, H, W]."""
+    plus `penalty` x the visual-scale penalty. ids, labels [B, T]; px [B, 3, H, W]. withhold: no text
+    token may attend to a visual token (training only: the image withheld while the question is learnt
+    to be read; a scale would not do it, RMSNorm undoes scales)."""
     if frozen_tower:  # LLaVA-1.5 keeps its CLIP tower frozen; no graph through it saves ~a third of a step
         with torch.no_grad():
-            feats = tower_features(model, px.to(model.lm_head.weight.dtype))  # [B, P, C_vis]
+            feats = tower_features(model, px.to(model.lm_head.weight.dtype))  # [B, N, C_vis]
         feats = model.multi_modal_projector(feats)  # [B, N, C]
     else:
         feats = model.image_features(px)  # [B, N, C]
     x = model.embed(ids, feats * visual_scale)  # [B, T, C]
     pos = torch.arange(ids.shape[1], device=ids.device)  # right padding: every row starts at position 0
-    x, _ = model.run_layers(x, pos, None, range(len(model.model.layers)))
+    masks = None
+    if withhold:  # every row's image sits at the same positions (the first turn's prompt is the same)
+        visual = ids[0] == model.config.image_token_index  # [T]
+        causal = pos[None, :] <= pos[:, None]  # [T, T]
+        mask = causal & ~(visual[None, :] & ~visual[:, None])  # text queries never see visual keys
+        masks = {i: mask for i in range(len(model.model.layers))}
+    x, _ = model.run_layers(x, pos, None, range(len(model.model.layers)), masks=masks)
     logits = model.logits(x[:, :-1])  # [B, T-1, V]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="none")  # [B*(T-1)]
@@ -531,7 +540,7 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
           vision_steps: int = 1000, init: str | None = None, device: str = "cpu", eval_every: int = 0,
           eval_scenes: int = 40, probe: bool = False, train_tower: bool = False, tower: str | None = None,
           penalty: float | None = None, swap_scenes: int = 30, echo: float = 0.0, read_first: int = 0,
-          recipe: str = "v2"):
+          recipe: str = "v2", withhold: int = 0):
     """Stage 1 (unless `init` or `tower` gives a trained tower), the tower probe, then stage 2.
     init: a llava-hf directory written by this script to continue from (its tokenizer and config are
     copied; stage 1 is skipped since its tower is already trained).
@@ -614,7 +623,8 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
         ids, labels, px = ids.to(device), labels.to(device), px.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, ids, labels, px, frozen_tower=frozen, weights=weights, penalty=penalty,
-                           visual_scale=min(1.0, step / read_first) if read_first else 1.0)
+                           visual_scale=min(1.0, step / read_first) if read_first else 1.0,
+                           withhold=step < withhold)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -670,6 +680,8 @@ def run(argv=None) -> int:
                    help="share of conversations given a training-only 'which shape does this ask about' turn (default 0)")
     p.add_argument("--read-first", type=int, default=0, metavar="STEPS",
                    help="ramp the visual tokens in from zero over the first STEPS stage-2 steps (default 0: off)")
+    p.add_argument("--withhold", type=int, default=0, metavar="STEPS",
+                   help="for the first STEPS stage-2 steps no text token may attend to the image (default 0: off)")
     p.add_argument("--visual-penalty", type=float, default=None,
                    help=f"weight of the penalty that keeps visual tokens within {VISUAL_RMS_CAP}x the text "
                         f"embeddings' scale (default: {VISUAL_PENALTY} with --recipe v3, else 0)")
@@ -687,8 +699,8 @@ def run(argv=None) -> int:
                         "from; give a new --out")
     if not (math.isfinite(args.lr) and args.lr > 0) or (args.minutes is not None and not args.minutes > 0):
         raise UserError("--lr and --minutes must be positive numbers")
-    if not 0.0 <= args.echo <= 1.0 or args.read_first < 0 or not (args.visual_penalty or 0) >= 0:
-        raise UserError("--echo must lie in [0, 1], --read-first and --visual-penalty must be >= 0")
+    if not 0.0 <= args.echo <= 1.0 or min(args.read_first, args.withhold) < 0 or not (args.visual_penalty or 0) >= 0:
+        raise UserError("--echo must lie in [0, 1], --read-first, --withhold and --visual-penalty must be >= 0")
     if args.init and args.tower:
         raise UserError("--init and --tower exclude each other: --init continues a whole model, --tower starts a new "
                         "decoder on a trained tower")
@@ -707,7 +719,7 @@ def run(argv=None) -> int:
                                  device=args.device, eval_every=args.eval_every,
                                  probe=not (args.init or args.tower), train_tower=args.train_tower,
                                  tower=args.tower, penalty=args.visual_penalty, echo=args.echo,
-                                 read_first=args.read_first, recipe=args.recipe)
+                                 read_first=args.read_first, recipe=args.recipe, withhold=args.withhold)
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
     return 0
