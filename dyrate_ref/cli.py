@@ -110,7 +110,8 @@ def run(argv=None, prog: str = "generate.py") -> int:
         weights = DEFAULT_WEIGHTS
     check_outputs([("--trace", args.trace), ("--plot", args.plot)],
                   [("the --image", args.image), ("a file of the --weights folder", weights),
-                   ("the --force-tokens trace", args.force_tokens)])
+                   ("the --force-tokens trace", args.force_tokens),
+                   ("the --predictor file", getattr(args, "predictor", None))])
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
     if args.plot is not None:

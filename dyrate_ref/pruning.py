@@ -169,11 +169,6 @@ class Context:
     config: object = None
 
 
-def settings_of(method) -> dict:
-    """The method's settings as {field: value}, in field order."""
-    return {f.name: getattr(method, f.name) for f in fields(method)}
-
-
 def setting_text(value) -> str:
     if isinstance(value, RatePredictor):
         return os.path.basename(value.path) or "predictor"

@@ -13,7 +13,7 @@ from PIL import Image
 from dyrate_ref.generation import generate, recompute_logits
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import DyRate, FastV, NoPruning
+from dyrate_ref.pruning import DyRate, FastV
 from helpers import hf_config, make_checkpoint, noise_image
 
 pytestmark = [pytest.mark.cuda,

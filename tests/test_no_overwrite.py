@@ -89,3 +89,12 @@ def test_a_link_to_an_input_is_the_input(files):
     before = digest(img)
     refused(gen("--image", img, "--prompt", "hi", "--weights", w, "--trace", link), "would overwrite")
     assert digest(img) == before
+
+
+def test_trace_over_the_predictor_is_refused(files):
+    root, w, img = files
+    pred = root / "pred.safetensors"
+    pred.write_bytes(b"a predictor file")
+    refused(gen("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate", "--predictor", pred,
+                "--trace", pred), "the --predictor file")
+    assert pred.read_bytes() == b"a predictor file"

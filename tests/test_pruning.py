@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from dyrate_ref.generation import decode_one_token, generate, prefill, recompute_logits, sample, Sampling

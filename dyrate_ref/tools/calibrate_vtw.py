@@ -11,7 +11,6 @@ per-token KL to the unpruned distribution is averaged over all generated tokens 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 

@@ -40,7 +40,8 @@ from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype, w
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor, open_image
 from ..progress import Progress
-from ..pruning import Method, check_layer, keep_mask, kept_count, kl, top_k_sorted, visual_scores, visual_span
+from ..pruning import (Method, check_layer, keep_mask, kept_count, kl, parse_fraction, parse_int, setting, top_k_sorted,
+                       visual_scores, visual_span)
 from .data import read_items
 from .metrics import exact_match
 
@@ -50,9 +51,9 @@ class CutAt(Method):
     """The premise test's one cut: every visual token until step `at`, then the best f·N of them (by
     step `at`'s scores), held to the end. Not a user method: the tool builds it."""
     name: ClassVar[str] = "cut-at"
-    layer: int = 1
-    at: int = 0
-    fraction: float = 0.5  # kept share of the N visual tokens from step `at` on
+    layer: int = setting(1, parse_int, "pruning layer K", "K")
+    at: int = setting(0, parse_int, "the answer step of the cut", "s")
+    fraction: float = setting(0.5, parse_fraction, "kept share of the N visual tokens from step `at` on", "f")
 
     def choose(self, t, keep, scores):
         n = scores.numel()
