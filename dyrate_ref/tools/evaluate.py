@@ -497,7 +497,7 @@ def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int
             "from the cache's peak.\n\n" + "\n".join(lines))
 
 
-def pareto_points(results: list[tuple[Row, dict]], key: str = "qa", ylabel: str = "QA accuracy % (held-out questions)",
+def pareto_points(results: list[tuple[Row, dict]], key: str = "em", ylabel: str = "exact match % (held-out questions)",
                   scale: float = 100) -> list[dict]:
     points = []
     for row, s in results:
