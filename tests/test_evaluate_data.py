@@ -146,7 +146,8 @@ def test_extra_rows_parse_into_the_settings_they_name():
     for bad, why in (("fastv:2", "use NAME"), ("fastv:score=median", "'last' or 'mean'"), ("nope", "use NAME"),
                      (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:ratio=2", "outside [0, 1]"),
                      ("vtw:ratio=0.5", "does not apply"), ("dyrate:layer=3", "differs from the predictor"),
-                     ("random:layer=0:ratio=0.5", "outside 1.."), ("mass:share=x", "not a number")):
+                     ("random:layer=0:ratio=0.5", "outside 1.."), ("mass:share=x", "not a number"),
+                     ("random:layer=1", "needs ratio"), ("random:counts=3:ratio=0.5", "set by the evaluation")):
         with pytest.raises(UserError, match="--extra") as e:
             evaluate.parse_extra(bad, ctx)
         assert why in str(e.value), (bad, str(e.value))

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UserError
 from ..pruning import DEFAULT_LAYER, Method, kept_count, parse_fraction, parse_int, setting, top_k_sorted
 
 
@@ -43,6 +44,10 @@ def random_subset(keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return keep[pick].sort().values
 
 
+def _set_by_the_evaluation(text: str):
+    raise ValueError("is set by the evaluation (matched to another row's kept counts), not by a spec; give ratio")
+
+
 @dataclass(frozen=True)
 class RandomKeep(Method):
     """Keep a random subset of keep_{t-1}: kept_count(N, ratio) tokens from the prefill on, or, with
@@ -51,8 +56,15 @@ class RandomKeep(Method):
     name: ClassVar[str] = "random"
     layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
     ratio: float | None = setting(None, parse_fraction, "fraction R of the visual tokens dropped at random", "R")
-    counts: tuple[int, ...] | None = setting(None, None, "kept count at each step (set by the evaluation)", "counts")
+    counts: tuple[int, ...] | None = setting(None, _set_by_the_evaluation, "kept count at each step (set by the "
+                                             "evaluation from another row's counts)", "counts")
     seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed")
+
+    @classmethod
+    def resolve(cls, given, ctx, given_as="flag"):
+        if "ratio" not in given:
+            raise UserError(f"random keep needs ratio=R (the share of the visual tokens it drops), from {given_as}")
+        return super().resolve(given, ctx, given_as)
 
     def choose(self, t, keep, scores):
         n = scores.numel()
