@@ -218,6 +218,8 @@ class Processor:
         without them has never seen them. The CLI warns about them."""
         out = []
         for ch in dict.fromkeys(text):
+            if ord(ch) < 128:  # ASCII is in every vocabulary; a lone "▁"-prefixed piece is not a byte fallback
+                continue
             pieces = self.tokenizer.encode(ch, add_special_tokens=False).tokens
             if len(pieces) > 1 and all(len(t) == 1 or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) for t in pieces):
                 out.append(ch)
