@@ -78,6 +78,26 @@ TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_l
         "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
 
 
+def test_the_v3_recipe_runs_on_a_trained_tower_with_its_options(tmp_path):
+    """--recipe v3 --tower DIR: a fresh tokenizer, projector and decoder on the tower of a directory this
+    script wrote, with the training-only turn, the image withheld at first and the attention loss; the
+    tower is the source's, the kind-swap sensitivity is logged, and the loss falls."""
+    from dyrate_ref.demo.train import train
+    from dyrate_ref.loading import load_model
+    source, out = str(tmp_path / "source"), str(tmp_path / "v3")
+    train(source, steps=1, batch=2, lr=1e-3, seed=0, minutes=None, overrides=TINY, show_progress=False, vision_steps=2)
+    log = (tmp_path / "log.txt").open("w")
+    model, history, _ = train(out, steps=24, batch=4, lr=3e-3, seed=0, minutes=None, overrides=TINY,
+                              show_progress=False, tower=source, recipe="v3", echo=1.0, withhold=8, attend=1.0,
+                              eval_every=12, eval_scenes=2, swap_scenes=2, log=log)
+    log.close()
+    tower = load_model(source).vision_tower.state_dict()
+    assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in tower.items())  # frozen, the source's
+    text = (tmp_path / "log.txt").read_text()
+    assert "vision tower from" in text and text.count("kind_swap_kl") == 2 and " echo " in text
+    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4
+
+
 def test_a_few_training_steps_make_the_loss_fall_and_training_continues_from_saved_weights(tmp_path):
     from dyrate_ref.demo.train import heldout_conversations, heldout_exact, probe_tower, train
     from dyrate_ref.loading import load_model

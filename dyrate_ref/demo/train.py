@@ -42,8 +42,9 @@ look-then-reason kind), the loss weighted per answer rather than per token, scen
 and colours first, text embeddings and visual tokens started at the same scale (balance_init) with a
 penalty that keeps the visual tokens within VISUAL_RMS_CAP of the text (--visual-penalty), no weight
 decay on the embeddings and the LM head, and optionally a training-only "which shape does this ask
-about" turn (--echo), a ramp of the visual tokens in from zero (--read-first) and the image withheld
-from every text token for the first steps (--withhold). Measured this round
+about" turn (--echo), a ramp of the visual tokens in from zero (--read-first), the image withheld from
+every text token for the first steps (--withhold) and a loss asking the answer's query of a colour or
+position question to attend to the asked shape's patches (--attend). Measured this round
 (docs/embedded_model.md): none of these has yet made the decoder read the question within the
 go/no-go window; the shipped model is still v2.
 """
@@ -182,7 +183,18 @@ class Batcher:
         if self.rng.random() < 0.7:
             turns.append(("describe", DESCRIBE_PROMPT, describe(scene)))
         self.rng.shuffle(turns)
-        return self.tokens(scene, turns, per_answer=True)
+        return self.tokens(scene, turns, per_answer=True), self.look_target(scene, turns[0])
+
+    def look_target(self, scene, turn):
+        """For --attend: where the first answer's query should look. A colour or position question asks
+        about one kind seen once: -> (the query's position, bool [N] of the patches that shape covers);
+        other first turns -> None."""
+        kind, q, _ = turn
+        if kind not in ("color", "position"):
+            return None
+        asked = re.search(r"the (\w+)\?$", q).group(1)
+        kinds, _ = patch_targets(scene)  # [N]
+        return len(self.processor.input_ids(q)) - 1, kinds == 1 + SHAPES.index(asked)
 
     def tokens(self, scene, turns, per_answer: bool):
         """-> (image, ids, labels, weights): per_answer, each answer's tokens share its TURN_WEIGHT;
@@ -205,7 +217,8 @@ class Batcher:
             return collate([self.conversation_v2(max_shapes) for _ in range(size)], self.processor)
         scenes = [distinct_scene(self.rng, 2, min(4, max_shapes)) if distinct else random_scene(self.rng, 1, max_shapes)
                   for _ in range(size)]
-        return collate([self.conversation(s) for s in scenes], self.processor)
+        convs, looks = zip(*(self.conversation(s) for s in scenes))
+        return (*collate(list(convs), self.processor), looks)
 
 
 def collate(convs, processor: Processor):
@@ -408,7 +421,7 @@ VISUAL_PENALTY = 1.0
 
 
 def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower: bool = False, weights=None,
-            penalty: float = 0.0, visual_scale: float = 1.0, withhold: bool = False):
+            penalty: float = 0.0, visual_scale: float = 1.0, withhold: bool = False, looks=None, attend: float = 0.0):
     """Next-token cross-entropy on answer tokens, weighted per token (weights [B, T], default 1 each),
     plus `penalty` x the visual-scale penalty. ids, labels [B, T]; px [B, 3, H, W]. withhold: no text
     token may attend to a visual token (training only: the image withheld while the question is learnt
@@ -427,12 +440,25 @@ def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower:
         causal = pos[None, :] <= pos[:, None]  # [T, T]
         mask = causal & ~(visual[None, :] & ~visual[:, None])  # text queries never see visual keys
         masks = {i: mask for i in range(len(model.model.layers))}
-    x, _ = model.run_layers(x, pos, None, range(len(model.model.layers)), masks=masks)
+    L = len(model.model.layers)
+    x, probs = model.run_layers(x, pos, None, range(L), masks=masks, probs_of=L // 2 if attend else None)
     logits = model.logits(x[:, :-1])  # [B, T-1, V]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="none")  # [B*(T-1)]
     w = (labels[:, 1:] != -100).float() if weights is None else weights[:, 1:].to(ce.device)
     loss = (ce * w.reshape(-1)).sum() / w.sum()
+    if attend and looks is not None:
+        # Training only (--attend): the answer's query of a colour or position question, in layer L/2, is
+        # asked to put its attention on the patches of the shape it asks about (its best head's mass).
+        start = int((ids[0] == model.config.image_token_index).nonzero()[0])
+        terms = []
+        for b, look in enumerate(looks):
+            if look is not None:
+                q, target = look
+                p = probs[b, :, q, start:start + target.numel()]  # [H, N]
+                terms.append(-(p[:, target.to(p.device)].sum(-1).max() + 1e-6).log())
+        if terms:
+            loss = loss + attend * torch.stack(terms).mean()
     if penalty:
         text_rms = model.model.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean().detach()
         vis_rms = feats.float().pow(2).mean(-1).sqrt()  # [B, N]
@@ -540,7 +566,7 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
           vision_steps: int = 1000, init: str | None = None, device: str = "cpu", eval_every: int = 0,
           eval_scenes: int = 40, probe: bool = False, train_tower: bool = False, tower: str | None = None,
           penalty: float | None = None, swap_scenes: int = 30, echo: float = 0.0, read_first: int = 0,
-          recipe: str = "v2", withhold: int = 0):
+          recipe: str = "v2", withhold: int = 0, attend: float = 0.0):
     """Stage 1 (unless `init` or `tower` gives a trained tower), the tower probe, then stage 2.
     init: a llava-hf directory written by this script to continue from (its tokenizer and config are
     copied; stage 1 is skipped since its tower is already trained).
@@ -616,15 +642,16 @@ def train(out_dir: str, steps: int, batch: int, lr: float, seed: int, minutes: f
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(300, max(1, steps // 8))) * g["scale"]
+        looks = None
         if recipe == "v2":
             ids, labels, px, weights = batcher.batch(batch, 5 if init else max_shapes_at(step, steps))
         else:
-            ids, labels, px, weights = batcher.batch(batch, 5, distinct=not init and distinct_until(step, steps))
+            ids, labels, px, weights, looks = batcher.batch(batch, 5, distinct=not init and distinct_until(step, steps))
         ids, labels, px = ids.to(device), labels.to(device), px.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, ids, labels, px, frozen_tower=frozen, weights=weights, penalty=penalty,
                            visual_scale=min(1.0, step / read_first) if read_first else 1.0,
-                           withhold=step < withhold)
+                           withhold=step < withhold, looks=looks, attend=attend)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -682,6 +709,9 @@ def run(argv=None) -> int:
                    help="ramp the visual tokens in from zero over the first STEPS stage-2 steps (default 0: off)")
     p.add_argument("--withhold", type=int, default=0, metavar="STEPS",
                    help="for the first STEPS stage-2 steps no text token may attend to the image (default 0: off)")
+    p.add_argument("--attend", type=float, default=0.0, metavar="W",
+                   help="with --recipe v3: weight of a training-only loss asking layer L/2's answer query of a colour "
+                        "or position question to attend to the asked shape's patches (default 0: off)")
     p.add_argument("--visual-penalty", type=float, default=None,
                    help=f"weight of the penalty that keeps visual tokens within {VISUAL_RMS_CAP}x the text "
                         f"embeddings' scale (default: {VISUAL_PENALTY} with --recipe v3, else 0)")
@@ -719,7 +749,8 @@ def run(argv=None) -> int:
                                  device=args.device, eval_every=args.eval_every,
                                  probe=not (args.init or args.tower), train_tower=args.train_tower,
                                  tower=args.tower, penalty=args.visual_penalty, echo=args.echo,
-                                 read_first=args.read_first, recipe=args.recipe, withhold=args.withhold)
+                                 read_first=args.read_first, recipe=args.recipe, withhold=args.withhold,
+                                 attend=args.attend)
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
     return 0
