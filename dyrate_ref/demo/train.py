@@ -68,6 +68,7 @@ from ..loading import load_model, read_config, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..processing import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, ImageSettings, Processor, pixel_values
 from ..progress import Progress
+from ..pruning import visual_span
 from .bpe import save_tokenizer_files, train_bpe
 from .reading import kind_swap_kl, kind_swap_pairs
 from .scenes import (COLORS, DESCRIBE_PROMPT, SHAPES, SIZE, all_questions, describe, eval_set, exist_pair, look_answer,
@@ -450,7 +451,7 @@ def loss_fn(model: LlavaForConditionalGeneration, ids, labels, px, frozen_tower:
     if attend and looks is not None:
         # Training only (--attend): the answer's query of a colour or position question, in layer L/2, is
         # asked to put its attention on the patches of the shape it asks about (its best head's mass).
-        start = int((ids[0] == model.config.image_token_index).nonzero()[0])
+        start, _ = visual_span(ids[0], model.config.image_token_index)
         terms = []
         for b, look in enumerate(looks):
             if look is not None:
