@@ -80,13 +80,9 @@ def check_outputs(outputs, inputs=()):
     inside an input folder), or that is another output of the same run."""
     outputs = [(flag, path) for flag, path in outputs if path is not None]
     for i, (flag, path) in enumerate(outputs):
-        folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             raise UserError(f"{flag} {path} is a directory; give a file name")
-        if not os.path.isdir(folder):
-            raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"{flag} {path}: folder {folder} is not writable")
+        _check_parent(path, flag)
         for what, source in inputs:
             if source is None:
                 continue
@@ -97,19 +93,20 @@ def check_outputs(outputs, inputs=()):
                 raise UserError(f"{flag} and {other_flag} are the same file ({path}); give each its own")
 
 
-def check_new_folder(path: str, flag: str, inputs=()):
-    """A folder a command will create (whole, write_atomic_dir): it must not exist yet, its parent must,
-    and it may not lie inside an input."""
-    parent = os.path.dirname(os.path.abspath(path))
+def check_new_folder(path: str, flag: str):
+    """A folder a command will create (whole, write_atomic_dir): it must not exist yet, its parent must."""
     if os.path.exists(path):
         raise UserError(f"{flag} {path} already exists; give a new folder name (nothing is overwritten)")
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: folder {parent} is not writable")
-    for what, source in inputs:
-        if source is not None and os.path.isdir(source) and _inside(path, source):
-            raise UserError(f"{flag} {path} lies inside {what} ({source}); write the output elsewhere")
+    _check_parent(path, flag)
+
+
+def _check_parent(path: str, flag: str):
+    """The folder an output goes into exists and is writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def check_folder(path: str, flag: str):
