@@ -27,6 +27,12 @@ def write_atomic(path: str, write):
         raise
 
 
+def publish(partial: str, final: str):
+    """A file a long job writes as it goes (a training log, readable while it runs) takes its final name
+    only once the job has finished: an interrupted run leaves the earlier `final` as it was."""
+    os.replace(partial, final)
+
+
 def _usual_mode(path: str, base: int):
     """The mode any program's new file (0o666) or folder (0o777) gets: less the umask (which can only be
     read by setting it)."""

@@ -2,6 +2,7 @@
 command, the out-of-box generate.py answer, and a few steps of the training recipe."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -42,22 +43,63 @@ def test_ground_truth_matches_the_drawing():
 
 
 def test_questions_have_one_right_answer():
+    """Each answer restates what was asked right before its answer word (v4's format), and is right."""
     rng = random.Random(1)
     for _ in range(300):
         s = random_scene(rng)
         kinds = [x.kind for x in s.shapes]
         for kind, q, a in questions(s, rng):
             if kind == "count":
-                assert a == NUMBERS[len(s.shapes)]
+                n = len(s.shapes)
+                assert a == (f"There are {NUMBERS[n]} shapes." if n > 1 else "There is one shape.")
             elif kind in ("color", "position"):
                 shape_kind = q.rstrip("?").split()[-1]
                 assert kinds.count(shape_kind) == 1
                 only = next(x for x in s.shapes if x.kind == shape_kind)
-                assert a == (only.color if kind == "color" else only.position)
+                if kind == "color":
+                    assert a == f"The {shape_kind} is {only.color}."
+                else:
+                    where = "in" if only.position == "center" else "at"
+                    assert a == f"The {shape_kind} is {where} the {only.position}."
             else:
                 color, shape_kind = q.rstrip("?").split()[-2:]
-                assert a == ("yes" if any(x.color == color and x.kind == shape_kind for x in s.shapes) else "no")
+                present = any(x.color == color and x.kind == shape_kind for x in s.shapes)
+                assert a.lower() == f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape_kind}: {'yes' if present else 'no'}."
+        bare = questions(s, random.Random(4), restate=False)  # v2's format: the answer word alone
+        assert all(len(a.split()) <= 2 for _, _, a in bare)
         assert sorted(parse_description(describe(s))) == sorted((x.color, x.kind, x.position) for x in s.shapes)
+
+
+def test_scoring_is_exact_match_on_the_whole_restated_answer():
+    from dyrate_ref.demo.scenes import EvalItem, score_answer
+    s = random_scene(random.Random(9), 3, 3)
+    shape = s.shapes[0]
+    item = EvalItem(s, "color", f"What color is the {shape.kind}?", f"The {shape.kind} is {shape.color}.")
+    other = next(k for k in ("circle", "square", "triangle", "star") if k != shape.kind)
+    assert score_answer(item, f" The {shape.kind} is {shape.color}.") == 1.0
+    assert score_answer(item, f"the {shape.kind.upper()} is {shape.color}") == 1.0  # normalised: case, punctuation
+    assert score_answer(item, shape.color) == 0.0  # the bare word is not the answer
+    assert score_answer(item, f"The {other} is {shape.color}.") == 0.0  # the wrong kind restated
+    assert score_answer(item, f"The {shape.kind} is {shape.color}. The {shape.kind} is {shape.color}.") == 0.0
+
+
+def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
+    from dyrate_ref.demo.scenes import LOOK_SPLIT, EvalItem, look_answer, look_question, look_verdict, score_answer
+    s = random_scene(random.Random(2), 3, 3)
+    here, kinds = s.shapes[1], {x.kind for x in s.shapes}
+    absent = next(c for c in COLORS if (c, here.kind) not in {(x.color, x.kind) for x in s.shapes})
+    yes, no = look_answer(s, here.color, here.kind), look_answer(s, absent, here.kind)
+    assert yes == f"{describe(s)} So {'an' if here.color[0] in 'aeiou' else 'a'} {here.color} {here.kind}: yes."
+    assert no.endswith(f" {absent} {here.kind}: no.") and no.startswith(describe(s))
+    assert yes.split(LOOK_SPLIT)[0] == describe(s)  # the looking part is the description, whole
+    assert (look_verdict(yes), look_verdict(no)) == ("yes", "no")
+    assert look_verdict("So yes, there is a red circle.") == "yes"  # v2's verdict still parses
+    assert look_verdict(describe(s)) is None and kinds
+    item = EvalItem(s, "look", look_question(absent, here.kind), no)
+    assert score_answer(item, no) == 1.0 and score_answer(item, yes) == 0.0
+    looks = [i for i in eval_set(20, look=True) if i.kind == "look"]
+    assert looks and all(look_verdict(i.answer) == ("yes" if any(
+        f"{x.color} {x.kind}" in i.question for x in i.scene.shapes) else "no") for i in looks)
 
 
 def test_object_f1():
@@ -78,54 +120,131 @@ TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_l
         "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
 
 
-def test_the_v3_recipe_runs_on_a_trained_tower_with_its_options(tmp_path):
-    """--recipe v3 --tower DIR: a fresh tokenizer, projector and decoder on the tower of a directory this
-    script wrote, with the training-only turn, the image withheld at first and the attention loss; the
-    tower is the source's, the kind-swap sensitivity is logged, and the loss falls."""
+def tiny(recipe, steps=2):
+    """The recipe with every stage cut to `steps` steps of 4 pictures (its mixtures unchanged)."""
+    import dataclasses
+    return dataclasses.replace(recipe, warmup=2, vision_steps=2, stages=tuple(
+        dataclasses.replace(s, steps=steps, scenes=4) for s in recipe.stages))
+
+
+def test_the_recipe_registry_and_its_stages():
+    from dyrate_ref.demo.recipes import DEFAULT, RECIPES, V4, schedule
+    assert set(RECIPES) == {"v2", "v4"} and DEFAULT == "v4" and RECIPES["v4"] is V4
+    names = [s.name for s in V4.stages]
+    assert names[0] == "bind" and V4.stages[0].kinds == ("color", "position") and V4.stages[0].distinct
+    mixture = V4.stages[-1]
+    assert set(mixture.kinds) == {"count", "color", "position", "exist", "look"} and mixture.describe > 0
+    assert mixture.guard > 0 and mixture.guard_stage in names
+    # stage_at walks the stages in order; the schedule warms up, holds, then decays over the last third
+    first, second = V4.stages[0].steps, V4.stages[1].steps
+    assert V4.stage_at(0) == (V4.stages[0], 0) and V4.stage_at(first) == (V4.stages[1], 0)
+    assert V4.stage_at(first + second + 5) == (mixture, 5) and V4.steps == sum(s.steps for s in V4.stages)
+    assert schedule(0, 300, 100, 1 / 3) == pytest.approx(0.01) and schedule(150, 300, 100, 1 / 3) == 1.0
+    assert schedule(199, 300, 100, 1 / 3) == 1.0 and schedule(299, 300, 100, 1 / 3) < 0.06
+    assert schedule(250, 300, 100, 1 / 3) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_a_stage_draws_what_it_declares():
+    """bind: colour and position of every shape of 2-shape scenes of distinct kinds and colours; the
+    mixture: its guard share drawn as the guard stage is, the rest as itself."""
+    from dyrate_ref.demo.batches import Batcher
+    from dyrate_ref.demo.recipes import V4
+    from dyrate_ref.processing import Processor
+    from dyrate_ref.model import LlavaConfig
+    cfg = LlavaConfig.from_dict(json.load(open(os.path.join(DEFAULT_WEIGHTS, "config.json"))))
+    b = Batcher(Processor(DEFAULT_WEIGHTS, cfg), V4, seed=3)
+    bind = V4.stage("bind")
+    for _ in range(20):
+        scene = b.scene(bind)
+        assert len(scene.shapes) == 2 and len({s.kind for s in scene.shapes}) == len({s.color for s in scene.shapes}) == 2
+        turns = b.turns(scene, bind)
+        assert sorted(q for _, q, _ in turns) == sorted(
+            [f"What color is the {s.kind}?" for s in scene.shapes] + [f"Where is the {s.kind}?" for s in scene.shapes])
+    px, rows = b.batch(bind)
+    assert px.shape[0] == bind.scenes and len(rows) == 4 * bind.scenes
+    mix = V4.stage("mixture")
+    kinds = [k for _ in range(30) for _, k, _, _ in b.batch(mix)[1]]
+    assert {"count", "look", "describe", "exist"} <= set(kinds)
+
+
+def test_shared_prefix_loss_equals_running_every_row_whole():
+    """The picture's prefix run once and shared by its rows gives the loss of each row run whole."""
+    import torch.nn.functional as F
+    from dyrate_ref.demo.batches import Batcher, row_loss
+    from dyrate_ref.demo.recipes import V4
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    model = load_model(DEFAULT_WEIGHTS)
+    proc = Processor(DEFAULT_WEIGHTS, model.config)
+    px, rows = Batcher(proc, V4, seed=5).batch(tiny(V4).stage("mixture"))
+    assert len({len(p) for _, _, p, _ in rows}) > 1 and len(rows) >= 8  # rows of several lengths, two groups
+    with torch.no_grad():
+        shared = row_loss(model, px, rows, V4, proc.eos_id)
+        total = weight = 0.0
+        for s, kind, p, a in rows:
+            logits = model(torch.tensor(p + a)[None], px[s:s + 1])[0, :-1]
+            ce = F.cross_entropy(logits, torch.tensor([-100] * len(p) + a)[1:], ignore_index=-100, reduction="sum")
+            total, weight = total + ce * V4.weight(kind) / len(a), weight + V4.weight(kind)
+    assert float(shared) == pytest.approx(float(total / weight), rel=1e-5)
+
+
+def test_every_stage_of_v4_and_v2_runs_through_the_training_code(tmp_path):
+    """A few steps of each stage of both recipes, through train() itself: stage 1 on a tiny tower, then
+    --tower on it; the log names each stage, prints the held-out checks and the go/no-go line; the
+    tower stays frozen; what was written loads and equals the trained model; the loss falls."""
+    from dyrate_ref.demo.recipes import V2, V4
     from dyrate_ref.demo.train import train
     from dyrate_ref.loading import load_model
-    source, out = str(tmp_path / "source"), str(tmp_path / "v3")
-    train(source, steps=1, batch=2, lr=1e-3, seed=0, minutes=None, overrides=TINY, show_progress=False, vision_steps=2)
-    log = (tmp_path / "log.txt").open("w")
-    model, history, _ = train(out, steps=24, batch=4, lr=3e-3, seed=0, minutes=None, overrides=TINY,
-                              show_progress=False, tower=source, recipe="v3", echo=1.0, withhold=8, attend=1.0,
-                              eval_every=12, eval_scenes=2, swap_scenes=2, log=log)
-    log.close()
-    tower = load_model(source).vision_tower.state_dict()
-    assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in tower.items())  # frozen, the source's
-    text = (tmp_path / "log.txt").read_text()
-    assert "vision tower from" in text and text.count("kind_swap_kl") == 2 and " echo " in text
-    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4
+    source = str(tmp_path / "source")
+    train(source, tiny(V2, 1), overrides=TINY, show_progress=False)
+    for recipe in (V4, V2):
+        out, logfile = str(tmp_path / recipe.name), tmp_path / f"{recipe.name}.txt"
+        with logfile.open("w") as log:
+            model, history, _ = train(out, tiny(recipe, 6), overrides=TINY, show_progress=False, tower=source,
+                                      eval_every=100, eval_scenes=2, swap_scenes=2, log=log)
+        text = logfile.read_text()
+        assert all(f"# stage {s.name!r} from step {6 * i}" in text for i, s in enumerate(recipe.stages))
+        assert text.count("heldout ") == len(recipe.stages) and "kind_swap_kl" in text  # at each stage's end
+        assert ("go/no-go end of warm-up" in text) == (recipe.name == "v4")
+        tower = load_model(source).vision_tower.state_dict()
+        assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in tower.items())
+        for (name, a), b in zip(load_model(out).named_parameters(), model.parameters()):
+            assert torch.equal(a, b.detach()), name
+        assert len(history) == 6 * len(recipe.stages)
+        assert sum(history[-3:]) < sum(history[:3]), history
 
 
-def test_a_few_training_steps_make_the_loss_fall_and_training_continues_from_saved_weights(tmp_path):
-    from dyrate_ref.demo.train import heldout_conversations, heldout_exact, probe_tower, train
+def test_training_continues_from_saved_weights_and_the_checks_give_fractions(tmp_path):
+    from dyrate_ref.demo.batches import heldout_examples, heldout_exact
+    from dyrate_ref.demo.recipes import V4
+    from dyrate_ref.demo.tower import probe_tower
+    from dyrate_ref.demo.train import train
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
     first, later = str(tmp_path / "first"), str(tmp_path / "later")
-    log = (tmp_path / "log.txt").open("w")
-    model, history, _ = train(first, steps=30, batch=4, lr=3e-3, seed=0, minutes=None, overrides=TINY,
-                              show_progress=False, vision_steps=5, eval_every=15, eval_scenes=2, probe=True, log=log)
-    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
-    loaded = load_model(first)  # what it wrote is a loadable llava-hf directory, equal to the trained model
-    for (name, a), b in zip(loaded.named_parameters(), model.parameters()):
-        assert torch.equal(a, b.detach()), name
-    log.close()
-    text = (tmp_path / "log.txt").read_text()
-    assert "probe held-out occupied-cell accuracy: kind" in text and text.count("heldout ") == 2
-    # --init: stage 1 is skipped, the weights continue from the first run's (its loss starts where that ended)
-    log = (tmp_path / "log2.txt").open("w")
-    _, history2, _ = train(later, steps=5, batch=4, lr=1e-3, seed=0, minutes=None, show_progress=False,
-                           init=first, log=log)
-    log.close()
-    assert "init from" in (tmp_path / "log2.txt").read_text()
-    assert history2[0] < history[0] * 0.8
-    # the probe and the held-out exact match run on a small scene set and give fractions
+    _, history, _ = train(first, tiny(V4, 8), overrides=TINY, show_progress=False)
+    with (tmp_path / "log.txt").open("w") as log:
+        _, history2, _ = train(later, tiny(V4, 2), show_progress=False, init=first, log=log)
+    assert "init from" in (tmp_path / "log.txt").read_text()
+    assert history2[0] < history[0] * 0.9  # it starts where the first run ended, not from scratch
+    loaded = load_model(first)
     acc = probe_tower(loaded, train_scenes=40, test_scenes=20, steps=5)
     assert set(acc) == {"kind", "color"} and all(0.0 <= v <= 1.0 for v in acc.values())
     proc = Processor(first, loaded.config)
-    exact = heldout_exact(loaded, heldout_conversations(proc, 2), proc)
-    assert set(exact) >= {"count", "describe"} and all(0.0 <= v <= 1.0 for v in exact.values())
+    exact = heldout_exact(loaded, heldout_examples(proc, 2), proc)
+    assert set(exact) >= {"count", "describe", "look"} and all(0.0 <= v <= 1.0 for v in exact.values())
+
+
+def test_go_no_go_reads_the_windows_the_recipe_names():
+    from dyrate_ref.demo.recipes import V2, V4
+    from dyrate_ref.demo.train import go_no_go
+    assert go_no_go(V4, "bind", 300, {"kind_swap_kl": 5.4, "color3+": 0.78}).startswith("go/no-go end of warm-up: go")
+    assert "NO-GO" in go_no_go(V4, "bind", 300, {"kind_swap_kl": 0.9, "color3+": 0.78})
+    assert "NO-GO" in go_no_go(V4, "bind", 300, {"kind_swap_kl": 5.4, "color3+": 0.5})
+    assert go_no_go(V4, "mixture", 900, {"color": 0.1, "position": 0.1, "kind_swap_kl": 0}) is None
+    assert "NO-GO" in go_no_go(V4, "mixture", 1000, {"color": 0.95, "position": 0.89, "kind_swap_kl": 9})
+    assert ": go" in go_no_go(V4, "mixture", 1200, {"color": 0.95, "position": 0.9, "kind_swap_kl": 9})
+    assert go_no_go(V2, "5 shapes", 1200, {"color": 0.1, "position": 0.1, "kind_swap_kl": 0}) is None
 
 
 # ----------------------------------------------------------------------------------------------------

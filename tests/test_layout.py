@@ -63,7 +63,8 @@ COMMANDS = {m for m, p in MODULES.items() if re.search(r"^def main\(", open(p).r
 def test_the_layout_is_what_the_docs_say():
     assert {"dyrate_ref.model", "dyrate_ref.loading", "dyrate_ref.processing", "dyrate_ref.pruning",
             "dyrate_ref.predictor", "dyrate_ref.generation", "dyrate_ref.trace", "dyrate_ref.cli"} <= CORE
-    assert {"dyrate_ref.demo.scenes", "dyrate_ref.demo.train", "dyrate_ref.tools.evaluate",
+    assert {"dyrate_ref.demo.scenes", "dyrate_ref.demo.train", "dyrate_ref.demo.recipes", "dyrate_ref.demo.batches",
+            "dyrate_ref.demo.tower", "dyrate_ref.tools.evaluate",
             "dyrate_ref.tools.bench", "dyrate_ref.tools.calibrate_vtw", "dyrate_ref.tools.train_predictor"} <= set(MODULES)
 
 

@@ -14,15 +14,17 @@ import random
 
 import torch
 
-from .scenes import random_scene
+from .scenes import RESTATED, random_scene
 
 SWAP_SEED = 10_000_033  # its own held-out stream: neither training (< 10_000_000) nor eval_set
 
 
-def kind_swap_pairs(n_scenes: int, seed: int = SWAP_SEED):
+def kind_swap_pairs(n_scenes: int, seed: int = SWAP_SEED, restate: bool = RESTATED):
     """[(scene, prompt_a, prompt_b)]: colour and position questions about two different kinds seen once
     in the same scene. Scenes with fewer than two such kinds are skipped (they are drawn until n_scenes
-    have at least two)."""
+    have at least two). With restated answers ("The circle is red.") each prompt carries its own
+    answer's start up to the answer word ("... ASSISTANT: The circle is"), as the model would have
+    written it, so the distributions compared are those of the answer word."""
     rng = random.Random(seed)
     out = []
     while len({id(s) for s, _, _ in out}) < n_scenes:
@@ -32,9 +34,24 @@ def kind_swap_pairs(n_scenes: int, seed: int = SWAP_SEED):
         if len(unique) < 2:
             continue
         a, b = rng.sample(unique, 2)
-        out.append((scene, f"What color is the {a}?", f"What color is the {b}?"))
-        out.append((scene, f"Where is the {a}?", f"Where is the {b}?"))
+        if not restate:
+            out.append((scene, f"What color is the {a}?", f"What color is the {b}?"))
+            out.append((scene, f"Where is the {a}?", f"Where is the {b}?"))
+            continue
+        where = {s.kind: ("in" if s.position == "center" else "at") for s in scene.shapes}
+        out.append((scene, (f"What color is the {a}?", f"The {a} is"), (f"What color is the {b}?", f"The {b} is")))
+        out.append((scene, (f"Where is the {a}?", f"The {a} is {where[a]} the"),
+                    (f"Where is the {b}?", f"The {b} is {where[b]} the")))
     return out
+
+
+def _ids(processor, prompt) -> torch.Tensor:
+    """A prompt, or (prompt, the answer's start written for it) -> input ids [P]."""
+    if isinstance(prompt, str):
+        return processor.input_ids(prompt)
+    question, start = prompt
+    answer = processor.tokenizer.encode(" " + start, add_special_tokens=False).ids
+    return torch.cat([processor.input_ids(question), torch.tensor(answer, dtype=torch.long)])
 
 
 @torch.no_grad()
@@ -42,7 +59,7 @@ def first_token_logprobs(model, processor, images, prompts, device="cpu", batch:
     """log-softmax of the first answer token for each (image, prompt): -> [n, V] float32."""
     out = []
     for i in range(0, len(prompts), batch):
-        ids = [processor.input_ids(p) for p in prompts[i:i + batch]]
+        ids = [_ids(processor, p) for p in prompts[i:i + batch]]
         # No padding: callers group prompts of equal token count, so no mask is needed.
         assert len({len(x) for x in ids}) == 1, "first_token_logprobs: prompts of one call must be equally long"
         px = torch.cat([processor.pixel_values(img) for img in images[i:i + batch]]).to(device)
@@ -53,7 +70,7 @@ def first_token_logprobs(model, processor, images, prompts, device="cpu", batch:
 
 def _grouped_logprobs(model, processor, images, prompts, device):
     """first_token_logprobs over prompts of any lengths (grouped by token count, order kept)."""
-    lengths = [len(processor.input_ids(p)) for p in prompts]
+    lengths = [len(_ids(processor, p)) for p in prompts]
     result = [None] * len(prompts)
     for L in sorted(set(lengths)):
         idx = [i for i, n in enumerate(lengths) if n == L]

@@ -4,18 +4,18 @@ A scene is 1-5 shapes (circle, square, triangle, star) in six colours and two si
 cell of a 3x3 grid (so every shape has a distinct, nameable position), on a varied background. From a
 scene come short questions with one right answer and descriptions that name every shape:
 
-    What color is the triangle?         -> red                 (asked only of a shape kind seen once)
-    How many shapes are there?          -> three
-    Is there a blue circle?             -> yes / no            (the "no" cases are near misses)
-    Where is the square?                -> top left            (asked only of a kind seen once)
+    What color is the triangle?         -> The triangle is red.        (asked only of a kind seen once)
+    How many shapes are there?          -> There are three shapes.
+    Is there a blue circle?             -> A blue circle: yes. / no.   (the "no" cases are near misses)
+    Where is the square?                -> The square is at the top left.   (a kind seen once)
     Describe the image.                 -> There are two shapes: a red circle at the top left and a
-                                           blue square at the center.
+                                           blue square in the center.
     Is there a red circle? Look first.  -> There are two shapes: a red circle at the top left and a
-                                           blue square in the center. So yes, there is a red circle.
+                                           blue square in the center. So a red circle: yes.
                                            (asked of scenes of 2 or more shapes)
 
 The last answer kind looks first, then reasons: its first part is the scene's description and its
-last part ("So yes, there is a red circle.") follows from that part and the question alone, so after
+last part ("So a red circle: yes.") follows from that part and the question alone, so after
 the looking part the picture is no longer needed. It is the setting in which DyRate's premise (later
 tokens need the image less) holds by construction; in a description every later word names another
 shape and needs the picture as much as the first.
@@ -147,27 +147,51 @@ def describe(scene: Scene) -> str:
     return f"There are {NUMBERS[n]} shapes: {listed}."
 
 
-def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every kind of question this scene can answer unambiguously: (kind, question, answer)."""
+# Answer formats. v4's answers restate what was asked right before the answer word ("The circle is
+# red.", not "red"): the answer word is then predicted from a query that has just read the asked kind,
+# and the controlled runs bound kind to patches from that query in 100-400 steps (bare answers sat on a
+# plateau for 400-1,700). RESTATED is the shipped model's format; bare answers are v2's, kept so that
+# its recipe can still be run.
+RESTATED = True
+
+
+def color_answer(s: Shape, restate: bool = RESTATED) -> str:
+    return f"The {s.kind} is {s.color}." if restate else s.color
+
+
+def position_answer(s: Shape, restate: bool = RESTATED) -> str:
+    return f"The {s.kind} is {'in' if s.position == 'center' else 'at'} the {s.position}." if restate else s.position
+
+
+def count_answer(n: int, restate: bool = RESTATED) -> str:
+    return (f"There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes.") if restate else NUMBERS[n]
+
+
+def exist_answer(color: str, kind: str, present: bool, restate: bool = RESTATED) -> str:
+    word = "yes" if present else "no"
+    return f"{article(color).capitalize()} {color} {kind}: {word}." if restate else word
+
+
+def questions(scene: Scene, rng: random.Random, restate: bool = RESTATED) -> list[tuple[str, str, str]]:
+    """One question of each kind this scene can answer unambiguously: (kind, question, answer)."""
     kinds = [s.kind for s in scene.shapes]
     unique = [s for s in scene.shapes if kinds.count(s.kind) == 1]
-    out = [("count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
+    out = [("count", "How many shapes are there?", count_answer(len(scene.shapes), restate))]
     if unique:
         s = rng.choice(unique)
-        out.append(("color", f"What color is the {s.kind}?", s.color))
+        out.append(("color", f"What color is the {s.kind}?", color_answer(s, restate)))
         s = rng.choice(unique)
-        out.append(("position", f"Where is the {s.kind}?", s.position))
+        out.append(("position", f"Where is the {s.kind}?", position_answer(s, restate)))
     present = {(s.color, s.kind) for s in scene.shapes}
     if rng.random() < 0.5:
         color, kind = rng.choice(sorted(present))
-        answer = "yes"
     else:  # a near miss: a colour or a kind that is in the picture, but not together
         s = rng.choice(scene.shapes)
         options = [(c, s.kind) for c in COLORS if (c, s.kind) not in present] + \
                   [(s.color, k) for k in SHAPES if (s.color, k) not in present]
         color, kind = rng.choice(options)
-        answer = "yes" if (color, kind) in present else "no"
-    out.append(("exist", f"Is there {article(color)} {color} {kind}?", answer))
+    out.append(("exist", f"Is there {article(color)} {color} {kind}?",
+                exist_answer(color, kind, (color, kind) in present, restate)))
     return out
 
 
@@ -192,11 +216,14 @@ def look_question(color: str, kind: str) -> str:
     return f"Is there {article(color)} {color} {kind}?{LOOK_SUFFIX}"
 
 
-def look_answer(scene: Scene, color: str, kind: str) -> str:
-    """Look (the description), then reason from it and the question alone."""
-    thing = f"{article(color)} {color} {kind}"
+def look_answer(scene: Scene, color: str, kind: str, restate: bool = RESTATED) -> str:
+    """Look (the description), then reason from it and the question alone; the verdict restates the
+    asked thing right before its yes / no, as the existence answer does."""
     present = any(s.color == color and s.kind == kind for s in scene.shapes)
-    verdict = f"So yes, there is {thing}." if present else f"So no, there is no {color} {kind}."
+    if restate:
+        verdict = f"So {article(color)} {color} {kind}: {'yes' if present else 'no'}."
+    else:
+        verdict = f"So yes, there is {article(color)} {color} {kind}." if present else f"So no, there is no {color} {kind}."
     return f"{describe(scene)} {verdict}"
 
 
@@ -204,27 +231,35 @@ LOOK_SPLIT = " So "  # where the looking part ends and the reasoning part begins
 
 
 def look_verdict(text: str) -> str | None:
-    """The final answer of a look-then-reason answer ("yes" / "no"), or None if it has none."""
-    m = re.search(r"\bso (yes|no)\b", text.lower())
+    """The final answer of a look-then-reason answer ("yes" / "no"), or None if it has none: "So a red
+    circle: yes." (v4) or "So yes, there is ..." (v2's format)."""
+    m = re.search(r"\bso (?:an? [a-z]+ [a-z]+: )?(yes|no)\b", text.lower())
     return m.group(1) if m else None
 
 
-def all_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every question the scene allows, asked so that the answers depend on the question's words:
-    colour and position of every kind seen once, the count, a yes and a near-miss no existence
-    question, and (2+ shapes) a look-then-reason question. The demo model v3 trains on these."""
-    kinds = [s.kind for s in scene.shapes]
-    out = [("count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
+def all_questions(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = ("count", "color", "position", "exist", "look"),
+                  restate: bool = RESTATED) -> list[tuple[str, str, str]]:
+    """Every question of the given kinds the scene allows, asked so that the answers depend on the
+    question's words: colour and position of every kind seen once, the count, a yes and a near-miss no
+    existence question, and (2+ shapes) a look-then-reason question. The demo model's training reads
+    these; `kinds` picks a warm-up's share of them."""
+    seen = [s.kind for s in scene.shapes]
+    out = []
+    if "count" in kinds:
+        out.append(("count", "How many shapes are there?", count_answer(len(scene.shapes), restate)))
     for s in scene.shapes:
-        if kinds.count(s.kind) == 1:
-            out.append(("color", f"What color is the {s.kind}?", s.color))
-            out.append(("position", f"Where is the {s.kind}?", s.position))
-    for want_yes in (True, False):
-        color, kind, present = exist_pair(scene, rng, want_yes)
-        out.append(("exist", f"Is there {article(color)} {color} {kind}?", "yes" if present else "no"))
-    if len(scene.shapes) >= 2:
+        if seen.count(s.kind) == 1:
+            if "color" in kinds:
+                out.append(("color", f"What color is the {s.kind}?", color_answer(s, restate)))
+            if "position" in kinds:
+                out.append(("position", f"Where is the {s.kind}?", position_answer(s, restate)))
+    if "exist" in kinds:
+        for want_yes in (True, False):
+            color, kind, present = exist_pair(scene, rng, want_yes)
+            out.append(("exist", f"Is there {article(color)} {color} {kind}?", exist_answer(color, kind, present, restate)))
+    if "look" in kinds and len(scene.shapes) >= 2:
         color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
-        out.append(("look", look_question(color, kind), look_answer(scene, color, kind)))
+        out.append(("look", look_question(color, kind), look_answer(scene, color, kind, restate)))
     return out
 
 
@@ -240,7 +275,7 @@ TEST_SEED = 10_000_019  # the held-out scenes every reported table uses
 VALIDATION_SEED = 10_000_051  # held-out scenes for choosing settings (K, c) before the test set is looked at
 
 
-def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False) -> list[EvalItem]:
+def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, restate: bool = RESTATED) -> list[EvalItem]:
     """The fixed held-out set: per scene, one question of each kind it allows, plus a description, and
     with `look` a look-then-reason question on scenes of 2+ shapes (from its own stream, so the other
     items are the same with or without it). Its seed stream is disjoint from training's (train_demo
@@ -250,12 +285,12 @@ def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False) -> list[E
     items = []
     for _ in range(n_scenes):
         scene = random_scene(rng)
-        for kind, q, a in questions(scene, rng):
+        for kind, q, a in questions(scene, rng, restate):
             items.append(EvalItem(scene, kind, q, a))
         items.append(EvalItem(scene, "describe", DESCRIBE_PROMPT, describe(scene)))
         if look and len(scene.shapes) >= 2:
             color, kind, _ = exist_pair(scene, look_rng, look_rng.random() < 0.5)
-            items.append(EvalItem(scene, "look", look_question(color, kind), look_answer(scene, color, kind)))
+            items.append(EvalItem(scene, "look", look_question(color, kind), look_answer(scene, color, kind, restate)))
     return items
 
 

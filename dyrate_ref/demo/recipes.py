@@ -1,0 +1,167 @@
+"""How the demo model is trained, as values: a `Recipe` is its stages, each a task mixture on scenes of
+some size for some steps; `RECIPES` holds every recipe the training script can run.
+
+Why v4's stages look as they do (measured on this 2-core CPU, a 4 x 128 decoder on the frozen tower,
+docs/embedded_model.md): the decoder learns to find a shape by its kind (kind -> patches binding) in
+100-400 steps when binding questions are the whole batch, and not in 1,700 when they are a small share
+of a mixture of every task; restating the asked kind right before the answer word ("The circle is
+red.") shortens the plateau further. So v4 first trains binding alone, then the existence lookup with
+it, then the whole mixture with warm-up batches kept in it as a guard, its learning rate decayed over
+the last third (a constant rate wobbled between .85 and .95).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..processing import CLIP_MEAN, CLIP_STD
+from .scenes import SIZE
+
+# The architecture: LLaVA-1.5 at toy size. CLIP ViT 96 px / 8 px patches -> 144 visual tokens, the last
+# encoder layer's features ("vision_feature_layer": -1, so no layer is computed for nothing), a 2-layer
+# GELU projector, an 8-layer Llama decoder with grouped-query attention (pruning from K = 2 acts on 6 of
+# its 8 layers, 3/4 of the depth). v4's decoder is 8 x 128 (v2's was 8 x 256): the controlled runs that
+# learnt binding were 128 wide, and at 256 a run of v4's length did not fit a working session on two
+# CPU cores (3.7 s a mixture step at 256 against ~1 s at 128).
+CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_token_index": None,  # filled in from the tokenizer
+    "image_seq_length": 144,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+    "multimodal_projector_bias": True,
+    "tie_word_embeddings": False,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 160, "intermediate_size": 640,
+                      "num_hidden_layers": 4, "num_attention_heads": 4, "num_channels": 3, "image_size": SIZE,
+                      "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 160},
+    "text_config": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 8,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+                    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                    "vocab_size": None, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+}
+PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": SIZE},
+                "resample": 3, "do_center_crop": True, "crop_size": {"height": SIZE, "width": SIZE},
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                "do_convert_rgb": True}
+
+ALL_KINDS = ("count", "color", "position", "exist", "look")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Steps of stage 2 (projector and decoder; the tower stays frozen) on one task mixture.
+
+    kinds: the question kinds asked of each picture (every question of these kinds that it allows,
+        scenes.all_questions); describe: the share of pictures also described;
+    shapes: (fewest, most) shapes per picture; distinct: every shape of a picture differs from the
+        others in kind and in colour, so no question can be answered without reading which it asks about;
+    guard: the share of each batch's pictures drawn as `guard_stage`'s are (the binding warm-up kept in
+        the mixture, so that what it taught is not traded away for the easier tasks);
+    lr: this stage's peak learning rate (the recipe's schedule scales it)."""
+    name: str
+    steps: int
+    kinds: tuple[str, ...]
+    shapes: tuple[int, int] = (1, 5)
+    distinct: bool = False
+    describe: float = 0.0
+    guard: float = 0.0
+    guard_stage: str | None = None
+    lr: float = 1e-3
+    scenes: int = 16  # pictures per batch
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole training run. format: "rows" (v4: each question is its own single-turn example, the
+    picture's prefix computed once and shared by its questions: exactly the full forward's logits) or
+    "conversation" (v2: the questions of a picture in one multi-turn conversation, where a later answer
+    can copy an earlier one). restate: the answer format (scenes.RESTATED). per_answer: each answer
+    weighs `weights[kind]` whatever its length (v2: every answer token weighs 1, so descriptions were
+    69 % of the loss). warmup: linear warm-up steps; decay: the share of all stage-2 steps, at the end,
+    over which the rate follows a cosine down to 5 % (before it, each stage's peak is held)."""
+    name: str
+    stages: tuple[Stage, ...]
+    format: str = "rows"
+    restate: bool = True
+    per_answer: bool = True
+    weights: tuple[tuple[str, float], ...] = ()
+    decay_embeddings: bool = False
+    weight_decay: float = 0.0
+    warmup: int = 100
+    decay: float = 1 / 3
+    vision_steps: int = 500
+    description: str = ""
+
+    @property
+    def steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[Stage, int]:
+        """-> (the stage that stage-2 step `step` belongs to, the step within it)."""
+        for stage in self.stages:
+            if step < stage.steps:
+                return stage, step
+            step -= stage.steps
+        return self.stages[-1], step
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def lr(self, step: int) -> float:
+        stage, _ = self.stage_at(step)
+        return stage.lr * schedule(step, self.steps, self.warmup, self.decay)
+
+    def weight(self, kind: str) -> float:
+        return dict(self.weights).get(kind, 1.0)
+
+
+def schedule(step: int, steps: int, warmup: int, decay: float) -> float:
+    """Linear warm-up, then 1, then a cosine to 0.05 over the last `decay` share of the steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    start = max(warmup, int(steps * (1 - decay)))
+    if step < start:
+        return 1.0
+    progress = (step - start) / max(1, steps - start)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 300) -> float:
+    """Warm-up, then a cosine over everything after it (stage 1's schedule, and v2's)."""
+    return peak * schedule(step, steps, warmup, 1.0)
+
+
+BIND = ("color", "position")
+V4 = Recipe(
+    name="v4",
+    description="binding warm-up (colour and position of every shape, 2 shapes of distinct kinds and colours), "
+                "then existence joins it, then the full mixture with a binding guard; answers restate what was asked",
+    stages=(
+        Stage("bind", 300, BIND, shapes=(2, 2), distinct=True),
+        Stage("bind+exist", 300, BIND + ("exist",), shapes=(2, 4), distinct=True),
+        Stage("mixture", 2000, ALL_KINDS, shapes=(1, 5), describe=0.5, guard=0.25, guard_stage="bind+exist"),
+    ),
+    weights=(("describe", 1.5), ("look", 1.5), ("exist", 1.5)),
+)
+
+# The shipped model before v4, as it was trained (1,800 steps of 16 conversations, scene size 2 -> 3 -> 5
+# shapes at 12 % and 30 % of the steps, warm-up and cosine from 2e-3, weight decay on every matrix).
+V2 = Recipe(
+    name="v2", format="conversation", restate=False, per_answer=False, decay_embeddings=True, weight_decay=0.05,
+    warmup=225, decay=1.0 - 225 / 1800,
+    description="multi-turn conversations of one question per kind (the description 70 % of the time); bare answers",
+    stages=(
+        Stage("2 shapes", 216, ("count", "color", "position", "exist"), shapes=(1, 2), describe=0.7, lr=2e-3),
+        Stage("3 shapes", 324, ("count", "color", "position", "exist"), shapes=(1, 3), describe=0.7, lr=2e-3),
+        Stage("5 shapes", 1260, ("count", "color", "position", "exist"), shapes=(1, 5), describe=0.7, lr=2e-3),
+    ),
+)
+
+RECIPES = {r.name: r for r in (V4, V2)}
+DEFAULT = "v4"
