@@ -21,7 +21,7 @@ from .generation import Sampling, generate
 from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype
 from .plots import plot_run, require_matplotlib
 from .processing import Processor, StreamingDecoder, open_image
-from .pruning import METHODS, Context, method_class, parse_settings, setting_fields
+from .pruning import METHODS, Context, input_file_settings, method_class, parse_settings, setting_fields
 from .trace import read_trace, trace_tensors, write_trace
 
 
@@ -110,8 +110,8 @@ def run(argv=None, prog: str = "generate.py") -> int:
         weights = DEFAULT_WEIGHTS
     check_outputs([("--trace", args.trace), ("--plot", args.plot)],
                   [("the --image", args.image), ("a file of the --weights folder", weights),
-                   ("the --force-tokens trace", args.force_tokens),
-                   ("the --predictor file", getattr(args, "predictor", None))])
+                   ("the --force-tokens trace", args.force_tokens)]
+                  + [(f"the --{name.replace('_', '-')} file", getattr(args, name)) for name in input_file_settings()])
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
     if args.plot is not None:

@@ -6,7 +6,8 @@ and decode steps differ only in what they feed (the prompt with its image, or on
 one function, `step`, two halves around one decision:
 
     lower half   decoder layers [0, K); layer K-1's attention over the visual tokens gives the scores
-    decision     method.choose(t, keep, scores) -> keep_t (a subset of keep_{t-1})   (pruning.py)
+    decision     method.choose(t, keep, scores) -> keep_t (a subset of keep_{t-1})   (pruning.py);
+                 the recorded rate r_t = 1 - |keep_t| / N, computed here and nowhere else
     drop         the dropped visual tokens leave everything layers [K, L) will see (drop_visual)
     upper half   layers [K, L) and the LM head
 
@@ -139,15 +140,16 @@ def step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method
     t = 0, one token after): lower half, the method's decision, the drop, upper half. -> logits [V]."""
     K, t = rec.K, state.step
     x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)  # probs [1, H, T, S]
-    scores = method.scores(probs, state.span, t)  # [N]
-    keep, rate = method.choose(t, state.keep, scores)
+    last = visual_scores(probs, state.span, "last")  # [N]: the step's last query, for the trace and most methods
+    keep = method.choose(t, state.keep, method.scores(probs, state.span, t, last))
     rows_low = pos.numel()
     x, pos = drop_visual(model, state, keep, x, pos, K)
     logits = upper(model, x, pos, state, K)
+    N = state.span[1]
     rec.logits.append(logits)
-    rec.keep.append(keep_mask(state.keep, state.span[1]))
-    rec.rates.append(float(rate))
-    rec.visual_share.append(visual_scores(probs, state.span, "last").sum())
+    rec.keep.append(keep_mask(state.keep, N))
+    rec.rates.append(1 - state.keep.numel() / N)  # the share of the N visual tokens dropped by step t
+    rec.visual_share.append(last.sum())
     high = state.cache.length(K) if K < len(state.cache.k) else 0
     rec.steps.append(Step(rows_low, state.cache.length(0), pos.numel(), high))
     return logits

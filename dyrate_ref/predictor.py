@@ -94,6 +94,10 @@ class RatePredictor(nn.Module):
         self.register_buffer("mean", torch.zeros(F))
         self.register_buffer("std", torch.ones(F))
 
+    def __str__(self) -> str:
+        """Its text form as a method setting: the file it was read from (what the trace records)."""
+        return self.path
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [..., F] -> logits over the actions [..., A]."""
         return self.net((feats - self.mean) / self.std)

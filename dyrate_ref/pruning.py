@@ -11,15 +11,18 @@ Shared semantics (docs/pruning.md says the same):
 - Scores: layer K-1's attention probabilities of step t's query over the visual tokens, averaged over
   heads. Position ids keep their original values after eviction.
 - Words: "keep" is the kept visual indices [M]; the trace's `visual_keep` is the same set as a bool
-  mask [N] (keep_mask). The "rate" r_t is the share of the N visual tokens a method has dropped by
-  step t (what the paper calls the compression rate; FastV's R is its rate from the prefill on).
+  mask [N] (keep_mask). The "rate" r_t = 1 - |keep_t| / N is the share of the N visual tokens dropped
+  by step t (what the paper calls the compression rate). The decode loop computes it from keep_t, once
+  (generation.step); a method's settings may name a target rate (FastV's R, a DyRate schedule), but the
+  recorded rate is always the share actually dropped, after rounding and nesting.
 
 A method is one small frozen dataclass holding exactly its own settings. Its fields are its settings:
 the CLI turns them into flags (--layer, --ratio, ...), `evaluate --extra NAME:field=value:...` and the
 trace's metadata are built from them, and `describe` says what ran. Each has
 
-    choose(t, keep, scores) -> (keep_t, r_t)     the decision of step t
-    scores(probs, span, t)  -> [N]               what it decides on (default: the step's last query)
+    choose(t, keep, scores) -> keep_t                 the decision of step t
+    scores(probs, span, t, last) -> [N]               what it decides on (default: `last`, the step's
+                                                      last query's scores, which the loop computes once)
     resolve(given, context) -> (method, origins)  defaults filled in once, each value's origin named
 
 METHODS maps names to classes; nothing outside it dispatches on a method's name. Adding a method is a
@@ -118,10 +121,18 @@ def check_layer(K, num_layers: int, what: str) -> int:
 # Settings: field metadata, parsing from text, resolution against a checkpoint.
 
 
-def setting(default, parse, help: str, short: str):
+PER_ITEM = ("seed", "counts")  # what the evaluation can set per item: the item's own seed, a matched row's kept counts
+
+
+def setting(default, parse, help: str, short: str, input_file: bool = False, per_item: str | None = None):
     """A method's setting: a dataclass field that also says how to read it from text (a CLI flag or an
-    --extra spec), what it means and its short name in the summary line."""
-    return field(default=default, metadata={"parse": parse, "help": help, "short": short})
+    --extra spec), what it means and its short name in the summary line. input_file: its value names a
+    file the run reads (the commands then protect it from every output, and the summary names it by
+    its base name). per_item: the evaluation sets it for each item ("seed": the item's seed, "counts":
+    the kept counts another row had on that item), whatever a spec says."""
+    assert per_item in (None,) + PER_ITEM, per_item
+    return field(default=default, metadata={"parse": parse, "help": help, "short": short,
+                                            "input_file": input_file, "per_item": per_item})
 
 
 def parse_int(text: str) -> int:
@@ -170,34 +181,56 @@ class Context:
 
 
 def setting_text(value) -> str:
-    if isinstance(value, RatePredictor):
-        return os.path.basename(value.path) or "predictor"
+    """A setting's value as text: what the trace's metadata records (a file-valued setting: its path)."""
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return "" if value is None else str(value)
 
 
-def given_label(name: str, origin: str) -> str:
+@dataclass(frozen=True)
+class Origin:
+    """Where a resolved setting's value came from. kind: "flag" (generate.py's flag), "spec" (an
+    `evaluate --extra` spec, named in `text`), "default", "file" (a file beside the weights or the
+    predictor file, named in `text`) or "fallback" (a rule used because no file gave a value; `text`
+    says why). str() is what the summary line and the trace's `<setting>_from` say."""
+    kind: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+FLAG, DEFAULT = Origin("flag", "flag"), Origin("default", "default")
+
+
+def given_label(name: str, origin: Origin) -> str:
     """How a message names a setting: its flag when it came from one, else the setting and its origin."""
-    return f"--{name.replace('_', '-')}" if origin == "flag" else f"{name} (from {origin})"
+    return f"--{name.replace('_', '-')}" if origin.kind == "flag" else f"{name} (from {origin})"
 
 
 class Method:
-    """What every method shares. Subclasses are frozen dataclasses whose fields are their settings."""
+    """What every method shares. Subclasses are frozen dataclasses whose fields are their settings.
+
+    Every method has a pruning layer K, `layer` (a setting, or for NoPruning a constant: the layer whose
+    attention the loop records): the decode loop splits the decoder there."""
     name: ClassVar[str]
+    layer: int
 
-    def scores(self, probs: torch.Tensor, span: tuple[int, int], t: int) -> torch.Tensor:
-        """What step t decides on: layer K-1's attention of the step's last query. -> [N]."""
-        return visual_scores(probs, span, "last")
+    def scores(self, probs: torch.Tensor, span: tuple[int, int], t: int, last: torch.Tensor) -> torch.Tensor:
+        """What step t decides on. probs: layer K-1's attention [1, H, T, S]; last: the step's last
+        query's scores over the visual tokens (visual_scores(probs, span, "last")), which the loop has
+        already computed for the trace. Default: `last`. -> [N]."""
+        return last
 
-    def choose(self, t: int, keep: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def choose(self, t: int, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """keep_{t-1} [M] and step t's scores [N] -> keep_t, a subset of keep (ascending)."""
         raise NotImplementedError
 
     @classmethod
-    def resolve(cls, given: dict, ctx: Context, given_as: str = "flag"):
-        """Fill in what was not given, once: -> (method, {field: where its value came from})."""
+    def resolve(cls, given: dict, ctx: Context, given_as: Origin = FLAG):
+        """Fill in what was not given, once: -> (method, {field: Origin of its value})."""
         values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
-        origins = {f.name: given_as if f.name in given else "default" for f in fields(cls)}
+        origins = {f.name: given_as if f.name in given else DEFAULT for f in fields(cls)}
         return cls._checked(values, origins, ctx)
 
     @classmethod
@@ -208,14 +241,16 @@ class Method:
 
     def describe(self, origins: dict | None = None) -> str:
         """One line for the summary: the method, its settings, and where each came from."""
-        parts = [f"{f.metadata['short']}={setting_text(getattr(self, f.name))}" for f in fields(self)
-                 if getattr(self, f.name) is not None]
+        def shown(f):
+            text = setting_text(getattr(self, f.name))
+            return (os.path.basename(text) or f.name) if f.metadata["input_file"] else text
+        parts = [f"{f.metadata['short']}={shown(f)}" for f in fields(self) if getattr(self, f.name) is not None]
         text = " ".join([f"method {self.name}"] + parts)
         if origins:
             by_origin: dict[str, list[str]] = {}
             for f in fields(self):
                 if getattr(self, f.name) is not None and f.name in origins:
-                    by_origin.setdefault(origins[f.name], []).append(f.metadata["short"])
+                    by_origin.setdefault(str(origins[f.name]), []).append(f.metadata["short"])
             text += " (" + "; ".join(f"{', '.join(v)}: {k}" for k, v in by_origin.items()) + ")"
         return text
 
@@ -227,10 +262,9 @@ class Method:
         """The trace's record of the method: its name and only the settings it has, each with its origin."""
         meta = {"method": self.name}
         for f in fields(self):
-            value = getattr(self, f.name)
-            meta[f.name] = value.path if isinstance(value, RatePredictor) else setting_text(value)
+            meta[f.name] = setting_text(getattr(self, f.name))
             if origins and f.name in origins:
-                meta[f.name + "_from"] = origins[f.name]
+                meta[f.name + "_from"] = str(origins[f.name])
         return meta
 
 
@@ -246,7 +280,7 @@ class NoPruning(Method):
     layer: ClassVar[int] = DEFAULT_LAYER
 
     def choose(self, t, keep, scores):
-        return keep, 0.0
+        return keep
 
 
 @dataclass(frozen=True)
@@ -260,14 +294,14 @@ class FastV(Method):
     score: str = setting("last", parse_score, "score by the prompt's 'last' query (default) or the 'mean' of the "
                          "queries after the image", "score")
 
-    def scores(self, probs, span, t):
-        return visual_scores(probs, span, self.score if t == 0 else "last")
+    def scores(self, probs, span, t, last):
+        return visual_scores(probs, span, "mean") if t == 0 and self.score == "mean" else last
 
     def choose(self, t, keep, scores):
         if t > 0:
-            return keep, self.ratio
+            return keep
         n = scores.numel()
-        return top_k_sorted(torch.arange(n, device=scores.device), scores, kept_count(n, self.ratio)), self.ratio
+        return top_k_sorted(torch.arange(n, device=scores.device), scores, kept_count(n, self.ratio))
 
 
 def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None, str]:
@@ -295,16 +329,16 @@ class VTW(Method):
     layer: int = setting(None, parse_int, LAYER_HELP + " (default: the weights' vtw_calibration.json, else L/2)", "K")
 
     def choose(self, t, keep, scores):
-        return torch.empty(0, dtype=torch.long, device=scores.device), 1.0
+        return torch.empty(0, dtype=torch.long, device=scores.device)
 
     @classmethod
-    def resolve(cls, given, ctx, given_as="flag"):
+    def resolve(cls, given, ctx, given_as=FLAG):
         if "layer" in given:
             return cls._checked({"layer": given["layer"]}, {"layer": given_as}, ctx)
         K, why = vtw_calibrated_layer(ctx.weights_dir, ctx.num_layers)
         if K is None:
-            return cls._checked({"layer": ctx.num_layers // 2}, {"layer": f"L/2, {why}"}, ctx)
-        return cls._checked({"layer": K}, {"layer": why}, ctx)
+            return cls._checked({"layer": ctx.num_layers // 2}, {"layer": Origin("fallback", f"L/2, {why}")}, ctx)
+        return cls._checked({"layer": K}, {"layer": Origin("file", why)}, ctx)
 
 
 @dataclass(frozen=True)
@@ -319,7 +353,7 @@ class DyRate(Method):
     rates: tuple[float, ...] | None = setting(None, parse_rates, "fixed schedule r0,r1,... instead of the predictor "
                                               "(the last value repeats)", "rates")
     predictor: RatePredictor | None = setting(None, str, "predictor file (default: the one shipped with the weights)",
-                                              "predictor")
+                                              "predictor", input_file=True)
     confidence: float | None = setting(None, parse_fraction, "the predictor's decoding confidence (default: its "
                                        "own; closer to 1 keeps more)", "c")
 
@@ -329,16 +363,14 @@ class DyRate(Method):
         return self
 
     def choose(self, t, keep, scores):
-        n = scores.numel()
         if self.rates is not None:
             rate = self.rates[min(t, len(self.rates) - 1)]
-            return top_k_sorted(keep, scores, min(keep.numel(), kept_count(n, rate))), rate
+            return top_k_sorted(keep, scores, min(keep.numel(), kept_count(scores.numel(), rate)))
         share = self.predictor.cut(predictor_features(scores, keep, t), self.confidence)
-        keep = cut(keep, scores, share)
-        return keep, 1 - keep.numel() / n
+        return cut(keep, scores, share)
 
     @classmethod
-    def resolve(cls, given, ctx, given_as="flag"):
+    def resolve(cls, given, ctx, given_as=FLAG):
         values = {f.name: given.get(f.name) for f in fields(cls)}
         origins = {k: given_as for k in given}
         if values["rates"] is not None:
@@ -347,7 +379,7 @@ class DyRate(Method):
                 raise UserError(f"{given_label('rates', given_as)} and {given_label(other, given_as)} both given; "
                                 "DyRate uses a fixed schedule or the predictor")
             if values["layer"] is None:
-                values["layer"], origins["layer"] = DEFAULT_LAYER, "default"
+                values["layer"], origins["layer"] = DEFAULT_LAYER, DEFAULT
             return cls._checked(values, origins, ctx)
         pred = values["predictor"]
         if not isinstance(pred, RatePredictor):
@@ -356,7 +388,7 @@ class DyRate(Method):
                 raise UserError(f"method dyrate needs {given_label('predictor', given_as)} FILE or "
                                 f"{given_label('rates', given_as)} LIST: {ctx.weights_dir} ships no "
                                 "dyrate_predictor.safetensors")
-            origins["predictor"] = origins.get("predictor", "shipped with the weights")
+            origins["predictor"] = origins.get("predictor", Origin("file", "shipped with the weights"))
             pred = load_predictor(path, ctx.config, ctx.weights_dir)
         values["predictor"] = pred
         where = f"predictor file {os.path.basename(pred.path) or 'predictor'}"
@@ -365,9 +397,9 @@ class DyRate(Method):
             label = given_label("layer", given_as)
             raise UserError(f"{label} {values['layer']} differs from the predictor's K={pred.layer}; "
                             f"leave {label.split(' ')[0]} out or train a predictor for that layer")
-        values["layer"], origins["layer"] = pred.layer, origins.get("layer", "predictor file")
+        values["layer"], origins["layer"] = pred.layer, origins.get("layer", Origin("file", "predictor file"))
         if values["confidence"] is None:
-            values["confidence"], origins["confidence"] = pred.confidence, "predictor file"
+            values["confidence"], origins["confidence"] = pred.confidence, Origin("file", "predictor file")
         return cls._checked(values, origins, ctx)
 
 
@@ -408,6 +440,11 @@ def setting_fields(registry: dict | None = None) -> dict:
         for f in fields(cls):
             out.setdefault(f.name, []).append((name, f))
     return out
+
+
+def input_file_settings(registry: dict | None = None) -> list[str]:
+    """The settings, of any method of the registry, whose values name files a run reads."""
+    return [name for name, owners in setting_fields(registry).items() if any(f.metadata["input_file"] for _, f in owners)]
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

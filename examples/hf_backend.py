@@ -39,22 +39,22 @@ from dyrate_ref.processing import Processor, open_image  # noqa: E402
 from dyrate_ref.trace import write_trace  # noqa: E402  (atomic, the usual file mode)
 
 
-def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ratio: float, rates) -> tuple[list[int], float]:
+def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ratio: float, rates) -> list[int]:
     """How many to keep, the oracle's one rule: N - round(r·N), the dropped count rounded half up.
     FastV: at step 0 that many of the visual tokens by score, then unchanged. DyRate with a fixed
     schedule: |keep_t| = min(|keep_{t-1}|, N - round(r_t·N)), the best-scoring of keep_{t-1}."""
     N = scores.numel()
     if method == "none":
-        return prev, 0.0
+        return prev
     if method == "fastv":
         if t > 0:
-            return prev, ratio
+            return prev
         k = N - math.floor(ratio * N + 0.5 + 1e-9)
-        return sorted(scores.topk(k).indices.tolist()), ratio
+        return sorted(scores.topk(k).indices.tolist())
     rate = rates[min(t, len(rates) - 1)]
     k = min(len(prev), N - math.floor(rate * N + 0.5 + 1e-9))
     best = scores[prev].topk(k).indices.tolist()
-    return sorted(prev[i] for i in best), rate
+    return sorted(prev[i] for i in best)
 
 
 @torch.no_grad()
@@ -100,9 +100,9 @@ def run_backend(weights: str, image, prompt: str, method: str = "none", layer: i
             x = x + lay.mlp(lay.post_attention_layernorm(x))
             scores = w[0, :, -1, start:start + N].float().mean(0)  # [N]
         if K < L:
-            keep, rate = keep_for_step(method, t, keep, scores, ratio, rates)
+            keep = keep_for_step(method, t, keep, scores, ratio, rates)
             keeps.append(keep)
-            rate_list.append(rate)
+            rate_list.append(1 - len(keep) / N)  # what a trace records: the share of the N actually dropped
             # Layers >= K: a query of step s (prompt rows: step 0) sees a visual token only if keep_s has it.
             kept_by_step = torch.zeros(t + 1, N, dtype=torch.bool)  # [steps so far, N]
             for s, kept in enumerate(keeps):

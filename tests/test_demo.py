@@ -121,10 +121,40 @@ TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_l
 
 
 def tiny(recipe, steps=2):
-    """The recipe with every stage cut to `steps` steps of 4 pictures (its mixtures unchanged)."""
+    """The recipe with every stage cut to `steps` steps of 4 pictures (its mixtures unchanged) for TINY's
+    2-layer decoder: a stage the recipe runs shallower runs on 1 layer."""
     import dataclasses
     return dataclasses.replace(recipe, warmup=2, vision_steps=2, stages=tuple(
-        dataclasses.replace(s, steps=steps, scenes=4) for s in recipe.stages))
+        dataclasses.replace(s, steps=steps, scenes=4, layers=1 if s.layers else None) for s in recipe.stages))
+
+
+def test_growing_the_decoder_keeps_its_logits_and_its_new_layers_learn():
+    """batches.grow: 4 -> 8 layers, the logits unchanged to the bit; the new layers get gradients."""
+    from dyrate_ref.demo.batches import grow
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    from helpers import hf_config, make_checkpoint
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        make_checkpoint(d, hf_config(text=dict(num_hidden_layers=2)))
+        model = load_model(d)
+        proc = Processor(d, model.config)
+        ids, px = proc.input_ids("Describe the image."), proc.pixel_values(Image.new("RGB", (40, 30), (200, 10, 10)))
+        with torch.no_grad():
+            before = model(ids[None], px)
+        old = list(model.model.layers)
+        grow(model, 4)
+        assert len(model.model.layers) == 4 and model.config.text_config.num_hidden_layers == 4
+        assert model.model.layers[0] is old[0] and model.model.layers[2] is old[1]  # interleaved, in order
+        with torch.no_grad():
+            after = model(ids[None], px)
+        assert torch.equal(before, after)
+        after = model(ids[None], px)
+        after.logsumexp(-1).sum().backward()
+        new = model.model.layers[1]
+        assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+        with pytest.raises(AssertionError, match="multiple"):
+            grow(model, 6)
 
 
 def test_the_recipe_registry_and_its_stages():
@@ -204,6 +234,8 @@ def test_every_stage_of_v4_and_v2_runs_through_the_training_code(tmp_path):
                                       eval_every=100, eval_scenes=2, swap_scenes=2, log=log)
         text = logfile.read_text()
         assert all(f"# stage {s.name!r} from step {6 * i}" in text for i, s in enumerate(recipe.stages))
+        assert ("# the decoder grows from 1 to 2 layers" in text) == (recipe.name == "v4")
+        assert len(model.model.layers) == 2
         assert text.count("heldout ") == len(recipe.stages) and "kind_swap_kl" in text  # at each stage's end
         assert ("go/no-go end of warm-up" in text) == (recipe.name == "v4")
         tower = load_model(source).vision_tower.state_dict()

@@ -136,7 +136,10 @@ def test_shared_pieces_exist_once(pattern, home):
 # A method is a value (pruning.py): rules read from the source of any package root, so that each can be
 # shown to fail on a copy with a planted violation.
 
-METHOD_NAMES = {"none", "fastv", "vtw", "dyrate", "mass", "random"}
+from dyrate_ref.pruning import METHODS  # noqa: E402
+from dyrate_ref.tools.baselines import BASELINES  # noqa: E402
+
+METHOD_NAMES = set(METHODS) | set(BASELINES)  # from the registry: a new method's name is covered at once
 REGISTRY_FILES = {"pruning.py", os.path.join("tools", "baselines.py")}
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dyrate_ref import cli, pruning
 from dyrate_ref.errors import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
+from dyrate_ref.pruning import visual_scores
 from dyrate_ref.pruning import Context, DyRate, FastV, Method, NoPruning, VTW, parse_int, setting
 from dyrate_ref.tools import evaluate
 
@@ -28,9 +29,7 @@ class KeepEvery(Method):
     stride: int = setting(2, parse_int, "keep every stride-th visual token", "stride")
 
     def choose(self, t, keep, scores):
-        if t == 0:
-            keep = keep[::self.stride]
-        return keep, 1 - keep.numel() / scores.numel()
+        return keep[::self.stride] if t == 0 else keep
 
 
 @pytest.fixture
@@ -73,8 +72,11 @@ def test_metadata_holds_only_the_methods_own_settings():
     vtw, origins = VTW.resolve({}, ctx)
     assert vtw.metadata(origins) == {"method": "vtw", "layer": "7", "layer_from": "vtw_calibration.json"}
     dyrate, origins = DyRate.resolve({}, ctx)
-    assert origins == {"layer": "predictor file", "confidence": "predictor file",
-                       "predictor": "shipped with the weights"}
+    assert {k: (o.kind, str(o)) for k, o in origins.items()} == {
+        "layer": ("file", "predictor file"), "confidence": ("file", "predictor file"),
+        "predictor": ("file", "shipped with the weights")}
+    fallback = VTW.resolve({}, Context("/nonexistent", 8))[1]["layer"]  # no calibration file: L/2, said so
+    assert (fallback.kind, str(fallback)) == ("fallback", "L/2, no vtw_calibration.json")
     assert dyrate.layer == dyrate.predictor.layer and dyrate.confidence == dyrate.predictor.confidence
 
 
@@ -105,8 +107,9 @@ def test_the_shipped_predictors_confidence_is_a_setting():
     px = proc.pixel_values(Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png"))
     with torch.no_grad():
         _, _, state, probs = prefill_lower(model, ids, px, own.layer)
-    scores = own.scores(probs, state.span, 0)
-    keep_own, _ = own.choose(0, torch.arange(144), scores)
-    keep_cautious, rate = cautious.choose(0, torch.arange(144), scores)
+    scores = own.scores(probs, state.span, 0, visual_scores(probs, state.span, "last"))
+    keep_own = own.choose(0, torch.arange(144), scores)
+    keep_cautious = cautious.choose(0, torch.arange(144), scores)
+    rate = 1 - keep_cautious.numel() / 144
     assert keep_own.numel() < 144  # the precondition: at its own confidence it cuts here
     assert keep_cautious.numel() == 144 and rate == 0.0

@@ -125,18 +125,41 @@ def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
         s = scores[ids.numel() - 1 + t]
         ranked = sorted(prev, key=lambda i: -float(s[i]))
         assert kept == set(ranked[:len(kept)])
-        assert gen.record.rates[t] == pytest.approx(r)
+        assert gen.record.rates[t] == 1 - len(kept) / N  # the share dropped, not the schedule's nominal r
         prev = kept
     assert len(prev) < N
 
 
+def test_the_recorded_rate_is_the_share_dropped_not_the_nominal_setting():
+    """DyRate(rates=(0.9, 0.5)) keeps 14 of 144 at step 0 and, the sets being nested, still 14 at step
+    1: the rate recorded there is 1 - 14/144 = 0.903, not the schedule's 0.5. FastV R = 0.4 on 5 tokens
+    keeps 3 (the dropped count rounded half up): the rate is 0.4 exactly; on 7 it keeps 4, rate 3/7."""
+    scores = torch.linspace(0, 1, 144)
+    keep = DyRate(rates=(0.9, 0.5)).choose(0, torch.arange(144), scores)
+    assert keep.numel() == 14
+    assert DyRate(rates=(0.9, 0.5)).choose(1, keep, scores).numel() == 14
+    assert FastV(ratio=0.4).choose(0, torch.arange(5), scores[:5]).numel() == 3
+    assert FastV(ratio=0.4).choose(0, torch.arange(7), scores[:7]).numel() == 4
+
+
+def test_generate_records_one_minus_kept_over_n_for_every_method(tiny):
+    model, _, ids, px, _ = tiny
+    N = model.config.num_image_tokens
+    for method in (NoPruning(), FastV(2, 0.3), VTW(2), DyRate(2, rates=(0.9, 0.5)), DyRate(2, rates=(0.33, 0.7))):
+        gen = generate(model, ids, px, 4, method)
+        kept = [int(row.sum()) for row in gen.record.keep]
+        assert gen.record.rates == [1 - k / N for k in kept], method
+    gen = generate(model, ids, px, 3, DyRate(2, rates=(0.9, 0.5)))
+    assert gen.record.rates[1] == gen.record.rates[0] > 0.5  # nested: the nominal 0.5 cannot grow the set back
+
+
 def test_keep_functions_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3])
-    assert FastV(ratio=0.4).choose(0, torch.arange(5), scores)[0].tolist() == [1, 3, 4]  # 5-2=3 best, ascending
-    assert FastV(ratio=0.4).choose(3, torch.tensor([1, 3]), scores)[0].tolist() == [1, 3]  # only step 0 chooses
-    assert DyRate(rates=(0.8,)).choose(1, torch.tensor([1, 3, 4]), scores)[0].tolist() == [3]  # 5-4=1
-    assert DyRate(rates=(0.0,)).choose(2, torch.tensor([1, 3]), scores)[0].tolist() == [1, 3]  # never grows back
-    assert VTW(2).choose(0, torch.arange(5), scores)[0].numel() == 0
+    assert FastV(ratio=0.4).choose(0, torch.arange(5), scores).tolist() == [1, 3, 4]  # 5-2=3 best, ascending
+    assert FastV(ratio=0.4).choose(3, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # only step 0 chooses
+    assert DyRate(rates=(0.8,)).choose(1, torch.tensor([1, 3, 4]), scores).tolist() == [3]  # 5-4=1
+    assert DyRate(rates=(0.0,)).choose(2, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # never grows back
+    assert VTW(2).choose(0, torch.arange(5), scores).numel() == 0
     # the one rounding rule: the dropped count rounded half up (0.5*5 = 2.5 -> 3 dropped; 0.7*10 is 7)
     assert [kept_count(5, 0.5), kept_count(10, 0.7), kept_count(144, 0.9), kept_count(4, 0.125)] == [2, 3, 14, 3]
     probs = torch.zeros(1, 2, 3, 6)

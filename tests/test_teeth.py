@@ -167,7 +167,7 @@ def test_fastv_mean_score_values_equal_transformers_attention(tmp_path):
     with torch.no_grad():
         _, _, _, probs = prefill_lower(model, ids, px, 2)
         att = hf(input_ids=ids[None], pixel_values=px, output_attentions=True).attentions[1][0]  # [H, P, P]
-    got = FastV(2, 0.5, "mean").scores(probs, (start, N), 0)
+    got = FastV(2, 0.5, "mean").scores(probs, (start, N), 0, None)
     want = att[:, start + N:, start:start + N].float().mean(dim=(0, 1))  # every query row after the image
     assert torch.allclose(got, want, atol=1e-6)
     not_want = att[:, start:, start:start + N].float().mean(dim=(0, 1))  # rows from the image on: another thing

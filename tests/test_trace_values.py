@@ -68,7 +68,7 @@ def test_fastv_trace_values_against_independent_computations(files):
     want[scores.topk(N - E).indices] = True
     assert t["visual_keep"].shape == (T, N)
     assert all(torch.equal(row, want) for row in t["visual_keep"])
-    assert t["rates"].tolist() == [0.5] * T
+    assert t["rates"].tolist() == [E / N] * T  # the share dropped: 1 - |keep| / N
 
     # FLOPs, 2·m·n·k per matmul: step 0 = vision tower + projector + K layers over P tokens + L-K layers
     # over P-E tokens + the LM head on one row; decode step s = one query over P+s keys below K, P-E+s above.

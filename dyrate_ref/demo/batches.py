@@ -180,6 +180,37 @@ def _group_ce(model, feats, shared: KVCache | None, rows, recipe: Recipe, P: int
     return (ce * w).sum(), w.sum()
 
 
+@torch.no_grad()
+def grow(model: LlavaForConditionalGeneration, depth: int, seed: int = 0) -> LlavaForConditionalGeneration:
+    """Deepen the decoder to `depth` layers (a multiple of its depth), in place: after each layer come
+    new ones whose output projections (attention o_proj, MLP down_proj) are zero, so each adds nothing
+    to the residual stream yet and the model's logits are exactly what they were; their other weights
+    are drawn as at initialisation (normal(0, 0.02)), so gradients reach them at once."""
+    import dataclasses
+    from ..model import LlamaDecoderLayer
+    old = list(model.model.layers)
+    assert depth % len(old) == 0, f"grow: {depth} layers is not a multiple of {len(old)}"
+    tc = dataclasses.replace(model.config.text_config, num_hidden_layers=depth)
+    g = torch.Generator().manual_seed(seed + 11)
+    dev = model.lm_head.weight.device
+    layers = []
+    for layer in old:
+        layers.append(layer)
+        for _ in range(depth // len(old) - 1):
+            new = LlamaDecoderLayer(tc)
+            for name, p in new.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                elif name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            layers.append(new.to(dev))
+    model.model.layers = torch.nn.ModuleList(layers)
+    model.config = dataclasses.replace(model.config, text_config=tc)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------
 # Held-out checks for the log.
 

@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -40,7 +41,7 @@ from ..loading import load_model, read_config, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..processing import PROMPT_TEMPLATE, Processor
 from ..progress import Progress
-from .batches import Batcher, heldout_examples, heldout_exact, row_loss
+from .batches import Batcher, grow, heldout_examples, heldout_exact, row_loss
 from .bpe import save_tokenizer_files, train_bpe
 from .reading import kind_swap_kl, kind_swap_pairs
 from .recipes import CONFIG, DEFAULT, PREPROCESSOR, RECIPES, Recipe
@@ -144,7 +145,9 @@ def new_model(out_dir: str, recipe: Recipe, seed: int, overrides, tower: str | N
         _log(log, f"# init from {init}: stage 1 skipped; stage 2 starts again from its first stage")
         return model, cfg, False
     _, cfg, _ = build(out_dir, recipe, overrides)
-    model = LlavaForConditionalGeneration(cfg)
+    first = recipe.stages[0].layers  # a recipe may start shallower and grow (Stage.layers)
+    start_cfg = cfg if first is None else replace(cfg, text_config=replace(cfg.text_config, num_hidden_layers=first))
+    model = LlavaForConditionalGeneration(start_cfg)
     init_weights(model, seed)
     if tower:
         source = load_model(tower, device="cpu")
@@ -152,6 +155,25 @@ def new_model(out_dir: str, recipe: Recipe, seed: int, overrides, tower: str | N
         del source
         _log(log, f"# vision tower from {tower}: stage 1 skipped; fresh tokenizer, projector and decoder")
     return model.to(device), cfg, not tower
+
+
+def optimizer(model, recipe: Recipe, previous=None):
+    """AdamW over the trainable weights (no weight decay on the embeddings and the LM head unless the
+    recipe says so: in v2 decay held the text embeddings at their initial scale while the visual
+    tokens grew). After the decoder grows, the weights it had keep their Adam moments (`previous`).
+    -> (optimizer, its parameters)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decays = [p.dim() >= 2 and (recipe.decay_embeddings or ("embed_tokens" not in n and "lm_head" not in n))
+              for n, p in named]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW([{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": recipe.weight_decay},
+                             {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}],
+                            lr=recipe.lr(0), betas=(0.9, 0.98))
+    if previous is not None:
+        for p in params:
+            if p in previous.state:
+                opt.state[p] = previous.state[p]
+    return opt, params
 
 
 def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = None, bf16: bool = False, log=None,
@@ -178,13 +200,7 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
     swaps = kind_swap_pairs(swap_scenes, restate=recipe.restate) if eval_every else []
     for p in model.vision_tower.parameters():  # frozen, as LLaVA-1.5 freezes CLIP; no backward through it
         p.requires_grad_(False)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decays = [p.dim() >= 2 and (recipe.decay_embeddings or ("embed_tokens" not in n and "lm_head" not in n))
-              for n, p in named]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW([{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": recipe.weight_decay},
-                             {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}],
-                            lr=recipe.lr(0), betas=(0.9, 0.98))
+    opt, params = optimizer(model, recipe)
     total = recipe.steps if steps is None else min(steps, recipe.steps)
     bar = Progress(total, "stage 2", " steps", after_s=0.0 if show_progress else float("inf"))
     history, smooth = [], None
@@ -192,6 +208,11 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
         stage, within = recipe.stage_at(step)
         if within == 0:
             _log(log, f"# stage {stage.name!r} from step {step}: {stage}")
+            depth = stage.layers or cfg.text_config.num_hidden_layers
+            if depth > len(model.model.layers):
+                _log(log, f"# the decoder grows from {len(model.model.layers)} to {depth} layers")
+                grow(model, depth, seed)
+                opt, params = optimizer(model, recipe, opt)
         for g in opt.param_groups:
             g["lr"] = recipe.lr(step)
         px, rows = batcher.batch(stage)

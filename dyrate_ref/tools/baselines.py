@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import UserError
-from ..pruning import DEFAULT_LAYER, Method, kept_count, parse_fraction, parse_int, setting, top_k_sorted
+from ..pruning import DEFAULT_LAYER, FLAG, Method, kept_count, parse_fraction, parse_int, setting, top_k_sorted
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class AttentionMass(Method):
         reach = (s.cumsum(0) >= self.share * total).nonzero()
         if reach.numel() > 0:
             keep = top_k_sorted(keep, scores, int(reach[0]) + 1)
-        return keep, 1 - keep.numel() / scores.numel()
+        return keep
 
 
 def random_subset(keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -57,11 +57,11 @@ class RandomKeep(Method):
     layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
     ratio: float | None = setting(None, parse_fraction, "fraction R of the visual tokens dropped at random", "R")
     counts: tuple[int, ...] | None = setting(None, _set_by_the_evaluation, "kept count at each step (set by the "
-                                             "evaluation from another row's counts)", "counts")
-    seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed")
+                                             "evaluation from another row's counts)", "counts", per_item="counts")
+    seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed", per_item="seed")
 
     @classmethod
-    def resolve(cls, given, ctx, given_as="flag"):
+    def resolve(cls, given, ctx, given_as=FLAG):
         if "ratio" not in given:
             raise UserError(f"random keep needs ratio=R (the share of the visual tokens it drops), from {given_as}")
         return super().resolve(given, ctx, given_as)
@@ -69,8 +69,7 @@ class RandomKeep(Method):
     def choose(self, t, keep, scores):
         n = scores.numel()
         k = kept_count(n, self.ratio) if self.counts is None else self.counts[min(t, len(self.counts) - 1)]
-        keep = random_subset(keep, k, self.seed * 100_003 + t)
-        return keep, 1 - keep.numel() / n
+        return random_subset(keep, k, self.seed * 100_003 + t)
 
 
 BASELINES = {cls.name: cls for cls in (AttentionMass, RandomKeep)}

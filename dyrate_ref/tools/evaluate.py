@@ -60,7 +60,7 @@ from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor, open_image
 from ..progress import Progress
-from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, method_class, parse_settings,
+from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, Origin, method_class, parse_settings,
                        visual_span)
 from .baselines import BASELINES, AttentionMass, RandomKeep
 from .data import read_items
@@ -95,7 +95,7 @@ def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
         rows += [Row(f"FastV K=1 R={R}", "FastV K=1", FastV(1, R)) for R in (0.5, 0.75)]
         rows.append(Row("random keep K=1 R=0.75", "random (fixed count)", RandomKeep(1, ratio=0.75)))
     vtw, origins = VTW.resolve({}, ctx)
-    where = "calibrated" if origins["layer"].endswith(".json") else "L/2"
+    where = "calibrated" if origins["layer"].kind == "file" else "L/2"
     rows.append(Row(f"VTW K={vtw.layer} ({where})", "VTW", vtw))
     if shipped_predictor_path(weights_dir):
         dyrate, _ = DyRate.resolve({}, ctx)
@@ -131,7 +131,7 @@ def parse_extra(spec: str, ctx: Context) -> Row:
     cls = method_class(name, known)
     texts = dict(p.split("=", 1) for p in pairs)
     method, _ = cls.resolve(parse_settings(cls, texts, known, where=f"--extra {spec}: "), ctx,
-                            given_as=f"--extra {spec}")
+                            given_as=Origin("spec", f"--extra {spec}"))
     label = method.describe().removeprefix("method ")
     return Row(label, f"{name} (--extra)", method)
 
@@ -230,14 +230,11 @@ class Results:
 
 
 def item_method(row: Row, prompt: Prompt, matched: dict | None) -> Method:
-    """The row's method for one item: a method with a `seed` setting is seeded by the item, one with
-    `counts` follows the matched row's kept counts on the same item."""
-    names = {f.name for f in fields(row.method)}
-    changes = {}
-    if "seed" in names:
-        changes["seed"] = prompt.seed
-    if matched is not None and "counts" in names:
-        changes["counts"] = tuple(matched["kept"])
+    """The row's method for one item: each setting its class marks per_item is set here -- "seed" to
+    the item's seed, "counts" to the matched row's kept counts on the same item."""
+    per_item = {"seed": prompt.seed, "counts": None if matched is None else tuple(matched["kept"])}
+    changes = {f.name: per_item[f.metadata["per_item"]] for f in fields(row.method)
+               if f.metadata["per_item"] and per_item[f.metadata["per_item"]] is not None}
     return replace(row.method, **changes) if changes else row.method
 
 

@@ -56,10 +56,9 @@ class CutAt(Method):
     fraction: float = setting(0.5, parse_fraction, "kept share of the N visual tokens from step `at` on", "f")
 
     def choose(self, t, keep, scores):
-        n = scores.numel()
         if t == self.at:
-            keep = top_k_sorted(keep, scores, kept_count(n, 1 - self.fraction))
-        return keep, 1 - keep.numel() / n
+            keep = top_k_sorted(keep, scores, kept_count(scores.numel(), 1 - self.fraction))
+        return keep
 
 
 @dataclass(frozen=True)
