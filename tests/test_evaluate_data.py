@@ -192,13 +192,14 @@ def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(t
 def test_clustered_standard_error_by_hand():
     """Four items, three pictures: d = b - a = [1, 1, 0, 1], mean 0.75; deviations summed per picture
     (x: 0.25 + 0.25, y: -0.75, z: 0.25); SE^2 = G/(G-1) * sum(s_g^2) / n^2 = 1.5 * 0.875 / 16."""
-    mean, se = evaluate.paired([0, 0, 0, 0], [1, 1, 0, 1], ["x", "x", "y", "z"])
+    from dyrate_ref.tools.report import paired
+    mean, se = paired([0, 0, 0, 0], [1, 1, 0, 1], ["x", "x", "y", "z"])
     assert mean == pytest.approx(0.75) and se == pytest.approx((1.5 * 0.875 / 16) ** 0.5)
     # one item per picture: the usual paired SE, std / sqrt(n)
     d = torch.tensor([1.0, 1.0, 0.0, 1.0])
-    assert evaluate.paired([0, 0, 0, 0], [1, 1, 0, 1], ["a", "b", "c", "d"])[1] == pytest.approx(float(d.std() / 2))
+    assert paired([0, 0, 0, 0], [1, 1, 0, 1], ["a", "b", "c", "d"])[1] == pytest.approx(float(d.std() / 2))
     # items of one picture moving together widen the error: the same differences, two pictures
-    assert evaluate.paired([0] * 4, [1, 1, 0, 0], ["x", "x", "y", "y"])[1] > evaluate.paired([0] * 4, [1, 1, 0, 0])[1]
+    assert paired([0] * 4, [1, 1, 0, 0], ["x", "x", "y", "y"])[1] > paired([0] * 4, [1, 1, 0, 0])[1]
 
 
 def test_validation_and_test_scenes_are_disjoint():
@@ -206,8 +207,8 @@ def test_validation_and_test_scenes_are_disjoint():
     test = {repr(i.scene) for i in eval_set(300, TEST_SEED)}
     val = {repr(i.scene) for i in eval_set(300, VALIDATION_SEED)}
     assert len(test) == len(val) == 300 and not test & val
-    assert {p.cluster for p in evaluate.scene_prompts(5, "validation")}.isdisjoint(
-        {p.cluster for p in evaluate.scene_prompts(5, "test")})
+    from dyrate_ref.tools.data import scene_items
+    assert {p.cluster for p in scene_items(5, "validation")}.isdisjoint({p.cluster for p in scene_items(5, "test")})
 
 
 def test_the_results_header_records_the_scene_count_and_a_mismatch_names_the_field(tmp_path):

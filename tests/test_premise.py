@@ -23,12 +23,14 @@ def setup(tmp_path_factory):
     return d, model, Processor(d, model.config)
 
 
-def test_cut_costs_equal_a_brute_force_loop(setup):
+def test_cut_costs_equal_a_brute_force_loop(setup, tmp_path):
+    from dyrate_ref.tools.data import Item
     d, model, proc = setup
-    item = premise.Item(noise_image(40, 40, seed=5), "What is it?", "answer", lambda text: float(len(text) > 3))
+    noise_image(40, 40, seed=5).save(tmp_path / "x.png")
+    item = Item("x", "What is it?", "answer", 0, "x", answer="nothing", image_path=str(tmp_path / "x.png"))
     steps, fractions = (0, 2, 5), (0.5, 0.25, 0.0)
     records = premise.cut_costs(model, proc, item, 2, steps, fractions, max_new_tokens=8)
-    ids, px = proc.input_ids(item.prompt), proc.pixel_values(item.image)
+    ids, px = proc.input_ids(item.text), proc.pixel_values(item.picture())
     base = generate(model, ids, px, 8, stop_ids=proc.stop_ids)
     T, full = len(base.tokens), torch.stack(base.record.logits).double()
     assert {(r["step"], r["fraction"]) for r in records} == {(s, f) for s in steps for f in fractions if s < T}

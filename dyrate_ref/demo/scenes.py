@@ -164,7 +164,7 @@ def position_answer(s: Shape, restate: bool = RESTATED) -> str:
 
 
 def count_answer(n: int, restate: bool = RESTATED) -> str:
-    return (f"There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes.") if restate else NUMBERS[n]
+    return ("There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes.") if restate else NUMBERS[n]
 
 
 def exist_answer(color: str, kind: str, present: bool, restate: bool = RESTATED) -> str:

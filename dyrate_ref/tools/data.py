@@ -20,11 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field, replace
 
-from ..demo.scenes import training_examples
+from PIL import Image
+
+from ..demo.scenes import TEST_SEED, VALIDATION_SEED, Scene, eval_set, look_verdict, object_f1, training_examples
 from ..errors import UserError
 from ..processing import open_image
+from .metrics import exact_match, vqa_accuracy
 
 
 @dataclass(frozen=True)
@@ -127,3 +131,73 @@ def read_examples(spec: str, processor_seed: int = 0) -> list[Example]:
             raise UserError(f"{spec}: item {item.id} has no \"answer\"; these tools need the text to expect")
         out.append(Example(open_image(item.image_path), item.prompt, item.answer))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The items every measuring tool runs on (evaluate, premise): one type for the scene world and for data
+# files.
+
+
+@dataclass(frozen=True)
+class Item:
+    """One evaluation item, from the scene world or from a data file: the prompt and what it is scored
+    against. Scene items carry their scene (drawn on demand; object-F1 and the blank control read it)."""
+    id: str  # unique within the set: the key of the results file
+    text: str  # the prompt
+    kind: str  # scenes: a question kind, "describe" or "look"; files: "caption" or "answer"
+    seed: int  # seeds a random baseline per item, so a subset of the items draws what the whole set would
+    cluster: str  # items that share a picture: standard errors are clustered by it
+    references: tuple[str, ...] = ()  # captions: CIDEr-D
+    answer: str | None = None  # exact match (a look-then-reason item: its final yes / no)
+    answers: tuple[str, ...] = ()  # VQA accuracy
+    image_path: str | None = None  # files
+    scene: Scene | None = field(default=None, compare=False)  # scenes
+
+    def picture(self, blank: bool = False) -> Image.Image:
+        """The image; blank: the control's image without content (the scene's empty background, or a
+        grey picture of the file image's size)."""
+        if self.scene is None:
+            img = open_image(self.image_path)
+            return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
+        return (replace(self.scene, shapes=()) if blank else self.scene).draw()
+
+    def scores(self, text: str) -> dict:
+        """What can be scored from this answer alone (CIDEr-D needs the whole set: report.summarise):
+        em (exact match on the whole normalised answer), verdict (a look-then-reason answer's final
+        yes / no against the right one), vqa, f1 (a scene's description: object-F1)."""
+        out = {}
+        if self.kind == "look":
+            out["verdict"] = float(look_verdict(text) == look_verdict(self.answer))
+        elif self.answer is not None:
+            out["em"] = exact_match(text, self.answer)
+        if self.answers:
+            out["vqa"] = vqa_accuracy(text, list(self.answers))
+        if self.scene is not None and self.kind == "describe":
+            out["f1"] = object_f1(text, self.scene)
+        return out
+
+    def score(self, text: str) -> float | None:
+        """The item's one score (object-F1, the verdict, exact match or VQA accuracy, the first it has), or
+        None for a caption, which only a whole set scores (CIDEr-D)."""
+        s = self.scores(text)
+        return next((s[k] for k in ("f1", "verdict", "em", "vqa") if k in s), None)
+
+
+def scene_items(n_scenes: int, split: str = "test", look: bool = True) -> list[Item]:
+    """The held-out scene world as items: per scene its questions (exact match), its description
+    (object-F1, and CIDEr-D against the ground truth) and, with `look`, a look-then-reason question on
+    scenes of 2+ shapes (its verdict); clustered by scene. split "test": the scenes every reported table
+    uses; "validation": a disjoint set, for choosing settings first."""
+    out = []
+    for it in eval_set(n_scenes, TEST_SEED if split == "test" else VALIDATION_SEED, look=look):
+        gold = dict(references=(it.answer,)) if it.kind == "describe" else dict(answer=it.answer)
+        out.append(Item(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
+                        f"scene{it.scene.seed}", scene=it.scene, **gold))
+    return out
+
+
+def file_items(items: list[DataItem]) -> list[Item]:
+    """A data file's items (read_items), clustered by image."""
+    return [Item(it.id, it.prompt, "caption" if it.references else "answer", zlib.crc32(it.id.encode()),
+                 it.image_path, references=it.references, answer=it.answer, answers=it.answers,
+                 image_path=it.image_path) for it in items]

@@ -37,34 +37,30 @@ continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out s
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue
 import time
-import zlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 
 import torch
-from PIL import Image
 
-from ..cost import depth_matched_layer, serving_schedule, vision_flops
+from ..cost import vision_flops
 from ..demo.reading import kind_swap_kl, kind_swap_pairs
-from ..demo.scenes import TEST_SEED, VALIDATION_SEED, Scene, eval_set, object_f1
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import check_folder, check_outputs, write_json
 from ..generation import forward_no_cache, generate
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, weight_inputs
-from ..model import TextConfig
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
-from ..processing import Processor, open_image
+from ..processing import Processor
 from ..progress import Progress
 from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, Origin, method_class, parse_settings,
                        visual_span)
 from .baselines import BASELINES, AttentionMass, RandomKeep
-from .data import read_items
-from .metrics import CiderD, bootstrap_cider_difference, caption_words, exact_match, vqa_accuracy
+from .data import Item, file_items, read_items, scene_items
+from .report import METRICS, PERCENT, Row, pareto_points, serving_table, summarise, table
+from .results import Results
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)  # DyRate decoding confidences drawn as the predictor's curve
@@ -73,15 +69,6 @@ SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)  # DyRate decoding confidences drawn as the pr
 def registry() -> dict:
     """What --extra can build: the methods (pruning.METHODS) and the evaluation baselines."""
     return {**METHODS, **BASELINES}
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    family: str  # one marker per family in the Pareto plot
-    method: Method
-    blank: bool = False  # the control: every picture replaced by its empty background
-    match: str | None = None  # keep as many tokens at each step as this row did (a method with `counts`)
 
 
 def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
@@ -136,100 +123,7 @@ def parse_extra(spec: str, ctx: Context) -> Row:
     return Row(label, f"{name} (--extra)", method)
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """One evaluation item, from the scene world or from a data file: the prompt and what it is scored
-    against. Scene items carry their scene (drawn on demand; object-F1 and the blank control read it)."""
-    id: str  # unique within the set: the key of the results file
-    text: str
-    kind: str  # scenes: a QUESTION_KINDS entry or "describe"; files: "caption" or "answer"
-    seed: int  # seeds a random baseline per item, so a subset of the items draws what the whole set would
-    cluster: str  # items that share a picture: standard errors are clustered by it
-    references: tuple[str, ...] = ()  # captions: CIDEr-D
-    answer: str | None = None  # exact match
-    answers: tuple[str, ...] = ()  # VQA accuracy
-    image_path: str | None = None  # files
-    scene: Scene | None = field(default=None, compare=False)  # scenes
-
-    def picture(self, blank: bool = False) -> Image.Image:
-        """The image; blank: the control's image without content (the scene's empty background, or a
-        grey picture of the file image's size)."""
-        if self.scene is None:
-            img = open_image(self.image_path)
-            return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
-        return (replace(self.scene, shapes=()) if blank else self.scene).draw()
-
-    def scores(self, text: str) -> dict:
-        """What can be scored from this answer alone (CIDEr-D needs the whole set: see summarise)."""
-        out = {}
-        if self.answer is not None:
-            out["em"] = exact_match(text, self.answer)
-        if self.answers:
-            out["vqa"] = vqa_accuracy(text, list(self.answers))
-        if self.scene is not None and self.kind == "describe":
-            out["f1"] = object_f1(text, self.scene)
-        return out
-
-
-def scene_prompts(n_scenes: int, split: str = "test") -> list[Prompt]:
-    """The held-out scene world as evaluation items: questions scored by exact match, descriptions by
-    object-F1 (and CIDEr-D against the ground-truth description), clustered by scene. split "test": the
-    scenes every reported table uses; "validation": a disjoint set, for choosing settings first."""
-    out = []
-    for it in eval_set(n_scenes, TEST_SEED if split == "test" else VALIDATION_SEED):
-        gold = dict(references=(it.answer,)) if it.kind == "describe" else dict(answer=it.answer)
-        out.append(Prompt(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
-                          f"scene{it.scene.seed}", scene=it.scene, **gold))
-    return out
-
-
-def file_prompts(items) -> list[Prompt]:
-    """A data file's items (tools/data.py), clustered by image."""
-    return [Prompt(it.id, it.prompt, "caption" if it.references else "answer", zlib.crc32(it.id.encode()),
-                   it.image_path, references=it.references, answer=it.answer, answers=it.answers,
-                   image_path=it.image_path) for it in items]
-
-
-class Results:
-    """--results FILE.jsonl: a header line naming what was evaluated, then one JSON line per (method, item)
-    written as soon as it is made. Opening an existing file reuses its records (resume); a file written
-    for other weights, data or settings is refused rather than mixed. Each line is one write() on an
-    O_APPEND descriptor, which a local Linux file system places whole at the end, so the lines of forked
-    workers do not mix; a line cut by an interruption is dropped on resume."""
-
-    def __init__(self, path: str, header: dict):
-        self.done: dict[tuple[str, str], dict] = {}
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            *lines, cut = data.split(b"\n")  # `cut`: what follows the last newline, a line an interruption cut
-            n = 1
-            try:
-                first = json.loads(lines[0]) if lines else None
-                if not isinstance(first, dict) or first.get("results_of") != header["results_of"]:
-                    raise UserError(f"--results {path} is not a results file of this command; give another file")
-                for key, value in header.items():
-                    if first.get(key) != value:
-                        raise UserError(f"--results {path} was written with {key} {first.get(key)!r}, not {value!r}; "
-                                        "give another file or remove it to start over")
-                for n, line in enumerate(lines[1:], 2):
-                    rec = json.loads(line)
-                    self.done[(rec["method"], rec["id"])] = rec
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise UserError(f"--results {path}, line {n} is not a record of this command; "
-                                "give another file or remove it to start over") from None
-            if cut:
-                os.truncate(path, len(data) - len(cut))
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        else:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
-            self.append(header)
-
-    def append(self, rec: dict):
-        os.write(self.fd, (json.dumps(rec) + "\n").encode())
-
-
-def item_method(row: Row, prompt: Prompt, matched: dict | None) -> Method:
+def item_method(row: Row, prompt: Item, matched: dict | None) -> Method:
     """The row's method for one item: each setting its class marks per_item is set here -- "seed" to
     the item's seed, "counts" to the matched row's kept counts on the same item."""
     per_item = {"seed": prompt.seed, "counts": None if matched is None else tuple(matched["kept"])}
@@ -238,7 +132,7 @@ def item_method(row: Row, prompt: Prompt, matched: dict | None) -> Method:
     return replace(row.method, **changes) if changes else row.method
 
 
-def run_method(model, processor, prompts: list[Prompt], row: Row, max_new_tokens: int, matched=None, bar=None,
+def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: int, matched=None, bar=None,
                done=None, sink=None, none=None, is_base=False) -> list[dict]:
     """One record per prompt: the answer, its scores, kept counts per step, FLOPs of the prefill and of
     the decode steps (language model only), KV bytes, seconds. With `none` (method none's records, same
@@ -339,173 +233,6 @@ def evaluate_parallel(model, processor, items, rows, max_new_tokens: int, worker
     return merged
 
 
-def paired(a: list[float], b: list[float], clusters: list[str] | None = None) -> tuple[float, float]:
-    """Mean of b - a over the same items under two methods, and its standard error, clustered: items
-    that share a picture (several questions about one scene) are not independent, so the deviations are
-    summed within each cluster first (the cluster-robust SE; with one item per cluster it is the usual
-    paired SE)."""
-    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
-    n = len(d)
-    if n < 2:
-        return (float(d.mean()) if n else 0.0), 0.0
-    clusters = clusters or [str(i) for i in range(n)]
-    ids = {c: j for j, c in enumerate(dict.fromkeys(clusters))}
-    G = len(ids)
-    if G < 2:
-        return float(d.mean()), 0.0
-    sums = torch.zeros(G, dtype=torch.float64).index_add_(0, torch.tensor([ids[c] for c in clusters]), d - d.mean())
-    return float(d.mean()), float((G / (G - 1) * sums.pow(2).sum()).sqrt() / n)
-
-
-def costs(records: list[dict], base: list[dict]) -> dict:
-    """Mean kept visual tokens, and costs relative to `base` (none): LM FLOPs (total, prefill, decode),
-    KV bytes (peak, mean over the answer's steps), wall-clock."""
-    total = lambda recs, key: sum(r[key] for r in recs)  # noqa: E731
-    lm = total(records, "prefill_flops") + total(records, "decode_flops")
-    lm_base = total(base, "prefill_flops") + total(base, "decode_flops")
-    forced = {}
-    if all("forced_kv_mean" in r for r in records) and "tokens" in base[0]:
-        f_lm = total(records, "forced_prefill_flops") + total(records, "forced_decode_flops")
-        forced = {"lm_flops_forced": f_lm / lm_base, "kv_mean_forced": total(records, "forced_kv_mean") / total(base, "kv_mean"),
-                  "kv_peak_forced": total(records, "forced_kv_peak") / total(base, "kv_peak")}
-    elif records is base:
-        forced = {"lm_flops_forced": 1.0, "kv_mean_forced": 1.0, "kv_peak_forced": 1.0}
-    return {**forced, "kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
-            "lm_flops": lm / lm_base,
-            "prefill_flops": total(records, "prefill_flops") / total(base, "prefill_flops"),
-            "decode_flops": total(records, "decode_flops") / max(1, total(base, "decode_flops")),
-            "kv_peak": total(records, "kv_peak") / total(base, "kv_peak"),
-            "kv_mean": total(records, "kv_mean") / total(base, "kv_mean"),
-            "seconds": total(records, "seconds") / total(base, "seconds"),
-            "lm_flops_per_prompt": lm / len(records),
-            "agree": sum(r["answer"] == b["answer"] for r, b in zip(records, base)) / len(records)}
-
-
-METRICS = {"em": "exact match %", "vqa": "VQA accuracy %", "f1": "describe object-F1", "cider": "CIDEr-D"}
-PERCENT = {"em", "vqa"}
-
-
-def summarise(records: list[dict], base: list[dict], prompts: list[Prompt], bootstrap: int = 200) -> dict:
-    """Every score the items allow -- exact match overall and per kind, VQA accuracy, object-F1, CIDEr-D
-    (idf from the references; its difference from `base` by a paired bootstrap) -- each with its paired,
-    scene-clustered difference from `base` (none), agreement with base's answers, and costs."""
-    s = {}
-    kinds = sorted({p.kind for p in prompts if p.answer is not None})
-    groups = [("em", None)] + ([("em", k) for k in kinds] if len(kinds) > 1 else []) + [("vqa", None), ("f1", None)]
-    for key, kind in groups:
-        idx = [i for i, r in enumerate(records) if key in r and (kind is None or prompts[i].kind == kind)]
-        if not idx:
-            continue
-        name = key if kind is None else f"{key}_{kind}"
-        mine, theirs = [records[i][key] for i in idx], [base[i][key] for i in idx]
-        s[name], s[name + "_n"] = sum(mine) / len(mine), len(mine)
-        s[name + "_delta"], s[name + "_se"] = paired(theirs, mine, [prompts[i].cluster for i in idx])
-    caps = [i for i, p in enumerate(prompts) if p.references]
-    if caps:
-        refs = [[caption_words(r) for r in prompts[i].references] for i in caps]
-        mine, theirs = ([caption_words(recs[i]["answer"]) for i in caps] for recs in (records, base))
-        s["cider"] = CiderD(refs).corpus(mine)[0]
-        s["cider_n"] = len(caps)
-        s["cider_delta"], s["cider_se"] = bootstrap_cider_difference(refs, theirs, mine, reps=bootstrap)
-    return {**s, **costs(records, base)}
-
-
-def fmt(s: dict, key: str, scale: float = 100, digits: int = 1) -> str:
-    return f"{scale * s[key]:.{digits}f}"
-
-
-def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
-    base = results[0][1]
-    cost = [f"| method | kept visual tokens (of {N}) | LM FLOPs | prefill FLOPs | decode FLOPs | peak KV | mean KV "
-            "| LM FLOPs on none's answers | mean KV on none's answers | wall-clock |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row, s in results:
-        fl, kv = (f"{s['lm_flops_forced']:.3f}", f"{s['kv_mean_forced']:.3f}") if "lm_flops_forced" in s else ("", "")
-        cost.append(f"| {row.name} | {s['kept']:.1f} | {s['lm_flops']:.3f} | {s['prefill_flops']:.3f} | "
-                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {fl} | {kv} | {s['seconds']:.3f} |")
-    note = (f"\nCosts are relative to none: language-model matmul FLOPs (none: {base['lm_flops_per_prompt'] / 1e6:.1f} "
-            f"MFLOPs per prompt on average; the vision tower and projector add {vision / 1e6:.1f} MFLOPs per image for "
-            "every method), KV-cache bytes (peak, and mean over the answer's steps) and wall-clock on this machine, "
-            "each counted on the method's own answers; the two columns 'on none's answers' count them on none's "
-            "answer tokens fed to the method, so that a method whose answers collapse does not look cheap. "
-            "Δ: paired difference from none over the same items, ± one standard error; a difference within two "
-            "standard errors is not a difference.")
-    return "\n".join(cost) + note
-
-
-def table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) -> str:
-    """Accuracy (each score the items allow, with its paired difference from none) and cost."""
-    base = results[0][1]
-    cols = [k for k in ("em", "vqa", "f1", "cider") if k in base]
-    kinds = [k[3:] for k in base if k.startswith("em_") and not k.endswith(("_n", "_delta", "_se"))]
-    head = ("| method | " + " | ".join(f"{METRICS[k]} | Δ vs none (±SE)" for k in cols)
-            + "".join(f" | {k} %" for k in kinds) + " | same answer as none % |")
-    acc = [head, "|" + "---|" * (head.count("|") - 1)]
-
-    def cell(s, k):
-        scale, digits = (100, 1) if k in PERCENT else (1, 3)
-        return f"{scale * s[k]:.{digits}f} | {scale * s[k + '_delta']:+.{digits}f} ± {scale * s[k + '_se']:.{digits}f}"
-    for row, s in results:
-        acc.append(f"| {row.name} | " + " | ".join(cell(s, k) for k in cols)
-                   + "".join(f" | {100 * s['em_' + k]:.1f}" for k in kinds) + f" | {fmt(s, 'agree')} |")
-    counts = ", ".join(f"{base[k + '_n']} items scored by {METRICS[k].replace(' %', '')}" for k in cols)
-    notes = ("Standard errors are clustered by picture (several questions about one image are not independent)."
-             + (f" CIDEr-D's: a paired bootstrap over the caption items ({bootstrap} resamples, the idf the whole "
-                "set's)." if "cider" in cols else ""))
-    return f"{counts}. {notes}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
-
-
-# LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (cost.serving): 7.06 B parameters,
-# 576 visual tokens in a prompt of ~616, a 64-token answer.
-SERVE_7B = dict(N=576, P=616, T=64, weight_bytes=7.06e9 * 2, gpu_bytes=80e9)
-
-
-def kept_schedule(records: list[dict], N: int) -> list[float]:
-    """The mean kept share of the N visual tokens at each answer step, over the items that reach it."""
-    T = max(len(r["kept"]) for r in records)
-    return [sum(r["kept"][t] for r in records if len(r["kept"]) > t) / N / sum(len(r["kept"]) > t for r in records)
-            for t in range(T)]
-
-
-def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int) -> str:
-    """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model (cost.serving_schedule)
-    fed with the kept share each method reached here at every answer step, K mapped by depth."""
-    tc, c = TextConfig(), SERVE_7B  # TextConfig's defaults are Llama-7B's shapes
-    L7 = tc.num_hidden_layers
-    lines = ["| method | K here → on 7B | kept share at steps 0 / 4 / 16 (measured here) | bytes read per decode step "
-             "vs none, batch 1 | batch 8 | batch 64 | KV share of those bytes at batch 64 | largest batch in 80 GB |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = {B: serving_schedule(tc, depth_matched_layer(2, L, L7), c["N"], c["P"], [1.0], c["T"], c["weight_bytes"],
-                                c["gpu_bytes"], B) for B in (1, 8, 64)}
-    for row, s in results:
-        if row.blank:
-            continue
-        K7 = depth_matched_layer(row.method.layer, L, L7)
-        sched = kept_schedule(records[row.name], N)
-        got = {B: serving_schedule(tc, K7, c["N"], c["P"], sched, c["T"], c["weight_bytes"], c["gpu_bytes"], B)
-               for B in (1, 8, 64)}
-        at = " / ".join(f"{sched[min(t, len(sched) - 1)]:.2f}" for t in (0, 4, 16))
-        lines.append(f"| {row.name} | {row.method.layer} → {K7} | {at} | " + " | ".join(
-            f"{got[B]['bytes_per_step'] / base[B]['bytes_per_step']:.3f}" for B in (1, 8, 64))
-            + f" | {got[64]['kv_share']:.2f} | {got[64]['max_batch']} |")
-    return (f"Analytic serving model (not measured): LLaVA-1.5-7B in float16 on an 80 GB GPU, 576 visual tokens in "
-            f"a 616-token prompt, a {c['T']}-token answer; each method's kept share at every answer step as measured "
-            f"above (the last measured step's share repeats to the end); K mapped by depth (K of this model's {L} "
-            f"layers -> the same share of 7B's {L7}); bytes per step averaged over the answer, the largest batch "
-            "from the cache's peak.\n\n" + "\n".join(lines))
-
-
-def pareto_points(results: list[tuple[Row, dict]], key: str = "em", ylabel: str = "exact match % (held-out questions)",
-                  scale: float = 100) -> list[dict]:
-    points = []
-    for row, s in results:
-        if row.blank:
-            continue
-        for panel, x in (("LM FLOPs relative to none", s["lm_flops"]), ("mean KV-cache bytes relative to none", s["kv_mean"])):
-            points.append({"panel": panel, "method": row.family, "label": row.name, "x": x, "y": scale * s[key],
-                           "yerr": scale * s[key + "_se"], "ylabel": ylabel})
-    return points
-
-
 @torch.no_grad()
 def attention_over_generation(model, processor, prompts, max_items: int = 40, min_count: int = 5):
     """Share of attention from generated token t to the visual tokens, per layer, over the model's own
@@ -572,8 +299,8 @@ def run(argv=None) -> int:
     if args.plot:
         require_matplotlib()
     # Every line of the data file is checked (images opened), and every --extra spec, before the model loads.
-    prompts = (file_prompts(read_items(args.data)) if args.data else
-               scene_prompts(args.scenes or (4 if args.quick else 300), args.split))
+    prompts = (file_items(read_items(args.data)) if args.data else
+               scene_items(args.scenes or (4 if args.quick else 300), args.split))
     cfg = read_config(args.weights)
     ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
     extra = [parse_extra(spec, ctx) for spec in args.extra]

@@ -25,25 +25,23 @@ measured). It needs nothing of the demo model: --weights and --data run it on LL
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..demo.scenes import eval_set, score_answer
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import check_outputs, write_json
 from ..generation import forward_no_cache, generate, recompute_logits
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype, weight_inputs
 from ..plots import require_matplotlib, save_figure
-from ..processing import Processor, open_image
+from ..processing import Processor
 from ..progress import Progress
 from ..pruning import (Method, check_layer, keep_mask, kept_count, kl, parse_fraction, parse_int, setting, top_k_sorted,
                        visual_scores, visual_span)
-from .data import read_items
-from .metrics import exact_match
+from .data import Item, file_items, read_items, scene_items
+from .report import clustered_mean
 
 
 @dataclass(frozen=True)
@@ -61,38 +59,17 @@ class CutAt(Method):
         return keep
 
 
-@dataclass(frozen=True)
-class Item:
-    image: object  # PIL image
-    prompt: str
-    kind: str
-    score: object  # text -> float, or None
-
-
-def scene_items(n: int) -> list[Item]:
-    return [Item(it.scene.draw(), it.question, it.kind, (lambda text, it=it: score_answer(it, text)))
-            for it in eval_set(n, look=True)]
-
-
-def file_items(path: str) -> list[Item]:
-    out = []
-    for it in read_items(path):
-        score = (lambda text, a=it.answer: exact_match(text, a)) if it.answer is not None else None
-        out.append(Item(open_image(it.image_path), it.prompt, "caption" if it.references else "answer", score))
-    return out
-
-
 @torch.no_grad()
 def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_tokens: int) -> list[dict]:
     """One record per (s, f) the answer is long enough for."""
-    ids, px = processor.input_ids(item.prompt), processor.pixel_values(item.image)
+    ids, px = processor.input_ids(item.text), processor.pixel_values(item.picture())
     base = generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids)
     tokens, T = base.tokens, len(base.tokens)
     full, probs = forward_no_cache(model, ids, px, tokens, probs_of=(K - 1,))  # [T, V]; layer K-1 unpruned
     span = visual_span(ids.to(full.device), model.config.image_token_index)
     P, N = ids.numel(), span[1]
     text = processor.decode(tokens)
-    base_score = item.score(text) if item.score else None
+    base_score = item.score(text)
     out = []
     for s in steps:
         if s >= T:
@@ -107,14 +84,15 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
             top1 = (cut[s:].argmax(-1) == torch.tensor(tokens[s:], device=cut.device)).float()
             free = generate(model, ids, px, max_new_tokens, CutAt(K, s, f), stop_ids=processor.stop_ids)
             ftext = processor.decode(free.tokens)
-            out.append({"kind": item.kind, "step": s, "fraction": f, "kl": float(d.mean()),
+            out.append({"kind": item.kind, "cluster": item.cluster, "step": s, "fraction": f, "kl": float(d.mean()),
                         "top1": float(top1.mean()), "same_answer": float(free.tokens == tokens),
-                        "score": item.score(ftext) if item.score else None, "base_score": base_score})
+                        "score": item.score(ftext), "base_score": base_score})
     return out
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Means over items per (kind, s, f), with the standard error of the answer agreement."""
+    """Means over items per (kind, s, f), with the standard error of the answer agreement clustered by
+    picture (report.clustered_mean: the questions about one scene are not independent)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         for kind in (r["kind"], "all"):
@@ -122,9 +100,7 @@ def summarise(records: list[dict]) -> list[dict]:
     rows = []
     for (kind, s, f), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0])):
         n = len(rs)
-        same = [r["same_answer"] for r in rs]
-        mean = sum(same) / n
-        se = math.sqrt(sum((x - mean) ** 2 for x in same) / (n - 1) / n) if n > 1 else 0.0
+        mean, se = clustered_mean([r["same_answer"] for r in rs], [r["cluster"] for r in rs])
         scored = [r for r in rs if r["score"] is not None]
         rows.append({"kind": kind, "step": s, "fraction": f, "n": n, "kl": sum(r["kl"] for r in rs) / n,
                      "top1": sum(r["top1"] for r in rs) / n, "same_answer": mean, "same_answer_se": se,
@@ -218,7 +194,7 @@ def run(argv=None) -> int:
                   [("a file the --weights folder reads", f) for f in weight_inputs(args.weights)] + [("the --data file", args.data)])
     if args.plot:
         require_matplotlib()
-    items = file_items(args.data) if args.data else scene_items(args.scenes or 40)
+    items = file_items(read_items(args.data)) if args.data else scene_items(args.scenes or 40)
     cfg = read_config(args.weights)
     K = check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
     model = load_model(args.weights, dtype=dtype, device=args.device, config=cfg)

@@ -1,0 +1,201 @@
+"""The evaluation's figures from its records: paired differences with standard errors clustered by
+picture, costs relative to none, the accuracy, cost and serving tables, the Pareto points. Pure
+arithmetic on lists of records (one dict per item and method, as tools/evaluate.py makes them), so each
+figure can be checked by hand on a toy set (tests/test_report.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cost import depth_matched_layer, serving_schedule
+from ..model import TextConfig
+from ..pruning import Method
+from .data import Item
+from .metrics import CiderD, bootstrap_cider_difference, caption_words
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the tables: a method (or baseline) under a name, its Pareto family, and whether it runs
+    on blanked pictures (the control) or follows another row's kept counts."""
+    name: str
+    family: str  # one marker per family in the Pareto plot
+    method: Method
+    blank: bool = False  # the control: every picture replaced by its empty background
+    match: str | None = None  # keep as many tokens at each step as this row did (a method with `counts`)
+
+
+def paired(a: list[float], b: list[float], clusters: list[str] | None = None) -> tuple[float, float]:
+    """Mean of b - a over the same items under two methods, and its standard error, clustered: items
+    that share a picture (several questions about one scene) are not independent, so the deviations are
+    summed within each cluster first (the cluster-robust SE; with one item per cluster it is the usual
+    paired SE)."""
+    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    n = len(d)
+    if n < 2:
+        return (float(d.mean()) if n else 0.0), 0.0
+    clusters = clusters or [str(i) for i in range(n)]
+    ids = {c: j for j, c in enumerate(dict.fromkeys(clusters))}
+    G = len(ids)
+    if G < 2:
+        return float(d.mean()), 0.0
+    sums = torch.zeros(G, dtype=torch.float64).index_add_(0, torch.tensor([ids[c] for c in clusters]), d - d.mean())
+    return float(d.mean()), float((G / (G - 1) * sums.pow(2).sum()).sqrt() / n)
+
+
+def clustered_mean(values: list[float], clusters: list[str] | None = None) -> tuple[float, float]:
+    """The mean of one set of values and its standard error clustered as `paired`'s is."""
+    return paired([0.0] * len(values), values, clusters)
+
+
+def costs(records: list[dict], base: list[dict]) -> dict:
+    """Mean kept visual tokens, and costs relative to `base` (none): LM FLOPs (total, prefill, decode),
+    KV bytes (peak, mean over the answer's steps), wall-clock."""
+    total = lambda recs, key: sum(r[key] for r in recs)  # noqa: E731
+    lm = total(records, "prefill_flops") + total(records, "decode_flops")
+    lm_base = total(base, "prefill_flops") + total(base, "decode_flops")
+    forced = {}
+    if all("forced_kv_mean" in r for r in records) and "tokens" in base[0]:
+        f_lm = total(records, "forced_prefill_flops") + total(records, "forced_decode_flops")
+        forced = {"lm_flops_forced": f_lm / lm_base, "kv_mean_forced": total(records, "forced_kv_mean") / total(base, "kv_mean"),
+                  "kv_peak_forced": total(records, "forced_kv_peak") / total(base, "kv_peak")}
+    elif records is base:
+        forced = {"lm_flops_forced": 1.0, "kv_mean_forced": 1.0, "kv_peak_forced": 1.0}
+    return {**forced, "kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
+            "lm_flops": lm / lm_base,
+            "prefill_flops": total(records, "prefill_flops") / total(base, "prefill_flops"),
+            "decode_flops": total(records, "decode_flops") / max(1, total(base, "decode_flops")),
+            "kv_peak": total(records, "kv_peak") / total(base, "kv_peak"),
+            "kv_mean": total(records, "kv_mean") / total(base, "kv_mean"),
+            "seconds": total(records, "seconds") / total(base, "seconds"),
+            "lm_flops_per_prompt": lm / len(records),
+            "agree": sum(r["answer"] == b["answer"] for r, b in zip(records, base)) / len(records)}
+
+
+METRICS = {"em": "exact match %", "verdict": "look-then-reason verdict %", "vqa": "VQA accuracy %",
+           "f1": "describe object-F1", "cider": "CIDEr-D"}
+PERCENT = {"em", "verdict", "vqa"}
+
+
+def summarise(records: list[dict], base: list[dict], items: list[Item], bootstrap: int = 200) -> dict:
+    """Every score the items allow -- exact match overall and per kind, VQA accuracy, object-F1, CIDEr-D
+    (idf from the references; its difference from `base` by a paired bootstrap) -- each with its paired,
+    scene-clustered difference from `base` (none), agreement with base's answers, and costs."""
+    s = {}
+    kinds = sorted({it.kind for it, r in zip(items, base) if "em" in r})
+    groups = [("em", None)] + ([("em", k) for k in kinds] if len(kinds) > 1 else []) + \
+        [("verdict", None), ("vqa", None), ("f1", None)]
+    for key, kind in groups:
+        idx = [i for i, r in enumerate(records) if key in r and (kind is None or items[i].kind == kind)]
+        if not idx:
+            continue
+        name = key if kind is None else f"{key}_{kind}"
+        mine, theirs = [records[i][key] for i in idx], [base[i][key] for i in idx]
+        s[name], s[name + "_n"] = sum(mine) / len(mine), len(mine)
+        s[name + "_delta"], s[name + "_se"] = paired(theirs, mine, [items[i].cluster for i in idx])
+    caps = [i for i, it in enumerate(items) if it.references]
+    if caps:
+        refs = [[caption_words(r) for r in items[i].references] for i in caps]
+        mine, theirs = ([caption_words(recs[i]["answer"]) for i in caps] for recs in (records, base))
+        s["cider"] = CiderD(refs).corpus(mine)[0]
+        s["cider_n"] = len(caps)
+        s["cider_delta"], s["cider_se"] = bootstrap_cider_difference(refs, theirs, mine, reps=bootstrap)
+    return {**s, **costs(records, base)}
+
+
+def fmt(s: dict, key: str, scale: float = 100, digits: int = 1) -> str:
+    return f"{scale * s[key]:.{digits}f}"
+
+
+def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
+    base = results[0][1]
+    cost = [f"| method | kept visual tokens (of {N}) | LM FLOPs | prefill FLOPs | decode FLOPs | peak KV | mean KV "
+            "| LM FLOPs on none's answers | mean KV on none's answers | wall-clock |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, s in results:
+        fl, kv = (f"{s['lm_flops_forced']:.3f}", f"{s['kv_mean_forced']:.3f}") if "lm_flops_forced" in s else ("", "")
+        cost.append(f"| {row.name} | {s['kept']:.1f} | {s['lm_flops']:.3f} | {s['prefill_flops']:.3f} | "
+                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {fl} | {kv} | {s['seconds']:.3f} |")
+    note = (f"\nCosts are relative to none: language-model matmul FLOPs (none: {base['lm_flops_per_prompt'] / 1e6:.1f} "
+            f"MFLOPs per prompt on average; the vision tower and projector add {vision / 1e6:.1f} MFLOPs per image for "
+            "every method), KV-cache bytes (peak, and mean over the answer's steps) and wall-clock on this machine, "
+            "each counted on the method's own answers; the two columns 'on none's answers' count them on none's "
+            "answer tokens fed to the method, so that a method whose answers collapse does not look cheap. "
+            "Δ: paired difference from none over the same items, ± one standard error; a difference within two "
+            "standard errors is not a difference.")
+    return "\n".join(cost) + note
+
+
+def table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) -> str:
+    """Accuracy (each score the items allow, with its paired difference from none) and cost."""
+    base = results[0][1]
+    cols = [k for k in ("em", "verdict", "vqa", "f1", "cider") if k in base]
+    kinds = [k[3:] for k in base if k.startswith("em_") and not k.endswith(("_n", "_delta", "_se"))]
+    head = ("| method | " + " | ".join(f"{METRICS[k]} | Δ vs none (±SE)" for k in cols)
+            + "".join(f" | {k} %" for k in kinds) + " | same answer as none % |")
+    acc = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cell(s, k):
+        scale, digits = (100, 1) if k in PERCENT else (1, 3)
+        return f"{scale * s[k]:.{digits}f} | {scale * s[k + '_delta']:+.{digits}f} ± {scale * s[k + '_se']:.{digits}f}"
+    for row, s in results:
+        acc.append(f"| {row.name} | " + " | ".join(cell(s, k) for k in cols)
+                   + "".join(f" | {100 * s['em_' + k]:.1f}" for k in kinds) + f" | {fmt(s, 'agree')} |")
+    counts = ", ".join(f"{base[k + '_n']} items scored by {METRICS[k].replace(' %', '')}" for k in cols)
+    notes = ("Standard errors are clustered by picture (several questions about one image are not independent)."
+             + (f" CIDEr-D's: a paired bootstrap over the caption items ({bootstrap} resamples, the idf the whole "
+                "set's)." if "cider" in cols else ""))
+    return f"{counts}. {notes}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
+
+
+# LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (cost.serving): 7.06 B parameters,
+# 576 visual tokens in a prompt of ~616, a 64-token answer.
+SERVE_7B = dict(N=576, P=616, T=64, weight_bytes=7.06e9 * 2, gpu_bytes=80e9)
+
+
+def kept_schedule(records: list[dict], N: int) -> list[float]:
+    """The mean kept share of the N visual tokens at each answer step, over the items that reach it."""
+    T = max(len(r["kept"]) for r in records)
+    return [sum(r["kept"][t] for r in records if len(r["kept"]) > t) / N / sum(len(r["kept"]) > t for r in records)
+            for t in range(T)]
+
+
+def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int) -> str:
+    """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model (cost.serving_schedule)
+    fed with the kept share each method reached here at every answer step, K mapped by depth."""
+    tc, c = TextConfig(), SERVE_7B  # TextConfig's defaults are Llama-7B's shapes
+    L7 = tc.num_hidden_layers
+    lines = ["| method | K here → on 7B | kept share at steps 0 / 4 / 16 (measured here) | bytes read per decode step "
+             "vs none, batch 1 | batch 8 | batch 64 | KV share of those bytes at batch 64 | largest batch in 80 GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {B: serving_schedule(tc, depth_matched_layer(2, L, L7), c["N"], c["P"], [1.0], c["T"], c["weight_bytes"],
+                                c["gpu_bytes"], B) for B in (1, 8, 64)}
+    for row, s in results:
+        if row.blank:
+            continue
+        K7 = depth_matched_layer(row.method.layer, L, L7)
+        sched = kept_schedule(records[row.name], N)
+        got = {B: serving_schedule(tc, K7, c["N"], c["P"], sched, c["T"], c["weight_bytes"], c["gpu_bytes"], B)
+               for B in (1, 8, 64)}
+        at = " / ".join(f"{sched[min(t, len(sched) - 1)]:.2f}" for t in (0, 4, 16))
+        lines.append(f"| {row.name} | {row.method.layer} → {K7} | {at} | " + " | ".join(
+            f"{got[B]['bytes_per_step'] / base[B]['bytes_per_step']:.3f}" for B in (1, 8, 64))
+            + f" | {got[64]['kv_share']:.2f} | {got[64]['max_batch']} |")
+    return (f"Analytic serving model (not measured): LLaVA-1.5-7B in float16 on an 80 GB GPU, 576 visual tokens in "
+            f"a 616-token prompt, a {c['T']}-token answer; each method's kept share at every answer step as measured "
+            f"above (the last measured step's share repeats to the end); K mapped by depth (K of this model's {L} "
+            f"layers -> the same share of 7B's {L7}); bytes per step averaged over the answer, the largest batch "
+            "from the cache's peak.\n\n" + "\n".join(lines))
+
+
+def pareto_points(results: list[tuple[Row, dict]], key: str = "em", ylabel: str = "exact match % (held-out questions)",
+                  scale: float = 100) -> list[dict]:
+    points = []
+    for row, s in results:
+        if row.blank:
+            continue
+        for panel, x in (("LM FLOPs relative to none", s["lm_flops"]), ("mean KV-cache bytes relative to none", s["kv_mean"])):
+            points.append({"panel": panel, "method": row.family, "label": row.name, "x": x, "y": scale * s[key],
+                           "yerr": scale * s[key + "_se"], "ylabel": ylabel})
+    return points
