@@ -16,9 +16,9 @@ import torch
 
 from . import __version__
 from .errors import ArgumentParser, UserError, command_main
-from .files import check_outputs
+from .files import check_outputs, checkpoint_inputs
 from .generation import Sampling, generate
-from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype
+from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype
 from .plots import plot_run, require_matplotlib
 from .processing import Processor, StreamingDecoder, open_image
 from .pruning import METHODS, Context, input_file_settings, method_class, parse_settings, setting_fields
@@ -61,19 +61,6 @@ def method_texts(args) -> dict[str, str]:
     return {name: getattr(args, name) for name in setting_fields() if getattr(args, name) is not None}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but this machine has no CUDA device (or torch is a CPU build); "
-                            "use --device cpu")
-        return torch.device(name)
-    raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda")
-
-
 STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": "stopped at --max-new-tokens",
              "context": "stopped: the model's context is full",
              "forced": "fed every token of --force-tokens"}
@@ -100,7 +87,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
     top_p = 1.0 if args.top_p is None else args.top_p
     if not (0.0 < top_p <= 1.0):
         raise UserError(f"--top-p {args.top_p} must lie in (0, 1]")
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     weights = args.weights
     if weights is None:
@@ -109,8 +96,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
                             f"{DEFAULT_WEIGHTS}")
         weights = DEFAULT_WEIGHTS
     check_outputs([("--trace", args.trace), ("--plot", args.plot)],
-                  [("the --image", args.image), ("a file of the --weights folder", weights),
-                   ("the --force-tokens trace", args.force_tokens)]
+                  [("the --image", args.image), *checkpoint_inputs(weights), ("the --force-tokens trace", args.force_tokens)]
                   + [(f"the --{name.replace('_', '-')} file", getattr(args, name)) for name in input_file_settings()])
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")

@@ -99,6 +99,17 @@ def check_outputs(outputs, inputs=()):
                 raise UserError(f"{flag} and {other_flag} are the same file ({path}); give each its own")
 
 
+def checkpoint_inputs(weights_dir: str, files: list[str] | None = None, flag: str = "--weights") -> list[tuple[str, str]]:
+    """The one rule for a checkpoint folder among check_outputs' inputs. A command that runs a model reads
+    files beside its weights (a predictor, a VTW calibration, the examples): the whole folder is its input
+    and no output may go inside it. A command whose output belongs beside the weights (calibrate_vtw,
+    train_predictor: the very files the methods will read) passes the files it does read (`files`:
+    loading.weight_inputs), none of which an output may replace."""
+    if files is None:
+        return [(f"a file of the {flag} folder", weights_dir)]
+    return [(f"a file the {flag} folder gives the model ({os.path.basename(f)})", f) for f in files]
+
+
 def check_new_folder(path: str, flag: str):
     """A folder a command will create (whole, write_atomic_dir): it must not exist yet, its parent must."""
     if os.path.exists(path):

@@ -36,8 +36,8 @@ class Sampling:
 
 @dataclass
 class State:
-    """Everything that changes from one step to the next. The loop in `generate` advances step and
-    next_pos; the step function changes the cache and keep."""
+    """Everything that changes from one step to the next. decode_one_token advances step and next_pos
+    (and nothing else does); the step function changes the cache and keep."""
     cache: KVCache
     span: tuple[int, int]  # (start, N) of the visual tokens in the prompt
     keep: torch.Tensor  # kept visual indices [M], ascending
@@ -97,7 +97,7 @@ def prefill_lower(model: LlavaForConditionalGeneration, input_ids: torch.Tensor,
     of step 0 on its own, for readers (the tutorial) who want to stop there and look at the scores.
     -> (hidden x [1, P, C], positions [P], State, layer K-1 attention probs [1, H, P, P])."""
     x, pos, state = embed_prompt(model, input_ids, pixel_values)
-    x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)
+    x, probs = lower(model, x, pos, state, K)
     return x, pos, state, probs
 
 
@@ -129,6 +129,11 @@ def drop_visual(model, state: State, keep: torch.Tensor, x: torch.Tensor, pos: t
     return x, pos
 
 
+def lower(model, x, pos, state: State, K: int):
+    """Layers [0, K), which always see every token. -> (x, layer K-1's attention probs [1, H, T, S])."""
+    return model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)
+
+
 def upper(model, x, pos, state: State, K: int) -> torch.Tensor:
     """Layers [K, L) and the LM head on the last row. -> logits [V] fp32."""
     x, _ = model.run_layers(x, pos, state.cache, range(K, model.config.text_config.num_hidden_layers))
@@ -139,7 +144,7 @@ def step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method
     """One step t = state.step on the rows it feeds (x [1, T, C] at positions pos [T]: the prompt at
     t = 0, one token after): lower half, the method's decision, the drop, upper half. -> logits [V]."""
     K, t = rec.K, state.step
-    x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)  # probs [1, H, T, S]
+    x, probs = lower(model, x, pos, state, K)  # probs [1, H, T, S]
     last = visual_scores(probs, state.span, "last")  # [N]: the step's last query, for the trace and most methods
     keep = method.choose(t, state.keep, method.scores(probs, state.span, t, last))
     rows_low = pos.numel()
@@ -170,10 +175,14 @@ def prefill(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel
 @torch.no_grad()
 def decode_one_token(model: LlavaForConditionalGeneration, token: torch.Tensor, state: State, method: Method,
                      rec: Record) -> torch.Tensor:
-    """Step state.step: feed one token (a 0-d id tensor) at position state.next_pos. -> logits [V]."""
+    """The next step: feed one token (a 0-d id tensor) at position state.next_pos; advances state.step
+    before (this is step t + 1) and state.next_pos after. -> logits [V]."""
+    state.step += 1
     pos = torch.tensor([state.next_pos], device=token.device)  # [1]
     x = model.model.embed_tokens(token.view(1, 1))  # [1, 1, C]
-    return step(model, x, pos, state, method, rec)
+    logits = step(model, x, pos, state, method, rec)
+    state.next_pos += 1
+    return logits
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -228,9 +237,7 @@ def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixe
         if len(tokens) >= max_new_tokens:
             reason = "forced" if force is not None else "max_new_tokens"
             break
-        state.step += 1
         logits = decode_one_token(model, token, state, method, rec)
-        state.next_pos += 1
     return Generation(tokens, rec, state, reason)
 
 

@@ -251,6 +251,24 @@ def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str
     return model.eval()
 
 
+def resolve_device(name: str, auto: bool = True) -> torch.device:
+    """A --device value -> torch device: cpu, cuda or cuda:N (refused, with what to do, on a machine
+    without CUDA), and, where `auto`, "auto" (CUDA when present)."""
+    if auto and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} but this machine has no CUDA device (or torch is a CPU build); "
+                            "use --device cpu")
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r} is not a device name; use cuda or cuda:N") from None
+    raise UserError(f"unknown --device {name!r}; use {'auto, ' if auto else ''}cpu or cuda")
+
+
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     """A --dtype value -> torch dtype. "auto": float16 on CUDA, float32 on the CPU (where float16 matmuls
     are slow and bfloat16 needs AMX or AVX512-BF16 to pay)."""

@@ -109,10 +109,15 @@ def keep_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
+def layer_in_range(K, num_layers: int) -> bool:
+    """The one range rule of a pruning layer: a whole number 1 <= K <= L-1 (layer 0 has no attention to
+    read before it; at K = L nothing would be pruned)."""
+    return not isinstance(K, bool) and isinstance(K, int) and 1 <= K <= num_layers - 1
+
+
 def check_layer(K, num_layers: int, what: str) -> int:
-    """The one range check of a pruning layer: 1 <= K <= L-1 (layer 0 has no attention to read before
-    it; at K = L nothing would be pruned). `what` names where K came from, for the message."""
-    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= num_layers - 1:
+    """layer_in_range, or a UserError; `what` names where K came from, for the message."""
+    if not layer_in_range(K, num_layers):
         raise UserError(f"{what} {K} is outside 1..{num_layers - 1} (the model has {num_layers} layers)")
     return K
 
@@ -317,7 +322,7 @@ def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None,
         raise UserError(f"{path} is not a readable VTW calibration ({e}); recalibrate or pass --layer") from None
     if K is None:
         return None, f"{VTW_CALIBRATION} found no layer within its eta"
-    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= num_layers - 1:
+    if not layer_in_range(K, num_layers):
         return None, f"{VTW_CALIBRATION} holds layer {K!r}, outside 1..{num_layers - 1}"
     return K, VTW_CALIBRATION
 
@@ -445,11 +450,3 @@ def setting_fields(registry: dict | None = None) -> dict:
 def input_file_settings(registry: dict | None = None) -> list[str]:
     """The settings, of any method of the registry, whose values name files a run reads."""
     return [name for name, owners in setting_fields(registry).items() if any(f.metadata["input_file"] for _, f in owners)]
-
-
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """KL(P || Q) in nats per row, from logits [..., V]: how far a pruned next-token distribution Q is
-    from the unpruned P. VTW's calibration criterion, and what `trace compare` measures between an oracle
-    and a backend (there in float64: float32 rounding alone leaves a few 1e-7 of noise)."""
-    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)

@@ -41,10 +41,18 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArgumentParser, UserError, command_main
 from .files import check_outputs, write_atomic
-from .pruning import kl as pruning_kl
 
 FORMAT = "dyrate_ref-trace-1"
 REQUIRED = ("input_ids", "tokens")
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """KL(P || Q) in nats per row, from logits [..., V] of two next-token distributions. `trace compare`
+    and the premise test pass the oracle's (unpruned) logits as P; VTW's calibration passes the
+    withdrawn model's as P and the full model's as Q, KL(P_withdrawn || P_full), the direction VTW's
+    criterion uses. float64 for comparisons: float32 rounding alone leaves a few 1e-7 of noise."""
+    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Tensor]:
@@ -226,7 +234,7 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
             delta = (ra["logits"] - rb["logits"]).abs().amax(-1)  # [upto]
             label = "max |Δlogit|"
             # clamped at 0: rounding leaves a few -1e-16 where the two distributions are equal
-            kl = pruning_kl(ra["logits"], rb["logits"], torch.float64).clamp_min(0.0)  # [upto]
+            kl = kl_divergence(ra["logits"], rb["logits"], torch.float64).clamp_min(0.0)  # [upto]
             for t in range(upto):
                 steps[t]["kl"] = float(kl[t])
                 if kl[t] > limits.max_kl:

@@ -122,7 +122,7 @@ MUTANTS = [
            (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, top_p, None)"),), CLI_TESTS),
     # Round 2 (tests/test_teeth.py and the newcomer issue's tests): what an oracle's users rely on
     Mutant("kl-reversed", "trace compare reports KL(backend || oracle), not KL(oracle || backend)", "dyrate_ref/trace.py",
-           (('kl = pruning_kl(ra["logits"], rb["logits"], torch.float64)', 'kl = pruning_kl(rb["logits"], ra["logits"], torch.float64)'),),
+           (('kl = kl_divergence(ra["logits"], rb["logits"], torch.float64)', 'kl = kl_divergence(rb["logits"], ra["logits"], torch.float64)'),),
            TEETH_TESTS),
     Mutant("prefix-is-same", "a backend that stopped early (its tokens a prefix) passes", "dyrate_ref/trace.py",
            (("tokens_ok = first is None and ta.numel() == tb.numel()", "tokens_ok = first is None"),), TEETH_TESTS),

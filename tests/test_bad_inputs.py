@@ -125,7 +125,7 @@ def cases(root):
             (["--out", str(root / "m"), "--minutes", "0"], "positive"),
             (["--out", w, "--tower", w], "same folder"),
             (["--out", "/nonexistent/m"], "does not exist"),
-        ] + ([(["--out", str(root / "m"), "--device", "cuda"], "no CUDA")] if not torch.cuda.is_available() else [])),
+        ] + ([(["--out", str(root / "m"), "--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else [])),
         "demo.export": (demo_export.main, [
             (["--out", str(root / "dir")], "already exists"),
             (["--out", t], "already exists"),
@@ -145,7 +145,7 @@ def cases(root):
             (["--threads", "0"], "at least 1"),
             (["--weights", "/nonexistent"], "nonexistent"),
             (["--bandwidth", "-1"], "positive"),
-        ] + ([(["--device", "cuda"], "no such device")] if not torch.cuda.is_available() else [])),
+        ] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else [])),
     }
 
 

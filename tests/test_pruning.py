@@ -183,11 +183,9 @@ def test_flops_match_flop_counter_and_kv_bytes_match_tensors(tiny, name):
     sizes = [state.keep.numel()]
     for _ in range(T_NEW - 1):
         token = sample(logits, Sampling(), None)
-        state.step += 1
         with FlopCounterMode(display=False) as fc:
             logits = decode_one_token(model, token, state, prune, rec)
         counted.append(fc.get_total_flops())
-        state.next_pos += 1
         sizes.append(state.keep.numel())
     # Exact: cost.py's formulas count every matmul FlopCounterMode sees, vision tower included.
     assert rec.flops == counted

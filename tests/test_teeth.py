@@ -116,7 +116,11 @@ def test_bfloat16_logits_equal_transformers_bfloat16_on_the_cpu():
     with torch.no_grad():
         ours = model(ids[None], px.to(torch.bfloat16))[0].float()  # [P, V]
         theirs = hf(input_ids=ids[None], pixel_values=px.to(torch.bfloat16)).logits[0].float()
-    assert hf_processor  # the same processor path as the float32 parity tests
+    # the inputs are transformers' own: its processor makes the same ids and pixels from the same picture
+    hf_inputs = hf_processor(DEFAULT_WEIGHTS, model.config)(images=img, text=proc.prompt_text("Describe the image."),
+                                                            return_tensors="pt")
+    assert hf_inputs["input_ids"][0].tolist() == ids.tolist()
+    assert torch.allclose(hf_inputs["pixel_values"], px, atol=1e-6)
     gap = (ours - theirs).abs().max().item()
     assert gap <= 0.02, gap
 

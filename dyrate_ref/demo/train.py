@@ -37,7 +37,7 @@ import torch
 
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import publish
-from ..loading import load_model, read_config, save_weights
+from ..loading import load_model, read_config, resolve_device, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..processing import PROMPT_TEMPLATE, Processor
 from ..progress import Progress
@@ -274,8 +274,7 @@ def run(argv=None) -> int:
                         "(0: never; default 100)")
     args = p.parse_args(argv)
     recipe = RECIPES[args.recipe]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but this machine has no CUDA device; use --device cpu")
+    resolve_device(args.device, auto=False)
     if not args.out.strip():
         raise UserError("--out is empty; give the folder to write the model into")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..cost import vision_flops
 from ..errors import ArgumentParser, UserError, command_main
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
-from ..loading import DTYPES, checkpoint_key, load_model, read_config, resolve_dtype, weight_files
+from ..loading import DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, weight_files
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..pruning import VTW, Context, DyRate, FastV, NoPruning
 from ..predictor import shipped_predictor_path
@@ -245,9 +245,7 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    st.step += 1
                     decode_one_token(model, token, st, pr, log)
-                    st.next_pos += 1
                 sync()
                 if r:
                     best[v] = min(best[v], (time.perf_counter() - t0) / steps)
@@ -291,8 +289,7 @@ def run(argv=None) -> int:
         raise UserError("--new-tokens and --repeats must be at least 1")
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
         raise UserError(f"--bandwidth {args.bandwidth} must be a positive number of GB/s")
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        raise UserError(f"--device {args.device}: this machine has no such device; use --device cpu")
+    resolve_device(args.device, auto=False)
     if args.weights is not None:
         read_config(args.weights)  # a missing or broken directory is refused before any work
     if args.threads:

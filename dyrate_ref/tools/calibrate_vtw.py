@@ -15,13 +15,13 @@ import math
 import torch
 
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import write_json
 from ..generation import forward_no_cache, generate, keep_masks
-from ..files import check_outputs
+from ..files import check_outputs, checkpoint_inputs, write_json
 from ..loading import load_model, read_config, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import check_layer, kl
+from ..pruning import check_layer
+from ..trace import kl_divergence
 from .data import read_examples
 
 
@@ -39,7 +39,7 @@ def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tok
         for K in layers:  # withdrawn from layer K on: no query of layers >= K sees a visual token
             masks = keep_masks(ids, model.config.image_token_index, none_kept, K, len(model.model.layers))
             logits_w, _ = forward_no_cache(model, ids, px, full.tokens, masks)  # [T, V]
-            totals[K] += float(kl(logits_w, logits_full).sum())
+            totals[K] += float(kl_divergence(logits_w, logits_full).sum())
         count += len(full.tokens)
         if bar:
             bar.update(1)
@@ -73,7 +73,7 @@ def run(argv=None) -> int:
     check_layer(args.min_layer, L, "--min-layer")
     # vtw_calibration.json beside the weights is the usual place: an output there is fine, but never
     # one of the weights' own files.
-    check_outputs([("--out", args.out)], [("a file the --weights folder reads", p) for p in weight_inputs(args.weights)])
+    check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights)))
     examples = read_examples(args.data)
     model = load_model(args.weights, config=cfg)
     proc = Processor(args.weights, model.config)

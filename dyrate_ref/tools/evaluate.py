@@ -48,9 +48,9 @@ import torch
 from ..cost import vision_flops
 from ..demo.reading import kind_swap_kl, kind_swap_pairs
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import check_folder, check_outputs, write_json
+from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..generation import forward_no_cache, generate
-from ..loading import DEFAULT_WEIGHTS, load_model, read_config, weight_inputs
+from ..loading import DEFAULT_WEIGHTS, load_model, read_config
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
@@ -294,7 +294,7 @@ def run(argv=None) -> int:
         raise UserError("--no-control works with --only-extra (the standard rows always include the control)")
     if args.plot:
         check_folder(args.plot, "--plot")
-    inputs = [("a file the --weights folder reads", f) for f in weight_inputs(args.weights)] + [("the --data file", args.data)]
+    inputs = checkpoint_inputs(args.weights) + [("the --data file", args.data)]
     check_outputs([("--json", args.json), ("--results", args.results)], inputs)
     if args.plot:
         require_matplotlib()

@@ -31,37 +31,59 @@ from typing import ClassVar
 
 import torch
 
+from ..demo.scenes import LOOK_SPLIT
 from ..errors import ArgumentParser, UserError, command_main
-from ..files import check_outputs, write_json
+from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import forward_no_cache, generate, recompute_logits
-from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_dtype, weight_inputs
+from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import (Method, check_layer, keep_mask, kept_count, kl, parse_fraction, parse_int, setting, top_k_sorted,
+from ..pruning import (Method, check_layer, keep_mask, kept_count, parse_fraction, parse_int, setting, top_k_sorted,
                        visual_scores, visual_span)
+from ..trace import kl_divergence
 from .data import Item, file_items, read_items, scene_items
 from .report import clustered_mean
 
 
+def parse_indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise ValueError("is not a comma-separated list of token indices") from None
+
+
 @dataclass(frozen=True)
 class CutAt(Method):
-    """The premise test's one cut: every visual token until step `at`, then the best f·N of them (by
-    step `at`'s scores), held to the end. Not a user method: the tool builds it."""
+    """The premise test's one cut: every visual token until step `at`, then f·N of them held to the
+    end: the best by step `at`'s scores, or, with `chosen`, those (the tokens the prefill's query
+    ranked best: the variant that separates *when* a cut is made from *which* tokens a later query
+    picks). Not a user method: the tool builds it."""
     name: ClassVar[str] = "cut-at"
     layer: int = setting(1, parse_int, "pruning layer K", "K")
     at: int = setting(0, parse_int, "the answer step of the cut", "s")
     fraction: float = setting(0.5, parse_fraction, "kept share of the N visual tokens from step `at` on", "f")
+    chosen: tuple[int, ...] | None = setting(None, parse_indices, "the visual tokens kept from step `at` on "
+                                             "(default: the best of step `at`'s scores)", "chosen")
 
     def choose(self, t, keep, scores):
-        if t == self.at:
-            keep = top_k_sorted(keep, scores, kept_count(scores.numel(), 1 - self.fraction))
-        return keep
+        if t != self.at:
+            return keep
+        if self.chosen is not None:
+            return keep[torch.isin(keep, torch.tensor(self.chosen, device=keep.device))]
+        return top_k_sorted(keep, scores, kept_count(scores.numel(), 1 - self.fraction))
+
+
+CHOICES = ("step", "prefill")  # which query picks the tokens a cut keeps
 
 
 @torch.no_grad()
-def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_tokens: int) -> list[dict]:
-    """One record per (s, f) the answer is long enough for."""
+def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_tokens: int,
+              choices=CHOICES) -> list[dict]:
+    """One record per (choice, s, f) the answer is long enough for. choice "step": the tokens kept are the
+    best by step s's query (what a method deciding at step s sees); "prefill": the best by the prefill's
+    query, whatever s (so a difference between the two at the same s is *which* tokens, and a trend in
+    s under "prefill" is *when* alone)."""
     ids, px = processor.input_ids(item.text), processor.pixel_values(item.picture())
     base = generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids)
     tokens, T = base.tokens, len(base.tokens)
@@ -71,38 +93,68 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
     text = processor.decode(tokens)
     base_score = item.score(text)
     out = []
-    for s in steps:
-        if s >= T:
-            continue
-        scores = visual_scores(probs[K - 1][:, :, :P + s], span, "last")  # step s's query: row P-1+s
-        for f in fractions:
-            kept = top_k_sorted(torch.arange(N, device=scores.device), scores, kept_count(N, 1 - f))
-            rows = torch.stack([keep_mask(torch.arange(N, device=kept.device), N)] * s
-                               + [keep_mask(kept, N)] * (T - s))  # [T, N]
-            cut = recompute_logits(model, ids, px, tokens, rows, K)  # [T, V]
-            d = kl(full[s:], cut[s:], torch.float64).clamp_min(0)  # [T - s]
-            top1 = (cut[s:].argmax(-1) == torch.tensor(tokens[s:], device=cut.device)).float()
-            free = generate(model, ids, px, max_new_tokens, CutAt(K, s, f), stop_ids=processor.stop_ids)
-            ftext = processor.decode(free.tokens)
-            out.append({"kind": item.kind, "cluster": item.cluster, "step": s, "fraction": f, "kl": float(d.mean()),
-                        "top1": float(top1.mean()), "same_answer": float(free.tokens == tokens),
-                        "score": item.score(ftext), "base_score": base_score})
+    prefill_scores = visual_scores(probs[K - 1][:, :, :P], span, "last")  # the prefill's query: row P-1
+    everything = torch.arange(N, device=full.device)
+    cuts = [(s, s) for s in steps if s < T]  # (the step recorded, the step cut from)
+    after = look_end(processor, tokens) if item.kind == "look" else None
+    if after is not None:
+        cuts.append((AFTER_LOOK, after))
+    for choice in choices:
+        for label, s in cuts:
+            scores = prefill_scores if choice == "prefill" else visual_scores(probs[K - 1][:, :, :P + s], span, "last")
+            for f in fractions:
+                kept = top_k_sorted(everything, scores, kept_count(N, 1 - f))
+                rows = torch.stack([keep_mask(everything, N)] * s + [keep_mask(kept, N)] * (T - s))  # [T, N]
+                cut = recompute_logits(model, ids, px, tokens, rows, K)  # [T, V]
+                d = kl_divergence(full[s:], cut[s:], torch.float64).clamp_min(0)  # [T - s]
+                top1 = (cut[s:].argmax(-1) == torch.tensor(tokens[s:], device=cut.device)).float()
+                method = CutAt(K, s, f, tuple(kept.tolist()) if choice == "prefill" else None)
+                free = generate(model, ids, px, max_new_tokens, method, stop_ids=processor.stop_ids)
+                ftext = processor.decode(free.tokens)
+                out.append({"kind": item.kind, "cluster": item.cluster, "choice": choice, "step": label, "fraction": f,
+                            "kl": float(d.mean()), "top1": float(top1.mean()),
+                            "same_answer": float(free.tokens == tokens), "score": item.score(ftext),
+                            "base_score": base_score})
     return out
 
 
+AFTER_LOOK = "after the look"  # the step label of a look-then-reason answer's cut right after its looking part
+
+
+def look_end(processor, tokens: list[int]) -> int | None:
+    """The step of a look-then-reason answer whose token begins its reasoning part (the first token
+    after the description's last "." before " So "), or None if the answer has none: cutting from there
+    withdraws the image from everything after the looking part."""
+    text = processor.decode(tokens)
+    end = text.find("." + LOOK_SPLIT)
+    if end < 0:
+        return None
+    for t in range(len(tokens)):
+        if len(processor.decode(tokens[:t + 1])) > end + 1:  # this token writes past the looking part's "."
+            return t
+    return None
+
+
+def _order(key):
+    kind, choice, s, f = key
+    return (kind != "all", kind, choice != "step", choice, isinstance(s, str), s if isinstance(s, int) else 0, -f)
+
+
 def summarise(records: list[dict]) -> list[dict]:
-    """Means over items per (kind, s, f), with the standard error of the answer agreement clustered by
-    picture (report.clustered_mean: the questions about one scene are not independent)."""
+    """Means over items per (kind, choice, s, f), with the standard error of the answer agreement
+    clustered by picture (report.clustered_mean: the questions about one scene are not independent)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         for kind in (r["kind"], "all"):
-            groups.setdefault((kind, r["step"], r["fraction"]), []).append(r)
+            if kind == "all" and r["step"] == AFTER_LOOK:
+                continue  # an item-specific step: only its own kind has it
+            groups.setdefault((kind, r["choice"], r["step"], r["fraction"]), []).append(r)
     rows = []
-    for (kind, s, f), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0])):
+    for (kind, choice, s, f), rs in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         n = len(rs)
         mean, se = clustered_mean([r["same_answer"] for r in rs], [r["cluster"] for r in rs])
         scored = [r for r in rs if r["score"] is not None]
-        rows.append({"kind": kind, "step": s, "fraction": f, "n": n, "kl": sum(r["kl"] for r in rs) / n,
+        rows.append({"kind": kind, "choice": choice, "step": s, "fraction": f, "n": n, "kl": sum(r["kl"] for r in rs) / n,
                      "top1": sum(r["top1"] for r in rs) / n, "same_answer": mean, "same_answer_se": se,
                      "score": sum(r["score"] for r in scored) / len(scored) if scored else None,
                      "base_score": sum(r["base_score"] for r in scored) / len(scored) if scored else None})
@@ -110,32 +162,51 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| answers | cut from step s | kept fraction f | items | mean KL at steps >= s (nats) | top-1 kept "
-             "% | same answer % (±SE) | score (unpruned) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| answers | tokens kept by | cut from step s | kept fraction f | items | mean KL at steps >= s (nats) | "
+             "top-1 kept % | same answer % (±SE) | score (unpruned) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         score = "" if r["score"] is None else f"{r['score']:.3f} ({r['base_score']:.3f})"
-        lines.append(f"| {r['kind']} | {r['step']} | {r['fraction']:g} | {r['n']} | {r['kl']:.4f} | "
+        by = "step s's query" if r["choice"] == "step" else "the prefill's query"
+        lines.append(f"| {r['kind']} | {by} | {r['step']} | {r['fraction']:g} | {r['n']} | {r['kl']:.4f} | "
                      f"{100 * r['top1']:.1f} | {100 * r['same_answer']:.1f} ± {100 * r['same_answer_se']:.1f} | {score} |")
     return "\n".join(lines)
 
 
 def plot(path: str, rows: list[dict], title: str):
+    """Per answer kind, KL (top) and same-answer share (bottom) against the cut's step: solid lines keep
+    the tokens step s's query ranks best, dashed ones the prefill's choice; a star is the cut right after
+    a look-then-reason answer's looking part."""
     plt = require_matplotlib()
+    numeric = [r for r in rows if isinstance(r["step"], int)]
     # Only answers long enough to be cut at three or more steps make a curve (a one-word answer and its EOS
     # end at s = 1); the table has them all.
-    kinds = [k for k in dict.fromkeys(r["kind"] for r in rows) if len({r["step"] for r in rows if r["kind"] == k}) > 2]
+    kinds = [k for k in dict.fromkeys(r["kind"] for r in rows) if len({r["step"] for r in numeric if r["kind"] == k}) > 2]
     if len(kinds) > 1 and "all" in kinds:  # "all" mixes kinds whose answers end at different steps
         kinds.remove("all")
     kinds = kinds or list(dict.fromkeys(r["kind"] for r in rows))
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
-    fig, axes = plt.subplots(2, len(kinds), figsize=(3.4 * len(kinds), 5.6), squeeze=False, sharex=True)
+    colours = {f: f"C{i}" for i, f in enumerate(fractions)}
+    end = max((r["step"] for r in numeric), default=0)
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.6 * len(kinds), 5.8), squeeze=False, sharex=True)
     for j, kind in enumerate(kinds):
         for f in fractions:
-            rs = sorted((r for r in rows if r["kind"] == kind and r["fraction"] == f), key=lambda r: r["step"])
-            s = [r["step"] for r in rs]
-            axes[0][j].plot(s, [r["kl"] for r in rs], marker="o", ms=3, label=f"kept {f:g}")
-            axes[1][j].errorbar(s, [100 * r["same_answer"] for r in rs], yerr=[100 * r["same_answer_se"] for r in rs],
-                                marker="o", ms=3, capsize=2, label=f"kept {f:g}")
+            for choice, style in (("step", "-"), ("prefill", "--")):
+                rs = sorted((r for r in numeric if r["kind"] == kind and r["fraction"] == f and r["choice"] == choice),
+                            key=lambda r: r["step"])
+                if not rs:
+                    continue
+                s = [r["step"] for r in rs]
+                label = f"kept {f:g}" + ("" if choice == "step" else ", prefill's choice")
+                axes[0][j].plot(s, [r["kl"] for r in rs], style, color=colours[f], marker="o", ms=3, label=label)
+                axes[1][j].errorbar(s, [100 * r["same_answer"] for r in rs], yerr=[100 * r["same_answer_se"] for r in rs],
+                                    fmt=style, color=colours[f], marker="o", ms=3, capsize=2, label=label)
+            for r in (r for r in rows if r["kind"] == kind and r["fraction"] == f and r["step"] == AFTER_LOOK
+                      and r["choice"] == "step"):
+                axes[0][j].plot([end + 2], [r["kl"]], "*", color=colours[f], ms=10)
+                axes[1][j].errorbar([end + 2], [100 * r["same_answer"]], yerr=[100 * r["same_answer_se"]], fmt="*",
+                                    color=colours[f], ms=10, capsize=2)
+                axes[1][j].annotate("after the look", (end + 2, 100 * r["same_answer"]), fontsize=7,
+                                    xytext=(-40, -12), textcoords="offset points")
         axes[0][j].set_title(f"{kind} (n = {max((r['n'] for r in rows if r['kind'] == kind), default=0)})", fontsize=10)
         axes[0][j].set_yscale("symlog", linthresh=1e-3)
         axes[1][j].set_ylim(-5, 105)
@@ -145,9 +216,10 @@ def plot(path: str, rows: list[dict], title: str):
     axes[0][0].set_ylabel("mean KL after the cut (nats,\nteacher-forced)")
     axes[1][0].set_ylabel("same answer as unpruned %\n(free-running, ±1 SE)")
     handles, labels = axes[1][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(fractions), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False, bbox_to_anchor=(0.5, -0.01),
+               fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     save_figure(fig, path)
 
 
@@ -172,6 +244,9 @@ def run(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16")
+    p.add_argument("--choice", default="step,prefill",
+                   help="which query picks the kept tokens: step (step s's), prefill (the prefill's), or both "
+                        "(default step,prefill)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw it")
     args = p.parse_args(argv)
@@ -185,13 +260,15 @@ def run(argv=None) -> int:
     fractions = parse_list(args.fractions, "--fractions", float)
     if any(s < 0 for s in steps) or any(not 0.0 <= f <= 1.0 for f in fractions):
         raise UserError("--steps must be >= 0 and --fractions in [0, 1]")
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        raise UserError(f"--device {args.device}: this machine has no such device; use --device cpu")
+    choices = args.choice.split(",")
+    if not choices or any(c not in CHOICES for c in choices):
+        raise UserError(f"--choice {args.choice!r}: use step, prefill or step,prefill")
+    resolve_device(args.device, auto=False)
     dtype = resolve_dtype(args.dtype, args.device)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
     check_outputs([("--json", args.json), ("--plot", args.plot)],
-                  [("a file the --weights folder reads", f) for f in weight_inputs(args.weights)] + [("the --data file", args.data)])
+                  checkpoint_inputs(args.weights) + [("the --data file", args.data)])
     if args.plot:
         require_matplotlib()
     items = file_items(read_items(args.data)) if args.data else scene_items(args.scenes or 40)
@@ -202,7 +279,7 @@ def run(argv=None) -> int:
     bar = Progress(len(items), "premise test", " items")
     records = []
     for it in items:
-        records += cut_costs(model, proc, it, K, steps, fractions, args.max_new_tokens)
+        records += cut_costs(model, proc, it, K, steps, fractions, args.max_new_tokens, choices)
         bar.update(1)
     bar.close()
     rows = summarise(records)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgumentParser, UserError, command_main
 from ..generation import forward_no_cache, generate, recompute_logits
-from ..files import check_outputs
+from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, weight_inputs
 from ..model import LlavaForConditionalGeneration
 from ..predictor import ACTIONS, FEATURES, RatePredictor, predictor_features
@@ -199,7 +199,7 @@ def run(argv=None) -> int:
         raise UserError(f"--lr {args.lr} must be a number > 0")
     cfg = read_config(args.weights)
     check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
-    check_outputs([("--out", args.out)], [("a file the --weights folder reads", p) for p in weight_inputs(args.weights)])
+    check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights)))
     examples = read_examples(args.data, args.seed)
     heldout = read_examples(args.heldout, args.seed + 1) if args.heldout else []
     model = load_model(args.weights, config=cfg)
