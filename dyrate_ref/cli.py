@@ -31,7 +31,7 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help='question; may contain one "<image>" to place the image')
     p.add_argument("--weights", help=f"llava-hf checkpoint directory (default: the embedded {DEFAULT_WEIGHTS})")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many tokens (default 128)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--dtype", default="auto", help="float32, float16 or bfloat16 (auto: float32 on CPU, "
                                                    "float16 on CUDA)")
@@ -71,14 +71,25 @@ def run(argv=None, prog: str = "generate.py") -> int:
 
     # 1. Everything that can be checked without reading weights. A flag that would have no effect, or
     # an input that cannot mean anything, is refused rather than ignored.
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise UserError("--prompt is not valid UTF-8 text; pass the question as UTF-8") from None
     if not args.prompt.replace("<image>", "").strip():
         raise UserError("--prompt is empty; ask a question about the image, e.g. --prompt \"Describe the image.\"")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.force_tokens is not None and args.max_new_tokens is not None:
+        raise UserError("--max-new-tokens has no effect with --force-tokens (the trace's tokens are all fed); "
+                        "leave one out")
+    max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads} must be at least 1")
+        cores = os.cpu_count() or 1
+        if not 1 <= args.threads <= cores:
+            raise UserError(f"--threads {args.threads} must lie in 1..{cores} (this machine's cores)")
         torch.set_num_threads(args.threads)
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed {args.seed} must lie in 0..2^63-1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature {args.temperature} must be a finite number >= 0")
     if args.temperature == 0 and (args.top_p is not None or args.seed is not None):
@@ -116,7 +127,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
     if input_ids.numel() >= context:
         raise UserError(f"the prompt is {input_ids.numel()} tokens with the image, which does not fit the "
                         f"model's context of {context}; shorten it")
-    max_new = min(args.max_new_tokens, context - input_ids.numel())
+    max_new = min(max_new_tokens, context - input_ids.numel())
     force = None
     if args.force_tokens is not None:
         if args.temperature > 0:
@@ -150,7 +161,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
     dt = time.time() - t0
     N = gen.state.span[1]
     stop = gen.stop_reason
-    if stop == "max_new_tokens" and max_new < args.max_new_tokens:
+    if stop == "max_new_tokens" and max_new < max_new_tokens:
         stop = "context"  # the cap came from the context, not from the flag
     stop_text = STOP_TEXT[stop] + (f" ({context} tokens)" if stop == "context" else "")
     sys.stderr.write(f"[{len(gen.tokens)} tokens in {dt:.2f}s on {device.type}/{str(dtype).split('.')[-1]}; "

@@ -86,6 +86,8 @@ def check_outputs(outputs, inputs=()):
     inside an input folder), or that is another output of the same run."""
     outputs = [(flag, path) for flag, path in outputs if path is not None]
     for i, (flag, path) in enumerate(outputs):
+        if not path.strip():
+            raise UserError(f"{flag} is empty; give a file name")
         if os.path.isdir(path):
             raise UserError(f"{flag} {path} is a directory; give a file name")
         _check_parent(path, flag)
@@ -112,6 +114,8 @@ def checkpoint_inputs(weights_dir: str, files: list[str] | None = None, flag: st
 
 def check_new_folder(path: str, flag: str):
     """A folder a command will create (whole, write_atomic_dir): it must not exist yet, its parent must."""
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give the name of a new folder")
     if os.path.exists(path):
         raise UserError(f"{flag} {path} already exists; give a new folder name (nothing is overwritten)")
     _check_parent(path, flag)
@@ -128,6 +132,8 @@ def _check_parent(path: str, flag: str):
 
 def check_folder(path: str, flag: str):
     """An existing folder a command writes files into."""
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give a folder")
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: folder does not exist; create it first")
     if not os.access(path, os.W_OK):

@@ -321,6 +321,19 @@ def _token_id(text, where: str) -> int:
     return int(m.group(1))
 
 
+def _logprob(value, where: str) -> float:
+    """A log-probability from the JSON: a finite number <= 0 (a tiny positive rounding error allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 1e-6:
+        raise UserError(f"{where}: logprob {value!r} is not a log-probability (a finite number <= 0)")
+    return float(value)
+
+
+def _field(entry, key: str, where: str):
+    if not isinstance(entry, dict) or key not in entry:
+        raise UserError(f"{where}: no {key!r}; the response is not an OpenAI-compatible logprobs entry")
+    return entry[key]
+
+
 def openai_trace(response: dict, input_ids: torch.Tensor, path: str) -> dict[str, torch.Tensor]:
     """An OpenAI-compatible chat or completions response with logprobs -> a partial trace: input_ids,
     tokens, topk_ids, topk_logprobs (the chosen token's own log-prob is kept in the top-k set: the engine
@@ -334,16 +347,22 @@ def openai_trace(response: dict, input_ids: torch.Tensor, path: str) -> dict[str
     if isinstance(lp, dict) and "content" in lp:  # chat completions
         for i, entry in enumerate(lp["content"] or []):
             where = f"{path}: choices[0].logprobs.content[{i}]"
-            tokens.append(_token_id(entry["token"], where))
-            tops.append({_token_id(e["token"], where): float(e["logprob"]) for e in entry.get("top_logprobs") or []})
-            tops[-1].setdefault(tokens[-1], float(entry["logprob"]))
+            tokens.append(_token_id(_field(entry, "token", where), where))
+            tops.append({_token_id(_field(e, "token", where), where): _logprob(_field(e, "logprob", where), where)
+                         for e in entry.get("top_logprobs") or []})
+            tops[-1].setdefault(tokens[-1], _logprob(_field(entry, "logprob", where), where))
     elif isinstance(lp, dict) and "tokens" in lp:  # completions
-        for i, (tok, tlp) in enumerate(zip(lp["tokens"], lp["token_logprobs"])):
+        listed = _field(lp, "token_logprobs", f"{path}: choices[0].logprobs")
+        if not isinstance(lp["tokens"], list) or not isinstance(listed, list) or len(listed) != len(lp["tokens"]):
+            raise UserError(f"{path}: choices[0].logprobs.tokens and token_logprobs are not lists of one length")
+        for i, (tok, tlp) in enumerate(zip(lp["tokens"], listed)):
             where = f"{path}: choices[0].logprobs.tokens[{i}]"
             tokens.append(_token_id(tok, where))
             top = (lp.get("top_logprobs") or [None] * len(lp["tokens"]))[i] or {}
-            tops.append({_token_id(t, where): float(v) for t, v in top.items()})
-            tops[-1].setdefault(tokens[-1], float(tlp))
+            if not isinstance(top, dict):
+                raise UserError(f"{where}: top_logprobs[{i}] is not an object of token -> logprob")
+            tops.append({_token_id(t, where): _logprob(v, where) for t, v in top.items()})
+            tops[-1].setdefault(tokens[-1], _logprob(tlp, where))
     else:
         raise UserError(f"{path}: choices[0].logprobs has neither 'content' (chat) nor 'tokens' (completions)")
     if not tokens:
@@ -386,6 +405,10 @@ def run(argv=None) -> int:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {args.response} as JSON: {e}") from None
         prompt_ids = response.get("prompt_token_ids") if isinstance(response, dict) else None
+        if prompt_ids is not None and not (isinstance(prompt_ids, list) and prompt_ids and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt_ids)):
+            raise UserError(f"{args.response}: prompt_token_ids is not a list of token ids; fix the response or "
+                            "remove the field to take input_ids from --input-ids-from")
         input_ids = (torch.tensor(prompt_ids, dtype=torch.int64) if prompt_ids
                      else read_trace(args.input_ids_from)["input_ids"])
         tensors = openai_trace(response, input_ids, args.response)

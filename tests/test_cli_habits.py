@@ -249,6 +249,24 @@ def test_progress_into_a_pipe_is_one_final_line_in_mb(capsys):
     assert "1.5/3.0 GB" in capsys.readouterr().err
 
 
+def test_progress_into_a_log_writes_a_line_every_few_seconds_with_rate_and_eta(capsys, monkeypatch):
+    """A 50-minute job piped into a log must not be silent until it ends: a line every every_s seconds
+    (count, rate, time left), then the final one."""
+    from dyrate_ref import progress
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    bar = progress.Progress(100, "evaluating", " prompts", after_s=0.0, every_s=10.0)
+    for _ in range(40):  # 40 prompts, one every 1.5 s: 60 s
+        clock[0] += 1.5
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert "\r" not in "".join(lines) and 6 <= len(lines) <= 7, lines  # every 10 s of 60, and the final one
+    assert "7/100 prompts" in lines[0] and "0.67 prompts/s" in lines[0], lines[0]  # 7 done at 10.5 s
+    assert "ETA 2m20s" in lines[0], lines[0]  # 93 left at 1.5 s each
+    assert lines[-1].startswith("evaluating [############") and "40/100 prompts 1m00s" in lines[-1]
+
+
 def test_unknown_prompt_characters_are_named(files):
     root, w, img = files
     r = run("--image", img, "--prompt", "Qué es ☃?", "--weights", w, "--max-new-tokens", "2")

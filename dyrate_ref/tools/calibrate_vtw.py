@@ -22,7 +22,7 @@ from ..processing import Processor
 from ..progress import Progress
 from ..pruning import check_layer
 from ..trace import kl_divergence
-from .data import read_examples
+from .data import data_inputs, read_examples
 
 
 def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tokens: int = 48,
@@ -73,7 +73,7 @@ def run(argv=None) -> int:
     check_layer(args.min_layer, L, "--min-layer")
     # vtw_calibration.json beside the weights is the usual place: an output there is fine, but never
     # one of the weights' own files.
-    check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights)))
+    check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights)) + data_inputs(args.data))
     examples = read_examples(args.data)
     model = load_model(args.weights, config=cfg)
     proc = Processor(args.weights, model.config)

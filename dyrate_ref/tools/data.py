@@ -57,8 +57,10 @@ def parse_line(line: str, base: str) -> DataItem:
         raise ValueError("expected a JSON object")
     if not isinstance(d.get("image"), str) or not d["image"]:
         raise ValueError('no "image" path')
-    if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
+    if not isinstance(d.get("prompt"), str) or not d["prompt"].replace("<image>", "").strip():
         raise ValueError('no "prompt"')
+    if d["prompt"].count("<image>") > 1:
+        raise ValueError('"prompt" has more than one <image> marker; the model takes one image per prompt')
     if "references" not in d and "answer" not in d:
         raise ValueError('neither "references" (captions) nor "answer" (VQA)')
     refs = _strings(d["references"], '"references"') if "references" in d else ()
@@ -77,17 +79,21 @@ def parse_line(line: str, base: str) -> DataItem:
     return DataItem(str(d.get("id", "")), path, d["prompt"], refs, d.get("answer"), answers)
 
 
-def read_items(path: str) -> list[DataItem]:
+def read_items(path: str, flag: str = "--data") -> list[DataItem]:
     """Every line of a JSONL evaluation file, checked; the first bad line is refused with its number."""
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give a JSONL file")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a JSONL file")
     if not os.path.isfile(path):
-        raise UserError(f"--data {path} does not exist; give a JSONL file")
+        raise UserError(f"{flag} {path} does not exist; give a JSONL file")
     base = os.path.dirname(os.path.abspath(path))
     items, seen = [], set()
     try:
         with open(path, encoding="utf-8") as f:
             lines = list(f)
     except UnicodeDecodeError:
-        raise UserError(f"--data {path} is not UTF-8 text; give a JSONL file") from None
+        raise UserError(f"{flag} {path} is not UTF-8 text; give a JSONL file") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -102,7 +108,7 @@ def read_items(path: str) -> list[DataItem]:
         seen.add(item.id)
         items.append(item)
     if not items:
-        raise UserError(f"--data {path} has no items")
+        raise UserError(f"{flag} {path} has no items")
     return items
 
 
@@ -110,26 +116,51 @@ def read_items(path: str) -> list[DataItem]:
 class Example:
     image: object  # PIL image
     prompt: str
-    answer: str
+    answer: str | None  # the file's answer, if it has one: the tools label the model's own answers
 
 
-def read_examples(spec: str, processor_seed: int = 0) -> list[Example]:
-    """--data of the calibration and training tools: a JSONL file as above whose lines have an "answer"
-    (the text the model should produce), or scenes:N for N generated scenes (the embedded demo's
-    training distribution)."""
+def read_examples(spec: str, processor_seed: int = 0, flag: str = "--data") -> list[Example]:
+    """--data (or --heldout) of the calibration and training tools: a JSONL file as above (captions,
+    answers or both: the tools work on the model's own greedy answers, so a caption-only file does), or
+    scenes:N for N generated scenes (the embedded demo's training distribution)."""
     if spec.startswith("scenes:"):
         try:
             n = int(spec.split(":", 1)[1])
         except ValueError:
-            raise UserError(f"--data {spec!r}: write scenes:N with N a number") from None
+            raise UserError(f"{flag} {spec!r}: write scenes:N with N a number") from None
+        if n < 1:
+            raise UserError(f"{flag} {spec!r}: give at least one scene (scenes:N with N >= 1)")
+        if n > MAX_SCENES:
+            raise UserError(f"{flag} {spec!r}: at most scenes:{MAX_SCENES}")
         return [Example(img, q, a) for img, q, a in training_examples(n, seed=processor_seed + 7919)]
+    if not spec.strip():
+        raise UserError(f"{flag} is empty; give a JSONL file or scenes:N")
+    if os.path.isdir(spec):
+        raise UserError(f"{flag} {spec} is a folder; give a JSONL file or scenes:N")
     if not os.path.isfile(spec):
-        raise UserError(f"--data {spec} does not exist; give a JSONL file or scenes:N")
-    out = []
-    for item in read_items(spec):
-        if item.answer is None:
-            raise UserError(f"{spec}: item {item.id} has no \"answer\"; these tools need the text to expect")
-        out.append(Example(open_image(item.image_path), item.prompt, item.answer))
+        raise UserError(f"{flag} {spec} does not exist; give a JSONL file or scenes:N")
+    return [Example(open_image(item.image_path), item.prompt, item.answer) for item in read_items(spec, flag)]
+
+
+MAX_SCENES = 1_000_000  # more generated scenes than any run here could use: a typo, refused at once
+
+
+def data_inputs(spec: str | None, flag: str = "--data") -> list[tuple[str, str]]:
+    """The files a --data (or --heldout) value makes a command read, as check_outputs inputs: the JSONL
+    file and every image its lines name (none for scenes:N). Lines that do not parse are skipped here:
+    read_items refuses them with their line numbers."""
+    if not spec or spec.startswith("scenes:") or not os.path.isfile(spec):
+        return []
+    out = [(f"the {flag} file", spec)]
+    base = os.path.dirname(os.path.abspath(spec))
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                image = json.loads(line).get("image")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(image, str) and image:
+                out.append((f"an image the {flag} file names (line {n})", os.path.join(base, image)))
     return out
 
 
@@ -194,6 +225,16 @@ def scene_items(n_scenes: int, split: str = "test", look: bool = True) -> list[I
         out.append(Item(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
                         f"scene{it.scene.seed}", scene=it.scene, **gold))
     return out
+
+
+def check_fits(items: list[Item], processor, context: int, flag: str = "--data"):
+    """Every item's prompt, with its image's tokens, fits the model's context with room for an answer
+    (generate.py's rule), checked before the model loads; the first that does not is named."""
+    for it in items:
+        n = len(processor.input_ids(it.text))
+        if n >= context:
+            raise UserError(f"{flag}: item {it.id} is {n} tokens with the image, which does not fit the model's "
+                            f"context of {context}; shorten its prompt")
 
 
 def file_items(items: list[DataItem]) -> list[Item]:

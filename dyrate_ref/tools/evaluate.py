@@ -58,7 +58,7 @@ from ..progress import Progress
 from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, Origin, method_class, parse_settings,
                        visual_span)
 from .baselines import BASELINES, AttentionMass, RandomKeep
-from .data import Item, file_items, read_items, scene_items
+from .data import MAX_SCENES, Item, check_fits, data_inputs, file_items, read_items, scene_items
 from .report import METRICS, PERCENT, Row, pareto_points, serving_table, summarise, table
 from .results import Results
 
@@ -280,21 +280,23 @@ def run(argv=None) -> int:
     p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
     p.add_argument("--no-control", action="store_true", help="with --only-extra: skip the blank-image control too")
     args = p.parse_args(argv)
-    if args.scenes is not None and args.scenes < 1:
-        raise UserError(f"--scenes {args.scenes}: give a positive number of held-out scenes")
+    if args.scenes is not None and not 1 <= args.scenes <= MAX_SCENES:
+        raise UserError(f"--scenes {args.scenes}: give a positive number of held-out scenes, at most {MAX_SCENES}")
+    if args.data is not None and not args.data.strip():
+        raise UserError("--data is empty; give a JSONL file (or leave --data out to evaluate on the scenes)")
     if args.data and (args.scenes is not None or args.quick):
         raise UserError("--data replaces the scenes: leave out --scenes and --quick")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers} must be at least 1")
+    if not 1 <= args.workers <= (os.cpu_count() or 1):
+        raise UserError(f"--workers {args.workers} must lie in 1..{os.cpu_count() or 1} (this machine's cores)")
     if args.bootstrap < 2:
         raise UserError(f"--bootstrap {args.bootstrap} must be at least 2")
     if args.no_control and not args.only_extra:
         raise UserError("--no-control works with --only-extra (the standard rows always include the control)")
     if args.plot:
         check_folder(args.plot, "--plot")
-    inputs = checkpoint_inputs(args.weights) + [("the --data file", args.data)]
+    inputs = checkpoint_inputs(args.weights) + data_inputs(args.data)
     check_outputs([("--json", args.json), ("--results", args.results)], inputs)
     if args.plot:
         require_matplotlib()
@@ -325,8 +327,9 @@ def run(argv=None) -> int:
         done, sink = results_file.done, results_file.append
         if done:
             print(f"{args.results}: {len(done)} records from an earlier run reused", flush=True)
+    proc = Processor(args.weights, cfg)
+    check_fits(prompts, proc, cfg.text_config.max_position_embeddings)
     model = load_model(args.weights, config=cfg)
-    proc = Processor(args.weights, model.config)
     bar = Progress(len(prompts) * len(rows), "evaluating", " prompts")
     records = evaluate_parallel(model, proc, prompts, rows, args.max_new_tokens, args.workers, bar, done, sink)
     bar.close()

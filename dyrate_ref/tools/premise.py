@@ -42,7 +42,7 @@ from ..progress import Progress
 from ..pruning import (Method, check_layer, keep_mask, kept_count, parse_fraction, parse_int, setting, top_k_sorted,
                        visual_scores, visual_span)
 from ..trace import kl_divergence
-from .data import Item, file_items, read_items, scene_items
+from .data import Item, check_fits, data_inputs, file_items, read_items, scene_items
 from .report import clustered_mean
 
 
@@ -268,14 +268,15 @@ def run(argv=None) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
     check_outputs([("--json", args.json), ("--plot", args.plot)],
-                  checkpoint_inputs(args.weights) + [("the --data file", args.data)])
+                  checkpoint_inputs(args.weights) + data_inputs(args.data))
     if args.plot:
         require_matplotlib()
     items = file_items(read_items(args.data)) if args.data else scene_items(args.scenes or 40)
     cfg = read_config(args.weights)
     K = check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
-    model = load_model(args.weights, dtype=dtype, device=args.device, config=cfg)
     proc = Processor(args.weights, cfg)
+    check_fits(items, proc, cfg.text_config.max_position_embeddings)
+    model = load_model(args.weights, dtype=dtype, device=args.device, config=cfg)
     bar = Progress(len(items), "premise test", " items")
     records = []
     for it in items:

@@ -39,7 +39,7 @@ from ..predictor import ACTIONS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
 from ..progress import Progress
 from ..pruning import check_layer, cut, keep_mask, visual_scores, visual_span
-from .data import read_examples
+from .data import data_inputs, read_examples
 
 
 def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, margin: float) -> bool:
@@ -199,9 +199,10 @@ def run(argv=None) -> int:
         raise UserError(f"--lr {args.lr} must be a number > 0")
     cfg = read_config(args.weights)
     check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
-    check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights)))
+    check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights))
+                  + data_inputs(args.data) + data_inputs(args.heldout, "--heldout"))
     examples = read_examples(args.data, args.seed)
-    heldout = read_examples(args.heldout, args.seed + 1) if args.heldout else []
+    heldout = read_examples(args.heldout, args.seed + 1, "--heldout") if args.heldout else []
     model = load_model(args.weights, config=cfg)
     proc = Processor(args.weights, model.config)
     pred, feats, labels, log = train(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
