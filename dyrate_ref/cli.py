@@ -18,7 +18,7 @@ from . import __version__
 from .errors import ArgumentParser, UserError, command_main
 from .files import check_outputs, checkpoint_inputs
 from .generation import Sampling, generate
-from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype
+from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from .plots import plot_run, require_matplotlib
 from .processing import Processor, StreamingDecoder, open_image
 from .pruning import METHODS, Context, input_file_settings, method_class, parse_settings, setting_fields
@@ -100,7 +100,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
         raise UserError(f"--top-p {args.top_p} must lie in (0, 1]")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    weights = args.weights
+    weights = None if args.weights is None else resolve_weights(args.weights)
     if weights is None:
         if not os.path.isfile(os.path.join(DEFAULT_WEIGHTS, "config.json")):
             raise UserError("--weights DIR is required: no embedded default model is installed at "

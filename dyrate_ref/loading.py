@@ -81,6 +81,48 @@ def save_weights(model: nn.Module, out_dir: str, dtype: torch.dtype = torch.floa
 # config.json
 
 
+def hub_cache_dirs() -> list[str]:
+    """Where a Hugging Face hub cache may be, in the order huggingface_hub looks: $HF_HUB_CACHE,
+    $HF_HOME/hub, ~/.cache/huggingface/hub."""
+    out = []
+    if os.environ.get("HF_HUB_CACHE"):
+        out.append(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        out.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    out.append(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"))
+    return list(dict.fromkeys(out))
+
+
+def resolve_weights(spec: str, flag: str = "--weights") -> str:
+    """A --weights value -> a checkpoint directory. A path that exists is itself. A hub id
+    ("llava-hf/llava-1.5-7b-hf") is looked up in the local hub cache, never downloaded: its
+    models--org--name/snapshots/<revision> folder, the revision refs/main names (else the only one, or
+    the newest), whose files are symlinks into blobs/ that open like files. Not found: a UserError saying
+    where it looked."""
+    if os.path.exists(spec) or spec.count("/") != 1 or spec.startswith((".", "/")) or not all(spec.split("/")):
+        return spec
+    folder = "models--" + spec.replace("/", "--")
+    looked = []
+    for cache in hub_cache_dirs():
+        repo = os.path.join(cache, folder)
+        looked.append(repo)
+        snapshots = os.path.join(repo, "snapshots")
+        if not os.path.isdir(snapshots):
+            continue
+        ref = os.path.join(repo, "refs", "main")
+        if os.path.isfile(ref):
+            with open(ref) as f:
+                revision = f.read().strip()
+            if os.path.isdir(os.path.join(snapshots, revision)):
+                return os.path.join(snapshots, revision)
+        revisions = sorted(os.listdir(snapshots), key=lambda r: os.path.getmtime(os.path.join(snapshots, r)))
+        if revisions:
+            return os.path.join(snapshots, revisions[-1])
+    raise UserError(f"{flag} {spec}: no such folder, and no copy of hub model {spec} in the local Hugging Face cache "
+                    f"(looked in {', '.join(looked)}); nothing is downloaded: fetch it with huggingface-cli, or give "
+                    "the checkpoint's folder")
+
+
 def read_config(weights_dir: str) -> LlavaConfig:
     if not os.path.exists(weights_dir):
         raise UserError(f"weights directory {weights_dir} does not exist; pass --weights DIR with a llava-hf checkpoint")

@@ -26,7 +26,6 @@ The pruning rules are written out again here, from the README's definitions, as 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -34,6 +33,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dyrate_ref.errors import ArgumentParser, UserError, command_main  # noqa: E402  (exit 2 and one line on bad input)
+from dyrate_ref.files import check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
 from dyrate_ref.loading import read_config  # noqa: E402
 from dyrate_ref.processing import Processor, open_image  # noqa: E402
 from dyrate_ref.trace import write_trace  # noqa: E402  (atomic, the usual file mode)
@@ -137,28 +138,48 @@ def to_topk(trace: dict, k: int) -> dict:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--method", default="none", choices=("none", "fastv", "dyrate"))
-    p.add_argument("--layer", type=int, default=2)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--rates", default="0.3,0.5,0.7")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+def run(argv=None) -> int:
+    p = ArgumentParser(prog="python examples/hf_backend.py", description=__doc__.split("\n")[0])
+    p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--out", required=True, help="the backend's trace to write (safetensors)")
+    p.add_argument("--method", default="none", choices=("none", "fastv", "dyrate"), help="pruning (default none)")
+    p.add_argument("--layer", type=int, default=2, help="pruning layer K, 1..L-1 (default 2)")
+    p.add_argument("--ratio", type=float, default=0.5, help="FastV: share R of the visual tokens dropped (default 0.5)")
+    p.add_argument("--rates", default="0.3,0.5,0.7", help="DyRate: the fixed schedule r0,r1,... (default 0.3,0.5,0.7)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="the backend's precision (default float32)")
     p.add_argument("--topk", type=int, default=None, help="write top-k log-probs instead of full logits")
-    p.add_argument("--image-offset", type=int, default=0, help="a deliberate bug: shift the visual span")
+    p.add_argument("--image-offset", type=int, default=0,
+                   help="a deliberate bug: shift the masks' visual span by this many positions (default 0)")
     args = p.parse_args(argv)
-    trace = run_backend(args.weights, open_image(args.image), args.prompt, args.method, args.layer, args.ratio,
-                        tuple(float(r) for r in args.rates.split(",")), args.max_new_tokens, args.image_offset,
-                        getattr(torch, args.dtype))
+    check_outputs([("--out", args.out)], [("the --image", args.image), *checkpoint_inputs(args.weights)])
+    cfg = read_config(args.weights)
+    L = cfg.text_config.num_hidden_layers
+    if args.method != "none" and not 1 <= args.layer <= L - 1:
+        raise UserError(f"--layer {args.layer} is outside 1..{L - 1} (the model has {L} layers)")
+    try:
+        rates = tuple(float(r) for r in args.rates.split(","))
+    except ValueError:
+        raise UserError(f"--rates {args.rates!r} is not a comma-separated list of numbers") from None
+    if not 0.0 <= args.ratio <= 1.0 or not all(0.0 <= r <= 1.0 for r in rates):
+        raise UserError("--ratio and every rate of --rates must lie in [0, 1]")
+    if args.max_new_tokens < 1 or (args.topk is not None and not 1 <= args.topk <= cfg.text_config.vocab_size):
+        raise UserError(f"--max-new-tokens must be at least 1 and --topk in 1..{cfg.text_config.vocab_size}")
+    image = open_image(args.image)  # a missing or unreadable image: one line, exit 2
+    trace = run_backend(args.weights, image, args.prompt, args.method, args.layer, args.ratio, rates,
+                        args.max_new_tokens, args.image_offset, getattr(torch, args.dtype))
     if args.topk:
         trace = to_topk(trace, args.topk)
     write_trace(args.out, {n: v.contiguous() for n, v in trace.items()}, {"source": "examples/hf_backend.py"})
     print(f"wrote {args.out}: {trace['tokens'].numel()} tokens, method {args.method}")
+    return 0
+
+
+def main(argv=None):
+    command_main(run, argv)
 
 
 if __name__ == "__main__":

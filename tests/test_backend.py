@@ -197,14 +197,38 @@ def test_force_tokens_from_another_prompt_is_refused(files, tmp_path):
 def test_the_example_backend_writes_a_readable_trace_with_the_usual_mode(files, tmp_path, capsys):
     """examples/hf_backend.py writes through the same atomic writer as generate.py: the usual file mode
     (0666 less the umask, not mkstemp's 0600), and no transformers loading bar on stderr."""
-    from hf_backend import main
+    from hf_backend import run
     root, w, img = files
     out = tmp_path / "bk.safetensors"
     old = os.umask(0o022)
     try:
-        main(["--weights", w, "--image", img, "--prompt", PROMPT, "--max-new-tokens", "2", "--out", str(out)])
+        assert run(["--weights", w, "--image", img, "--prompt", PROMPT, "--max-new-tokens", "2", "--out", str(out)]) == 0
     finally:
         os.umask(old)
     assert os.stat(out).st_mode & 0o777 == 0o644
     assert read_trace(str(out))["tokens"].numel() == 2
     assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_the_example_backend_refuses_bad_input_and_never_overwrites_an_input(files, tmp_path, capsys):
+    """Its --out equal to its --image or a file of the weights, a missing image, K or a rate out of
+    range: exit 2, one line, and the inputs' bytes unchanged."""
+    import hashlib
+    from hf_backend import main
+    root, w, img = files
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    before = {p: digest(p) for p in (img, os.path.join(w, "model.safetensors"), os.path.join(w, "config.json"))}
+    base = ["--weights", w, "--image", img, "--prompt", PROMPT]
+    for argv, needle in ((base + ["--out", img], "would overwrite"),
+                         (base + ["--out", os.path.join(w, "model.safetensors")], "would overwrite"),
+                         (["--weights", w, "--image", str(tmp_path / "none.png"), "--prompt", PROMPT, "--out",
+                           str(tmp_path / "o.st")], "none.png"),
+                         (base + ["--method", "fastv", "--layer", "9", "--out", str(tmp_path / "o.st")], "outside 1.."),
+                         (base + ["--method", "dyrate", "--rates", "0.5,x", "--out", str(tmp_path / "o.st")], "--rates"),
+                         (base + ["--ratio", "1.5", "--out", str(tmp_path / "o.st")], "[0, 1]"),
+                         (base + ["--out", ""], "--out is empty")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)
+    assert {p: digest(p) for p in before} == before and not (tmp_path / "o.st").exists()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dyrate_ref import trace
+from dyrate_ref import cli, trace
 from dyrate_ref.demo import export as demo_export
 from dyrate_ref.demo import train as demo_train
-from dyrate_ref.tools import bench, calibrate_vtw, evaluate, train_predictor
+from dyrate_ref.tools import bench, calibrate_vtw, evaluate, premise, train_predictor
 from helpers import hf_config, make_checkpoint
 
 
@@ -29,6 +29,17 @@ def env(tmp_path_factory):
     (root / "text.txt").write_text("not a trace")
     (root / "dir").mkdir()
     (root / "data.jsonl").write_text("not json\n")
+    from helpers import noise_image
+    noise_image(32, 32, seed=1).save(root / "a.png")
+    good = json.dumps({"image": "a.png", "prompt": "What is it?", "answer": "x"})
+    (root / "good.jsonl").write_text(good + "\n")
+    (root / "two.jsonl").write_text(good + "\n" + json.dumps({"image": "a.png", "prompt": "<image> a <image> b",
+                                                              "answer": "x"}) + "\n")
+    (root / "long.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "word " * 900, "answer": "x"}) + "\n")
+    for name, entry in (("nolp", {"token": "token_id:5"}), ("strlp", {"token": "token_id:5", "logprob": "high"})):
+        (root / f"{name}.json").write_text(json.dumps({"choices": [{"logprobs": {"content": [entry]}}]}))
+    (root / "strids.json").write_text(json.dumps({"prompt_token_ids": "1 2 3", "choices": [{"logprobs": {
+        "content": [{"token": "token_id:5", "logprob": -0.1}]}}]}))
     return root
 
 
@@ -55,12 +66,47 @@ def refused(main, argv, capsys, root):
 
 def cases(root):
     w, t = str(root / "w"), str(root / "t.safetensors")
+    img = str(root / "a.png")
+    gen = ["--image", img, "--prompt", "hi", "--weights", w]
     return {
+        "generate": (cli.main, [
+            (gen + ["--trace", ""], "--trace is empty"),
+            (gen + ["--temperature", "1", "--seed", "99999999999999999999999"], "--seed"),
+            (gen + ["--threads", "100000"], "this machine's cores"),
+            (["--image", img, "--prompt", "hi \udcff", "--weights", w], "not valid UTF-8"),
+            (gen + ["--force-tokens", t, "--max-new-tokens", "3"], "no effect with --force-tokens"),
+            (["--image", img, "--prompt", "hi", "--weights", "nobody-here/absent-model"], "local Hugging Face cache"),
+            (gen + ["--trace", img], "would overwrite"),
+            (gen + ["--trace", os.path.join(w, "new.safetensors")], "would overwrite"),
+        ]),
+        "premise": (premise.main, [
+            (["--weights", w, "--plot", os.path.join(w, "x.png")], "would overwrite"),
+            (["--weights", w, "--json", ""], "--json is empty"),
+            (["--weights", w, "--data", str(root / "two.jsonl")], "line 2"),
+            (["--weights", w, "--data", str(root / "long.jsonl")], "does not fit the model's context"),
+            (["--weights", w, "--data", str(root / "good.jsonl"), "--json", str(root / "good.jsonl")], "would overwrite"),
+            (["--weights", w, "--data", str(root / "good.jsonl"), "--plot", img], "would overwrite"),
+            (["--weights", w, "--choice", "last"], "--choice"),
+            (["--weights", w, "--layer", "9"], "outside 1..3"),
+            (["--weights", "nobody-here/absent-model"], "local Hugging Face cache"),
+        ]),
         "evaluate": (evaluate.main, [
             (["--scenes", "0"], "positive number"),
             (["--scenes", "2", "--data", str(root / "data.jsonl")], "replaces the scenes"),
             (["--max-new-tokens", "0"], "at least 1"),
-            (["--workers", "0"], "at least 1"),
+            (["--workers", "0"], "must lie in 1.."),
+            (["--workers", "999"], "this machine's cores"),
+            (["--scenes", "99999999999"], "at most"),
+            (["--json", ""], "--json is empty"),
+            (["--results", ""], "--results is empty"),
+            (["--plot", ""], "--plot is empty"),
+            (["--data", ""], "--data is empty"),
+            (["--data", str(root / "dir")], "is a folder"),
+            (["--weights", w, "--data", str(root / "two.jsonl")], "line 2"),
+            (["--weights", w, "--data", str(root / "long.jsonl")], "does not fit the model's context"),
+            (["--weights", w, "--data", str(root / "good.jsonl"), "--json", str(root / "a.png")], "would overwrite"),
+            (["--weights", w, "--json", os.path.join(w, "config.json")], "would overwrite"),
+            (["--weights", w, "--json", os.path.join(w, "dyrate_predictor.safetensors")], "would overwrite"),
             (["--results", str(root / "dir")], "is a directory"),
             (["--json", "/nonexistent/x.json"], "does not exist"),
             (["--weights", w, "--extra", "fastv:layer=4"], "outside 1..3"),
@@ -92,6 +138,12 @@ def cases(root):
             (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", "/nonexistent/o.st"], "does not exist"),
             (["from-openai", str(root / "r.json"), "--input-ids-from", "/nonexistent.st", "--out", str(root / "o.st")],
              "cannot read"),
+            (["from-openai", str(root / "nolp.json"), "--input-ids-from", t, "--out", str(root / "o.st")], "no 'logprob'"),
+            (["from-openai", str(root / "strlp.json"), "--input-ids-from", t, "--out", str(root / "o.st")],
+             "is not a log-probability"),
+            (["from-openai", str(root / "strids.json"), "--input-ids-from", t, "--out", str(root / "o.st")],
+             "prompt_token_ids is not a list"),
+            (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", ""], "--out is empty"),
         ]),
         "calibrate_vtw": (calibrate_vtw.main, [
             (["--weights", w, "--min-layer", "1", "--eta", "-1"], "--eta -1.0 must be"),
@@ -103,6 +155,12 @@ def cases(root):
             (["--weights", w, "--min-layer", "1", "--out", str(root / "dir")], "is a directory"),
             (["--weights", "/nonexistent"], "nonexistent"),
             (["--weights", w, "--min-layer", "1", "--data", str(root / "data.jsonl")], "line 1"),
+            (["--weights", w, "--min-layer", "1", "--data", "scenes:0"], "at least one scene"),
+            (["--weights", w, "--min-layer", "1", "--out", ""], "--out is empty"),
+            (["--weights", w, "--min-layer", "1", "--data", str(root / "good.jsonl"), "--out", str(root / "good.jsonl")],
+             "would overwrite"),
+            (["--weights", w, "--min-layer", "1", "--data", str(root / "good.jsonl"), "--out", str(root / "a.png")],
+             "would overwrite"),
         ]),
         "train_predictor": (train_predictor.main, [
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--margin", "-1"], "--margin"),
@@ -114,6 +172,14 @@ def cases(root):
             (["--weights", w, "--data", "scenes:2", "--out", "/nonexistent/p.st"], "does not exist"),
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--lr", "0"], "--lr"),
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--epochs", "0"], "--epochs"),
+            (["--weights", w, "--data", "scenes:0", "--out", str(root / "p.st")], "at least one scene"),
+            (["--weights", w, "--data", "scenes:2", "--out", ""], "--out is empty"),
+            (["--weights", w, "--data", str(root / "good.jsonl"), "--out", str(root / "good.jsonl")], "would overwrite"),
+            (["--weights", w, "--data", str(root / "good.jsonl"), "--out", str(root / "a.png")], "would overwrite"),
+            (["--weights", w, "--data", "scenes:2", "--heldout", str(root / "good.jsonl"), "--out",
+              str(root / "good.jsonl")], "the --heldout file"),
+            (["--weights", w, "--data", "scenes:2", "--heldout", "scenes:0", "--out", str(root / "p.st")],
+             "--heldout 'scenes:0'"),
         ]),
         "demo.train": (demo_train.main, [
             (["--out", t], "is a file"),
@@ -131,6 +197,7 @@ def cases(root):
             (["--out", t], "already exists"),
             (["--out", "/nonexistent/x"], "does not exist"),
             (["--out", str(root / "e"), "--scenes", "0"], "positive"),
+            (["--out", ""], "--out is empty"),
             (["--out", str(root / "e"), "--scenes", "-3"], "positive"),
             (["--out", str(root / "e"), "--scenes", "abc"], "invalid int"),
             (["--out", str(root / "e"), "--foo"], "unrecognized"),
@@ -142,14 +209,18 @@ def cases(root):
             (["--repeats", "0"], "at least 1"),
             (["--new-tokens", "0"], "at least 1"),
             (["--dtype", "float8"], "unknown dtype"),
-            (["--threads", "0"], "at least 1"),
+            (["--threads", "0"], "must lie in 1.."),
             (["--weights", "/nonexistent"], "nonexistent"),
             (["--bandwidth", "-1"], "positive"),
+            (["--threads", "100000"], "this machine's cores"),
+            (["loading", "--prune"], "no effect"),
+            (["overhead", "--prune"], "no effect"),
+            (["--shape", "7b"], "a GPU's job"),
         ] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else [])),
     }
 
 
-COMMANDS = ["evaluate", "trace compare", "trace from-openai", "calibrate_vtw", "train_predictor", "demo.train",
+COMMANDS = ["generate", "premise", "evaluate", "trace compare", "trace from-openai", "calibrate_vtw", "train_predictor", "demo.train",
             "demo.export", "bench"]
 
 

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from ..cost import vision_flops
 from ..errors import ArgumentParser, UserError, command_main
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
-from ..loading import DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, weight_files
+from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
+                       weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..pruning import VTW, Context, DyRate, FastV, NoPruning
 from ..predictor import shipped_predictor_path
@@ -148,14 +149,23 @@ def bench_methods(weights_dir: str, cfg) -> list[tuple[str, object, bool]]:
     return rows
 
 
+def bench_prompt(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benchmarks' prompt: BOS, 5 text ids, the N image placeholders, 35 more text ids, drawn from this
+    vocabulary (never the image id, which would break the image span), and random pixels.
+    -> input_ids [P], pixel_values [1, 3, H, W]."""
+    N, V, image = cfg.num_image_tokens, cfg.text_config.vocab_size, cfg.image_token_index
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(3, min(31000, V), (40,), generator=g)
+    text = torch.where(text == image, torch.full_like(text, 3), text)
+    ids = torch.cat([torch.tensor([1]), text[:5], torch.full((N,), image), text[5:]])  # [P]
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    return ids, px
+
+
 def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, repeats: int, prune_rows=False):
     model = load_model(weights_dir, dtype, device)
     cfg = model.config
-    N = cfg.num_image_tokens
-    g = torch.Generator().manual_seed(1)
-    text = torch.randint(3, 31000, (40,), generator=g)
-    ids = torch.cat([torch.tensor([1]), text[:5], torch.full((N,), cfg.image_token_index), text[5:]])  # [P]
-    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    ids, px = bench_prompt(cfg)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
 
@@ -222,11 +232,7 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     Runs interleaved, best of `repeats`."""
     model = load_model(weights_dir, dtype, device)
     cfg = model.config
-    N = cfg.num_image_tokens
-    g = torch.Generator().manual_seed(1)
-    text = torch.randint(3, min(31000, cfg.text_config.vocab_size), (40,), generator=g)
-    ids = torch.cat([torch.tensor([1]), text[:5], torch.full((N,), cfg.image_token_index), text[5:]])  # [P]
-    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    ids, px = bench_prompt(cfg)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     methods = [(name, m.to(device)) for name, m, constant in bench_methods(weights_dir, cfg)[1:] if constant
                and not isinstance(m, VTW)]  # VTW: no visual token left for the per-step choice to look at
@@ -277,16 +283,29 @@ def run(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the best is kept (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="round-robin repeats; the best is kept (default 3; overhead: 5, its differences are small)")
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads} must be at least 1")
+    if args.weights is not None:
+        args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        raise UserError(f"--threads {args.threads} must lie in 1..{cores} (this machine's cores)")
+    if args.repeats is None:
+        args.repeats = 5 if args.what == "overhead" else 3
     if args.new_tokens < 1 or args.repeats < 1:
         raise UserError("--new-tokens and --repeats must be at least 1")
+    if args.what == "loading" and args.prune:
+        raise UserError("--prune has no effect with `loading` (it measures memory while loading); leave it out")
+    if args.what == "overhead" and args.prune:
+        raise UserError("--prune has no effect with `overhead` (it always times the pruning methods); leave it out")
+    if args.shape == "7b" and args.weights is None and resolve_device(args.device, auto=False).type == "cpu":
+        raise UserError("--shape 7b writes and runs a 7-billion-parameter checkpoint (14 GB in float16): a GPU's "
+                        "job; add --device cuda, or use the default scaled-down shape on the CPU")
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
         raise UserError(f"--bandwidth {args.bandwidth} must be a positive number of GB/s")
     resolve_device(args.device, auto=False)
@@ -313,8 +332,8 @@ def run(argv=None) -> int:
                   f"initialisation included: {r['raw_added'] / 1e6:.0f} MB, ratio {r['raw_ratio']:.3f}")
             return 0
         if args.what == "overhead":
-            rows = step_overhead(weights, args.device, DTYPES[dtype_name], args.new_tokens, max(args.repeats, 5))
-            print(f"\n{args.new_tokens} decode steps per run, best of {max(args.repeats, 5)} interleaved runs, "
+            rows = step_overhead(weights, args.device, DTYPES[dtype_name], args.new_tokens, args.repeats)
+            print(f"\n{args.new_tokens} decode steps per run, best of {args.repeats} interleaved runs, "
                   f"{args.device}/{dtype_name}, {torch.get_num_threads()} threads\n")
             print("| method | visual tokens kept in layers >= K | ms per decode step | method none on the same cache | ratio |")
             print("|---|---|---|---|---|")

@@ -17,7 +17,7 @@ import torch
 from ..errors import ArgumentParser, UserError, command_main
 from ..generation import forward_no_cache, generate, keep_masks
 from ..files import check_outputs, checkpoint_inputs, write_json
-from ..loading import load_model, read_config, weight_inputs
+from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
 from ..pruning import check_layer
@@ -64,6 +64,8 @@ def run(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest unpruned answer used (default 48)")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
+    if args.weights is not None:
+        args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if not (math.isfinite(args.eta) and args.eta >= 0):
         raise UserError(f"--eta {args.eta} must be a KL budget >= 0 nats")
     if args.max_new_tokens < 1:

@@ -50,7 +50,7 @@ from ..demo.reading import kind_swap_kl, kind_swap_pairs
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..generation import forward_no_cache, generate
-from ..loading import DEFAULT_WEIGHTS, load_model, read_config
+from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_weights
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
@@ -280,6 +280,8 @@ def run(argv=None) -> int:
     p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
     p.add_argument("--no-control", action="store_true", help="with --only-extra: skip the blank-image control too")
     args = p.parse_args(argv)
+    if args.weights is not None:
+        args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if args.scenes is not None and not 1 <= args.scenes <= MAX_SCENES:
         raise UserError(f"--scenes {args.scenes}: give a positive number of held-out scenes, at most {MAX_SCENES}")
     if args.data is not None and not args.data.strip():
@@ -294,7 +296,7 @@ def run(argv=None) -> int:
         raise UserError(f"--bootstrap {args.bootstrap} must be at least 2")
     if args.no_control and not args.only_extra:
         raise UserError("--no-control works with --only-extra (the standard rows always include the control)")
-    if args.plot:
+    if args.plot is not None:
         check_folder(args.plot, "--plot")
     inputs = checkpoint_inputs(args.weights) + data_inputs(args.data)
     check_outputs([("--json", args.json), ("--results", args.results)], inputs)

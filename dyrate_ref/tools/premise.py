@@ -35,7 +35,7 @@ from ..demo.scenes import LOOK_SPLIT
 from ..errors import ArgumentParser, UserError, command_main
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import forward_no_cache, generate, recompute_logits
-from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype
+from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
 from ..progress import Progress
@@ -250,6 +250,8 @@ def run(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw it")
     args = p.parse_args(argv)
+    if args.weights is not None:
+        args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if args.data and args.scenes is not None:
         raise UserError("--data replaces the scenes: leave out --scenes")
     if args.scenes is not None and args.scenes < 1:

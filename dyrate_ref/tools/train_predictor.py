@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..errors import ArgumentParser, UserError, command_main
 from ..generation import forward_no_cache, generate, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
-from ..loading import load_model, read_config, weight_inputs
+from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..model import LlavaForConditionalGeneration
 from ..predictor import ACTIONS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
@@ -187,6 +187,8 @@ def run(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
     p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
     args = p.parse_args(argv)
+    if args.weights is not None:
+        args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if not (math.isfinite(args.margin) and args.margin >= 0):
         raise UserError(f"--margin {args.margin} must be a number >= 0")
     if args.rounds < 1:
