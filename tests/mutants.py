@@ -41,6 +41,7 @@ MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
 PRUNE_TESTS = ("tests/test_pruning.py",)
 CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli_habits.py", "tests/test_cli.py")
 TEETH_TESTS = ("tests/test_teeth.py",)
+REPORT_TESTS = ("tests/test_report.py",)
 
 MUTANTS = [
     # The model
@@ -79,8 +80,9 @@ MUTANTS = [
            (("gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]", "gone = state.span[0] + keep"),),
            PRUNE_TESTS),
     Mutant("not-nested", "DyRate re-chooses from all N tokens, not from keep_{t-1}", "dyrate_ref/pruning.py",
-           (("return top_k_sorted(keep, scores, min(keep.numel(), kept_count(n, rate))), rate",
-             "return top_k_sorted(torch.arange(n, device=scores.device), scores, min(keep.numel(), kept_count(n, rate))), rate"),),
+           (("return top_k_sorted(keep, scores, min(keep.numel(), kept_count(scores.numel(), rate)))",
+             "return top_k_sorted(torch.arange(scores.numel(), device=scores.device), scores, "
+             "min(keep.numel(), kept_count(scores.numel(), rate)))"),),
            PRUNE_TESTS),
     Mutant("kept-count-rounding", "how many to keep: the dropped count truncated instead of rounded half up",
            "dyrate_ref/pruning.py", (("return n - math.floor(round(rate * n, 6) + 0.5)", "return n - math.floor(round(rate * n, 6))"),),
@@ -104,9 +106,9 @@ MUTANTS = [
            (('"logits": torch.stack(record.logits)', '"logits": torch.stack(record.logits[1:] + record.logits[:1])'),),
            CLI_TESTS),
     Mutant("trace-metadata", "the trace records the layer given, not the one resolved", "dyrate_ref/pruning.py",
-           (("meta[f.name] = value.path if isinstance(value, RatePredictor) else setting_text(value)",
-             "meta[f.name] = value.path if isinstance(value, RatePredictor) else setting_text(value if f.name != 'layer' "
-             "or origins is None or origins.get('layer') == 'flag' else None)"),), CLI_TESTS),
+           (("meta[f.name] = setting_text(getattr(self, f.name))",
+             "meta[f.name] = setting_text(getattr(self, f.name) if f.name != 'layer' "
+             "or origins is None or origins['layer'].kind == 'flag' else None)"),), CLI_TESTS),
     # The CLI
     Mutant("no-streaming", "the answer printed at the end instead of streamed", "dyrate_ref/cli.py",
            (("        sys.stdout.write(decoder.push(tid))\n        sys.stdout.flush()\n",
@@ -154,6 +156,62 @@ MUTANTS = [
     Mutant("vtw-origin-lies", "a calibration that found no layer is reported as a missing file", "dyrate_ref/pruning.py",
            (('return None, f"{VTW_CALIBRATION} found no layer within its eta"', 'return None, f"no {VTW_CALIBRATION}"'),),
            ("tests/test_cli_habits.py",)),
+    # The measuring tools (tests/test_report.py works each figure out by hand)
+    Mutant("se-unclustered", "the paired SE treats the questions about one picture as independent",
+           "dyrate_ref/tools/report.py", (("clusters = clusters or [str(i) for i in range(n)]",
+                                           "clusters = [str(i) for i in range(n)]"),), REPORT_TESTS),
+    Mutant("kind-mean-over-all", "a per-kind score averaged over every item, not that kind's",
+           "dyrate_ref/tools/report.py",
+           (("if key in r and (kind is None or items[i].kind == kind)]", "if key in r]"),), REPORT_TESTS),
+    Mutant("forced-with-own-answer", "every item's forced costs counted on none's answer to the first item",
+           "dyrate_ref/tools/evaluate.py", (('force=none[i]["tokens"]).record', "force=none[0][\"tokens\"]).record"),),
+           REPORT_TESTS),
+    Mutant("prefill-flops-with-vision", "the LM prefill FLOPs include the vision tower", "dyrate_ref/tools/evaluate.py",
+           (('"prefill_flops": flops[0] - vis,', '"prefill_flops": flops[0],'),), REPORT_TESTS),
+    Mutant("forced-over-own-base", "the forced FLOPs ratio is over the method's own FLOPs, not none's",
+           "dyrate_ref/tools/report.py", (('"lm_flops_forced": f_lm / lm_base', '"lm_flops_forced": f_lm / lm'),),
+           REPORT_TESTS),
+    Mutant("depth-truncated", "K mapped by depth is truncated, not rounded (3 of 7 -> 13 of 32, not 14)",
+           "dyrate_ref/cost.py", (("math.floor(K * L_to / L_from + 0.5)", "math.floor(K * L_to / L_from)"),),
+           REPORT_TESTS),
+    Mutant("kept-schedule-over-all", "a step's kept share averaged over every answer, also those that ended",
+           "dyrate_ref/tools/report.py", (("/ N / sum(len(r[\"kept\"]) > t for r in records)", "/ N / len(records)"),),
+           REPORT_TESTS),
+    Mutant("batch-from-mean", "the largest batch set by the cache's mean, not its peak", "dyrate_ref/cost.py",
+           (('"max_batch": int((gpu_bytes - weight_bytes) // peak)', '"max_batch": int((gpu_bytes - weight_bytes) // mean)'),),
+           REPORT_TESTS),
+    Mutant("openai-topk-worst-first", "a server's top-k kept worst first", "dyrate_ref/trace.py",
+           (("best = sorted(top.items(), key=lambda kv: -kv[1])[:k]", "best = sorted(top.items(), key=lambda kv: kv[1])[:k]"),),
+           REPORT_TESTS),
+    Mutant("openai-chosen-dropped", "the chosen token's own log-prob left out when it is outside the top-k",
+           "dyrate_ref/trace.py", (('tops[-1].setdefault(tokens[-1], _logprob(_field(entry, "logprob", where), where))',
+                                    '_logprob(_field(entry, "logprob", where), where)'),), REPORT_TESTS),
+    Mutant("limit-before-eos", "an answer ending on its last allowed token reported as cut at the limit",
+           "dyrate_ref/generation.py",
+           (("        if force is None and tid in stop_ids:\n            reason = \"eos\"\n            break\n"
+             "        if len(tokens) >= max_new_tokens:\n            reason = \"forced\" if force is not None else \"max_new_tokens\"\n"
+             "            break\n",
+             "        if len(tokens) >= max_new_tokens:\n            reason = \"forced\" if force is not None else \"max_new_tokens\"\n"
+             "            break\n        if force is None and tid in stop_ids:\n            reason = \"eos\"\n            break\n"),),
+           REPORT_TESTS),
+    Mutant("dagger-last-round-only", "each DAgger round refits on its own steps alone", "dyrate_ref/tools/train_predictor.py",
+           (("feats, labels = torch.cat([feats, f]), torch.cat([labels, y])", "feats, labels = f, y"),), REPORT_TESTS),
+    Mutant("vtw-mean-of-means", "VTW's KL averaged per example, then over examples", "dyrate_ref/tools/calibrate_vtw.py",
+           (("totals[K] += float(kl_divergence(logits_w, logits_full).sum())",
+             "totals[K] += float(kl_divergence(logits_w, logits_full).mean())"),
+            ("count += len(full.tokens)", "count += 1"),), REPORT_TESTS),
+    Mutant("f1-repeat-counted", "object-F1 counts a shape named twice as two hits", "dyrate_ref/demo/scenes.py",
+           (("        if t in remaining:\n            remaining.remove(t)\n", "        if t in gold:\n"),), REPORT_TESTS),
+    Mutant("inside-by-prefix", "an output beside an input folder with a common prefix (w2/ beside w/) is refused",
+           "dyrate_ref/files.py", (("return os.path.commonpath([real, top]) == top", "return real.startswith(top)"),),
+           REPORT_TESTS),
+    Mutant("premise-kl-over-scored", "the premise summary's KL averaged over the scored items only",
+           "dyrate_ref/tools/premise.py", (('"kl": sum(r["kl"] for r in rs) / n,',
+                                            '"kl": sum(r["kl"] for r in scored) / max(1, len(scored)),'),), REPORT_TESTS),
+    Mutant("rate-nominal", "the trace records a fixed schedule's nominal rate, not the share dropped",
+           "dyrate_ref/generation.py", (("rec.rates.append(1 - state.keep.numel() / N)",
+                                         "rec.rates.append(getattr(method, 'rates', None) and method.rates[min(t, len(method.rates) - 1)] "
+                                         "or 1 - state.keep.numel() / N)"),), PRUNE_TESTS),
     Mutant("output-over-input", "an output path that is one of the run's inputs is accepted", "dyrate_ref/files.py",
            (("if (os.path.isdir(source) and _inside(path, source)) or _same_file(path, source):", "if False:"),),
            ("tests/test_no_overwrite.py", "tests/test_bad_inputs.py")),

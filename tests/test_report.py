@@ -1,0 +1,273 @@
+"""The measuring tools against hand-worked cases: the figures a reader of a table trusts without
+checking. Each case is small enough to be worked out on paper, and each answer below is worked out
+here, in the comments, not copied from the tool's output."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from dyrate_ref.tools import report
+from dyrate_ref.tools.data import Item
+
+
+def item(i, kind, cluster, **kw):
+    return Item(f"i{i}", "q", kind, i, cluster, **kw)
+
+
+def rec(em=None, kept=(10, 10), pf=100.0, df=20.0, kv=(50, 60), answer="a", **extra):
+    r = {"answer": answer, "kept": list(kept), "prefill_flops": pf, "decode_flops": df, "kv_peak": max(kv),
+         "kv_mean": sum(kv) / len(kv), "seconds": 1.0, **extra}
+    if em is not None:
+        r["em"] = em
+    return r
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation's summary: which records each figure is averaged over, and its clustered SE.
+
+ITEMS = [item(0, "color", "p1", answer="x"), item(1, "count", "p1", answer="x"),
+         item(2, "color", "p2", answer="x"), item(3, "count", "p3", answer="x")]
+
+
+def test_overall_and_per_kind_scores_are_means_over_their_own_items():
+    base = [rec(1.0), rec(1.0), rec(1.0), rec(0.0)]
+    mine = [rec(0.0), rec(1.0), rec(1.0), rec(1.0)]
+    s = report.summarise(mine, base, ITEMS)
+    # overall over the 4 items: 3/4; colour over items 0 and 2: (0 + 1)/2; count over 1 and 3: (1 + 1)/2
+    assert s["em"] == 0.75 and s["em_n"] == 4
+    assert s["em_color"] == 0.5 and s["em_color_n"] == 2 and s["em_count"] == 1.0 and s["em_count_n"] == 2
+    # paired differences: colour d = [-1, 0] mean -0.5; count d = [0, 1] mean 0.5; overall [-1, 0, 0, 1] mean 0
+    assert s["em_color_delta"] == -0.5 and s["em_count_delta"] == 0.5 and s["em_delta"] == 0.0
+    # overall SE, clustered: deviations (= d, mean 0) summed per picture: p1 -1 + 0, p2 0, p3 1;
+    # SE^2 = G/(G-1) * sum(s_g^2) / n^2 = 3/2 * (1 + 0 + 1) / 16
+    assert s["em_se"] == pytest.approx(math.sqrt(1.5 * 2 / 16))
+    # the same answers as base's on none of the items here (answers all "a" = the same): agree 1.0
+    assert s["agree"] == 1.0
+
+
+def test_the_look_verdict_and_f1_are_their_own_columns_not_part_of_exact_match():
+    items = ITEMS[:2] + [item(4, "look", "p4", answer="x. So a red circle: yes.")]
+    base = [rec(1.0), rec(1.0), rec(verdict=1.0)]
+    mine = [rec(1.0), rec(0.0), rec(verdict=0.0)]
+    s = report.summarise(mine, base, items)
+    assert s["em"] == 0.5 and s["em_n"] == 2  # the look item is not an exact-match item
+    assert s["verdict"] == 0.0 and s["verdict_n"] == 1 and s["verdict_delta"] == -1.0
+    assert "em_look" not in s
+
+
+def test_costs_relative_to_none_own_and_forced_by_hand():
+    base = [rec(1.0, pf=100, df=20, kv=(50, 60), tokens=[1, 2]), rec(1.0, pf=100, df=40, kv=(50, 70), tokens=[3])]
+    mine = [rec(1.0, kept=(5, 5), pf=50, df=10, kv=(25, 35), forced_prefill_flops=50, forced_decode_flops=12,
+                forced_kv_peak=36, forced_kv_mean=31),
+            rec(1.0, kept=(4,), pf=50, df=0, kv=(25,), forced_prefill_flops=50, forced_decode_flops=30,
+                forced_kv_peak=45, forced_kv_mean=40)]
+    c = report.costs(mine, base)
+    assert c["lm_flops"] == pytest.approx((50 + 10 + 50 + 0) / (120 + 140))
+    assert c["lm_flops_forced"] == pytest.approx((62 + 80) / 260)  # forced on none's answers, over none's costs
+    assert c["kv_mean"] == pytest.approx((30 + 25) / (55 + 60)) and c["kv_peak"] == pytest.approx((35 + 25) / (60 + 70))
+    assert c["kv_mean_forced"] == pytest.approx((31 + 40) / 115) and c["kv_peak_forced"] == pytest.approx((36 + 45) / 130)
+    assert c["kept"] == pytest.approx((5 + 5 + 4) / 3)  # per step, over every step of every answer
+    assert c["prefill_flops"] == pytest.approx(100 / 200) and c["decode_flops"] == pytest.approx(10 / 60)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The serving table: K mapped by depth, the kept schedule over the items that reach a step, the peak.
+
+def test_depth_matched_layer_by_hand_at_two_depths():
+    from dyrate_ref.cost import depth_matched_layer
+    assert depth_matched_layer(1, 8, 32) == 4 and depth_matched_layer(7, 8, 32) == 28  # 1/8 and 7/8 of 32
+    assert depth_matched_layer(3, 7, 32) == 14  # 3/7 of 32 = 13.71: rounded, not truncated
+    assert depth_matched_layer(2, 6, 32) == 11  # 10.67 -> 11
+    assert depth_matched_layer(1, 64, 32) == 1 and depth_matched_layer(8, 8, 32) == 31  # kept inside 1..L-1
+
+
+def test_the_kept_schedule_averages_each_step_over_the_answers_that_reach_it():
+    recs = [{"kept": [10, 8, 6]}, {"kept": [10]}, {"kept": [6, 4]}]
+    # N = 10: step 0 over 3 answers (10+10+6)/30; step 1 over 2 (8+4)/20; step 2 over 1: 6/10
+    assert report.kept_schedule(recs, 10) == pytest.approx([26 / 30, 12 / 20, 6 / 10])
+
+
+def test_the_serving_batch_comes_from_the_cache_peak_not_its_mean():
+    from dyrate_ref.cost import serving_kv_bytes, serving_schedule
+    from dyrate_ref.model import TextConfig
+    tc = TextConfig()
+    # a schedule that prunes late: the cache is largest early, so the peak is at a step with all kept
+    s = serving_schedule(tc, 4, 576, 616, [1.0, 1.0, 0.1], 8, 14e9, 80e9, 1)
+    peak = max(serving_kv_bytes(tc, 4, 576, 616, t, 1.0 if t < 2 else 0.1) for t in range(8))
+    mean = sum(serving_kv_bytes(tc, 4, 576, 616, t, 1.0 if t < 2 else 0.1) for t in range(8)) / 8
+    assert s["kv_peak"] == peak and s["kv_mean"] == pytest.approx(mean)
+    assert s["max_batch"] == int((80e9 - 14e9) // peak) < int((80e9 - 14e9) // mean)
+
+
+# ----------------------------------------------------------------------------------------------------
+# trace from-openai: the top-k's order and what it keeps.
+
+def test_an_openai_top_k_is_sorted_best_first_and_keeps_the_chosen_token():
+    from dyrate_ref.trace import openai_trace
+    lp = {"content": [
+        # listed out of order; the chosen token (7) is not among them: it is added with its own log-prob
+        {"token": "token_id:7", "logprob": -2.0, "top_logprobs": [
+            {"token": "token_id:3", "logprob": -1.5}, {"token": "token_id:9", "logprob": -0.5},
+            {"token": "token_id:4", "logprob": -3.0}]},
+        {"token": "token_id:9", "logprob": -0.1, "top_logprobs": [
+            {"token": "token_id:9", "logprob": -0.1}, {"token": "token_id:2", "logprob": -2.5},
+            {"token": "token_id:1", "logprob": -4.0}]}]}
+    t = openai_trace({"choices": [{"logprobs": lp}]}, torch.arange(3), "r.json")
+    assert t["tokens"].tolist() == [7, 9]
+    # k = the smallest set's size (step 0 has 4 with the chosen one, step 1 has 3): k = 3, best first
+    assert t["topk_ids"].tolist() == [[9, 3, 7], [9, 2, 1]]
+    assert t["topk_logprobs"].flatten().tolist() == pytest.approx([-0.5, -1.5, -2.0, -0.1, -2.5, -4.0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stop reason at the token limit, DAgger's aggregation, VTW's averaging.
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    from helpers import hf_config, make_checkpoint, noise_image
+    d = str(tmp_path_factory.mktemp("tools") / "w")
+    make_checkpoint(d, hf_config(text=dict(num_hidden_layers=4)))
+    model = load_model(d)
+    return model, Processor(d, model.config), noise_image(40, 40, seed=3)
+
+
+def test_an_answer_that_ends_on_its_last_allowed_token_stopped_at_eos(tiny):
+    from dyrate_ref.generation import generate
+    model, proc, img = tiny
+    ids, px = proc.input_ids("What is it?"), proc.pixel_values(img)
+    free = generate(model, ids, px, 3).tokens
+    assert generate(model, ids, px, 3).stop_reason == "max_new_tokens"
+    ended = generate(model, ids, px, 3, stop_ids={free[2]})  # EOS is the 3rd token of 3 allowed
+    assert ended.tokens == free and ended.stop_reason == "eos"
+    assert generate(model, ids, px, 3, force=free).stop_reason == "forced"
+
+
+def test_dagger_rounds_aggregate_every_round_s_steps(tiny, monkeypatch):
+    """train(): round 0 on the oracle's path, then each round adds the predictor's own steps to what was
+    there: the final fit sees all of them, in order."""
+    from dyrate_ref.predictor import ACTIONS, FEATURES
+    from dyrate_ref.tools import train_predictor as tp
+    model, proc, img = tiny
+    rounds = []
+
+    def fake_label_all(model, answered, K, margin, policy=None, show_progress=True, what=""):
+        r = len(rounds)
+        rounds.append(policy is not None)
+        f = torch.full((3 + r, len(FEATURES)), float(r))  # round r: 3 + r steps whose features are r
+        return f, torch.full((3 + r,), r % len(ACTIONS), dtype=torch.long), torch.zeros(3 + r)
+    monkeypatch.setattr(tp, "label_all", fake_label_all)
+    monkeypatch.setattr(tp, "greedy_answers", lambda *a, **k: [None])
+    _, feats, labels, log = tp.train(model, proc, [], 1, 1.0, rounds=3, epochs=2, show_progress=False)
+    assert rounds == [False, True, True]  # the oracle's path first, then the predictor's own
+    assert feats.shape[0] == 3 + 4 + 5 and feats[:, 0].tolist() == [0.0] * 3 + [1.0] * 4 + [2.0] * 5
+    assert labels.tolist() == [0] * 3 + [1] * 4 + [2 % len(ACTIONS)] * 5 and len(log) == 3
+
+
+def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatch):
+    """Two examples whose answers have 2 and 5 tokens: the mean is over the 7 tokens (a mean of the two
+    examples' means would weigh the short answer's tokens 2.5x); each KL checked against the cached,
+    evicting VTW loop fed the same tokens."""
+    from dyrate_ref.generation import generate
+    from dyrate_ref.pruning import VTW
+    from dyrate_ref.tools import calibrate_vtw as cv
+    from dyrate_ref.tools.data import Example
+    from dyrate_ref.trace import kl_divergence
+    from helpers import noise_image
+    model, proc, img = tiny
+    examples = [Example(img, "What is it?", None), Example(noise_image(40, 40, seed=8), "Describe it.", None)]
+    real = cv.generate
+    lengths = iter((2, 5))
+    monkeypatch.setattr(cv, "generate", lambda m, ids, px, n, **kw: real(m, ids, px, next(lengths)))
+    got = cv.mean_kl_per_layer(model, proc, examples, [1, 2], show_progress=False)
+    for K in (1, 2):
+        per_token = []
+        for ex, T in zip(examples, (2, 5)):
+            ids, px = proc.input_ids(ex.prompt), proc.pixel_values(ex.image)
+            full = generate(model, ids, px, T)
+            withdrawn = generate(model, ids, px, T, VTW(K), force=full.tokens)
+            per_token += kl_divergence(torch.stack(withdrawn.record.logits), torch.stack(full.record.logits)).tolist()
+        assert len(per_token) == 7
+        assert got[K] == pytest.approx(sum(per_token) / 7, rel=1e-4, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metrics and the output-path rule.
+
+def test_object_f1_counts_a_repeated_shape_once():
+    import random
+    from dyrate_ref.demo.scenes import object_f1, random_scene
+    s = random_scene(random.Random(4), 2, 2)
+    a, b = s.shapes
+    one = f"{a.color} {a.kind} {'in' if a.position == 'center' else 'at'} the {a.position}"
+    # the first shape named twice, the second never: precision 1/2 (one of two named is a new hit),
+    # recall 1/2, F1 1/2 -- not 2/3, which counting the repeat as a second hit would give
+    assert object_f1(f"There are two shapes: a {one} and a {one}.", s) == pytest.approx(0.5)
+
+
+def test_an_output_beside_an_input_folder_with_a_common_prefix_is_not_inside_it(tmp_path):
+    from dyrate_ref.errors import UserError
+    from dyrate_ref.files import check_outputs
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w2").mkdir()
+    (tmp_path / "w" / "sub").mkdir()
+    check_outputs([("--json", str(tmp_path / "w2" / "x.json"))], [("the weights", str(tmp_path / "w"))])  # allowed
+    check_outputs([("--json", str(tmp_path / "w.json"))], [("the weights", str(tmp_path / "w"))])  # allowed
+    with pytest.raises(UserError, match="would overwrite"):
+        check_outputs([("--json", str(tmp_path / "w" / "sub" / "x.json"))], [("the weights", str(tmp_path / "w"))])
+    with pytest.raises(UserError, match="would overwrite"):
+        os.symlink(tmp_path / "w", tmp_path / "link")
+        check_outputs([("--json", str(tmp_path / "link" / "x.json"))], [("the weights", str(tmp_path / "w"))])
+
+
+def test_the_premise_summary_scores_only_the_scored_items():
+    from dyrate_ref.tools import premise
+    recs = [{"kind": "answer", "cluster": "a", "choice": "step", "step": 0, "fraction": 0.5, "kl": 0.2, "top1": 1.0,
+             "same_answer": 1.0, "score": 1.0, "base_score": 1.0},
+            {"kind": "answer", "cluster": "b", "choice": "step", "step": 0, "fraction": 0.5, "kl": 0.4, "top1": 0.5,
+             "same_answer": 0.0, "score": 0.0, "base_score": 1.0},
+            {"kind": "caption", "cluster": "c", "choice": "step", "step": 0, "fraction": 0.5, "kl": 0.6, "top1": 0.0,
+             "same_answer": 0.0, "score": None, "base_score": None}]
+    rows = {r["kind"]: r for r in premise.summarise(recs)}
+    # "all": KL and agreement over all 3 items; the score over the 2 that have one
+    assert rows["all"]["n"] == 3 and rows["all"]["kl"] == pytest.approx(0.4) and rows["all"]["same_answer"] == pytest.approx(1 / 3)
+    assert rows["all"]["score"] == 0.5 and rows["all"]["base_score"] == 1.0
+    assert rows["caption"]["score"] is None and rows["answer"]["top1"] == 0.75
+
+
+def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s_own_answer(tiny, tmp_path):
+    """evaluate's records on two items: the prefill's LM FLOPs are the step-0 FLOPs less the vision
+    tower's (the same for every method), and each method's forced costs are those of a run fed none's
+    answer to that very item."""
+    from dyrate_ref.cost import vision_flops
+    from dyrate_ref.generation import generate
+    from dyrate_ref.pruning import FastV, NoPruning
+    from dyrate_ref.tools import evaluate
+    from helpers import noise_image
+    model, proc, _ = tiny
+    items = []
+    for i in range(2):
+        noise_image(40, 40, seed=20 + i).save(tmp_path / f"{i}.png")
+        items.append(Item(f"x{i}", "What is it?" if i else "Describe it.", "answer", i, f"x{i}", answer="no",
+                          image_path=str(tmp_path / f"{i}.png")))
+    rows = [report.Row("none", "none", NoPruning()), report.Row("fastv", "fastv", FastV(2, 0.9))]
+    # none's answers of different lengths (item 1's ends at its first token), so that costs forced with the
+    # wrong item's answer would differ
+    import copy
+    proc = copy.copy(proc)
+    first = [generate(model, proc.input_ids(it.text), proc.pixel_values(it.picture()), 5).tokens for it in items]
+    assert first[1][0] not in first[0]
+    proc.stop_ids = set(proc.stop_ids) | {first[1][0]}
+    records = evaluate.evaluate_rows(model, proc, items, rows, 5)
+    assert [len(r["tokens"]) for r in records["none"]] == [5, 1]
+    vis = vision_flops(model.config)
+    for it, none, mine in zip(items, records["none"], records["fastv"]):
+        ids, px = proc.input_ids(it.text), proc.pixel_values(it.picture())
+        own = generate(model, ids, px, 5, FastV(2, 0.9), stop_ids=proc.stop_ids).record
+        assert mine["prefill_flops"] == own.flops[0] - vis and mine["decode_flops"] == sum(own.flops[1:])
+        forced = generate(model, ids, px, 5, FastV(2, 0.9), force=none["tokens"]).record
+        assert mine["forced_prefill_flops"] == forced.flops[0] - vis
+        assert mine["forced_decode_flops"] == sum(forced.flops[1:]) and mine["forced_kv_peak"] == max(forced.kv_bytes)
