@@ -271,3 +271,17 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
         forced = generate(model, ids, px, 5, FastV(2, 0.9), force=none["tokens"]).record
         assert mine["forced_prefill_flops"] == forced.flops[0] - vis
         assert mine["forced_decode_flops"] == sum(forced.flops[1:]) and mine["forced_kv_peak"] == max(forced.kv_bytes)
+
+
+def test_the_random_shape_baseline_by_hand():
+    """A model that names a random shape's colour: 1/2 on a scene of a red circle and a blue star asked
+    about the circle; 2/3 on red circle, red square, blue star asked about the square."""
+    from dyrate_ref.demo.scenes import Scene, Shape
+    from dyrate_ref.tools.evaluate import random_shape_colour
+    two = Scene((Shape("circle", "red", 0, (10, 10), 10), Shape("star", "blue", 8, (80, 80), 10)), (0, 0, 0), 1)
+    three = Scene((Shape("circle", "red", 0, (10, 10), 10), Shape("square", "red", 4, (48, 48), 10),
+                   Shape("star", "blue", 8, (80, 80), 10)), (0, 0, 0), 2)
+    items = [Item("a", "What color is the circle?", "color", 0, "a", answer="x", scene=two),
+             Item("b", "What color is the square?", "color", 0, "b", answer="x", scene=three),
+             Item("c", "How many shapes are there?", "count", 0, "c", answer="x", scene=three)]
+    assert random_shape_colour(items) == pytest.approx((1 / 2 + 2 / 3) / 2)

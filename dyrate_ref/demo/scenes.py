@@ -305,14 +305,20 @@ def score_answer(item: EvalItem, text: str) -> float:
 
 
 def training_examples(n: int, seed: int = 0):
-    """(image, prompt, answer) triples, one question or description each, for predictor training and
-    VTW calibration. Not the held-out evaluation stream."""
+    """(image, prompt, answer) triples, one question, description or look-then-reason answer each, for
+    predictor training and VTW calibration: the mixture DyRate's rate is learnt on, where some answers
+    need the picture to their end (descriptions) and some only while they look (look-then-reason). Not
+    the held-out evaluation stream."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         scene = random_scene(rng)
-        if rng.random() < 0.4:
+        r = rng.random()
+        if r < 0.35:
             out.append((scene.draw(), DESCRIBE_PROMPT, describe(scene)))
+        elif r < 0.6 and len(scene.shapes) >= 2:
+            color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
+            out.append((scene.draw(), look_question(color, kind), look_answer(scene, color, kind)))
         else:
             kind, q, a = rng.choice(questions(scene, rng))
             out.append((scene.draw(), q, a))

@@ -258,6 +258,16 @@ def attention_over_generation(model, processor, prompts, max_items: int = 40, mi
     return means, sems, counts[:T]
 
 
+def random_shape_colour(items: list[Item]) -> float:
+    """The baseline beside the kind-swap figure: the expected exact match on the colour questions of a
+    model that answers with the colour of a random shape of the scene (one that ignores the asked kind)."""
+    hits = []
+    for it in (i for i in items if i.kind == "color" and i.scene is not None):
+        asked = next(s for s in it.scene.shapes if it.text.rstrip("?").endswith(s.kind))
+        hits.append(sum(s.color == asked.color for s in it.scene.shapes) / len(it.scene.shapes))
+    return sum(hits) / max(1, len(hits))
+
+
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
@@ -347,13 +357,16 @@ def run(argv=None) -> int:
     swap = None
     if not args.data:  # does the model read the question? (demo/reading.py)
         swap = kind_swap_kl(model, proc, kind_swap_pairs(max(10, min(100, len(prompts) // 5))))
-        print(f"\nkind-swap sensitivity (mean symmetric KL of the first answer token when only the asked shape kind "
-              f"changes, same picture): {swap:.3f} nats; 0 means the question's kind word is ignored")
+        guess = random_shape_colour(prompts)
+        print(f"\nkind-swap sensitivity (mean symmetric KL of the answer word when only the asked shape kind changes, "
+              f"same picture): {swap:.3f} nats; 0 means the question's kind word is ignored, as it is by a model that "
+              f"names a random shape of the scene (which would score {100 * guess:.1f} % on these colour questions)")
     if args.json:
         figures = {"data": data_name, "prompts": len(prompts), "weights": os.path.basename(os.path.normpath(args.weights)),
                    "rows": [{"method": row.name, "family": row.family, **s} for row, s in results]}
         if swap is not None:
             figures["kind_swap_kl"] = swap
+            figures["random_shape_colour"] = random_shape_colour(prompts)
         write_json(args.json, figures)
     if args.plot:
         plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results, key, ylabel, scale),
