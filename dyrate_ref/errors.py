@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -30,6 +31,14 @@ def command_main(run, argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
     sys.exit(code)
+
+
+def summary(doc: str) -> str:
+    """A module docstring's first sentence, whole (it may wrap over lines): what a command's --help says
+    it does, never cut mid-sentence."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.match(r"(.+?[.?!])(\s|$)", paragraph)
+    return m.group(1) if m else paragraph.rstrip(":") + "."
 
 
 class ArgumentParser(argparse.ArgumentParser):

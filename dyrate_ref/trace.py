@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import ArgumentParser, UserError, command_main
+from .errors import ArgumentParser, UserError, command_main, summary
 from .files import check_outputs, write_atomic
 
 FORMAT = "dyrate_ref-trace-1"
@@ -218,6 +218,13 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
     if not same_prompt:
         notes.append("the prompts differ (input_ids): nothing else is comparable")
         upto, steps = 0, []
+    if "pixel_values" in a and "pixel_values" in b:  # input_ids alone cannot tell two pictures apart
+        same_image = a["pixel_values"].shape == b["pixel_values"].shape and torch.allclose(
+            a["pixel_values"].float(), b["pixel_values"].float(), rtol=1e-2, atol=2e-2)  # bfloat16 backends pass
+        checks["pixel_values"] = {"value": "equal" if same_image else "differ", "limit": "equal", "ok": same_image}
+        if not same_image:
+            notes.append("the two traces were made from different images (pixel_values differ): give both runs the "
+                         "same --image")
 
     bad: dict[int, list[str]] = {}  # step -> what is wrong there
     ra, rb = _rows(a, upto), _rows(b, upto)
@@ -379,7 +386,7 @@ def openai_trace(response: dict, input_ids: torch.Tensor, path: str) -> dict[str
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.trace", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.trace", description=summary(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
     c = sub.add_parser("compare", help="compare an oracle trace with a backend's; exit 0 same, 1 different, 2 unreadable")
     c.add_argument("a", help="the oracle's trace (generate.py --trace, ideally with --force-tokens B)")

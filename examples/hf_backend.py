@@ -33,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dyrate_ref.errors import ArgumentParser, UserError, command_main  # noqa: E402  (exit 2 and one line on bad input)
+from dyrate_ref.errors import ArgumentParser, UserError, command_main, summary  # noqa: E402  (exit 2 and one line on bad input)
 from dyrate_ref.files import check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
 from dyrate_ref.loading import read_config  # noqa: E402
 from dyrate_ref.processing import Processor, open_image  # noqa: E402
@@ -139,7 +139,7 @@ def to_topk(trace: dict, k: int) -> dict:
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python examples/hf_backend.py", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python examples/hf_backend.py", description=summary(__doc__))
     p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question")

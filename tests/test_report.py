@@ -285,3 +285,17 @@ def test_the_random_shape_baseline_by_hand():
              Item("b", "What color is the square?", "color", 0, "b", answer="x", scene=three),
              Item("c", "How many shapes are there?", "count", 0, "c", answer="x", scene=three)]
     assert random_shape_colour(items) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_trace_compare_notes_two_traces_made_from_different_pictures():
+    """input_ids are equal for any two pictures of one size: the pixels tell them apart (a bfloat16 copy
+    of the same pixels still counts as the same picture)."""
+    from dyrate_ref.trace import LIMITS, compare
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(1, 3, 8, 8, generator=g)
+    base = {"input_ids": torch.arange(6), "tokens": torch.tensor([1, 2]), "logits": torch.randn(2, 10, generator=g)}
+    same = compare({**base, "pixel_values": px}, {**base, "pixel_values": px.bfloat16().float()}, LIMITS["float32"])
+    assert same.same and same.checks["pixel_values"]["ok"]
+    other = compare({**base, "pixel_values": px}, {**base, "pixel_values": torch.randn(1, 3, 8, 8, generator=g)},
+                    LIMITS["float32"])
+    assert not other.same and any("different images" in n for n in other.notes)

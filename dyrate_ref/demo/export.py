@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_new_folder, write_atomic_dir
 from ..progress import Progress
 from .scenes import eval_set
@@ -45,7 +45,7 @@ def export(out: str, n_scenes: int):
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.demo.export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.demo.export", description=summary(__doc__))
     p.add_argument("--out", required=True, metavar="DIR", help="a new folder: DIR/data.jsonl and DIR/images/")
     p.add_argument("--scenes", type=int, default=300, help="held-out scenes (default 300, as the evaluation)")
     args = p.parse_args(argv)

@@ -35,7 +35,7 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import publish
 from ..loading import load_model, read_config, resolve_device, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
@@ -254,7 +254,7 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.demo.train", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.demo.train", description=summary(__doc__))
     p.add_argument("--out", required=True, help="directory to write (e.g. weights/dyrate-shapes)")
     p.add_argument("--recipe", default=DEFAULT, choices=sorted(RECIPES),
                    help=f"the training recipe (default {DEFAULT}, the shipped model's; demo/recipes.py)")

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..cost import vision_flops
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
@@ -273,7 +273,7 @@ def device_bandwidth(device: str) -> float | None:
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=summary(__doc__))
     p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead"],
                    help="speed (default): time per phase; loading: peak memory while loading; overhead: a pruned "
                         "decode step against method none on the same cache")

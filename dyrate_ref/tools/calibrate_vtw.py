@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import forward_no_cache, generate, keep_masks
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
@@ -56,7 +56,7 @@ def choose_layer(kls: dict[int, float], eta: float) -> int | None:
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.calibrate_vtw", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.calibrate_vtw", description=summary(__doc__))
     p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
     p.add_argument("--eta", type=float, default=0.003, help="mean KL budget in nats (VTW's default 0.003)")
     p.add_argument("--min-layer", type=int, default=5, help="first candidate K (VTW's default 5)")

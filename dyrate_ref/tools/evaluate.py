@@ -40,6 +40,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import sys
 import time
 from dataclasses import fields, replace
 
@@ -47,7 +48,7 @@ import torch
 
 from ..cost import vision_flops
 from ..demo.reading import kind_swap_kl, kind_swap_pairs
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..generation import forward_no_cache, generate
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_weights
@@ -94,6 +95,10 @@ def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
                                 replace(dyrate, confidence=c)))
         rows.append(Row(f"random keep, counts of {main_name}", "random (matched counts)", RandomKeep(dyrate.layer),
                         match=main_name))
+    else:
+        sys.stderr.write(f"note: {weights_dir} ships no dyrate_predictor.safetensors, so the table has no DyRate predictor "
+                         "rows (train one with python -m dyrate_ref.tools.train_predictor, or add --extra "
+                         "dyrate:predictor=FILE)\n")
     rows.append(Row(f"DyRate K=2 rising {','.join(map(str, RISING))}", "DyRate fixed schedule", DyRate(2, rates=RISING)))
     if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
         rows.append(Row(f"DyRate K=1 rising {','.join(map(str, RISING))}", "DyRate fixed schedule",
@@ -269,7 +274,7 @@ def random_shape_colour(items: list[Item]) -> float:
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=summary(__doc__))
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--data", metavar="FILE.jsonl",
                    help="evaluate on this file's items (image, prompt, references and/or answer per line) instead of scenes")

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from ..demo.scenes import LOOK_SPLIT
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import forward_no_cache, generate, recompute_logits
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
@@ -232,7 +232,7 @@ def parse_list(text: str, flag: str, kind):
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.premise", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.premise", description=summary(__doc__))
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--data", metavar="FILE.jsonl", help="the items (image, prompt, optional answer) instead of scenes")
     p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 40), their questions, "

@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArgumentParser, UserError, command_main
+from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import forward_no_cache, generate, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
@@ -169,7 +169,7 @@ def label_accuracy(pred: RatePredictor, feats: torch.Tensor, labels: torch.Tenso
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.train_predictor", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.train_predictor", description=summary(__doc__))
     p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
     p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N (only the images and "
                                                  "prompts are used: labels come from the model's own answers)")
