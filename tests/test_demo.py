@@ -355,30 +355,42 @@ def test_examples_carry_the_prompts_the_docs_use():
         assert os.path.isfile(os.path.join(DEFAULT_WEIGHTS, "examples", ex["file"]))
 
 
-# The demo model's targets (the demo-model issue). The shipped model misses them: the test says so by
-# being an expected failure with the measured figures, visible in every test run ("xfailed"); strict, so
-# a model that meets them makes this test fail until the marker is removed.
-TARGET_QA, TARGET_F1 = 0.95, 0.90
+# The demo model's targets (the demo-model issue), on 25 held-out scenes (the full 300-scene table is
+# docs/targets.json): every question kind >= 95 %, describe object-F1 >= 0.90 -- met by v4 -- and the
+# look-then-reason verdict >= 95 %, which v4 misses (77 % on 300 scenes): that test is an expected
+# failure, strict, so a model that meets it makes the suite say so.
+TARGET_QA, TARGET_F1, TARGET_VERDICT = 0.95, 0.90, 0.95
 
 
-@shipped
-@pytest.mark.xfail(strict=True, reason="known shortfall: the shipped demo model misses the >= 95 % per-kind and "
-                                       "F1 >= 0.90 targets (docs/embedded_model.md has the measured table)")
-def test_shipped_model_meets_the_demo_targets():
+def shipped_scores(look: bool) -> dict:
     from dyrate_ref.generation import generate
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
+    from dyrate_ref.demo.scenes import score_answer
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
     scores = {}
-    for item in eval_set(25):
+    for item in eval_set(25, look=look):
+        if look and item.kind != "look":
+            continue
         ids, px = proc.input_ids(item.question), proc.pixel_values(item.scene.draw())
         text = proc.decode(generate(model, ids, px, 80, stop_ids=proc.stop_ids).tokens)
-        ok = object_f1(text, item.scene) if item.kind == "describe" else float(text.strip() == item.answer)
-        scores.setdefault(item.kind, []).append(ok)
-    means = {k: sum(v) / len(v) for k, v in scores.items()}
+        scores.setdefault(item.kind, []).append(score_answer(item, text))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+@shipped
+def test_shipped_model_meets_the_demo_targets():
+    means = shipped_scores(look=False)
     assert all(means[k] >= TARGET_QA for k in ("color", "count", "exist", "position")), means
     assert means["describe"] >= TARGET_F1, means
+
+
+@shipped
+@pytest.mark.xfail(strict=True, reason="known shortfall: the shipped v4 model's look-then-reason verdict is 77 % on "
+                                       "300 held-out scenes, below the 95 % target (docs/embedded_model.md)")
+def test_shipped_model_meets_the_look_then_reason_target():
+    assert shipped_scores(look=True)["look"] >= TARGET_VERDICT
 
 
 @shipped
