@@ -7,14 +7,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dyrate_ref import cli, pruning
 from dyrate_ref.errors import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
-from dyrate_ref.pruning import visual_scores
 from dyrate_ref.pruning import Context, DyRate, FastV, Method, NoPruning, VTW, parse_int, setting
 from dyrate_ref.tools import evaluate
 
@@ -94,10 +92,10 @@ def test_settings_are_checked_once_with_one_message():
 
 
 def test_the_shipped_predictors_confidence_is_a_setting():
-    """--confidence decodes the same predictor more cautiously: on a prefill where the shipped predictor
-    cuts at its own confidence, at c = 1 it holds."""
+    """--confidence decodes the same predictor more cautiously: on an answer where the shipped predictor
+    cuts at its own confidence, at c = 1 it holds every token to the end."""
     from PIL import Image
-    from dyrate_ref.generation import prefill_lower
+    from dyrate_ref.generation import generate
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
     model = load_model(DEFAULT_WEIGHTS)
@@ -107,11 +105,7 @@ def test_the_shipped_predictors_confidence_is_a_setting():
     cautious, _ = DyRate.resolve({"confidence": 1.0}, ctx)
     ids = proc.input_ids("Describe the image.")
     px = proc.pixel_values(Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png"))
-    with torch.no_grad():
-        _, _, state, probs = prefill_lower(model, ids, px, own.layer)
-    scores = own.scores(probs, state.span, 0, visual_scores(probs, state.span, "last"))
-    keep_own = own.choose(0, torch.arange(144), scores)
-    keep_cautious = cautious.choose(0, torch.arange(144), scores)
-    rate = 1 - keep_cautious.numel() / 144
-    assert keep_own.numel() < 144  # the precondition: at its own confidence it cuts here
-    assert keep_cautious.numel() == 144 and rate == 0.0
+    kept_own = [int(k.sum()) for k in generate(model, ids, px, 12, own).record.keep]
+    kept_cautious = generate(model, ids, px, 12, cautious).record
+    assert min(kept_own) < 144  # the precondition: at its own confidence it cuts in this answer
+    assert [int(k.sum()) for k in kept_cautious.keep] == [144] * 12 and set(kept_cautious.rates) == {0.0}

@@ -95,10 +95,7 @@ def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
                                 replace(dyrate, confidence=c)))
         rows.append(Row(f"random keep, counts of {main_name}", "random (matched counts)", RandomKeep(dyrate.layer),
                         match=main_name))
-    else:
-        sys.stderr.write(f"note: {weights_dir} ships no dyrate_predictor.safetensors, so the table has no DyRate predictor "
-                         "rows (train one with python -m dyrate_ref.tools.train_predictor, or add --extra "
-                         "dyrate:predictor=FILE)\n")
+
     rows.append(Row(f"DyRate K=2 rising {','.join(map(str, RISING))}", "DyRate fixed schedule", DyRate(2, rates=RISING)))
     if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
         rows.append(Row(f"DyRate K=1 rising {','.join(map(str, RISING))}", "DyRate fixed schedule",
@@ -346,6 +343,10 @@ def run(argv=None) -> int:
             print(f"{args.results}: {len(done)} records from an earlier run reused", flush=True)
     proc = Processor(args.weights, cfg)
     check_fits(prompts, proc, cfg.text_config.max_position_embeddings)
+    if not args.only_extra and not shipped_predictor_path(args.weights):  # every check passed: say it once, now
+        sys.stderr.write(f"note: {args.weights} ships no dyrate_predictor.safetensors, so the table has no DyRate "
+                         "predictor rows (train one with python -m dyrate_ref.tools.train_predictor, or add --extra "
+                         "dyrate:predictor=FILE)\n")
     model = load_model(args.weights, config=cfg)
     bar = Progress(len(prompts) * len(rows), "evaluating", " prompts")
     records = evaluate_parallel(model, proc, prompts, rows, args.max_new_tokens, args.workers, bar, done, sink)
