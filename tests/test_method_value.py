@@ -109,3 +109,50 @@ def test_the_shipped_predictors_confidence_is_a_setting():
     kept_cautious = generate(model, ids, px, 12, cautious).record
     assert min(kept_own) < 144  # the precondition: at its own confidence it cuts in this answer
     assert [int(k.sum()) for k in kept_cautious.keep] == [144] * 12 and set(kept_cautious.rates) == {0.0}
+
+
+@dataclass(frozen=True)
+class KeepListed(Method):
+    """Toy method with a file-valued setting and a per-item one: at the prefill keep the tokens listed in a
+    file, or, without one, a random half drawn from `seed` (which the evaluation sets per item)."""
+    name: ClassVar[str] = "listed"
+    layer: int = setting(2, parse_int, "pruning layer K", "K")
+    listing: str | None = setting(None, str, "a file of comma-separated visual indices", "listing", input_file=True)
+    draw: int = setting(0, parse_int, "seed of the random half (the evaluation sets one per item)", "draw",
+                        per_item="seed")  # not named `seed`: generate.py's sampling --seed has that flag
+
+    def choose(self, t, keep, scores):
+        if t:
+            return keep
+        if self.listing:
+            import torch
+            wanted = torch.tensor([int(i) for i in open(self.listing).read().split(",")])
+            return keep[torch.isin(keep, wanted)]
+        import torch
+        g = torch.Generator().manual_seed(self.draw)
+        return keep[torch.randperm(keep.numel(), generator=g)[:keep.numel() // 2]].sort().values
+
+
+def test_a_method_with_a_file_setting_and_a_per_item_setting_is_fully_declared_by_its_class(monkeypatch, tmp_path,
+                                                                                          capsys):
+    """One class and one registry line: its file-valued setting becomes a flag whose file no output may
+    overwrite (the CLI knows nothing of it by name), and the evaluation sets its per-item seed itself."""
+    monkeypatch.setitem(pruning.METHODS, "listed", KeepListed)
+    listing = tmp_path / "keep.txt"
+    listing.write_text("0,5,17,100")
+    out = tmp_path / "t.safetensors"
+    assert cli.run(["--image", IMAGE, "--prompt", "Describe the image.", "--method", "listed", "--listing",
+                    str(listing), "--max-new-tokens", "2", "--trace", str(out)]) == 0
+    assert load_file(str(out))["visual_keep"][0].nonzero().squeeze(1).tolist() == [0, 5, 17, 100]
+    assert "listing=keep.txt" in capsys.readouterr().err  # the summary names the file by its base name
+    with pytest.raises(UserError, match="would overwrite the --listing file"):
+        cli.run(["--image", IMAGE, "--prompt", "hi", "--method", "listed", "--listing", str(listing),
+                 "--trace", str(listing)])
+    assert listing.read_text() == "0,5,17,100"
+    # per item: each item's own seed, whatever the row's method says
+    from dyrate_ref.tools.data import scene_items
+    from dyrate_ref.tools.report import Row
+    row = Row("listed", "listed", KeepListed(draw=999))
+    items = scene_items(2)[:3]
+    assert [evaluate.item_method(row, it, None).draw for it in items] == [it.seed for it in items]
+    assert len({it.seed for it in scene_items(3)}) > 1
