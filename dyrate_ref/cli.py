@@ -50,6 +50,10 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     # One flag per setting any method has, made from the methods' own fields (pruning.METHODS): a new
     # method's settings become flags without touching this file.
     for name, owners in setting_fields().items():
+        flag = "--" + name.replace("_", "-")
+        assert flag not in p._option_string_actions, (  # a developer's mistake, named before argparse's own error
+            f"method setting {name!r} ({', '.join(m for m, _ in owners)}) has the name of generate.py's own {flag}; "
+            "rename the setting")
         g.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                        help="; ".join(f"{m}: {f.metadata['help']}" for m, f in owners))
     p.add_argument("--plot", metavar="FILE.png", default=None, help="draw visual attention and kept patches per step")

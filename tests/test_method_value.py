@@ -156,3 +156,14 @@ def test_a_method_with_a_file_setting_and_a_per_item_setting_is_fully_declared_b
     items = scene_items(2)[:3]
     assert [evaluate.item_method(row, it, None).draw for it in items] == [it.seed for it in items]
     assert len({it.seed for it in scene_items(3)}) > 1
+
+
+def test_a_setting_named_like_a_generate_flag_is_named_as_the_mistake(monkeypatch):
+    @dataclass(frozen=True)
+    class Clash(Method):
+        name: ClassVar[str] = "clash"
+        layer: int = setting(2, parse_int, "pruning layer K", "K")
+        seed: int = setting(0, parse_int, "a seed", "seed")
+    monkeypatch.setitem(pruning.METHODS, "clash", Clash)
+    with pytest.raises(AssertionError, match="has the name of generate.py's own --seed; rename the setting"):
+        cli.build_parser()
