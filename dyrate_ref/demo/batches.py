@@ -12,12 +12,13 @@ Two formats (recipes.Recipe.format):
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache, LlavaForConditionalGeneration
+from ..model import KVCache, LlamaDecoderLayer, LlavaForConditionalGeneration
 from ..processing import Processor
 from .recipes import Recipe, Stage
 from .scenes import (DESCRIBE_PROMPT, all_questions, describe, eval_set, exist_pair, look_answer, look_question,
@@ -186,8 +187,6 @@ def grow(model: LlavaForConditionalGeneration, depth: int, seed: int = 0) -> Lla
     new ones whose output projections (attention o_proj, MLP down_proj) are zero, so each adds nothing
     to the residual stream yet and the model's logits are exactly what they were; their other weights
     are drawn as at initialisation (normal(0, 0.02)), so gradients reach them at once."""
-    import dataclasses
-    from ..model import LlamaDecoderLayer
     old = list(model.model.layers)
     assert depth % len(old) == 0, f"grow: {depth} layers is not a multiple of {len(old)}"
     tc = dataclasses.replace(model.config.text_config, num_hidden_layers=depth)
