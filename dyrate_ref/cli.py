@@ -54,8 +54,10 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
         assert flag not in p._option_string_actions, (  # a developer's mistake, named before argparse's own error
             f"method setting {name!r} ({', '.join(m for m, _ in owners)}) has the name of generate.py's own {flag}; "
             "rename the setting")
-        g.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                       help="; ".join(f"{m}: {f.metadata['help']}" for m, f in owners))
+        aliases = [f"--{a.replace('_', '-')}" for _, f in owners for a in f.metadata["aliases"]]
+        g.add_argument(flag, *aliases, dest=name, default=None,
+                       help="; ".join(f"{m}: {f.metadata['help']}" for m, f in owners)
+                       + (f" ({', '.join(aliases)}: the same flag)" if aliases else ""))
     p.add_argument("--plot", metavar="FILE.png", default=None, help="draw visual attention and kept patches per step")
     return p
 
@@ -136,7 +138,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
     if args.force_tokens is not None:
         if args.temperature > 0:
             raise UserError("--force-tokens feeds the tokens of a trace; --temperature would have no effect")
-        forced = read_trace(args.force_tokens)
+        forced = read_trace(args.force_tokens, "--force-tokens")
         if not torch.equal(forced["input_ids"], input_ids):
             raise UserError(f"--force-tokens {args.force_tokens} was made from another prompt or image size "
                             "(its input_ids differ from this run's); give the same --prompt, --image and --weights")

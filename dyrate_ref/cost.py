@@ -91,7 +91,7 @@ def depth_matched_layer(K: int, L_from: int, L_to: int) -> int:
 def serving_schedule(tc: TextConfig, K: int, N: int, P: int, kept: list[float], T: int, weight_bytes: float,
                      gpu_bytes: float, batch: int, element_size: int = 2) -> dict:
     """The serving arithmetic of a rate that changes over the answer (analytic, a batch of identical
-    requests): kept[t] is the kept share of the N visual tokens at answer step t (the last value repeats
+    requests): kept[t] is the kept fraction of the N visual tokens at answer step t (the last value repeats
     past the list's end). A decode step reads every weight once and every sequence's whole cache once:
     bytes per step are averaged over the T steps of the answer. The largest batch is set by the cache's
     peak over the answer (not its mean): every sequence must fit at its largest."""

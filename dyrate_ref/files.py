@@ -101,6 +101,17 @@ def check_outputs(outputs, inputs=()):
                 raise UserError(f"{flag} and {other_flag} are the same file ({path}); give each its own")
 
 
+def check_input_file(path: str, flag: str, what: str):
+    """A file a command reads, named by `flag` (or by what it is) and described by `what` ("a trace
+    file"): refused with one line when the path is empty, a folder or missing, before anything opens it."""
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give {what}")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give {what}")
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path} does not exist; give {what}")
+
+
 def checkpoint_inputs(weights_dir: str, files: list[str] | None = None, flag: str = "--weights") -> list[tuple[str, str]]:
     """The one rule for a checkpoint folder among check_outputs' inputs. A command that runs a model reads
     files beside its weights (a predictor, a VTW calibration, the examples): the whole folder is its input

@@ -65,7 +65,7 @@ class Record:
     logits: list = field(default_factory=list)  # [V] fp32 each, on the model's device
     keep: list = field(default_factory=list)  # bool mask [N] each (keep_mask of keep_t)
     rates: list = field(default_factory=list)  # float
-    visual_share: list = field(default_factory=list)  # 0-d tensors: layer K-1 attention mass on visual tokens
+    visual_mass: list = field(default_factory=list)  # 0-d tensors: layer K-1 attention mass on visual tokens
     steps: list = field(default_factory=list)  # Step each
 
     @property
@@ -154,7 +154,7 @@ def step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method
     rec.logits.append(logits)
     rec.keep.append(keep_mask(state.keep, N))
     rec.rates.append(1 - state.keep.numel() / N)  # the share of the N visual tokens dropped by step t
-    rec.visual_share.append(last.sum())
+    rec.visual_mass.append(last.sum())
     high = state.cache.length(K) if K < len(state.cache.k) else 0
     rec.steps.append(Step(rows_low, state.cache.length(0), pos.numel(), high))
     return logits

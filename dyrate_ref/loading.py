@@ -123,14 +123,15 @@ def resolve_weights(spec: str, flag: str = "--weights") -> str:
                     "the checkpoint's folder")
 
 
-def read_config(weights_dir: str) -> LlavaConfig:
+def read_config(weights_dir: str, flag: str = "--weights") -> LlavaConfig:
+    """The checkpoint's config.json; `flag` names the option that gave the folder in every refusal."""
     if not os.path.exists(weights_dir):
-        raise UserError(f"weights directory {weights_dir} does not exist; pass --weights DIR with a llava-hf checkpoint")
+        raise UserError(f"{flag} {weights_dir} does not exist; give a llava-hf checkpoint's folder")
     if not os.path.isdir(weights_dir):
-        raise UserError(f"--weights {weights_dir} is a file, not a directory; pass the checkpoint's directory")
+        raise UserError(f"{flag} {weights_dir} is a file, not a folder; give the checkpoint's folder")
     path = os.path.join(weights_dir, "config.json")
     if not os.path.isfile(path):
-        raise UserError(f"{weights_dir} has no config.json; it is not a llava-hf checkpoint directory")
+        raise UserError(f"{flag} {weights_dir} has no config.json; it is not a llava-hf checkpoint folder")
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)

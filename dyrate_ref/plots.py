@@ -1,10 +1,10 @@
 """Figures, drawn with matplotlib (an optional extra: pip install -e ".[plots]").
 
-  plot_run             generate.py --plot FILE.png: per generated token, the share of layer K-1's
+  plot_run             generate.py --plot FILE.png: per generated token, the mass of layer K-1's
                        attention on the image and the kept count; below, the picture at a few steps
                        with the evicted patches darkened
-  plot_share           one curve of visual-attention share over an answer (the tutorial's figure)
-  plot_layers          the share per decoder layer over the answer, mean over many answers with a
+  plot_mass            one curve of the attention mass on the image over an answer (the tutorial's figure)
+  plot_layers          the mass per decoder layer over the answer, mean over many answers with a
                        95 % confidence band (evaluate --plot)
   plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
   plot_pareto          accuracy against cost, one marker per method and setting (evaluate --plot)
@@ -16,6 +16,7 @@ whole or not at all (files.write_atomic).
 from __future__ import annotations
 
 import io
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -71,15 +72,15 @@ def kept_overlay(img: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool)
     return Image.fromarray((x * dim[..., None]).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def plot_share(path: str, share: list[float], tokens: list[str], title: str, layer: int):
-    """Visual-attention share per generated token, the tokens written under the axis."""
+def plot_mass(path: str, mass: list[float], tokens: list[str], title: str, layer: int):
+    """The attention mass on the image per generated token, the tokens written under the axis."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    t = list(range(len(share)))
-    ax.plot(t, share, marker="o", ms=3, lw=1.2)
+    t = list(range(len(mass)))
+    ax.plot(t, mass, marker="o", ms=3, lw=1.2)
     ax.set_ylim(0, 1)
     ax.set_xlabel("generated token (the word it produced)")
-    ax.set_ylabel(f"share of layer {layer}'s attention\non the image (head mean)")
+    ax.set_ylabel(f"layer {layer}'s attention mass\non the image (head mean)")
     ax.set_xticks(t)
     ax.set_xticklabels([repr(s)[1:-1] for s in tokens], rotation=90, fontsize=7)
     ax.set_title(title)
@@ -88,7 +89,7 @@ def plot_share(path: str, share: list[float], tokens: list[str], title: str, lay
 
 
 def plot_layers(path: str, means: torch.Tensor, sems: torch.Tensor, counts: torch.Tensor, title: str):
-    """means, sems [L, T]: per layer, mean visual share at answer position t and its standard error;
+    """means, sems [L, T]: per layer, mean attention mass on the image at answer position t and its standard error;
     counts [T]: answers long enough to have position t. One panel per layer, with a 95 % band."""
     plt = require_matplotlib()
     L, T = means.shape
@@ -108,7 +109,7 @@ def plot_layers(path: str, means: torch.Tensor, sems: torch.Tensor, counts: torc
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         if i % cols == 0:
-            ax.set_ylabel("share on image")
+            ax.set_ylabel("mass on image")
         if i // cols == rows - 1:
             ax.set_xlabel("answer position t")
     fig.suptitle(f"{title}\n(mean over {int(counts[0])} held-out descriptions; band: 95 % confidence; "
@@ -139,13 +140,27 @@ def token_label(word: str, token_id: int, processor) -> str:
     return word.strip() or repr(word)
 
 
+def run_labels(method, K: int, T: int) -> dict:
+    """What plot_run writes, worked out apart from drawing (the tests read it): the title names K only
+    for a method that has a pruning layer among its settings (method none has none: its curve is read
+    at the layer a method would split at); a short answer's axis ticks whole steps; the patches'
+    caption says what darkened means."""
+    prunes = any(f.name == "layer" for f in fields(method))
+    title = (f"method {method.name}, K = {K}: attention to the image and kept tokens per token" if prunes else
+             f"method {method.name} (nothing pruned): attention to the image per token, read at layer {K - 1}")
+    ticks = list(range(T)) if T <= 16 else None  # None: matplotlib's integer locator
+    note = ("darkened patches: evicted at that step (layers >= K no longer see them)" if prunes else
+            "no patch is evicted: method none keeps every visual token")
+    return {"title": title, "xticks": ticks, "patches": note}
+
+
 def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, steps: int = 4):
     """generate.py --plot: the run's visual attention and kept count per token, and kept patches."""
     plt = require_matplotlib()
     cfg = processor.config
     rec = gen.record
     N = gen.state.span[1]
-    share = [float(s) for s in rec.visual_share]
+    mass = [float(s) for s in rec.visual_mass]
     kept = [int(k.sum()) for k in rec.keep]
     T = len(kept)
     picks = sorted({0, T // 3, (2 * T) // 3, T - 1})[:steps] if T > 1 else [0]
@@ -157,15 +172,21 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
     fig = plt.figure(figsize=(10, 6.4))
     top = fig.add_axes([0.08, 0.52, 0.84, 0.36])
     t = list(range(T))
-    a = top.plot(t, share, marker="o", ms=3, color="tab:blue", label=f"attention share on the image (layer {rec.K - 1})")
+    a = top.plot(t, mass, marker="o", ms=3, color="tab:blue", label=f"attention mass on the image (layer {rec.K - 1})")
     top.set_ylim(0, 1)
-    top.set_ylabel("share of attention")
+    top.set_ylabel("attention mass")
     top.set_xlabel("generated token t")
+    labels = run_labels(method, rec.K, T)
+    if labels["xticks"] is not None:
+        top.set_xticks(labels["xticks"])
+    else:
+        from matplotlib.ticker import MaxNLocator
+        top.xaxis.set_major_locator(MaxNLocator(integer=True))
     right = top.twinx()
     b = right.step(t, kept, where="mid", color="tab:orange", label="visual tokens kept")
     right.set_ylim(0, N * 1.05)
     right.set_ylabel(f"kept (of {N})")
-    top.set_title(f"method {method.name}, K = {rec.K}: attention to the image and kept tokens per token")
+    top.set_title(labels["title"])
     top.grid(alpha=0.3)
     top.legend(handles=a + b, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for j, step in enumerate(picks):
@@ -175,6 +196,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
                      fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.text(0.5, 0.305, labels["patches"], ha="center", fontsize=8)
     save_figure(fig, path)
 
 

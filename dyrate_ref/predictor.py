@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
-from .files import write_atomic
+from .files import check_input_file, write_atomic
 
 FORMAT = "dyrate_ref-predictor-2"
 SHIPPED_NAME = "dyrate_predictor.safetensors"
@@ -113,7 +113,7 @@ class RatePredictor(nn.Module):
 
     @torch.no_grad()
     def cut(self, feats: torch.Tensor, confidence: float | None = None) -> float:
-        """The share of the still-kept tokens to drop at this step (a host sync: the keep size
+        """The cut: the part of the still-kept tokens to drop at this step (a host sync: the keep size
         depends on it)."""
         return self.actions[int(self.decide(self.forward(feats.to(self.mean.device)), confidence))]
 
@@ -133,8 +133,7 @@ def shipped_predictor_path(weights_dir: str) -> str | None:
 
 def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
     """Read a predictor file and check that it fits this model; every problem is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"predictor file {path} does not exist")
+    check_input_file(path, "predictor file", "a predictor file (.safetensors) that train_predictor wrote")
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from .errors import UserError
+from .files import check_input_file
 from .model import LlavaConfig
 
 IMAGE_TOKEN = "<image>"
@@ -73,14 +74,12 @@ class ImageSettings:
         return cls(shortest_edge=shortest, resize_hw=resize_hw, crop_hw=crop_hw, **keep)
 
 
-def open_image(path: str) -> Image.Image:
-    """Open and fully decode an image file, turning every way it can be unusable into a UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"image {path} does not exist; check the --image path")
-    if os.path.isdir(path):
-        raise UserError(f"--image {path} is a directory; pass an image file")
+def open_image(path: str, flag: str = "--image") -> Image.Image:
+    """Open and fully decode an image file, turning every way it can be unusable into a UserError that
+    names `flag` (the option, or a data file's "image" field)."""
+    check_input_file(path, flag, "an image file (PNG, JPEG, ...)")
     if os.path.getsize(path) == 0:
-        raise UserError(f"image {path} is empty (0 bytes); pass a real image file")
+        raise UserError(f"{flag} {path} is empty (0 bytes); give a real image file")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat both as the same refusal.
@@ -88,12 +87,12 @@ def open_image(path: str) -> Image.Image:
             img = Image.open(path)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"image {path} has more pixels than Pillow's decompression-bomb limit "
+        raise UserError(f"{flag} {path} has more pixels than Pillow's decompression-bomb limit "
                         f"({Image.MAX_IMAGE_PIXELS}); downscale it first") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image Pillow can read; pass a PNG, JPEG, ... file") from None
+        raise UserError(f"{flag} {path} is not an image Pillow can read; give a PNG, JPEG, ... file") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"image {path} cannot be decoded ({e}); it may be truncated or corrupt") from None
+        raise UserError(f"{flag} {path} cannot be decoded ({e}); it may be truncated or corrupt") from None
     return img
 
 

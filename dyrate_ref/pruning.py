@@ -10,14 +10,16 @@ Shared semantics (docs/pruning.md says the same):
   layers >= K sees only keep_0.
 - Scores: layer K-1's attention probabilities of step t's query over the visual tokens, averaged over
   heads. Position ids keep their original values after eviction.
-- Words: "keep" is the kept visual indices [M]; the trace's `visual_keep` is the same set as a bool
-  mask [N] (keep_mask). The "rate" r_t = 1 - |keep_t| / N is the share of the N visual tokens dropped
-  by step t (what the paper calls the compression rate). The decode loop computes it from keep_t, once
+- Words, one per concept: "keep" is the kept visual indices [M]; the trace's `visual_keep` is the same
+  set as a bool mask [N] (keep_mask). The "rate" r_t = 1 - |keep_t| / N is the part of the N visual
+  tokens dropped by step t (what the paper calls the compression rate; FastV's R is a rate too); the
+  "kept fraction" is 1 - r_t; "mass" is attention probability summed over tokens (the step's attention
+  mass on the image, on the kept tokens). The decode loop computes it from keep_t, once
   (generation.step); a method's settings may name a target rate (FastV's R, a DyRate schedule), but the
-  recorded rate is always the share actually dropped, after rounding and nesting.
+  recorded rate is always the part actually dropped, after rounding and nesting.
 
 A method is one small frozen dataclass holding exactly its own settings. Its fields are its settings:
-the CLI turns them into flags (--layer, --ratio, ...), `evaluate --extra NAME:field=value:...` and the
+the CLI turns them into flags (--layer, --rate, ...), `evaluate --extra NAME:field=value:...` and the
 trace's metadata are built from them, and `describe` says what ran. Each has
 
     choose(t, keep, scores) -> keep_t                 the decision of step t
@@ -81,7 +83,7 @@ def visual_scores(attn_probs: torch.Tensor, span: tuple[int, int], query: str = 
 
 
 def kept_count(n: int, rate: float) -> int:
-    """How many of n tokens remain when a share `rate` of them is dropped: n - round(rate·n), the dropped
+    """How many of n tokens remain when a part `rate` of them is dropped: n - round(rate·n), the dropped
     count rounded half up. The one rounding rule of every method (FastV's R, DyRate's schedule and its
     predictor's cuts). round(·, 6) first: 0.7·10 is 7.000000000000001 in floating point."""
     return n - math.floor(round(rate * n, 6) + 0.5)
@@ -95,11 +97,11 @@ def top_k_sorted(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torc
     return candidates[best].sort().values  # [k]
 
 
-def cut(keep: torch.Tensor, scores: torch.Tensor, share: float) -> torch.Tensor:
-    """Drop `share` of the still-kept tokens keep [M]: keep the best kept_count(M, share) of them by
+def cut(keep: torch.Tensor, scores: torch.Tensor, part: float) -> torch.Tensor:
+    """Drop `part` of the still-kept tokens keep [M] (a cut): keep the best kept_count(M, part) of them by
     score (nested: a subset of keep). DyRate's predictor acts through this, and its labels are made
     with it (tools/train_predictor.py)."""
-    return top_k_sorted(keep, scores, kept_count(keep.numel(), share))
+    return top_k_sorted(keep, scores, kept_count(keep.numel(), part))
 
 
 def keep_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
@@ -122,6 +124,15 @@ def check_layer(K, num_layers: int, what: str) -> int:
     return K
 
 
+def check_layers(methods, num_layers: int, what: str, instead: str):
+    """Every method of a fixed set (a tool's standard rows) prunes at a layer this decoder has: a K it
+    lacks would run unpruned under a pruned method's name. `what` names the set, `instead` what to do."""
+    bad = sorted({m.layer for m in methods if not layer_in_range(m.layer, num_layers)})
+    if bad:
+        raise UserError(f"{what} prune at layer K={', '.join(map(str, bad))}, which a {num_layers}-layer decoder does "
+                        f"not have (K must lie in 1..{num_layers - 1}); {instead}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Settings: field metadata, parsing from text, resolution against a checkpoint.
 
@@ -129,14 +140,16 @@ def check_layer(K, num_layers: int, what: str) -> int:
 PER_ITEM = ("seed", "counts")  # what the evaluation can set per item: the item's own seed, a matched row's kept counts
 
 
-def setting(default, parse, help: str, short: str, input_file: bool = False, per_item: str | None = None):
+def setting(default, parse, help: str, short: str, input_file: bool = False, per_item: str | None = None,
+            aliases: tuple[str, ...] = ()):
     """A method's setting: a dataclass field that also says how to read it from text (a CLI flag or an
     --extra spec), what it means and its short name in the summary line. input_file: its value names a
     file the run reads (the commands then protect it from every output, and the summary names it by
     its base name). per_item: the evaluation sets it for each item ("seed": the item's seed, "counts":
-    the kept counts another row had on that item), whatever a spec says."""
+    the kept counts another row had on that item), whatever a spec says. aliases: older names still
+    accepted as flags and in specs (FastV's rate was once `ratio`)."""
     assert per_item in (None,) + PER_ITEM, per_item
-    return field(default=default, metadata={"parse": parse, "help": help, "short": short,
+    return field(default=default, metadata={"parse": parse, "help": help, "short": short, "aliases": aliases,
                                             "input_file": input_file, "per_item": per_item})
 
 
@@ -294,8 +307,8 @@ class FastV(Method):
     kept_count(N, R) of them, for the whole answer."""
     name: ClassVar[str] = "fastv"
     layer: int = setting(DEFAULT_LAYER, parse_int, LAYER_HELP + " (default 2, FastV's setting for LLaVA-1.5)", "K")
-    ratio: float = setting(0.5, parse_fraction, "fraction R of the visual tokens dropped at the prefill (default 0.5)",
-                           "R")
+    rate: float = setting(0.5, parse_fraction, "rate R: the part of the visual tokens dropped at the prefill "
+                          "(default 0.5)", "R", aliases=("ratio",))
     score: str = setting("last", parse_score, "score by the prompt's 'last' query (default) or the 'mean' of the "
                          "queries after the image", "score")
 
@@ -306,7 +319,7 @@ class FastV(Method):
         if t > 0:
             return keep
         n = scores.numel()
-        return top_k_sorted(torch.arange(n, device=scores.device), scores, kept_count(n, self.ratio))
+        return top_k_sorted(torch.arange(n, device=scores.device), scores, kept_count(n, self.rate))
 
 
 def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None, str]:
@@ -350,7 +363,7 @@ class VTW(Method):
 class DyRate(Method):
     """DyRate (arXiv 2501.14204): the rate grows during the answer, step by step. With `rates`, a fixed
     schedule (r_t = rates[t], the last value repeating; kept_count(N, r_t) of keep_{t-1}'s best); without,
-    the predictor reads step t's attention and picks the share of what is still kept to drop
+    the predictor reads step t's attention and picks the step's cut, the part of what is still kept to drop
     (predictor.py), decoding at `confidence`. Either way the survivors are the highest-scoring tokens of
     keep_{t-1}, so the kept sets are nested. (Keep rules: our reconstruction.)"""
     name: ClassVar[str] = "dyrate"
@@ -371,8 +384,8 @@ class DyRate(Method):
         if self.rates is not None:
             rate = self.rates[min(t, len(self.rates) - 1)]
             return top_k_sorted(keep, scores, min(keep.numel(), kept_count(scores.numel(), rate)))
-        share = self.predictor.cut(predictor_features(scores, keep, t), self.confidence)
-        return cut(keep, scores, share)
+        part = self.predictor.cut(predictor_features(scores, keep, t), self.confidence)
+        return cut(keep, scores, part)
 
     @classmethod
     def resolve(cls, given, ctx, given_as=FLAG):
@@ -416,8 +429,10 @@ def parse_settings(cls, texts: dict[str, str], registry: dict | None = None, whe
     a value its parser refuses, is a UserError naming the flag (where="--") or the spec field."""
     registry = METHODS if registry is None else registry
     own = {f.name: f for f in fields(cls)}
+    own_aliases = {a: f.name for f in fields(cls) for a in f.metadata["aliases"]}
     out = {}
     for name, text in texts.items():
+        name = own_aliases.get(name, name)
         flag = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where}{name}"
         if name not in own:
             owners = [m for m, c in registry.items() if name in {f.name for f in fields(c)}]

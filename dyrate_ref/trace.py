@@ -13,7 +13,7 @@ Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary, k t
   kv_bytes       int64   [T]          bytes held by the KV cache after step t
 generate.py writes all but the top-k pair; a backend needs only input_ids, tokens and either logits or
 topk_ids + topk_logprobs; visual_keep and rates when it prunes. Metadata (strings): weights, dtype,
-device, prompt, method, layer, ratio, score, rates, predictor, max_new_tokens, temperature, top_p, seed,
+device, prompt, method, layer, rate, score, rates, predictor, max_new_tokens, temperature, top_p, seed,
 stop_reason, forced_from, dyrate_ref_version, torch_version, format.
 
     python -m dyrate_ref.trace compare ORACLE BACKEND [--dtype float32|float16|bfloat16] [--json]
@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ArgumentParser, UserError, command_main, summary
-from .files import check_outputs, write_atomic
+from .files import check_input_file, check_outputs, write_atomic
 
 FORMAT = "dyrate_ref-trace-1"
 REQUIRED = ("input_ids", "tokens")
@@ -93,14 +93,17 @@ def sort_header(path: str):
         f.write(text + b" " * (n - len(text)))  # the format pads headers with spaces
 
 
-def read_trace(path: str) -> dict[str, torch.Tensor]:
-    """A trace's tensors; a file that is not a readable trace is a UserError naming what is wrong."""
+def read_trace(path: str, flag: str = "trace") -> dict[str, torch.Tensor]:
+    """A trace's tensors; a file that is not a readable trace is a UserError naming what is wrong (and
+    the flag or argument that gave it)."""
+    check_input_file(path, flag, "a trace file (.safetensors)")
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as a trace: {e}") from None
+        raise UserError(f"{flag} {path} is not a readable trace ({e}); give a trace file that generate.py or "
+                        "from-openai wrote") from None
     missing = [k for k in REQUIRED if k not in tensors]
     if missing:
         what = "a dyrate_ref trace" if meta.get("format") == FORMAT else "a trace (no dyrate_ref trace header)"
@@ -406,18 +409,21 @@ def run(argv=None) -> int:
     if args.cmd == "from-openai":
         check_outputs([("--out", args.out)], [("the response", args.response), ("the --input-ids-from trace",
                                                                               args.input_ids_from)])
+        check_input_file(args.response, "RESPONSE", "the JSON file the server returned")
         try:
             with open(args.response, encoding="utf-8") as f:
                 response = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {args.response} as JSON: {e}") from None
+        except OSError as e:
+            raise UserError(f"RESPONSE {args.response} cannot be read ({e.strerror}); check its permissions") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"RESPONSE {args.response} is not JSON text ({e}); give the JSON the server returned") from None
         prompt_ids = response.get("prompt_token_ids") if isinstance(response, dict) else None
         if prompt_ids is not None and not (isinstance(prompt_ids, list) and prompt_ids and all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt_ids)):
             raise UserError(f"{args.response}: prompt_token_ids is not a list of token ids; fix the response or "
                             "remove the field to take input_ids from --input-ids-from")
         input_ids = (torch.tensor(prompt_ids, dtype=torch.int64) if prompt_ids
-                     else read_trace(args.input_ids_from)["input_ids"])
+                     else read_trace(args.input_ids_from, "--input-ids-from")["input_ids"])
         tensors = openai_trace(response, input_ids, args.response)
         write_trace(args.out, tensors, {"source": os.path.basename(args.response)})
         print(f"wrote {args.out}: {tensors['tokens'].numel()} tokens, top-{tensors['topk_ids'].shape[1]} log-probs")
@@ -434,7 +440,7 @@ def run(argv=None) -> int:
                            **({"max_kl": args.max_kl} if args.max_kl is not None else {})})
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k} must be at least 1")
-    r = compare(read_trace(args.a), read_trace(args.b), limits, args.top_k)
+    r = compare(read_trace(args.a, "ORACLE"), read_trace(args.b, "BACKEND"), limits, args.top_k)
     if args.json:
         print(json.dumps({"same": r.same, "dtype": args.dtype, "limits": asdict(limits), "checks": r.checks,
                           "not_checked": r.not_checked, "notes": r.notes, "first_bad_step": r.first_bad_step,

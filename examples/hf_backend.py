@@ -8,7 +8,7 @@ with only what a backend has to produce: input_ids, tokens, logits (or, with --t
 a serving engine returns them), visual_keep and rates.
 
     python examples/hf_backend.py --weights DIR --image IMG --prompt TEXT --out backend.safetensors \\
-        [--method none|fastv|dyrate] [--layer 2] [--ratio 0.5] [--rates 0.3,0.5,0.7] [--max-new-tokens 16] \\
+        [--method none|fastv|dyrate] [--layer 2] [--rate 0.5] [--rates 0.3,0.5,0.7] [--max-new-tokens 16] \\
         [--topk K] [--image-offset 1]
     python generate.py --weights DIR --image IMG --prompt TEXT --method fastv \\
         --force-tokens backend.safetensors --trace oracle.safetensors
@@ -34,13 +34,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dyrate_ref.errors import ArgumentParser, UserError, command_main, summary  # noqa: E402  (exit 2 and one line on bad input)
-from dyrate_ref.files import check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
+from dyrate_ref.files import check_input_file, check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
 from dyrate_ref.loading import read_config  # noqa: E402
 from dyrate_ref.processing import Processor, open_image  # noqa: E402
 from dyrate_ref.trace import write_trace  # noqa: E402  (atomic, the usual file mode)
 
 
-def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ratio: float, rates) -> list[int]:
+def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, rate: float, rates) -> list[int]:
     """How many to keep, the oracle's one rule: N - round(r·N), the dropped count rounded half up.
     FastV: at step 0 that many of the visual tokens by score, then unchanged. DyRate with a fixed
     schedule: |keep_t| = min(|keep_{t-1}|, N - round(r_t·N)), the best-scoring of keep_{t-1}."""
@@ -50,16 +50,16 @@ def keep_for_step(method: str, t: int, prev: list[int], scores: torch.Tensor, ra
     if method == "fastv":
         if t > 0:
             return prev
-        k = N - math.floor(ratio * N + 0.5 + 1e-9)
+        k = N - math.floor(rate * N + 0.5 + 1e-9)
         return sorted(scores.topk(k).indices.tolist())
-    rate = rates[min(t, len(rates) - 1)]
-    k = min(len(prev), N - math.floor(rate * N + 0.5 + 1e-9))
+    r_t = rates[min(t, len(rates) - 1)]
+    k = min(len(prev), N - math.floor(r_t * N + 0.5 + 1e-9))
     best = scores[prev].topk(k).indices.tolist()
     return sorted(prev[i] for i in best)
 
 
 @torch.no_grad()
-def run_backend(weights: str, image, prompt: str, method: str = "none", layer: int = 2, ratio: float = 0.5,
+def run_backend(weights: str, image, prompt: str, method: str = "none", layer: int = 2, rate: float = 0.5,
                 rates=(0.3, 0.5, 0.7), max_new_tokens: int = 16, image_offset: int = 0, dtype=torch.float32):
     """-> dict of trace tensors (input_ids, tokens, logits [T, V] float32, visual_keep, rates)."""
     from transformers import LlavaForConditionalGeneration
@@ -101,7 +101,7 @@ def run_backend(weights: str, image, prompt: str, method: str = "none", layer: i
             x = x + lay.mlp(lay.post_attention_layernorm(x))
             scores = w[0, :, -1, start:start + N].float().mean(0)  # [N]
         if K < L:
-            keep = keep_for_step(method, t, keep, scores, ratio, rates)
+            keep = keep_for_step(method, t, keep, scores, rate, rates)
             keeps.append(keep)
             rate_list.append(1 - len(keep) / N)  # what a trace records: the share of the N actually dropped
             # Layers >= K: a query of step s (prompt rows: step 0) sees a visual token only if keep_s has it.
@@ -146,7 +146,8 @@ def run(argv=None) -> int:
     p.add_argument("--out", required=True, help="the backend's trace to write (safetensors)")
     p.add_argument("--method", default="none", choices=("none", "fastv", "dyrate"), help="pruning (default none)")
     p.add_argument("--layer", type=int, default=2, help="pruning layer K, 1..L-1 (default 2)")
-    p.add_argument("--ratio", type=float, default=0.5, help="FastV: share R of the visual tokens dropped (default 0.5)")
+    p.add_argument("--rate", "--ratio", type=float, default=0.5,
+                   help="FastV: rate R, the part of the visual tokens dropped (default 0.5; --ratio: the same flag)")
     p.add_argument("--rates", default="0.3,0.5,0.7", help="DyRate: the fixed schedule r0,r1,... (default 0.3,0.5,0.7)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
@@ -155,8 +156,9 @@ def run(argv=None) -> int:
     p.add_argument("--image-offset", type=int, default=0,
                    help="a deliberate bug: shift the masks' visual span by this many positions (default 0)")
     args = p.parse_args(argv)
-    check_outputs([("--out", args.out)], [("the --image", args.image), *checkpoint_inputs(args.weights)])
+    check_input_file(args.image, "--image", "an image file (PNG, JPEG, ...)")
     cfg = read_config(args.weights)
+    check_outputs([("--out", args.out)], [("the --image", args.image), *checkpoint_inputs(args.weights)])
     L = cfg.text_config.num_hidden_layers
     if args.method != "none" and not 1 <= args.layer <= L - 1:
         raise UserError(f"--layer {args.layer} is outside 1..{L - 1} (the model has {L} layers)")
@@ -164,12 +166,12 @@ def run(argv=None) -> int:
         rates = tuple(float(r) for r in args.rates.split(","))
     except ValueError:
         raise UserError(f"--rates {args.rates!r} is not a comma-separated list of numbers") from None
-    if not 0.0 <= args.ratio <= 1.0 or not all(0.0 <= r <= 1.0 for r in rates):
-        raise UserError("--ratio and every rate of --rates must lie in [0, 1]")
+    if not 0.0 <= args.rate <= 1.0 or not all(0.0 <= r <= 1.0 for r in rates):
+        raise UserError("--rate and every rate of --rates must lie in [0, 1]")
     if args.max_new_tokens < 1 or (args.topk is not None and not 1 <= args.topk <= cfg.text_config.vocab_size):
         raise UserError(f"--max-new-tokens must be at least 1 and --topk in 1..{cfg.text_config.vocab_size}")
     image = open_image(args.image)  # a missing or unreadable image: one line, exit 2
-    trace = run_backend(args.weights, image, args.prompt, args.method, args.layer, args.ratio, rates,
+    trace = run_backend(args.weights, image, args.prompt, args.method, args.layer, args.rate, rates,
                         args.max_new_tokens, args.image_offset, getattr(torch, args.dtype))
     if args.topk:
         trace = to_topk(trace, args.topk)

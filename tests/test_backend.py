@@ -44,7 +44,7 @@ def oracle(w, img, prune=NoPruning(), dtype=torch.float32, force=None, max_new_t
 
 
 SETTINGS = {"none": (NoPruning(), {}),
-            "fastv": (FastV(2, 0.5), dict(method="fastv", layer=2, ratio=0.5)),
+            "fastv": (FastV(2, 0.5), dict(method="fastv", layer=2, rate=0.5)),
             "dyrate": (DyRate(2, rates=(0.3, 0.5, 0.7)), dict(method="dyrate", layer=2, rates=(0.3, 0.5, 0.7)))}
 
 
@@ -225,8 +225,12 @@ def test_the_example_backend_refuses_bad_input_and_never_overwrites_an_input(fil
                            str(tmp_path / "o.st")], "none.png"),
                          (base + ["--method", "fastv", "--layer", "9", "--out", str(tmp_path / "o.st")], "outside 1.."),
                          (base + ["--method", "dyrate", "--rates", "0.5,x", "--out", str(tmp_path / "o.st")], "--rates"),
-                         (base + ["--ratio", "1.5", "--out", str(tmp_path / "o.st")], "[0, 1]"),
-                         (base + ["--out", ""], "--out is empty")):
+                         (base + ["--rate", "1.5", "--out", str(tmp_path / "o.st")], "[0, 1]"),
+                         (base + ["--out", ""], "--out is empty"),
+                         (["--weights", w, "--image", str(tmp_path), "--prompt", PROMPT, "--out", str(tmp_path / "o.st")],
+                          f"--image {tmp_path} is a folder"),
+                         (["--weights", img, "--image", img, "--prompt", PROMPT, "--out", str(tmp_path / "o.st")],
+                          f"--weights {img} is a file")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()

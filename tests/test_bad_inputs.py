@@ -22,6 +22,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     w = root / "w"
     make_checkpoint(str(w), hf_config(text=dict(num_hidden_layers=4)))
+    make_checkpoint(str(root / "w2"), hf_config(text=dict(num_hidden_layers=2)))  # too shallow for K = 2
     t = root / "t.safetensors"
     save_file({"input_ids": torch.arange(5), "tokens": torch.tensor([1, 2]), "logits": torch.zeros(2, 8)}, str(t))
     (root / "r.json").write_text(json.dumps({"choices": [{"logprobs": {"content": []}}]}))
@@ -65,8 +66,8 @@ def refused(main, argv, capsys, root):
 
 
 def cases(root):
-    w, t = str(root / "w"), str(root / "t.safetensors")
-    img = str(root / "a.png")
+    w, t, w2 = str(root / "w"), str(root / "t.safetensors"), str(root / "w2")
+    img, folder = str(root / "a.png"), str(root / "dir")
     gen = ["--image", img, "--prompt", "hi", "--weights", w]
     return {
         "generate": (cli.main, [
@@ -78,6 +79,12 @@ def cases(root):
             (["--image", img, "--prompt", "hi", "--weights", "nobody-here/absent-model"], "local Hugging Face cache"),
             (gen + ["--trace", img], "would overwrite"),
             (gen + ["--trace", os.path.join(w, "new.safetensors")], "would overwrite"),
+            (["--image", folder, "--prompt", "hi", "--weights", w], f"--image {folder} is a folder"),
+            (gen + ["--force-tokens", folder], f"--force-tokens {folder} is a folder; give a trace file"),
+            (gen + ["--force-tokens", "/nonexistent.st"], "--force-tokens /nonexistent.st does not exist"),
+            (gen + ["--method", "dyrate", "--predictor", folder], f"{folder} is a folder; give a predictor file"),
+            (["--image", img, "--prompt", "hi", "--weights", img], f"--weights {img} is a file, not a folder"),
+            (["--image", img, "--prompt", "hi", "--weights", folder], f"--weights {folder} has no config.json"),
         ]),
         "premise": (premise.main, [
             (["--weights", w, "--plot", os.path.join(w, "x.png")], "would overwrite"),
@@ -110,18 +117,22 @@ def cases(root):
             (["--results", str(root / "dir")], "is a directory"),
             (["--json", "/nonexistent/x.json"], "does not exist"),
             (["--weights", w, "--extra", "fastv:layer=4"], "outside 1..3"),
-            (["--weights", w, "--extra", "fastv:ratio=2"], "outside [0, 1]"),
+            (["--weights", w, "--extra", "fastv:rate=2"], "outside [0, 1]"),
             (["--weights", w, "--extra", "nope:x=1"], "use NAME"),
-            (["--weights", w, "--extra", "vtw:ratio=0.5"], "does not apply"),
+            (["--weights", w, "--extra", "vtw:rate=0.5"], "does not apply"),
             (["--plot", "/nonexistent"], "does not exist"),
             (["--weights", w, "--results", os.path.join(w, "model.safetensors")], "would overwrite"),
             (["--data", str(root / "data.jsonl"), "--weights", w], "line 1"),
             (["--weights", "/nonexistent"], "nonexistent"),
+            (["--weights", w2], "a 2-layer decoder does not have"),
+            (["--weights", w, "--extra", "fastv:layer=2:rate=0.5"], "two rows are both 'FastV K=2 R=0.5'"),
+            (["--weights", w, "--extra", f"dyrate:predictor={folder}"], "is a folder; give a predictor file"),
         ]),
         "trace compare": (trace.main, [
             (["compare", t, t], "same file"),
-            (["compare", t, str(root / "text.txt")], "cannot read"),
-            (["compare", t, "/nonexistent.safetensors"], "cannot read"),
+            (["compare", t, str(root / "text.txt")], "BACKEND " + str(root / "text.txt") + " is not a readable trace"),
+            (["compare", t, "/nonexistent.safetensors"], "BACKEND /nonexistent.safetensors does not exist"),
+            (["compare", folder, t], f"ORACLE {folder} is a folder; give a trace file"),
             (["compare", t, t + "x", "--atol", "-1"], "--atol -1.0 must be"),
             (["compare", t, t + "x", "--max-kl", "nan"], "--max-kl nan must be"),
             (["compare", t, str(root / "text.txt"), "--top-k", "0"], "--top-k 0 must be at least 1"),
@@ -129,15 +140,17 @@ def cases(root):
             (["compare", t], "required"),
         ]),
         "trace from-openai": (trace.main, [
-            (["from-openai", "/nonexistent.json", "--input-ids-from", t, "--out", str(root / "o.st")], "cannot read"),
-            (["from-openai", str(root / "text.txt"), "--input-ids-from", t, "--out", str(root / "o.st")], "as JSON"),
+            (["from-openai", "/nonexistent.json", "--input-ids-from", t, "--out", str(root / "o.st")], "does not exist"),
+            (["from-openai", str(root / "text.txt"), "--input-ids-from", t, "--out", str(root / "o.st")],
+             "is not JSON text"),
+            (["from-openai", folder, "--input-ids-from", t, "--out", str(root / "o.st")], f"RESPONSE {folder} is a folder"),
             (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", str(root / "dir")], "is a directory"),
             (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", str(root / "r.json")], "would overwrite"),
             (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", t], "would overwrite"),
             (["from-openai", str(root / "nolog.json"), "--input-ids-from", t, "--out", str(root / "o.st")], "logprobs"),
             (["from-openai", str(root / "r.json"), "--input-ids-from", t, "--out", "/nonexistent/o.st"], "does not exist"),
             (["from-openai", str(root / "r.json"), "--input-ids-from", "/nonexistent.st", "--out", str(root / "o.st")],
-             "cannot read"),
+             "--input-ids-from /nonexistent.st does not exist"),
             (["from-openai", str(root / "nolp.json"), "--input-ids-from", t, "--out", str(root / "o.st")], "no 'logprob'"),
             (["from-openai", str(root / "strlp.json"), "--input-ids-from", t, "--out", str(root / "o.st")],
              "is not a log-probability"),
@@ -180,6 +193,9 @@ def cases(root):
               str(root / "good.jsonl")], "the --heldout file"),
             (["--weights", w, "--data", "scenes:2", "--heldout", "scenes:0", "--out", str(root / "p.st")],
              "--heldout 'scenes:0'"),
+            (["--weights", w, "--data", "scenes:2", "--heldout", folder, "--out", str(root / "p.st")],
+             f"--heldout {folder} is a folder"),
+            (["--weights", img, "--data", "scenes:2", "--out", str(root / "p.st")], f"--weights {img} is a file"),
         ]),
         "demo.train": (demo_train.main, [
             (["--out", t], "is a file"),
@@ -191,6 +207,9 @@ def cases(root):
             (["--out", str(root / "m"), "--minutes", "0"], "positive"),
             (["--out", w, "--tower", w], "same folder"),
             (["--out", "/nonexistent/m"], "does not exist"),
+            (["--out", str(root / "m"), "--init", img], f"--init {img} is a file, not a folder"),
+            (["--out", str(root / "m"), "--init", folder], f"--init {folder} has no config.json"),
+            (["--out", str(root / "m"), "--tower", folder], f"--tower {folder} has no config.json"),
         ] + ([(["--out", str(root / "m"), "--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else [])),
         "demo.export": (demo_export.main, [
             (["--out", str(root / "dir")], "already exists"),
@@ -216,6 +235,7 @@ def cases(root):
             (["loading", "--prune"], "no effect"),
             (["overhead", "--prune"], "no effect"),
             (["--shape", "7b"], "a GPU's job"),
+            (["--weights", w2, "--prune", "--repeats", "1", "--new-tokens", "2"], "a 2-layer decoder does not have"),
         ] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else [])),
     }
 

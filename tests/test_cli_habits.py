@@ -93,7 +93,7 @@ def test_summary_names_every_methods_settings(files):
     root, w, img = files
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--max-new-tokens", "2"))
     assert "method fastv K=2 R=0.5 score=last (K, R, score: default)" in line, line
-    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--ratio", "0.25",
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--rate", "0.25",
                        "--max-new-tokens", "2"))
     assert "method fastv K=2 R=0.25 score=last (K, score: default; R: flag)" in line, line
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate", "--rates", "0.2,0.4",
@@ -133,7 +133,7 @@ def test_trace_compare_exit_codes(files):
     a, b = root / "c1.st", root / "c2.st"
     summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--trace", str(a)))
     summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "3", "--method", "fastv",
-                "--ratio", "0.9", "--trace", str(b)))
+                "--rate", "0.9", "--trace", str(b)))
     import shutil
     same = root / "c1-copy.st"
     shutil.copyfile(a, same)  # a copy, not the file itself (a file compared with itself is refused)
@@ -145,8 +145,8 @@ def test_trace_compare_exit_codes(files):
     save_file({"x": torch.zeros(2)}, str(not_a_trace))
     garbage = root / "garbage.st"
     garbage.write_bytes(b"\x00" * 50)
-    for bad, needle in ((not_a_trace, "no 'input_ids' tensor"), (garbage, "cannot read"),
-                        (root / "missing.st", "cannot read")):
+    for bad, needle in ((not_a_trace, "no 'input_ids' tensor"), (garbage, "is not a readable trace"),
+                        (root / "missing.st", "does not exist")):
         r = compare(a, bad)
         assert r.returncode == 2, (bad, r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()

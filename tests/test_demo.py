@@ -346,6 +346,35 @@ def test_readme_first_example_answer_is_right():
 
 
 @shipped
+def test_readme_dyrate_examples_answer_right_and_the_look_example_says_what_it_kept(tmp_path):
+    """--method dyrate on the README's first picture: the description is still the ground truth, and the
+    README's look-then-reason command answers the description then the right verdict, with the kept
+    count at the end and the per-step counts the README states (read from the trace it writes)."""
+    import re
+    from safetensors.torch import load_file
+    with open(os.path.join(DEFAULT_WEIGHTS, "examples", "examples.json")) as f:
+        truth = next(e for e in json.load(f) if e["file"] == README_EXAMPLE)["description"]
+    r = subprocess.run(readme_command(README_EXAMPLE, "Describe the image.") + ["--method", "dyrate"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == truth, (r.stdout, r.stderr)
+    look = "Is there a green star? Look first."
+    trace = str(tmp_path / "look.safetensors")
+    r = subprocess.run(readme_command(README_EXAMPLE, look) + ["--method", "dyrate", "--trace", trace],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == truth + " So a green star: yes.", (r.stdout, r.stderr)
+    kept = load_file(trace)["visual_keep"].sum(1).tolist()
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        head = f.read()[:6000]
+    assert f"{kept[-1]}/144 visual tokens kept at the end" in r.stderr and f"{kept[-1]}/144 visual tokens kept" in head
+    steps = re.search(r"all 144 visual tokens for the prefill \(step 0\), then (\d+) from step 1, (\d+) from step "
+                      r"(\d+) and (\d+)\s+from step (\d+) to the end, (\d+) a step on average", head)
+    assert steps, "the README's sentence about the kept counts changed: update this test with it"
+    a, b, tb, c, tc, mean = map(int, steps.groups())
+    assert kept == [144] + [a] * (tb - 1) + [b] * (tc - tb) + [c] * (len(kept) - tc), kept
+    assert round(sum(kept) / len(kept)) == mean
+
+
+@shipped
 def test_examples_carry_the_prompts_the_docs_use():
     with open(os.path.join(DEFAULT_WEIGHTS, "examples", "examples.json")) as f:
         examples = json.load(f)

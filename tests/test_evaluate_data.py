@@ -84,7 +84,7 @@ def exported(tmp_path_factory):
 
 def run_evaluate(data, results, capsys, *extra):
     evaluate.run(["--data", str(data), "--results", str(results), "--only-extra", "--no-control",
-                  "--extra", "fastv:layer=2:ratio=0.75", "--bootstrap", "20", "--max-new-tokens", "24", *extra])
+                  "--extra", "fastv:layer=2:rate=0.75", "--bootstrap", "20", "--max-new-tokens", "24", *extra])
     out = capsys.readouterr().out
     # Everything but the wall-clock column, which is measured anew by every run.
     return [re.sub(r"\| [0-9.]+ \|$", "|", line) for line in out.splitlines() if "records from an earlier run" not in line]
@@ -136,7 +136,7 @@ def test_extra_rows_parse_into_the_settings_they_name():
     from dyrate_ref.tools.baselines import RandomKeep
     cfg = read_config(DEFAULT_WEIGHTS)
     ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
-    assert evaluate.parse_extra("random:layer=1:ratio=0.75", ctx).method == RandomKeep(1, ratio=0.75)
+    assert evaluate.parse_extra("random:layer=1:rate=0.75", ctx).method == RandomKeep(1, rate=0.75)
     assert evaluate.parse_extra("fastv:layer=3:score=mean", ctx).method == FastV(3, 0.5, "mean")
     assert evaluate.parse_extra("fastv", ctx).method == FastV(2, 0.5, "last")
     assert evaluate.parse_extra("dyrate:rates=0.5,0.9", ctx).method == DyRate(2, rates=(0.5, 0.9))
@@ -144,13 +144,33 @@ def test_extra_rows_parse_into_the_settings_they_name():
     assert row.method.confidence == 0.6 and row.method.layer == row.method.predictor.layer
     L = cfg.text_config.num_hidden_layers
     for bad, why in (("fastv:2", "use NAME"), ("fastv:score=median", "'last' or 'mean'"), ("nope", "use NAME"),
-                     (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:ratio=2", "outside [0, 1]"),
-                     ("vtw:ratio=0.5", "does not apply"), ("dyrate:layer=3", "differs from the predictor"),
-                     ("random:layer=0:ratio=0.5", "outside 1.."), ("mass:share=x", "not a number"),
-                     ("random:layer=1", "needs ratio"), ("random:counts=3:ratio=0.5", "set by the evaluation")):
+                     (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:rate=2", "outside [0, 1]"),
+                     ("vtw:rate=0.5", "does not apply"), ("dyrate:layer=3", "differs from the predictor"),
+                     ("random:layer=0:rate=0.5", "outside 1.."), ("mass:mass=x", "not a number"),
+                     ("random:layer=1", "needs rate"), ("random:counts=3:rate=0.5", "set by the evaluation")):
         with pytest.raises(UserError, match="--extra") as e:
             evaluate.parse_extra(bad, ctx)
         assert why in str(e.value), (bad, str(e.value))
+
+
+def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
+    """Each standard row that a spec can describe, described by its spec (old setting names included):
+    the same method and the same name, so the duplicate check finds a repeated row."""
+    from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
+    from dyrate_ref.pruning import Context
+    cfg = read_config(DEFAULT_WEIGHTS)
+    ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
+    standard = {r.name: r.method for r in evaluate.standard_rows(DEFAULT_WEIGHTS, cfg)}
+    for spec, name in (("fastv:layer=2:rate=0.75", "FastV K=2 R=0.75"), ("fastv:layer=1:ratio=0.5", "FastV K=1 R=0.5"),
+                       ("random:layer=1:rate=0.75", "random keep K=1 R=0.75"), ("vtw", "VTW K=4"),
+                       ("dyrate:confidence=0.5", "DyRate K=1 predictor (c=0.5)"),
+                       ("dyrate:rates=0.5,0.6,0.7,0.8,0.9", "DyRate K=2 rising 0.5,0.6,0.7,0.8,0.9"),
+                       ("mass:mass=0.8", "attention mass K=2 p=0.8"), ("mass:share=0.5", "attention mass K=2 p=0.5")):
+        row = evaluate.parse_extra(spec, ctx)
+        assert row.name == name and standard[name].describe() == row.method.describe(), (spec, row.name)
+    # a method no standard row has keeps a name of its own, and another predictor file is named
+    assert evaluate.parse_extra("dyrate:rates=0.9,0.5", ctx).name == "DyRate K=2 schedule 0.9,0.5"
+    assert evaluate.parse_extra("fastv:score=mean", ctx).name == "FastV K=2 R=0.5 score=mean"
 
 
 def test_export_refuses_an_existing_folder_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
@@ -168,23 +188,48 @@ def test_export_refuses_an_existing_folder_and_leaves_nothing_when_it_fails(tmp_
     assert sorted(os.listdir(tmp_path)) == ["there"]
 
 
-def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(tmp_path):
-    """FastV with R = 0 keeps everything: its answers are none's, so its costs counted on none's answers
-    (forced) equal its own; FastV R = 0.9's answers differ, and its forced costs follow none's lengths."""
+def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(tmp_path, monkeypatch):
+    """FastV with R = 0 keeps everything: its answers are none's, so its forced run is skipped (its own run
+    is that run) -- and the costs it records equal a forced run made here; FastV R = 0.9's answers differ,
+    it is forced, and its forced costs follow none's lengths."""
+    from dyrate_ref.cost import vision_flops
+    from dyrate_ref.generation import generate
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    from dyrate_ref.pruning import FastV
+    from dyrate_ref.tools.data import scene_items
     from helpers import hf_config, make_checkpoint
     w = tmp_path / "w"
     make_checkpoint(str(w), hf_config(text=dict(num_hidden_layers=4)))
     results = tmp_path / "r.jsonl"
-    evaluate.run(["--weights", str(w), "--scenes", "2", "--only-extra", "--no-control", "--extra", "fastv:ratio=0",
-                  "--extra", "fastv:ratio=0.9", "--max-new-tokens", "6", "--results", str(results)])
+    forced_calls = []
+
+    def counting(*args, **kw):
+        if kw.get("force") is not None:
+            forced_calls.append(args[4])  # generate(model, ids, px, max_new_tokens, method, force=...)
+        return generate(*args, **kw)
+    monkeypatch.setattr(evaluate, "generate", counting)
+    evaluate.run(["--weights", str(w), "--scenes", "2", "--only-extra", "--no-control", "--extra", "fastv:rate=0",
+                  "--extra", "fastv:rate=0.9", "--max-new-tokens", "6", "--results", str(results)])
     recs = [json.loads(x) for x in open(results)][1:]
     none = {r["id"]: r for r in recs if r["method"] == "none"}
-    same = [r for r in recs if r["method"] == "fastv K=2 R=0.0 score=last"]
+    same = [r for r in recs if r["method"] == "FastV K=2 R=0"]
     assert same and all(r["answer"] == none[r["id"]]["answer"] for r in same)
+    differ = [r for r in recs if r["method"] == "FastV K=2 R=0.9"]
+    assert sum(r["answer"] != none[r["id"]]["answer"] for r in differ) >= 1
+    # no forced run for R = 0; one for each of R = 0.9's items whose tokens are not none's
+    assert all(m.rate == 0.9 for m in forced_calls) and 1 <= len(forced_calls) <= len(differ)
+    model = load_model(str(w))
+    proc = Processor(str(w), model.config)
+    vis = vision_flops(model.config)
+    items = {it.id: it for it in scene_items(2)}
     for r in same:
+        it = items[r["id"]]
+        f = generate(model, proc.input_ids(it.text), proc.pixel_values(it.picture()), 6, FastV(2, 0.0),
+                     force=none[r["id"]]["tokens"]).record
         assert (r["forced_prefill_flops"], r["forced_decode_flops"], r["forced_kv_mean"], r["forced_kv_peak"]) == \
-            (r["prefill_flops"], r["decode_flops"], r["kv_mean"], r["kv_peak"])
-    for r in (r for r in recs if r["method"] == "fastv K=2 R=0.9 score=last"):
+            (f.flops[0] - vis, sum(f.flops[1:]), sum(f.kv_bytes) / len(f.kv_bytes), max(f.kv_bytes))
+    for r in (r for r in recs if r["method"] == "FastV K=2 R=0.9"):
         # forced on none's tokens: as many decode steps as none's answer
         assert r["forced_kv_peak"] < none[r["id"]]["kv_peak"] and len(none[r["id"]]["tokens"]) >= 1
 

@@ -64,9 +64,9 @@ def test_a_new_method_runs_through_evaluate_extra(registered, tmp_path, capsys):
 def test_metadata_holds_only_the_methods_own_settings():
     ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
     assert NoPruning().metadata() == {"method": "none"}
-    fastv, origins = FastV.resolve({"ratio": 0.25}, ctx)
-    assert fastv.metadata(origins) == {"method": "fastv", "layer": "2", "layer_from": "default", "ratio": "0.25",
-                                       "ratio_from": "flag", "score": "last", "score_from": "default"}
+    fastv, origins = FastV.resolve({"rate": 0.25}, ctx)
+    assert fastv.metadata(origins) == {"method": "fastv", "layer": "2", "layer_from": "default", "rate": "0.25",
+                                       "rate_from": "flag", "score": "last", "score_from": "default"}
     vtw, origins = VTW.resolve({}, ctx)
     found = json.load(open(f"{DEFAULT_WEIGHTS}/vtw_calibration.json"))["layer"]  # what the shipped calibration says
     want = (str(found), "vtw_calibration.json") if found else ("4", "L/2, vtw_calibration.json found no layer within its eta")

@@ -164,7 +164,7 @@ def test_mass_and_random_baselines_keep_what_they_promise():
         scores = torch.rand(n, generator=g) ** 4
         prev = torch.randperm(n, generator=g)[:20].sort().values
         for share in (0.3, 0.6, 0.9):
-            keep = AttentionMass(share=share).choose(0, prev, scores)
+            keep = AttentionMass(mass=share).choose(0, prev, scores)
             ranked = scores[prev].sort(descending=True).values
             k = next((i + 1 for i in range(prev.numel()) if ranked[:i + 1].sum() >= share * scores.sum()), None)
             if k is None:

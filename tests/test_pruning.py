@@ -138,8 +138,8 @@ def test_the_recorded_rate_is_the_share_dropped_not_the_nominal_setting():
     keep = DyRate(rates=(0.9, 0.5)).choose(0, torch.arange(144), scores)
     assert keep.numel() == 14
     assert DyRate(rates=(0.9, 0.5)).choose(1, keep, scores).numel() == 14
-    assert FastV(ratio=0.4).choose(0, torch.arange(5), scores[:5]).numel() == 3
-    assert FastV(ratio=0.4).choose(0, torch.arange(7), scores[:7]).numel() == 4
+    assert FastV(rate=0.4).choose(0, torch.arange(5), scores[:5]).numel() == 3
+    assert FastV(rate=0.4).choose(0, torch.arange(7), scores[:7]).numel() == 4
 
 
 def test_generate_records_one_minus_kept_over_n_for_every_method(tiny):
@@ -155,8 +155,8 @@ def test_generate_records_one_minus_kept_over_n_for_every_method(tiny):
 
 def test_keep_functions_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3])
-    assert FastV(ratio=0.4).choose(0, torch.arange(5), scores).tolist() == [1, 3, 4]  # 5-2=3 best, ascending
-    assert FastV(ratio=0.4).choose(3, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # only step 0 chooses
+    assert FastV(rate=0.4).choose(0, torch.arange(5), scores).tolist() == [1, 3, 4]  # 5-2=3 best, ascending
+    assert FastV(rate=0.4).choose(3, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # only step 0 chooses
     assert DyRate(rates=(0.8,)).choose(1, torch.tensor([1, 3, 4]), scores).tolist() == [3]  # 5-4=1
     assert DyRate(rates=(0.0,)).choose(2, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # never grows back
     assert VTW(2).choose(0, torch.arange(5), scores).numel() == 0

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import hf_config, make_checkpoint, noise_image
@@ -65,15 +66,15 @@ def test_trainer_reports_and_writes_a_loadable_predictor(env):
 
 BAD = {
     "unknown-method": (["--method", "magic"], "unknown --method"),
-    "ratio-high": (["--method", "fastv", "--ratio", "1.5"], "outside [0, 1]"),
-    "ratio-negative": (["--method", "fastv", "--ratio", "-0.1"], "outside [0, 1]"),
+    "ratio-high": (["--method", "fastv", "--rate", "1.5"], "outside [0, 1]"),
+    "ratio-negative": (["--method", "fastv", "--rate", "-0.1"], "outside [0, 1]"),
     "layer-zero": (["--method", "fastv", "--layer", "0"], "outside 1..3"),
     "layer-too-deep": (["--method", "vtw", "--layer", "4"], "outside 1..3"),
     "rates-not-numbers": (["--method", "dyrate", "--rates", "0.1,lots"], "not a comma-separated list"),
     "rates-out-of-range": (["--method", "dyrate", "--rates", "0.1,1.2"], "rate outside [0, 1]"),
     "predictor-missing": (["--method", "dyrate", "--predictor", "/nonexistent.safetensors"], "does not exist"),
     "dyrate-without-either": (["--method", "dyrate"], "needs --predictor"),
-    "ratio-with-dyrate": (["--method", "dyrate", "--ratio", "0.5", "--rates", "0.5"], "does not apply"),
+    "ratio-with-dyrate": (["--method", "dyrate", "--rate", "0.5", "--rates", "0.5"], "does not apply"),
     "rates-with-fastv": (["--method", "fastv", "--rates", "0.5"], "does not apply"),
     "layer-with-none": (["--layer", "2"], "does not apply"),
     "score-with-vtw": (["--method", "vtw", "--score", "mean"], "does not apply"),
@@ -106,9 +107,14 @@ def test_trace_compare_same_and_different(env):
     a, b, c = (str(root / f"{n}.safetensors") for n in "abc")
     assert gen(w, img, "--trace", a).returncode == 0
     assert gen(w, img, "--trace", b).returncode == 0
-    assert gen(w, img, "--method", "fastv", "--ratio", "0.75", "--trace", c).returncode == 0
+    assert gen(w, img, "--method", "fastv", "--rate", "0.75", "--trace", c).returncode == 0
     same = py("-m", "dyrate_ref.trace", "compare", a, b)
     assert same.returncode == 0 and "SAME" in same.stdout
+    # --ratio, FastV's rate's older name, is the same flag: the same trace
+    old = str(root / "old.safetensors")
+    assert gen(w, img, "--method", "fastv", "--ratio", "0.75", "--trace", old).returncode == 0
+    assert py("-m", "dyrate_ref.trace", "compare", c, old).returncode == 0
+    assert safe_open(old, "pt").metadata()["rate"] == "0.75"
     diff = py("-m", "dyrate_ref.trace", "compare", a, c)
     assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
     assert "kept sets differ" in diff.stdout and "max |Δlogit|" in diff.stdout and "first bad step: 0" in diff.stdout
@@ -132,6 +138,18 @@ def test_plot_is_written(env):
     # the patch overlays: later steps are darker (more patches evicted) than step 0
     strip = im.crop((0, im.height - 100, im.width, im.height)).convert("L")
     assert strip.getextrema()[0] < 60
+
+
+def test_the_run_plot_s_labels_name_k_only_where_a_method_prunes():
+    """generate.py --plot: K in the title only for a method with a pruning layer; whole-step ticks on a
+    short answer; the caption says darkened patches were evicted (and that none were, for none)."""
+    from dyrate_ref.plots import run_labels
+    from dyrate_ref.pruning import DyRate, FastV, NoPruning
+    none, fastv = run_labels(NoPruning(), 2, 3), run_labels(FastV(1, 0.5), 1, 40)
+    assert "K =" not in none["title"] and "read at layer 1" in none["title"] and none["xticks"] == [0, 1, 2]
+    assert "no patch is evicted" in none["patches"]
+    assert "K = 1" in fastv["title"] and fastv["xticks"] is None and "evicted" in fastv["patches"]
+    assert "K = 2" in run_labels(DyRate(2, rates=(0.5,)), 2, 5)["title"]
 
 
 def test_calibrate_vtw_command(env):

@@ -72,6 +72,81 @@ def test_costs_relative_to_none_own_and_forced_by_hand():
     assert c["prefill_flops"] == pytest.approx(100 / 200) and c["decode_flops"] == pytest.approx(10 / 60)
 
 
+def test_the_rise_column_by_hand():
+    """Kept counts per step of four answers: [10, 10, 10] never cuts after the prefill; [10, 8, 5] first
+    at step 1; [10, 10, 4, 4] at step 2; a one-step answer [6] has no later step. Rose: 2 of 4; mean
+    first step (1 + 2) / 2 = 1.5 -- and the cost table prints exactly that."""
+    recs = [rec(kept=k) for k in ((10, 10, 10), (10, 8, 5), (10, 10, 4, 4), (6,))]
+    c = report.costs(recs, recs)
+    assert c["rose"] == 0.5 and c["first_rise"] == 1.5
+    assert report.rises([rec(kept=(10, 10))]) == {"rose": 0.0, "first_rise": None}
+    from dyrate_ref.pruning import NoPruning
+    line = next(x for x in report.cost_table([(report.Row("m", "m", NoPruning()), c)], 10, 0).splitlines()
+                if x.startswith("| m |"))
+    assert "| 50.0 (1.5) |" in line
+
+
+def test_the_main_comparison_by_hand():
+    """Four look answers on three pictures (and a colour item that must not count). none's verdicts
+    [1, 1, 0, 1]; FastV R=0.5 the same at forced mean KV 60 of none's 100 (0.6); FastV R=0.9 loses one
+    verdict (-25 points: not within 1 point, so not eligible however cheap, 0.2); DyRate the same verdicts
+    at KV [30, 30, 40, 20] (0.3). Picked: FastV R=0.5 and DyRate; ratio 0.3 / 0.6 = 0.5; paired differences
+    [-.3, -.3, -.2, -.4], mean -0.3, deviations summed per picture p1 0, p2 .1, p3 -.1: SE^2 = 3/2 * .02 / 16."""
+    from dyrate_ref.pruning import DyRate, FastV, NoPruning
+    items = [item(0, "look", "p1"), item(1, "look", "p1"), item(2, "look", "p2"), item(3, "look", "p3"),
+             item(4, "color", "p3", answer="x")]
+    rows = [report.Row("none", "none", NoPruning()), report.Row("fv5", "FastV", FastV(2, 0.5)),
+            report.Row("fv9", "FastV", FastV(2, 0.9)), report.Row("dy", "DyRate", DyRate(2, rates=(0.5,)))]
+
+    def recs(verdicts, kvs):
+        return [rec(kv=(100,), verdict=v, forced_kv_mean=k) for v, k in zip(verdicts, kvs)] + \
+            [rec(1.0, kv=(1000,), forced_kv_mean=1.0)]
+    records = {"none": [rec(kv=(100,), verdict=v) for v in (1, 1, 0, 1)] + [rec(1.0, kv=(1000,))],
+               "fv5": recs((1, 1, 0, 1), (60,) * 4), "fv9": recs((0, 1, 0, 1), (20,) * 4),
+               "dy": recs((1, 1, 0, 1), (30, 30, 40, 20))}
+    results = [(r, {}) for r in rows]
+    c = report.main_comparison(results, records, items)
+    assert c["items"] == 4 and c["none_verdict"] == 0.75
+    assert c["fastv"]["method"] == "fv5" and c["dyrate"]["method"] == "dy"
+    assert [r["eligible"] for r in c["candidates"]["fastv"]] == [True, False]
+    assert c["fastv"]["kv_mean"] == pytest.approx(0.6) and c["dyrate"]["kv_mean"] == pytest.approx(0.3)
+    assert c["kv_ratio"] == pytest.approx(0.5) and c["kv_difference"] == pytest.approx(-0.3)
+    assert c["kv_difference_se"] == pytest.approx(math.sqrt(1.5 * 0.02 / 16)) and c["target_met"]
+    assert "0.500x FastV's" in report.comparison_text(c)
+    # FastV R=0.5 also losing a verdict: no FastV row is within the bound, nothing is compared
+    records["fv5"] = recs((1, 1, 0, 0), (60,) * 4)
+    c = report.main_comparison(results, records, items)
+    assert c["fastv"] is None and "kv_ratio" not in c and "no row within" in report.comparison_text(c)
+
+
+def test_the_validation_choice_by_hand():
+    """Cheapest on none's answers among the rows within 2 QA points and 0.03 F1 of none: b (0.9) loses 3
+    points, c (0.7) loses 0.05 F1, so a (0.95) and d (0.95, but less KV) qualify; d wins the KV tie-break."""
+    def row(name, em, f1, flops, kv):
+        return {"method": name, "em_delta": em, "f1_delta": f1, "lm_flops_forced": flops, "kv_mean_forced": kv}
+    rows = [row("none", 0, 0, 1, 1), row("a", -0.01, 0.0, 0.95, 0.9), row("b", -0.03, 0.0, 0.9, 0.5),
+            row("c", 0.0, -0.05, 0.7, 0.5), row("d", -0.02, -0.03, 0.95, 0.8)]
+    assert report.validation_choice(rows)["method"] == "d"
+    assert report.validation_choice(rows[:1] + rows[2:4]) is None
+
+
+def test_the_shipped_predictor_has_the_layer_and_confidence_chosen_on_validation():
+    """docs/validation.json is the evidence: its chosen row names the K and c the shipped predictor file
+    holds (and it ran on the validation split, disjoint from the reported test scenes)."""
+    import json
+    import re
+    from safetensors import safe_open
+    from dyrate_ref.loading import DEFAULT_WEIGHTS
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    figures = json.load(open(os.path.join(here, "docs", "validation.json")))
+    assert figures["data"].endswith(":validation")
+    chosen = report.validation_choice(figures["rows"])["method"]
+    K, c = re.search(r"K=(\d+)", chosen).group(1), re.search(r"c=([0-9.]+)", chosen).group(1)
+    with safe_open(os.path.join(DEFAULT_WEIGHTS, "dyrate_predictor.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (int(meta["layer"]), float(meta["confidence"])) == (int(K), float(c)), chosen
+
+
 # ----------------------------------------------------------------------------------------------------
 # The serving table: K mapped by depth, the kept schedule over the items that reach a step, the peak.
 
@@ -86,7 +161,18 @@ def test_depth_matched_layer_by_hand_at_two_depths():
 def test_the_kept_schedule_averages_each_step_over_the_answers_that_reach_it():
     recs = [{"kept": [10, 8, 6]}, {"kept": [10]}, {"kept": [6, 4]}]
     # N = 10: step 0 over 3 answers (10+10+6)/30; step 1 over 2 (8+4)/20; step 2 over 1: 6/10
-    assert report.kept_schedule(recs, 10) == pytest.approx([26 / 30, 12 / 20, 6 / 10])
+    assert report.kept_schedule(recs, 10, min_answers=1) == pytest.approx([26 / 30, 12 / 20, 6 / 10])
+    # by default a step needs 5 answers, here all 3: only step 0
+    assert report.kept_schedule(recs, 10) == pytest.approx([26 / 30])
+
+
+def test_the_kept_schedule_ends_where_too_few_answers_reach():
+    """Five answers cut to 2 of 10 from step 1 and end at step 3; a sixth never cuts and runs to step 9.
+    Steps 0-3, reached by all six: 1.0, then (5 * 2 + 10) / 60 = 1/3; steps 4-9 are the one uncut answer's
+    alone: left out (the serving model repeats step 3's 1/3), not its 1.0 repeated as the peak."""
+    recs = [{"kept": [10, 2, 2, 2]} for _ in range(5)] + [{"kept": [10] * 10}]
+    assert report.kept_schedule(recs, 10) == pytest.approx([1.0, 1 / 3, 1 / 3, 1 / 3])
+    assert report.kept_schedule(recs, 10, min_answers=1) == pytest.approx([1.0, 1 / 3, 1 / 3, 1 / 3] + [1.0] * 6)
 
 
 def test_the_serving_batch_comes_from_the_cache_peak_not_its_mean():

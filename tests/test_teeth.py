@@ -209,14 +209,21 @@ def test_predictor_features_by_hand(N, tops, quantiles):
     assert f["is_prefill"] == 0.0 and f["log_step"] == pytest.approx(math.log(8))
 
 
-def test_shipped_predictor_decisions_recomputed_by_hand():
-    """On one scene, every step's cut of the shipped predictor, recomputed from its file with plain
-    arithmetic (standardise, the linear layer, P(label >= a) >= confidence), equals what generate did."""
+@pytest.mark.parametrize("kind", ["describe", "look"])
+def test_shipped_predictor_decisions_recomputed_by_hand(kind):
+    """On scene 3, every step's cut of the shipped predictor, recomputed from its file with plain
+    arithmetic (standardise, the linear layer, P(label >= a) >= confidence), equals what generate did:
+    on the model's own description, and on a constructed look-then-reason trajectory (the scene's true
+    description, then "So a green star: yes.", teacher-forced), where the rate must rise after the
+    prefill -- the looking part is where DyRate's premise says the picture can go. (On descriptions it
+    rises too: this predictor does not tell the two apart; docs/evaluation.md says so.)"""
+    import json
     from safetensors import safe_open
     from safetensors.torch import load_file
     from dyrate_ref.predictor import ACTIONS, predictor_features
     from dyrate_ref.pruning import Context, DyRate, kept_count, visual_scores
     from dyrate_ref.generation import forward_no_cache
+    from dyrate_ref.tools.report import first_rise
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
     method, _ = DyRate.resolve({}, Context(DEFAULT_WEIGHTS, 8, model.config))
@@ -226,8 +233,16 @@ def test_shipped_predictor_decisions_recomputed_by_hand():
         meta = f.metadata()
     c, K = float(meta["confidence"]), int(meta["layer"])
     img = Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png")
-    ids, px = proc.input_ids("Describe the image."), proc.pixel_values(img)
-    gen = generate(model, ids, px, 40, method, stop_ids=proc.stop_ids)
+    if kind == "describe":
+        ids, px = proc.input_ids("Describe the image."), proc.pixel_values(img)
+        gen = generate(model, ids, px, 40, method, stop_ids=proc.stop_ids)
+    else:
+        examples = json.load(open(f"{DEFAULT_WEIGHTS}/examples/examples.json"))
+        truth = next(e["description"] for e in examples if e["file"] == "scene3.png")
+        assert "a green star" in truth  # so the verdict below is the true one
+        answer = proc.answer_ids(truth + " So a green star: yes.")
+        ids, px = proc.input_ids("Is there a green star? Look first."), proc.pixel_values(img)
+        gen = generate(model, ids, px, len(answer), method, force=answer)
     kept = [int(k.sum()) for k in gen.record.keep]
     # Layers < K are never pruned: the no-cache forward gives every step's scores.
     _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=(K - 1,))
@@ -243,6 +258,8 @@ def test_shipped_predictor_decisions_recomputed_by_hand():
         assert kept[t] == m, (t, kept, a)
         order = sorted(prev.tolist(), key=lambda i: -float(scores[i]))
         prev = torch.tensor(sorted(order[:m]), dtype=torch.long)
+    if kind == "look":
+        assert first_rise(kept) is not None and kept[-1] < kept[0], kept
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_fastv_trace_values_against_independent_computations(files):
     t = load_file(str(trace))
     with safe_open(str(trace), "pt") as f:
         meta = f.metadata()
-    assert (meta["format"], meta["method"], meta["layer"], meta["ratio"], meta["prompt"], meta["max_new_tokens"]) == \
+    assert (meta["format"], meta["method"], meta["layer"], meta["rate"], meta["prompt"], meta["max_new_tokens"]) == \
         (FORMAT, "fastv", str(K), "0.5", "What is it?", "5")
     ids, T = t["input_ids"], t["tokens"].numel()
     P = ids.numel()

@@ -115,7 +115,7 @@ def test_tutorial_prints_what_it_shows_and_runs_twice_in_a_clean_copy(tmp_path):
         assert r.returncode == 0, f"run {run + 1}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], **git).stdout
         assert status == "", f"run {run + 1} changed the checkout:\n{status}"
-    for fig in ("attention_share.png", "kept_patches.png"):
+    for fig in ("attention_mass.png", "kept_patches.png"):
         assert (tmp_path / "out" / fig).stat().st_size > 1000, fig
     for i, (out, (code, want)) in enumerate(zip(split_output(r.stdout, len(blocks)), blocks)):
         if want is not None:

@@ -291,9 +291,9 @@ def run(argv=None) -> int:
     if args.init and args.tower:
         raise UserError("--init and --tower exclude each other: --init continues a whole model, --tower starts a new "
                         "decoder on a trained tower")
-    for d in (args.init, args.tower):
+    for flag, d in (("--init", args.init), ("--tower", args.tower)):
         if d:
-            read_config(d)  # a missing or broken directory is refused before any work
+            read_config(d, flag)  # a missing or broken directory is refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -2,8 +2,8 @@
 knows nothing of them. `evaluate --extra` builds them from the same kind of spec (BASELINES extends the
 registry there).
 
-- attention mass: keep the fewest tokens that hold a share p of the step's visual attention;
-- random keep: a random subset of a given size (from a fixed ratio, or matched to another row's kept
+- attention mass: keep the fewest tokens that hold mass p of the step's attention to the image;
+- random keep: a random subset of a given size (from a fixed rate, or matched to another row's kept
   counts step by step): does choosing by attention matter at all?
 """
 
@@ -20,16 +20,17 @@ from ..pruning import DEFAULT_LAYER, FLAG, Method, kept_count, parse_fraction, p
 
 @dataclass(frozen=True)
 class AttentionMass(Method):
-    """Keep the fewest tokens of keep_{t-1} that hold `share` of the step's attention to all N visual
+    """Keep the fewest tokens of keep_{t-1} that hold `mass` p of the step's attention to all N visual
     tokens; keep_{t-1} itself when even all of it holds less (what was dropped carried the rest)."""
     name: ClassVar[str] = "mass"
     layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
-    share: float = setting(0.9, parse_fraction, "share p of the step's visual attention to keep", "p")
+    mass: float = setting(0.9, parse_fraction, "mass p of the step's attention to the image to keep", "p",
+                          aliases=("share",))
 
     def choose(self, t, keep, scores):
         total = scores.sum()
         s = scores[keep].sort(descending=True).values  # [M]
-        reach = (s.cumsum(0) >= self.share * total).nonzero()
+        reach = (s.cumsum(0) >= self.mass * total).nonzero()
         if reach.numel() > 0:
             keep = top_k_sorted(keep, scores, int(reach[0]) + 1)
         return keep
@@ -45,30 +46,31 @@ def random_subset(keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def _set_by_the_evaluation(text: str):
-    raise ValueError("is set by the evaluation (matched to another row's kept counts), not by a spec; give ratio")
+    raise ValueError("is set by the evaluation (matched to another row's kept counts), not by a spec; give rate")
 
 
 @dataclass(frozen=True)
 class RandomKeep(Method):
-    """Keep a random subset of keep_{t-1}: kept_count(N, ratio) tokens from the prefill on, or, with
+    """Keep a random subset of keep_{t-1}: kept_count(N, rate) tokens from the prefill on, or, with
     `counts`, counts[t] at step t (the last repeating; another row's own counts, matched per item by the
     evaluation). Seeded per item and step, so a subset of the items draws what the whole set would."""
     name: ClassVar[str] = "random"
     layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
-    ratio: float | None = setting(None, parse_fraction, "fraction R of the visual tokens dropped at random", "R")
+    rate: float | None = setting(None, parse_fraction, "rate R: the part of the visual tokens dropped at random",
+                                 "R", aliases=("ratio",))
     counts: tuple[int, ...] | None = setting(None, _set_by_the_evaluation, "kept count at each step (set by the "
                                              "evaluation from another row's counts)", "counts", per_item="counts")
     seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed", per_item="seed")
 
     @classmethod
     def resolve(cls, given, ctx, given_as=FLAG):
-        if "ratio" not in given:
-            raise UserError(f"random keep needs ratio=R (the share of the visual tokens it drops), from {given_as}")
+        if "rate" not in given:
+            raise UserError(f"random keep needs rate=R (the part of the visual tokens it drops), from {given_as}")
         return super().resolve(given, ctx, given_as)
 
     def choose(self, t, keep, scores):
         n = scores.numel()
-        k = kept_count(n, self.ratio) if self.counts is None else self.counts[min(t, len(self.counts) - 1)]
+        k = kept_count(n, self.rate) if self.counts is None else self.counts[min(t, len(self.counts) - 1)]
         return random_subset(keep, k, self.seed * 100_003 + t)
 
 

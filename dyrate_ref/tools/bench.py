@@ -32,7 +32,7 @@ from ..generation import Record, decode_one_token, generate, prefill, pruning_la
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
-from ..pruning import VTW, Context, DyRate, FastV, NoPruning
+from ..pruning import VTW, Context, DyRate, FastV, NoPruning, check_layers
 from ..predictor import shipped_predictor_path
 
 SHAPES = {
@@ -146,6 +146,8 @@ def bench_methods(weights_dir: str, cfg) -> list[tuple[str, object, bool]]:
     if shipped_predictor_path(weights_dir):
         pred, _ = DyRate.resolve({}, Context(weights_dir, L, cfg))
         rows.append((f"dyrate K={pred.layer} predictor (features + decision each step; may cut)", pred, True))
+    check_layers([m for _, m, _ in rows[1:]], L, "the benchmarked methods",
+                 "give a checkpoint with at least 3 decoder layers")
     return rows
 
 

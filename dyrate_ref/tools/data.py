@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..demo.scenes import TEST_SEED, VALIDATION_SEED, Scene, eval_set, look_verdict, object_f1, training_examples
 from ..errors import UserError
+from ..files import check_input_file
 from ..processing import open_image
 from .metrics import exact_match, vqa_accuracy
 
@@ -73,7 +74,7 @@ def parse_line(line: str, base: str) -> DataItem:
         raise ValueError('"id" must be a string or a number')
     path = os.path.join(base, d["image"])
     try:
-        open_image(path)
+        open_image(path, '"image"')
     except UserError as e:
         raise ValueError(str(e)) from None
     return DataItem(str(d.get("id", "")), path, d["prompt"], refs, d.get("answer"), answers)
@@ -81,12 +82,7 @@ def parse_line(line: str, base: str) -> DataItem:
 
 def read_items(path: str, flag: str = "--data") -> list[DataItem]:
     """Every line of a JSONL evaluation file, checked; the first bad line is refused with its number."""
-    if not path.strip():
-        raise UserError(f"{flag} is empty; give a JSONL file")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder; give a JSONL file")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path} does not exist; give a JSONL file")
+    check_input_file(path, flag, "a JSONL file")
     base = os.path.dirname(os.path.abspath(path))
     items, seen = [], set()
     try:
@@ -133,13 +129,8 @@ def read_examples(spec: str, processor_seed: int = 0, flag: str = "--data") -> l
         if n > MAX_SCENES:
             raise UserError(f"{flag} {spec!r}: at most scenes:{MAX_SCENES}")
         return [Example(img, q, a) for img, q, a in training_examples(n, seed=processor_seed + 7919)]
-    if not spec.strip():
-        raise UserError(f"{flag} is empty; give a JSONL file or scenes:N")
-    if os.path.isdir(spec):
-        raise UserError(f"{flag} {spec} is a folder; give a JSONL file or scenes:N")
-    if not os.path.isfile(spec):
-        raise UserError(f"{flag} {spec} does not exist; give a JSONL file or scenes:N")
-    return [Example(open_image(item.image_path), item.prompt, item.answer) for item in read_items(spec, flag)]
+    check_input_file(spec, flag, "a JSONL file or scenes:N")
+    return [Example(open_image(item.image_path, '"image"'), item.prompt, item.answer) for item in read_items(spec, flag)]
 
 
 MAX_SCENES = 1_000_000  # more generated scenes than any run here could use: a typo, refused at once
@@ -188,7 +179,7 @@ class Item:
         """The image; blank: the control's image without content (the scene's empty background, or a
         grey picture of the file image's size)."""
         if self.scene is None:
-            img = open_image(self.image_path)
+            img = open_image(self.image_path, '"image"')
             return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
         return (replace(self.scene, shapes=()) if blank else self.scene).draw()
 

@@ -8,7 +8,7 @@ model must answer from the image, not the text); FastV (K=2, R=0.5, 0.75, 0.9; K
 random keep of 25 % of the tokens at K=1 (does choosing by attention matter?); VTW at the weights'
 calibrated layer; DyRate with the shipped predictor at its own decoding confidence and a sweep; random
 keep at the predictor's own kept counts; DyRate with a fixed rising schedule at K=2 and K=1; the
-attention-mass rule (keep the fewest tokens holding a share p of the step's visual attention).
+attention-mass rule (keep the fewest tokens holding mass p of the step's attention to the image).
 --split validation runs them on scenes disjoint from the reported test split, to choose settings on.
 
 Accuracy table: exact match overall and per question kind, description object-F1 ((colour, shape,
@@ -56,11 +56,12 @@ from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, Origin, method_class, parse_settings,
-                       visual_span)
+from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, Origin, check_layers, method_class,
+                       parse_settings, visual_span)
 from .baselines import BASELINES, AttentionMass, RandomKeep
 from .data import MAX_SCENES, Item, check_fits, data_inputs, file_items, read_items, scene_items
-from .report import METRICS, PERCENT, Row, pareto_points, serving_table, summarise, table
+from .report import (METRICS, PERCENT, Row, comparison_text, main_comparison, pareto_points, serving_table,
+                     summarise, table)
 from .results import Results
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -72,42 +73,66 @@ def registry() -> dict:
     return {**METHODS, **BASELINES}
 
 
+def row_name(method: Method, weights_dir: str = "") -> str:
+    """How the tables name a method: the same name for a standard row and an --extra spec of the same
+    method (so a spec repeating a standard row is found, not run twice). A method these rules do not
+    know (a new one) is named by its summary line."""
+    m = method
+    if isinstance(m, NoPruning):
+        return "none"
+    if isinstance(m, FastV):
+        return f"FastV K={m.layer} R={m.rate:g}" + ("" if m.score == "last" else f" score={m.score}")
+    if isinstance(m, VTW):
+        return f"VTW K={m.layer}"
+    if isinstance(m, DyRate) and m.rates is not None:
+        rising = all(a <= b for a, b in zip(m.rates, m.rates[1:]))
+        return f"DyRate K={m.layer} {'rising' if rising else 'schedule'} {','.join(f'{r:g}' for r in m.rates)}"
+    if isinstance(m, DyRate):
+        shipped = shipped_predictor_path(weights_dir)
+        own = shipped is not None and os.path.realpath(str(m.predictor)) == os.path.realpath(shipped)
+        return f"DyRate K={m.layer} predictor (c={m.confidence:g})" + ("" if own else
+                                                                       f" {os.path.basename(str(m.predictor))}")
+    if isinstance(m, AttentionMass):
+        return f"attention mass K={m.layer} p={m.mass:g}"
+    if isinstance(m, RandomKeep) and m.rate is not None:
+        return f"random keep K={m.layer} R={m.rate:g}"
+    return m.describe().removeprefix("method ")
+
+
 def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
     """The standard table: none and its blank-image control; FastV at several R; VTW at its calibrated
     layer; DyRate with the shipped predictor (its own confidence and a sweep) and a fixed rising
     schedule; the attention-mass rule; random keep at the shipped predictor's counts."""
     ctx = Context(weights_dir, cfg.text_config.num_hidden_layers, cfg)
-    rows = [Row("none", "none", NoPruning()), Row("none, image blanked (control)", "control", NoPruning(), blank=True)]
-    rows += [Row(f"FastV K=2 R={R}", "FastV K=2", FastV(2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
+
+    def row(method, family, **kw):
+        return Row(row_name(method, weights_dir), family, method, **kw)
+    rows = [row(NoPruning(), "none"), Row("none, image blanked (control)", "control", NoPruning(), blank=True)]
+    rows += [row(FastV(2, R), "FastV K=2") for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
     if not quick:  # layer 0's attention (K = 1) against layer 1's, and against random tokens at the same count
-        rows += [Row(f"FastV K=1 R={R}", "FastV K=1", FastV(1, R)) for R in (0.5, 0.75)]
-        rows.append(Row("random keep K=1 R=0.75", "random (fixed count)", RandomKeep(1, ratio=0.75)))
-    vtw, origins = VTW.resolve({}, ctx)
-    where = "calibrated" if origins["layer"].kind == "file" else "L/2"
-    rows.append(Row(f"VTW K={vtw.layer} ({where})", "VTW", vtw))
+        rows += [row(FastV(1, R), "FastV K=1") for R in (0.5, 0.75)]
+        rows.append(row(RandomKeep(1, rate=0.75), "random (fixed count)"))
+    vtw, _ = VTW.resolve({}, ctx)  # the weights' calibrated layer, else L/2 (the table's note says which)
+    rows.append(row(vtw, "VTW"))
     if shipped_predictor_path(weights_dir):
         dyrate, _ = DyRate.resolve({}, ctx)
-        main_name = f"DyRate K={dyrate.layer} predictor (c={dyrate.confidence:g})"
-        rows.append(Row(main_name, "DyRate predictor", dyrate))
+        main = row(dyrate, "DyRate predictor")
+        rows.append(main)
         for c in () if quick else SWEEP:
             if abs(c - dyrate.confidence) > 1e-9:
-                rows.append(Row(f"DyRate K={dyrate.layer} predictor (c={c:g})", "DyRate predictor",
-                                replace(dyrate, confidence=c)))
-        rows.append(Row(f"random keep, counts of {main_name}", "random (matched counts)", RandomKeep(dyrate.layer),
-                        match=main_name))
-
-    rows.append(Row(f"DyRate K=2 rising {','.join(map(str, RISING))}", "DyRate fixed schedule", DyRate(2, rates=RISING)))
+                rows.append(row(replace(dyrate, confidence=c), "DyRate predictor"))
+        rows.append(Row(f"random keep, counts of {main.name}", "random (matched counts)", RandomKeep(dyrate.layer),
+                        match=main.name))
+    rows.append(row(DyRate(2, rates=RISING), "DyRate fixed schedule"))
     if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
-        rows.append(Row(f"DyRate K=1 rising {','.join(map(str, RISING))}", "DyRate fixed schedule",
-                        DyRate(1, rates=RISING)))
-    rows += [Row(f"attention mass K=2 p={p}", "attention mass", AttentionMass(2, p))
-             for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
+        rows.append(row(DyRate(1, rates=RISING), "DyRate fixed schedule"))
+    rows += [row(AttentionMass(2, p), "attention mass") for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
     return rows
 
 
 EXTRA_HELP = ("NAME[:setting=value...], NAME a method or baseline (none, fastv, vtw, dyrate, mass, random, ...), the "
-              "settings its own, as generate.py's flags (e.g. fastv:layer=1:ratio=0.75, dyrate:rates=0.5,0.9, "
-              "dyrate:predictor=FILE:confidence=0.6, random:layer=1:ratio=0.75, mass:share=0.8)")
+              "settings its own, as generate.py's flags (e.g. fastv:layer=1:rate=0.75, dyrate:rates=0.5,0.9, "
+              "dyrate:predictor=FILE:confidence=0.6, random:layer=1:rate=0.75, mass:mass=0.8)")
 
 
 def parse_extra(spec: str, ctx: Context) -> Row:
@@ -121,8 +146,7 @@ def parse_extra(spec: str, ctx: Context) -> Row:
     texts = dict(p.split("=", 1) for p in pairs)
     method, _ = cls.resolve(parse_settings(cls, texts, known, where=f"--extra {spec}: "), ctx,
                             given_as=Origin("spec", f"--extra {spec}"))
-    label = method.describe().removeprefix("method ")
-    return Row(label, f"{name} (--extra)", method)
+    return Row(row_name(method, ctx.weights_dir), f"{name} (--extra)", method)
 
 
 def item_method(row: Row, prompt: Item, matched: dict | None) -> Method:
@@ -140,7 +164,8 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
     the decode steps (language model only), KV bytes, seconds. With `none` (method none's records, same
     prompts), the costs are also counted on none's answer, fed to this method (forced_*): a method whose
     answers collapse to a few tokens does not look cheap for that. Records already in `done` are reused;
-    new ones are also handed to `sink` (the results file)."""
+    new ones are also handed to `sink` (the results file). A record whose answer tokens are none's takes
+    its forced costs from its own run, which is that forced run (tests/test_evaluate_data.py)."""
     vis = vision_flops(model.config)
     out = []
     for i, p in enumerate(prompts):
@@ -160,7 +185,10 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
                "kept": [int(k.sum()) for k in gen.record.keep], "prefill_flops": flops[0] - vis,
                "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
         if none is not None and none[i].get("tokens"):
-            forced = generate(model, ids, px, max_new_tokens, method, force=none[i]["tokens"]).record
+            # Fed none's answer, a method that chose exactly those tokens walks its own path again: reuse it.
+            same = gen.tokens == none[i]["tokens"]
+            forced = gen.record if same else generate(model, ids, px, max_new_tokens, method,
+                                                      force=none[i]["tokens"]).record
             f_flops, f_kv = forced.flops, forced.kv_bytes
             rec.update(forced_prefill_flops=f_flops[0] - vis, forced_decode_flops=sum(f_flops[1:]),
                        forced_kv_peak=max(f_kv), forced_kv_mean=sum(f_kv) / len(f_kv))
@@ -321,11 +349,13 @@ def run(argv=None) -> int:
     ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
     extra = [parse_extra(spec, ctx) for spec in args.extra]
     if args.only_extra:
-        rows = [Row("none", "none", NoPruning())] + ([] if args.no_control else
+        rows = [Row(row_name(NoPruning()), "none", NoPruning())] + ([] if args.no_control else
                                                       [Row("none, image blanked (control)", "control", NoPruning(),
                                                            blank=True)])
     else:
         rows = standard_rows(args.weights, cfg, args.quick)
+    check_layers([r.method for r in rows if not isinstance(r.method, NoPruning)], ctx.num_layers, "the standard rows",
+                 "evaluate the extra rows alone: --only-extra --extra fastv:layer=1 ...")
     rows += extra
     names = [r.name for r in rows]
     if len(set(names)) < len(names):
@@ -354,7 +384,13 @@ def run(argv=None) -> int:
     base = records[rows[0].name]
     N, vision = model.config.num_image_tokens, vision_flops(model.config)
     results = [(row, summarise(records[row.name], base, prompts, args.bootstrap)) for row in rows]
+    comparison = main_comparison(results, records, prompts)
+    if comparison is not None or not args.data:
+        print(comparison_text(comparison) + "\n")
     print(table(results, N, vision, args.bootstrap))
+    if any(isinstance(r.method, VTW) for r in rows) and not args.only_extra:  # which layer the standard VTW row got
+        vtw, origins = VTW.resolve({}, ctx)
+        print(f"\nThe standard VTW row's K={vtw.layer}: {origins['layer']}.")
     key = next(k for k in ("em", "vqa", "f1", "cider") if k in results[0][1])
     scale = 100 if key in PERCENT else 1
     ylabel = METRICS[key] + (" (held-out questions)" if not args.data and key == "em" else "")
@@ -370,6 +406,8 @@ def run(argv=None) -> int:
     if args.json:
         figures = {"data": data_name, "prompts": len(prompts), "weights": os.path.basename(os.path.normpath(args.weights)),
                    "rows": [{"method": row.name, "family": row.family, **s} for row, s in results]}
+        if comparison is not None:
+            figures["main_comparison"] = comparison
         if swap is not None:
             figures["kind_swap_kl"] = swap
             figures["random_shape_colour"] = random_shape_colour(prompts)
@@ -382,7 +420,7 @@ def run(argv=None) -> int:
         out = os.path.join(args.plot, "attention_over_generation.png")
         plot_layers(out, means, sems, counts, "Share of attention that each generated token gives to the image, per layer")
         first, last = means[:, :3].mean(1), means[:, -5:].mean(1)
-        print(f"\nwrote {out}; visual share, first 3 answer tokens -> last 5 (positions with >= 5 answers), per layer: "
+        print(f"\nwrote {out}; attention mass on the image, first 3 answer tokens -> last 5 (positions with >= 5 answers), per layer: "
               + ", ".join(f"L{i} {a:.3f}->{b:.3f}" for i, (a, b) in enumerate(zip(first.tolist(), last.tolist()))))
     return 0
 

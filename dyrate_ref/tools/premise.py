@@ -62,7 +62,7 @@ class CutAt(Method):
     name: ClassVar[str] = "cut-at"
     layer: int = setting(1, parse_int, "pruning layer K", "K")
     at: int = setting(0, parse_int, "the answer step of the cut", "s")
-    fraction: float = setting(0.5, parse_fraction, "kept share of the N visual tokens from step `at` on", "f")
+    fraction: float = setting(0.5, parse_fraction, "kept fraction of the N visual tokens from step `at` on", "f")
     chosen: tuple[int, ...] | None = setting(None, parse_indices, "the visual tokens kept from step `at` on "
                                              "(default: the best of step `at`'s scores)", "chosen")
 

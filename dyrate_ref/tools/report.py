@@ -11,7 +11,7 @@ import torch
 
 from ..cost import depth_matched_layer, serving_schedule
 from ..model import TextConfig
-from ..pruning import Method
+from ..pruning import DyRate, FastV, Method
 from .data import Item
 from .metrics import CiderD, bootstrap_cider_difference, caption_words
 
@@ -50,6 +50,19 @@ def clustered_mean(values: list[float], clusters: list[str] | None = None) -> tu
     return paired([0.0] * len(values), values, clusters)
 
 
+def first_rise(kept: list[int]) -> int | None:
+    """The first answer step whose rate is above the prefill's (fewer visual tokens kept than at step 0),
+    or None: the step at which a method first cuts after the prefill."""
+    return next((t for t in range(1, len(kept)) if kept[t] < kept[0]), None)
+
+
+def rises(records: list[dict]) -> dict:
+    """The share of answers in which the rate rose after the prefill, and the mean step of the first rise
+    over those answers (None if none rose): does a method's rate grow during generation, and when?"""
+    steps = [t for t in (first_rise(r["kept"]) for r in records) if t is not None]
+    return {"rose": len(steps) / len(records), "first_rise": sum(steps) / len(steps) if steps else None}
+
+
 def costs(records: list[dict], base: list[dict]) -> dict:
     """Mean kept visual tokens, and costs relative to `base` (none): LM FLOPs (total, prefill, decode),
     KV bytes (peak, mean over the answer's steps), wall-clock."""
@@ -63,7 +76,8 @@ def costs(records: list[dict], base: list[dict]) -> dict:
                   "kv_peak_forced": total(records, "forced_kv_peak") / total(base, "kv_peak")}
     elif records is base:
         forced = {"lm_flops_forced": 1.0, "kv_mean_forced": 1.0, "kv_peak_forced": 1.0}
-    return {**forced, "kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
+    return {**forced, **rises(records),
+            "kept": sum(sum(r["kept"]) for r in records) / sum(len(r["kept"]) for r in records),
             "lm_flops": lm / lm_base,
             "prefill_flops": total(records, "prefill_flops") / total(base, "prefill_flops"),
             "decode_flops": total(records, "decode_flops") / max(1, total(base, "decode_flops")),
@@ -112,16 +126,21 @@ def fmt(s: dict, key: str, scale: float = 100, digits: int = 1) -> str:
 def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
     base = results[0][1]
     cost = [f"| method | kept visual tokens (of {N}) | LM FLOPs | prefill FLOPs | decode FLOPs | peak KV | mean KV "
-            "| LM FLOPs on none's answers | mean KV on none's answers | wall-clock |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| LM FLOPs on none's answers | mean KV on none's answers | rate rose after the prefill % (mean first step) "
+            "| wall-clock |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, s in results:
         fl, kv = (f"{s['lm_flops_forced']:.3f}", f"{s['kv_mean_forced']:.3f}") if "lm_flops_forced" in s else ("", "")
+        rise = f"{100 * s['rose']:.1f}" + (f" ({s['first_rise']:.1f})" if s["first_rise"] is not None else "")
         cost.append(f"| {row.name} | {s['kept']:.1f} | {s['lm_flops']:.3f} | {s['prefill_flops']:.3f} | "
-                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {fl} | {kv} | {s['seconds']:.3f} |")
+                    f"{s['decode_flops']:.3f} | {s['kv_peak']:.3f} | {s['kv_mean']:.3f} | {fl} | {kv} | {rise} "
+                    f"| {s['seconds']:.3f} |")
     note = (f"\nCosts are relative to none: language-model matmul FLOPs (none: {base['lm_flops_per_prompt'] / 1e6:.1f} "
             f"MFLOPs per prompt on average; the vision tower and projector add {vision / 1e6:.1f} MFLOPs per image for "
             "every method), KV-cache bytes (peak, and mean over the answer's steps) and wall-clock on this machine, "
             "each counted on the method's own answers; the two columns 'on none's answers' count them on none's "
-            "answer tokens fed to the method, so that a method whose answers collapse does not look cheap. "
+            "answer tokens fed to the method, so that a method whose answers collapse does not look cheap; 'rate rose' "
+            "is the share of answers in which fewer visual tokens were kept at some later step than at the prefill, "
+            "and the mean step of that first rise. "
             "Δ: paired difference from none over the same items, ± one standard error; a difference within two "
             "standard errors is not a difference.")
     return "\n".join(cost) + note
@@ -149,24 +168,101 @@ def table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) 
     return f"{counts}. {notes}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
 
 
+def validation_choice(rows: list[dict], qa_within: float = 0.02, f1_within: float = 0.03) -> dict | None:
+    """The rule that picks a setting on the validation split (evaluate --split validation --json): of the
+    rows (the JSON's, none first), the cheapest by LM FLOPs on none's answers, then by mean KV bytes on
+    them, whose exact match is at most qa_within and whose object-F1 at most f1_within below none's (the
+    DyRate issue's compute bounds). None when no row but none qualifies."""
+    ok = [r for r in rows[1:] if r["em_delta"] >= -qa_within - 1e-12 and r.get("f1_delta", 0.0) >= -f1_within - 1e-12]
+    return min(ok, key=lambda r: (r["lm_flops_forced"], r["kv_mean_forced"]), default=None)
+
+
+MAIN_KIND = "look"  # look-then-reason answers: where the premise holds (docs/premise.txt)
+
+
+def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[Item], within: float = 0.01,
+                    kind: str = MAIN_KIND) -> dict | None:
+    """The comparison declared before the tables: DyRate against FastV at matched accuracy on the `kind`
+    answers. Each side's row is its cheapest (mean KV bytes over the answer, counted on none's answer
+    tokens so that both sides pay for the same tokens) whose verdict on those answers is at most `within`
+    below none's; the two are compared by the paired per-item difference of those bytes, relative to
+    none's mean, with its picture-clustered SE. -> None without such items or forced costs."""
+    idx = [i for i, it in enumerate(items) if it.kind == kind]
+    base = records[results[0][0].name]
+    if not idx or "verdict" not in base[idx[0]] or any("forced_kv_mean" not in records[r.name][idx[0]]
+                                                       for r, _ in results[1:] if not r.blank):
+        return None
+    clusters = [items[i].cluster for i in idx]
+    none_kv = sum(base[i]["kv_mean"] for i in idx) / len(idx)
+
+    def side(cls) -> list[dict]:
+        out = []
+        for row, _ in results:
+            if row.blank or type(row.method) is not cls:
+                continue
+            recs = records[row.name]
+            delta, se = paired([base[i]["verdict"] for i in idx], [recs[i]["verdict"] for i in idx], clusters)
+            out.append({"method": row.name, "verdict": sum(recs[i]["verdict"] for i in idx) / len(idx),
+                        "verdict_delta": delta, "verdict_se": se, "eligible": delta >= -within - 1e-12,
+                        "kv_mean": sum(recs[i]["forced_kv_mean"] for i in idx) / len(idx) / none_kv})
+        return out
+
+    sides = {"dyrate": side(DyRate), "fastv": side(FastV)}
+    pick = {k: min((r for r in v if r["eligible"]), key=lambda r: r["kv_mean"], default=None) for k, v in sides.items()}
+    out = {"kind": kind, "items": len(idx), "within": within, "none_verdict": sum(base[i]["verdict"] for i in idx) / len(idx),
+           "candidates": sides, "dyrate": pick["dyrate"], "fastv": pick["fastv"]}
+    if pick["dyrate"] and pick["fastv"]:
+        a, b = (records[pick[k]["method"]] for k in ("fastv", "dyrate"))
+        d, se = paired([a[i]["forced_kv_mean"] / none_kv for i in idx], [b[i]["forced_kv_mean"] / none_kv for i in idx],
+                       clusters)
+        ratio = pick["dyrate"]["kv_mean"] / pick["fastv"]["kv_mean"]
+        out.update(kv_ratio=ratio, kv_difference=d, kv_difference_se=se,
+                   target_met=bool(ratio <= 0.6 and d < 0 and abs(d) > 2 * se))
+    return out
+
+
+def comparison_text(c: dict | None) -> str:
+    """The declared comparison, in words, printed before the tables."""
+    if c is None:
+        return "Main comparison: no look-then-reason items with costs on none's answers here; nothing to compare."
+    head = (f"Main comparison (declared before the tables): DyRate against FastV on the {c['items']} "
+            f"look-then-reason answers, each side's cheapest row (mean KV bytes over the answer, on none's answer "
+            f"tokens) whose verdict is within {100 * c['within']:.0f} point of none's ({100 * c['none_verdict']:.1f} %).")
+    lines = [head]
+    for k, label in (("dyrate", "DyRate"), ("fastv", "FastV")):
+        r = c[k]
+        lines.append(f"  {label}: " + ("no row within the accuracy bound" if r is None else
+                     f"{r['method']}: verdict {100 * r['verdict']:.1f} % ({100 * r['verdict_delta']:+.1f} ± "
+                     f"{100 * r['verdict_se']:.1f}), mean KV {r['kv_mean']:.3f} of none's"))
+    if "kv_ratio" in c:
+        lines.append(f"  DyRate's mean KV is {c['kv_ratio']:.3f}x FastV's; paired difference {c['kv_difference']:+.3f} "
+                     f"± {c['kv_difference_se']:.3f} of none's; target (<= 0.6x, beyond 2 SE) "
+                     + ("met" if c["target_met"] else "not met"))
+    return "\n".join(lines)
+
+
 # LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (cost.serving): 7.06 B parameters,
 # 576 visual tokens in a prompt of ~616, a 64-token answer.
 SERVE_7B = dict(N=576, P=616, T=64, weight_bytes=7.06e9 * 2, gpu_bytes=80e9)
 
 
-def kept_schedule(records: list[dict], N: int) -> list[float]:
-    """The mean kept share of the N visual tokens at each answer step, over the items that reach it."""
-    T = max(len(r["kept"]) for r in records)
+def kept_schedule(records: list[dict], N: int, min_answers: int = 5) -> list[float]:
+    """The mean kept fraction of the N visual tokens at each answer step, over the items that reach it,
+    for the steps that at least min_answers answers reach (all of them, with fewer answers in all): a
+    step only one or two long answers reach says nothing about a batch, and its value would repeat to
+    the end of the serving model's answer and set the peak."""
+    need = min(min_answers, len(records))
+    T = max(t + 1 for t in range(max(len(r["kept"]) for r in records)) if sum(len(r["kept"]) > t for r in records) >= need)
     return [sum(r["kept"][t] for r in records if len(r["kept"]) > t) / N / sum(len(r["kept"]) > t for r in records)
             for t in range(T)]
 
 
 def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int) -> str:
     """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model (cost.serving_schedule)
-    fed with the kept share each method reached here at every answer step, K mapped by depth."""
+    fed with the kept fraction each method reached here at every answer step, K mapped by depth."""
     tc, c = TextConfig(), SERVE_7B  # TextConfig's defaults are Llama-7B's shapes
     L7 = tc.num_hidden_layers
-    lines = ["| method | K here → on 7B | kept share at steps 0 / 4 / 16 (measured here) | bytes read per decode step "
+    lines = ["| method | K here → on 7B | kept fraction at steps 0 / 4 / 16 (measured here) | bytes read per decode step "
              "vs none, batch 1 | batch 8 | batch 64 | KV share of those bytes at batch 64 | largest batch in 80 GB |",
              "|---|---|---|---|---|---|---|---|"]
     base = {B: serving_schedule(tc, depth_matched_layer(2, L, L7), c["N"], c["P"], [1.0], c["T"], c["weight_bytes"],
@@ -183,9 +279,9 @@ def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int
             f"{got[B]['bytes_per_step'] / base[B]['bytes_per_step']:.3f}" for B in (1, 8, 64))
             + f" | {got[64]['kv_share']:.2f} | {got[64]['max_batch']} |")
     return (f"Analytic serving model (not measured): LLaVA-1.5-7B in float16 on an 80 GB GPU, 576 visual tokens in "
-            f"a 616-token prompt, a {c['T']}-token answer; each method's kept share at every answer step as measured "
-            f"above (the last measured step's share repeats to the end); K mapped by depth (K of this model's {L} "
-            f"layers -> the same share of 7B's {L7}); bytes per step averaged over the answer, the largest batch "
+            f"a 616-token prompt, a {c['T']}-token answer; each method's kept fraction at every answer step as measured "
+            f"above (the last measured step's fraction repeats to the end); K mapped by depth (K of this model's {L} "
+            f"layers -> the same part of 7B's {L7}); bytes per step averaged over the answer, the largest batch "
             "from the cache's peak.\n\n" + "\n".join(lines))
 
 

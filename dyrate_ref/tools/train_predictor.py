@@ -1,7 +1,7 @@
 """Train DyRate's rate predictor on a frozen VLM, on its own greedy answers and its own trajectories.
 
   python -m dyrate_ref.tools.train_predictor --weights DIR --data FILE.jsonl|scenes:N --out FILE
-      [--margin 1.0] [--rounds 2] [--confidence 0.7] [--heldout scenes:M]
+      [--margin 1.0] [--rounds 2] [--confidence 0.7] [--rollout-confidence C] [--heldout scenes:M]
 
 Labels (dyrate_ref's reconstruction; the paper does not give its recipe), in one sentence:
 
@@ -17,7 +17,9 @@ so the scores, and hence the features, of every step come from one unpruned forw
 
 Rounds: round 0 labels the states the labels themselves lead to (the oracle's trajectory); each later
 round rolls the current predictor out on the same examples, labels the states *it* reaches (where its
-own mistakes put it), adds them, and refits (DAgger). The predictor is fit by cross-entropy; decoding
+own mistakes put it), adds them, and refits (DAgger). The rollouts decode at --rollout-confidence (by
+default --confidence, the one stored as the file's default): the two differ when the stored default
+is chosen afterwards, on the validation split, for a predictor trained with another. The predictor is fit by cross-entropy; decoding
 errs towards keeping through its confidence (predictor.py). Label accuracy is reported on held-out
 examples, and `--heldout` also reports the oracle-label policy's kept fraction.
 """
@@ -179,6 +181,8 @@ def run(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="1 = oracle trajectories only; each more round adds the "
                                                          "predictor's own (default 2)")
     p.add_argument("--confidence", type=float, default=0.7, help="decoding confidence stored as the default (0.5..1)")
+    p.add_argument("--rollout-confidence", type=float, default=None,
+                   help="confidence the DAgger rounds decode at (default: --confidence)")
     p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
     p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
     p.add_argument("--epochs", type=int, default=300, help="full-batch Adam epochs (default 300)")
@@ -195,6 +199,9 @@ def run(argv=None) -> int:
         raise UserError(f"--rounds {args.rounds} must be at least 1")
     if not 0.0 < args.confidence <= 1.0:
         raise UserError(f"--confidence {args.confidence} must lie in (0, 1]")
+    rollout = args.confidence if args.rollout_confidence is None else args.rollout_confidence
+    if not 0.0 < rollout <= 1.0:
+        raise UserError(f"--rollout-confidence {rollout} must lie in (0, 1]")
     if args.hidden < 0 or args.epochs < 1 or args.max_new_tokens < 1:
         raise UserError("--hidden must be >= 0, --epochs and --max-new-tokens at least 1")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -208,13 +215,14 @@ def run(argv=None) -> int:
     model = load_model(args.weights, config=cfg)
     proc = Processor(args.weights, model.config)
     pred, feats, labels, log = train(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
-                                     args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)
+                                     args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)
+    pred.confidence = args.confidence  # the stored default (what the held-out figures below decode at)
     for line in log:
         print(line)
     acc = label_accuracy(pred, feats, labels)
     print("training label accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     settings = dict(margin=args.margin, rounds=args.rounds, seed=args.seed, examples=len(examples), steps=len(labels),
-                    epochs=args.epochs, lr=args.lr, data=args.data)
+                    epochs=args.epochs, lr=args.lr, data=args.data, rollout_confidence=rollout)
     if heldout:
         answered = greedy_answers(model, proc, heldout, args.max_new_tokens)
         f, y, k_oracle = label_all(model, answered, args.layer, args.margin, None, True, " (held out)")
