@@ -149,7 +149,7 @@ def run_labels(method, K: int, T: int) -> dict:
     title = (f"method {method.name}, K = {K}: attention to the image and kept tokens per token" if prunes else
              f"method {method.name} (nothing pruned): attention to the image per token, read at layer {K - 1}")
     ticks = list(range(T)) if T <= 16 else None  # None: matplotlib's integer locator
-    note = ("darkened patches: evicted at that step (layers >= K no longer see them)" if prunes else
+    note = ("darkened patches: evicted by that step (layers >= K no longer see them)" if prunes else
             "no patch is evicted: method none keeps every visual token")
     return {"title": title, "xticks": ticks, "patches": note}
 
@@ -183,7 +183,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
         from matplotlib.ticker import MaxNLocator
         top.xaxis.set_major_locator(MaxNLocator(integer=True))
     right = top.twinx()
-    b = right.step(t, kept, where="mid", color="tab:orange", label="visual tokens kept")
+    b = right.step(t, kept, where="post", color="tab:orange", label="visual tokens kept")  # kept[t] from step t on
     right.set_ylim(0, N * 1.05)
     right.set_ylabel(f"kept (of {N})")
     top.set_title(labels["title"])
@@ -196,7 +196,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
                      fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.text(0.5, 0.305, labels["patches"], ha="center", fontsize=8)
+    fig.text(0.5, 0.37, labels["patches"], ha="center", fontsize=8)
     save_figure(fig, path)
 
 

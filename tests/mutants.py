@@ -227,6 +227,10 @@ MUTANTS = [
            "dyrate_ref/tools/report.py", (("need = min(min_answers, len(records))", "need = 1"),), REPORT_TESTS),
     Mutant("validation-choice-ignores-f1", "the validation rule forgets the F1 bound",
            "dyrate_ref/tools/report.py", (('and r.get("f1_delta", 0.0) >= -f1_within - 1e-12]', "]"),), REPORT_TESTS),
+    Mutant("rollout-confidence-ignored", "the DAgger rounds decode at the stored confidence, not --rollout-confidence",
+           "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)",
+                                                    "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)"),),
+           ("tests/test_tool_inputs.py",)),
     Mutant("alias-ignored", "an older setting name (--ratio) is no longer read as its setting",
            "dyrate_ref/pruning.py", (("        name = own_aliases.get(name, name)\n", ""),), ("tests/test_evaluate_data.py",)),
 ]

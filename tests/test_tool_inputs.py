@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dyrate_ref.errors import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config, resolve_weights
@@ -89,6 +90,35 @@ def test_a_caption_only_file_trains_a_predictor(tmp_path, checkpoint):
                         str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0
+
+
+def test_the_rollout_confidence_trains_and_the_confidence_is_stored(tmp_path, checkpoint):
+    """--rollout-confidence is what the DAgger round decodes at, --confidence what the file stores: a
+    predictor trained at rollout 0.55 and stored at 0.95 has the very tensors of one trained and stored
+    at 0.55, and a different header confidence; trained at 0.95 its second round sees other states."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    for i in range(4):
+        noise_image(32, 32, seed=30 + i).save(tmp_path / f"{i}.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "Describe the image.", "references": ["x"]}) + "\n"
+                            for i in range(4)))
+
+    def trained(name, *flags):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.train_predictor", "--weights", checkpoint, "--data",
+                            str(data), "--layer", "2", "--rounds", "2", "--epochs", "20", "--max-new-tokens", "6",
+                            "--margin", "0", "--out", str(out), *flags], capture_output=True, text=True, timeout=300,
+                           cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        with safe_open(str(out), "pt") as f:
+            return load_file(str(out)), f.metadata()
+    a, meta_a = trained("a.st", "--confidence", "0.95", "--rollout-confidence", "0.55")
+    b, meta_b = trained("b.st", "--confidence", "0.55")
+    c, _ = trained("c.st", "--confidence", "0.95")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (meta_a["confidence"], meta_a["rollout_confidence"], meta_b["confidence"]) == ("0.95", "0.55", "0.55")
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the rollout confidence changed nothing here: pick other data"
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_WEIGHTS, "model.safetensors")),

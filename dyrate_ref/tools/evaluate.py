@@ -65,7 +65,7 @@ from .report import (METRICS, PERCENT, Row, comparison_text, main_comparison, pa
 from .results import Results
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)  # DyRate decoding confidences drawn as the predictor's curve
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.9)  # DyRate decoding confidences drawn as the predictor's curve
 
 
 def registry() -> dict:
