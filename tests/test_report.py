@@ -357,6 +357,14 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
         forced = generate(model, ids, px, 5, FastV(2, 0.9), force=none["tokens"]).record
         assert mine["forced_prefill_flops"] == forced.flops[0] - vis
         assert mine["forced_decode_flops"] == sum(forced.flops[1:]) and mine["forced_kv_peak"] == max(forced.kv_bytes)
+    # The same with base answers that are surely not the method's own (so no forced run can be skipped):
+    # item i's forced costs are those of a run fed item i's base tokens, of lengths 4 and 1.
+    fake = [{"tokens": [5, 6, 7, 8]}, {"tokens": [9]}]
+    recs = evaluate.run_method(model, proc, items, rows[1], 5, none=fake)
+    for it, base, mine in zip(items, fake, recs):
+        forced = generate(model, proc.input_ids(it.text), proc.pixel_values(it.picture()), 5, FastV(2, 0.9),
+                          force=base["tokens"]).record
+        assert (mine["forced_decode_flops"], mine["forced_kv_peak"]) == (sum(forced.flops[1:]), max(forced.kv_bytes))
 
 
 def test_the_random_shape_baseline_by_hand():
