@@ -160,7 +160,8 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
     from dyrate_ref.pruning import Context
     cfg = read_config(DEFAULT_WEIGHTS)
     ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
-    standard = {r.name: r.method for r in evaluate.standard_rows(DEFAULT_WEIGHTS, cfg)}
+    rows = evaluate.standard_rows(DEFAULT_WEIGHTS, cfg)
+    standard, families = {r.name: r.method for r in rows}, {r.name: r.family for r in rows}
     for spec, name in (("fastv:layer=2:rate=0.75", "FastV K=2 R=0.75"), ("fastv:layer=1:ratio=0.5", "FastV K=1 R=0.5"),
                        ("random:layer=1:rate=0.75", "random keep K=1 R=0.75"), ("vtw", "VTW K=4"),
                        ("dyrate:confidence=0.5", "DyRate K=1 predictor (c=0.5)"),
@@ -168,6 +169,7 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
                        ("mass:mass=0.8", "attention mass K=2 p=0.8"), ("mass:share=0.5", "attention mass K=2 p=0.5")):
         row = evaluate.parse_extra(spec, ctx)
         assert row.name == name and standard[name].describe() == row.method.describe(), (spec, row.name)
+        assert row.family == families[name], (spec, row.family)  # one marker in the Pareto plot too
     # a method no standard row has keeps a name of its own, and another predictor file is named
     assert evaluate.parse_extra("dyrate:rates=0.9,0.5", ctx).name == "DyRate K=2 schedule 0.9,0.5"
     assert evaluate.parse_extra("fastv:score=mean", ctx).name == "FastV K=2 R=0.5 score=mean"

@@ -99,34 +99,46 @@ def row_name(method: Method, weights_dir: str = "") -> str:
     return m.describe().removeprefix("method ")
 
 
+def row_family(method: Method, spec_name: str) -> str:
+    """The Pareto marker a method's row gets, the same for a standard row and an --extra spec (a method
+    these rules do not know: its spec name)."""
+    m = method
+    families = ((NoPruning, "none"), (VTW, "VTW"), (AttentionMass, "attention mass"), (RandomKeep, "random (fixed count)"))
+    if isinstance(m, FastV):
+        return f"FastV K={m.layer}"
+    if isinstance(m, DyRate):
+        return "DyRate fixed schedule" if m.rates is not None else "DyRate predictor"
+    return next((f for cls, f in families if isinstance(m, cls)), f"{spec_name} (--extra)")
+
+
 def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
     """The standard table: none and its blank-image control; FastV at several R; VTW at its calibrated
     layer; DyRate with the shipped predictor (its own confidence and a sweep) and a fixed rising
     schedule; the attention-mass rule; random keep at the shipped predictor's counts."""
     ctx = Context(weights_dir, cfg.text_config.num_hidden_layers, cfg)
 
-    def row(method, family, **kw):
-        return Row(row_name(method, weights_dir), family, method, **kw)
-    rows = [row(NoPruning(), "none"), Row("none, image blanked (control)", "control", NoPruning(), blank=True)]
-    rows += [row(FastV(2, R), "FastV K=2") for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
+    def row(method):
+        return Row(row_name(method, weights_dir), row_family(method, method.name), method)
+    rows = [row(NoPruning()), Row("none, image blanked (control)", "control", NoPruning(), blank=True)]
+    rows += [row(FastV(2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
     if not quick:  # layer 0's attention (K = 1) against layer 1's, and against random tokens at the same count
-        rows += [row(FastV(1, R), "FastV K=1") for R in (0.5, 0.75)]
-        rows.append(row(RandomKeep(1, rate=0.75), "random (fixed count)"))
+        rows += [row(FastV(1, R)) for R in (0.5, 0.75)]
+        rows.append(row(RandomKeep(1, rate=0.75)))
     vtw, _ = VTW.resolve({}, ctx)  # the weights' calibrated layer, else L/2 (the table's note says which)
-    rows.append(row(vtw, "VTW"))
+    rows.append(row(vtw))
     if shipped_predictor_path(weights_dir):
         dyrate, _ = DyRate.resolve({}, ctx)
-        main = row(dyrate, "DyRate predictor")
+        main = row(dyrate)
         rows.append(main)
         for c in () if quick else SWEEP:
             if abs(c - dyrate.confidence) > 1e-9:
-                rows.append(row(replace(dyrate, confidence=c), "DyRate predictor"))
+                rows.append(row(replace(dyrate, confidence=c)))
         rows.append(Row(f"random keep, counts of {main.name}", "random (matched counts)", RandomKeep(dyrate.layer),
                         match=main.name))
-    rows.append(row(DyRate(2, rates=RISING), "DyRate fixed schedule"))
+    rows.append(row(DyRate(2, rates=RISING)))
     if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
-        rows.append(row(DyRate(1, rates=RISING), "DyRate fixed schedule"))
-    rows += [row(AttentionMass(2, p), "attention mass") for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
+        rows.append(row(DyRate(1, rates=RISING)))
+    rows += [row(AttentionMass(2, p)) for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
     return rows
 
 
@@ -146,7 +158,7 @@ def parse_extra(spec: str, ctx: Context) -> Row:
     texts = dict(p.split("=", 1) for p in pairs)
     method, _ = cls.resolve(parse_settings(cls, texts, known, where=f"--extra {spec}: "), ctx,
                             given_as=Origin("spec", f"--extra {spec}"))
-    return Row(row_name(method, ctx.weights_dir), f"{name} (--extra)", method)
+    return Row(row_name(method, ctx.weights_dir), row_family(method, name), method)
 
 
 def item_method(row: Row, prompt: Item, matched: dict | None) -> Method:
