@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dyrate_ref.errors import ArgumentParser, UserError, command_main, summary  # noqa: E402  (exit 2 and one line on bad input)
-from dyrate_ref.files import check_input_file, check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
+from dyrate_ref.files import check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
 from dyrate_ref.loading import read_config  # noqa: E402
 from dyrate_ref.processing import Processor, open_image  # noqa: E402
 from dyrate_ref.trace import write_trace  # noqa: E402  (atomic, the usual file mode)
@@ -103,7 +103,7 @@ def run_backend(weights: str, image, prompt: str, method: str = "none", layer: i
         if K < L:
             keep = keep_for_step(method, t, keep, scores, rate, rates)
             keeps.append(keep)
-            rate_list.append(1 - len(keep) / N)  # what a trace records: the share of the N actually dropped
+            rate_list.append(1 - len(keep) / N)  # what a trace records: the part of the N actually dropped
             # Layers >= K: a query of step s (prompt rows: step 0) sees a visual token only if keep_s has it.
             kept_by_step = torch.zeros(t + 1, N, dtype=torch.bool)  # [steps so far, N]
             for s, kept in enumerate(keeps):
@@ -156,7 +156,7 @@ def run(argv=None) -> int:
     p.add_argument("--image-offset", type=int, default=0,
                    help="a deliberate bug: shift the masks' visual span by this many positions (default 0)")
     args = p.parse_args(argv)
-    check_input_file(args.image, "--image", "an image file (PNG, JPEG, ...)")
+    image = open_image(args.image)  # a missing, unreadable or folder image: one line, exit 2, before --out's check
     cfg = read_config(args.weights)
     check_outputs([("--out", args.out)], [("the --image", args.image), *checkpoint_inputs(args.weights)])
     L = cfg.text_config.num_hidden_layers
@@ -170,7 +170,6 @@ def run(argv=None) -> int:
         raise UserError("--rate and every rate of --rates must lie in [0, 1]")
     if args.max_new_tokens < 1 or (args.topk is not None and not 1 <= args.topk <= cfg.text_config.vocab_size):
         raise UserError(f"--max-new-tokens must be at least 1 and --topk in 1..{cfg.text_config.vocab_size}")
-    image = open_image(args.image)  # a missing or unreadable image: one line, exit 2
     trace = run_backend(args.weights, image, args.prompt, args.method, args.layer, args.rate, rates,
                         args.max_new_tokens, args.image_offset, getattr(torch, args.dtype))
     if args.topk:
