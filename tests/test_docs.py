@@ -53,3 +53,17 @@ def test_every_linked_or_shown_file_exists(doc):
     local = [t for t in targets if not re.match(r"^[a-z]+://", t)]
     missing = [t for t in local if not os.path.exists(os.path.normpath(os.path.join(base, t)))]
     assert not missing, (doc, missing)
+
+
+def test_the_v5_figures_in_the_embedded_model_page_are_the_training_logs():
+    """The look-stage figures docs/embedded_model.md quotes are the held-out lines of the logs it links."""
+    page = open(os.path.join(REPO, "docs", "embedded_model.md"), encoding="utf-8").read()
+    for log, steps in (("v5_attempt1_train_log.txt", (2700, 2800, 2900, 3000)),
+                       ("v5_candidate_train_log.txt", (2700, 2800, 2900, 3000))):
+        text = open(os.path.join(REPO, "docs", log), encoding="utf-8").read()
+        blind = [re.search(rf"^heldout {s} .*look_blind ([\d.]+)", text, re.M).group(1) for s in steps]
+        assert " / ".join(blind) in page, (log, blind)
+    text = open(os.path.join(REPO, "docs", "v5_candidate_train_log.txt"), encoding="utf-8").read()
+    last = re.findall(r"^heldout \d+ (.*)$", text, re.M)[-1]
+    assert "look 1.000" in last and "look_blind 1.000" in last and "30.8 min in all" in text
+    assert "kind_swap_kl 1.10e+01" in last and "kind-swap 1.10e+01" in page

@@ -1,13 +1,11 @@
 """Stage 2's data and loss: pictures and their questions as token rows, the loss over the answers, and
 the held-out checks the training log prints.
 
-Two formats (recipes.Recipe.format):
-- "rows" (v4): every question of a picture is its own single-turn example, tokenised exactly as
-  inference tokenises it (Processor.input_ids, then space + answer + EOS). All rows begin with the same
-  prompt prefix (`USER:` and the 144 visual tokens), so the prefix is run once per picture and its keys
-  and values are shared by that picture's rows: the same logits as running every row whole, for the
-  cost of one row per question (tests/test_demo.py checks the equality).
-- "conversation" (v2): the questions of a picture in one multi-turn conversation.
+Every question of a picture is its own single-turn example, tokenised exactly as inference tokenises
+it (Processor.input_ids, then space + answer + EOS). All rows begin with the same prompt prefix
+(`USER:` and the 144 visual tokens), so the prefix is run once per picture and its keys and values are
+shared by that picture's rows: the same logits as running every row whole, for the cost of one row per
+question (tests/test_demo.py checks the equality).
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ import torch.nn.functional as F
 from ..model import KVCache, LlamaDecoderLayer, LlavaForConditionalGeneration
 from ..processing import Processor
 from .recipes import Recipe, Stage
-from .scenes import (DESCRIBE_PROMPT, all_questions, describe, eval_set, exist_pair, look_answer, look_question,
-                     questions, random_scene)
+from .scenes import (DESCRIBE_PROMPT, LOOK_SPLIT, all_questions, describe, eval_set, exist_pair, look_answer,
+                     look_item, look_question, random_scene)
 
 
 def distinct_scene(rng: random.Random, min_shapes: int, max_shapes: int):
@@ -46,18 +44,16 @@ class Batcher:
 
     def turns(self, scene, stage: Stage) -> list[tuple[str, str, str]]:
         """(kind, question, answer) for one picture under a stage's mixture."""
-        restate = self.recipe.restate
-        if self.recipe.format == "conversation":  # v2: one question of each kind
-            turns = [t for t in questions(scene, self.rng, restate) if t[0] in stage.kinds]
-        else:
-            turns = all_questions(scene, self.rng, stage.kinds, restate)
+        turns = all_questions(scene, self.rng, stage.kinds, self.recipe.look)
         if stage.describe and self.rng.random() < stage.describe:
             turns.append(("describe", DESCRIBE_PROMPT, describe(scene)))
         return turns
 
     def batch(self, stage: Stage):
-        """-> (pixels [S, 3, H, W], rows): rows are (picture index, kind, prompt ids, answer ids); for the
-        conversation format one row per picture, kind "conversation", its turns joined."""
+        """-> (pixels [S, 3, H, W], rows): rows are (picture index, kind, prompt ids, answer ids, reason at,
+        blind): reason at is None, or for a look-then-reason row the index of its answer token " So",
+        where the reasoning part begins; blind: whether the row was drawn blind (the recipe's `blind`
+        share), its reasoning part's queries unable to see the picture."""
         pictures, rows = [], []
         for _ in range(stage.scenes):
             drawn_as = stage
@@ -69,27 +65,36 @@ class Batcher:
                 continue
             s = len(pictures)
             pictures.append(self.processor.pixel_values(scene.draw()))
-            if self.recipe.format == "conversation":
-                self.rng.shuffle(turns)
-                rows.append((s, "conversation", *self.conversation(turns)))
-            else:
-                rows += [(s, kind, self.processor.input_ids(q).tolist(), self.processor.answer_ids(a))
-                         for kind, q, a in turns]
+            for kind, q, a in turns:
+                reason_at = reasoning_start(self.processor, a) if kind == "look" else None
+                blind = kind == "look" and bool(self.recipe.blind) and self.rng.random() < self.recipe.blind
+                rows.append((s, kind, self.processor.input_ids(q).tolist(), self.processor.answer_ids(a), reason_at,
+                             blind))
         return torch.cat(pictures), rows
 
-    def conversation(self, turns):
-        """v2: the first turn as inference tokenises it, later turns as `USER: {q} ASSISTANT:` without the
-        image. -> (ids of everything, labels: -100 outside the answers)."""
-        ids, labels = [], []
-        for i, (_, q, a) in enumerate(turns):
-            if i == 0:
-                p = self.processor.input_ids(q).tolist()
-            else:
-                p = self.processor.tokenizer.encode(f"USER: {q} ASSISTANT:", add_special_tokens=False).ids
-            ans = self.processor.answer_ids(a)
-            ids += p + ans
-            labels += [-100] * len(p) + ans
-        return ids, labels
+
+def reasoning_start(processor: Processor, answer: str) -> int:
+    """The index, in `answer`'s ids, of the token that begins its reasoning part (" So"): the looking
+    part tokenises the same alone as at the head of the whole answer (the tokenizer splits at spaces)."""
+    looking = answer[:answer.index(LOOK_SPLIT) + 1]
+    n = len(processor.answer_ids(looking)) - (processor.eos_id is not None)
+    assert processor.answer_ids(answer)[:n] == processor.answer_ids(looking)[:n], "the looking part tokenises differently"
+    return n
+
+
+def blind_masks(image_at: torch.Tensor, blind_from: list[int | None], T: int, P: int, dev) -> torch.Tensor | None:
+    """The attention mask [R, 1, T, P + T] (True = may attend) of R rows whose queries sit at positions
+    P..P+T-1 over keys at 0..P+T-1: causal, and a row with blind_from b has its queries from b on
+    unable to see the visual keys (image_at [P+T] bool). None where no row is blind."""
+    if all(b is None for b in blind_from):
+        return None
+    q_pos = torch.arange(P, P + T, device=dev)  # [T]
+    k_pos = torch.arange(P + T, device=dev)  # [S]
+    causal = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    start = torch.tensor([T + P if b is None else b for b in blind_from], device=dev)  # [R] first blind position
+    blind_q = q_pos[None, :] >= start[:, None]  # [R, T]
+    hidden = blind_q[:, :, None] & image_at[None, None, :]  # [R, T, S]
+    return (causal[None] & ~hidden)[:, None]  # [R, 1, T, S]
 
 
 def common_prefix(rows) -> int:
@@ -97,7 +102,7 @@ def common_prefix(rows) -> int:
     logits predict the answer's first token) stays in the row's own part."""
     first = rows[0][2]
     P = min(len(r[2]) for r in rows) - 1
-    for _, _, prompt, _ in rows:
+    for _, _, prompt, *_ in rows:
         n = 0
         while n < P and prompt[n] == first[n]:
             n += 1
@@ -109,7 +114,7 @@ def row_loss(model: LlavaForConditionalGeneration, px: torch.Tensor, rows, recip
              frozen_tower: bool = True) -> torch.Tensor:
     """The weighted next-token cross-entropy over the answers of `rows`, the shared prefix run once per
     picture. px [S, 3, H, W]; rows: (picture, kind, prompt ids, answer ids) as Batcher.batch gives them
-    (for "conversation" rows the answer ids are the labels of the whole row, -100 outside answers)."""
+"""
     dev = model.lm_head.weight.device
     if frozen_tower:  # LLaVA-1.5 keeps its CLIP tower frozen: no graph through it saves ~a third of a step
         with torch.no_grad():
@@ -118,7 +123,7 @@ def row_loss(model: LlavaForConditionalGeneration, px: torch.Tensor, rows, recip
         feats = model.multi_modal_projector(feats)  # [S, N, C]
     else:
         feats = model.image_features(px.to(dev))  # [S, N, C]
-    P = 0 if recipe.format == "conversation" else common_prefix(rows)  # a conversation row shares nothing
+    P = common_prefix(rows)
     L = len(model.model.layers)
     shared = None
     if P:
@@ -141,17 +146,17 @@ def _group_ce(model, feats, shared: KVCache | None, rows, recipe: Recipe, P: int
     """-> (the weighted sum of the answer tokens' cross-entropy over `rows`, the sum of their weights);
     each row sees its picture's shared prefix (P tokens in `shared`) or, with P = 0, holds it whole."""
     dev = feats.device
-    ids, labels, weights = [], [], []
-    for _, kind, prompt, ans in rows:
-        if recipe.format == "conversation":  # the whole conversation; `ans` holds its labels
-            ids.append(prompt)
-            labels.append(ans)
-            weights.append([float(t != -100) for t in ans])
-            continue
+    ids, labels, weights, blind_from = [], [], [], []
+    for _, kind, prompt, ans, reason_at, blind in rows:
+        # the query that predicts answer token b sits at the row's position len(prompt) - 1 + b
+        blind_from.append(len(prompt) - 1 + reason_at if blind else None)
         ids.append(prompt[P:] + ans)
         labels.append([-100] * (len(prompt) - P) + ans)
-        w = recipe.weight(kind) / len(ans) if recipe.per_answer else 1.0
-        weights.append([0.0] * (len(prompt) - P) + [w] * len(ans))
+        w = [recipe.weight(kind) / len(ans)] * len(ans)
+        if reason_at is not None and recipe.weights_reasoning:  # the looking part and the reasoning part weigh apart
+            w = ([recipe.weight(kind) / reason_at] * reason_at
+                 + [recipe.weight("reason") / (len(ans) - reason_at)] * (len(ans) - reason_at))
+        weights.append([0.0] * (len(prompt) - P) + w)
     T = max(len(i) for i in ids)
     ids_t = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels_t = torch.full((len(rows), T), -100, dtype=torch.long)
@@ -164,16 +169,19 @@ def _group_ce(model, feats, shared: KVCache | None, rows, recipe: Recipe, P: int
     picture = torch.tensor([r[0] for r in rows], device=dev)  # [R]
     L = len(model.model.layers)
     if shared is not None:
-        cache = KVCache(L)
-        for layer in range(L):
-            cache.k[layer] = shared.k[layer].index_select(0, picture)  # [R, Hkv, P, D]
-            cache.v[layer] = shared.v[layer].index_select(0, picture)  # [R, Hkv, P, D]
-            cache.pos[layer] = shared.pos[layer]  # [P]
+        cache = shared.rows(picture)  # each row reads its own picture's prefix: [R, Hkv, P, D] per layer
         x = model.embed(ids_t, None)  # [R, T, C]
     else:
         cache = None
         x = model.embed(ids_t, feats.index_select(0, picture))  # [R, T, C]
-    x, _ = model.run_layers(x, torch.arange(P, P + T, device=dev), cache, range(L))  # right padding: causal is enough
+    masks = None
+    if any(b is not None for b in blind_from):
+        prompt_ids = torch.tensor(rows[0][2], device=dev)  # every row's prompt has the picture at the same place
+        image_at = torch.zeros(P + T, dtype=torch.bool, device=dev)  # [S]
+        image_at[:len(prompt_ids)] = prompt_ids == model.config.image_token_index
+        mask = blind_masks(image_at, blind_from, T, P, dev)  # [R, 1, T, S]
+        masks = {layer: mask for layer in range(L)}
+    x, _ = model.run_layers(x, torch.arange(P, P + T, device=dev), cache, range(L), masks)  # right padding: causal is enough
     logits = model.logits(x[:, :-1])  # [R, T-1, V]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels_t[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="none")  # [R*(T-1)]
@@ -214,45 +222,62 @@ def grow(model: LlavaForConditionalGeneration, depth: int, seed: int = 0) -> Lla
 # Held-out checks for the log.
 
 
-def heldout_examples(processor: Processor, n_scenes: int, restate: bool = True):
-    """Single-turn (image, prompt ids, answer ids, kind) examples from the evaluation's seed stream, plus
-    one look-then-reason question per scene of 2+ shapes. Colour and position questions on scenes of 3-5
-    shapes are also counted as "color3+" / "position3+": there, naming some shape of the scene (v2's
-    failure) is right only by chance."""
+def heldout_examples(processor: Processor, n_scenes: int, look: str = "exist"):
+    """Single-turn held-out examples (image, prompt ids, answer ids, kind, scored from, blind from) from
+    the evaluation's seed stream, plus one look-then-reason question of form `look` per scene that has
+    one. Colour and position questions on scenes of 3-5 shapes are also counted as "color3+" /
+    "position3+": there, naming some shape of the scene (v2's failure) is right only by chance. Each
+    look question also gives "look_reason" (its reasoning part alone, the picture visible) and
+    "look_blind" (the same with the picture hidden from the reasoning part's queries: can the verdict be
+    read from the description's text?). scored from: the answer index from which tokens count; blind
+    from: None, or the answer index from whose prediction on the picture is hidden."""
     out = []
     rng = random.Random(77)
-    items = eval_set(n_scenes, restate=restate)
+    items = eval_set(n_scenes)
     for item in items:
         p, ans = processor.input_ids(item.question).tolist(), processor.answer_ids(item.answer)
-        out.append((item.scene, p, ans, item.kind))
+        out.append((item.scene, p, ans, item.kind, 0, None))
         if item.kind in ("color", "position") and len(item.scene.shapes) >= 3:
-            out.append((item.scene, p, ans, item.kind + "3+"))
+            out.append((item.scene, p, ans, item.kind + "3+", 0, None))
     for scene in dict.fromkeys(i.scene for i in items):
-        if len(scene.shapes) >= 2:
+        if look == "exist" and len(scene.shapes) >= 2:  # v4's held-out draw, as its log measured it
             color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
-            p = processor.input_ids(look_question(color, kind)).tolist()
-            out.append((scene, p, processor.answer_ids(look_answer(scene, color, kind, restate)), "look"))
+            q, a = look_question(color, kind), look_answer(scene, color, kind)
+        elif not (drawn := look_item(scene, rng, look)):
+            continue
+        else:
+            q, a = drawn
+        p, ans = processor.input_ids(q).tolist(), processor.answer_ids(a)
+        b = reasoning_start(processor, a)
+        out += [(scene, p, ans, "look", 0, None), (scene, p, ans, "look_reason", b, None),
+                (scene, p, ans, "look_blind", b, b)]
     return out
 
 
 @torch.no_grad()
 def heldout_exact(model: LlavaForConditionalGeneration, examples, processor: Processor) -> dict:
-    """Per question kind (and 'describe'), the share of held-out answers whose every token is the argmax
-    under teacher forcing, i.e. exactly the answer greedy decoding would give. Cheap enough to log."""
+    """Per question kind (and 'describe'), the share of held-out answers whose every scored token is the
+    argmax under teacher forcing, i.e. exactly the answer greedy decoding would give. Cheap enough to log."""
     dev = model.lm_head.weight.device
     hits: dict[str, list[float]] = {}
     for i in range(0, len(examples), 32):
         chunk = examples[i:i + 32]
-        T = max(len(p) + len(a) for _, p, a, _ in chunk)
+        T = max(len(p) + len(a) for _, p, a, _, _, _ in chunk)
         ids = torch.full((len(chunk), T), processor.eos_id, dtype=torch.long)
         labels = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for b, (_, p, a, _) in enumerate(chunk):
+        for b, (_, p, a, _, first, _) in enumerate(chunk):
             ids[b, :len(p) + len(a)] = torch.tensor(p + a)
-            labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
-        px = torch.cat([processor.pixel_values(s.draw()) for s, _, _, _ in chunk]).to(dev)
-        pred = model(ids.to(dev), px)[:, :-1].argmax(-1).cpu()  # [B, T-1]
+            labels[b, len(p) + first:len(p) + len(a)] = torch.tensor(a[first:])
+        px = torch.cat([processor.pixel_values(s.draw()) for s, *_ in chunk]).to(dev)
+        ids = ids.to(dev)
+        blind_from = [None if b is None else len(p) - 1 + b for _, p, _, _, _, b in chunk]
+        mask = blind_masks(ids[0] == model.config.image_token_index, blind_from, T, 0, dev)  # [B, 1, T, T] or None
+        masks = None if mask is None else {layer: mask for layer in range(len(model.model.layers))}
+        x = model.embed(ids, model.image_features(px))  # [B, T, C]
+        x, _ = model.run_layers(x, torch.arange(T, device=dev), None, range(len(model.model.layers)), masks)
+        pred = model.logits(x)[:, :-1].argmax(-1).cpu()  # [B, T-1]
         target = labels[:, 1:]
         ok = ((pred == target) | (target == -100)).all(1)  # [B]
-        for (_, _, _, kind), good in zip(chunk, ok.tolist()):
+        for (_, _, _, kind, _, _), good in zip(chunk, ok.tolist()):
             hits.setdefault(kind, []).append(float(good))
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}

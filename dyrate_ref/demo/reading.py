@@ -14,16 +14,16 @@ import random
 
 import torch
 
-from .scenes import RESTATED, random_scene
+from .scenes import random_scene
 
 SWAP_SEED = 10_000_033  # its own held-out stream: neither training (< 10_000_000) nor eval_set
 
 
-def kind_swap_pairs(n_scenes: int, seed: int = SWAP_SEED, restate: bool = RESTATED):
+def kind_swap_pairs(n_scenes: int, seed: int = SWAP_SEED):
     """[(scene, prompt_a, prompt_b)]: colour and position questions about two different kinds seen once
     in the same scene. Scenes with fewer than two such kinds are skipped (they are drawn until n_scenes
-    have at least two). With restated answers ("The circle is red.") each prompt carries its own
-    answer's start up to the answer word ("... ASSISTANT: The circle is"), as the model would have
+    have at least two). Answers restate the asked kind ("The circle is red."), so each prompt carries
+    its own answer's start up to the answer word ("... ASSISTANT: The circle is"), as the model would have
     written it, so the distributions compared are those of the answer word."""
     rng = random.Random(seed)
     out = []
@@ -34,10 +34,6 @@ def kind_swap_pairs(n_scenes: int, seed: int = SWAP_SEED, restate: bool = RESTAT
         if len(unique) < 2:
             continue
         a, b = rng.sample(unique, 2)
-        if not restate:
-            out.append((scene, f"What color is the {a}?", f"What color is the {b}?"))
-            out.append((scene, f"Where is the {a}?", f"Where is the {b}?"))
-            continue
         where = {s.kind: ("in" if s.position == "center" else "at") for s in scene.shapes}
         out.append((scene, (f"What color is the {a}?", f"The {a} is"), (f"What color is the {b}?", f"The {b} is")))
         out.append((scene, (f"Where is the {a}?", f"The {a} is {where[a]} the"),

@@ -12,13 +12,19 @@ scene come short questions with one right answer and descriptions that name ever
                                            blue square in the center.
     Is there a red circle? Look first.  -> There are two shapes: a red circle at the top left and a
                                            blue square in the center. So a red circle: yes.
-                                           (asked of scenes of 2 or more shapes)
+                                           (look form "exist", v4; scenes of 2 or more shapes)
+    What color is the square? Look first. -> There are two shapes: a red circle at the top left and a
+                                           blue square in the center. So the square is blue.
+                                           (look form "color", v5; a kind seen once, 2+ shapes)
 
 The last answer kind looks first, then reasons: its first part is the scene's description and its
-last part ("So a red circle: yes.") follows from that part and the question alone, so after
-the looking part the picture is no longer needed. It is the setting in which DyRate's premise (later
-tokens need the image less) holds by construction; in a description every later word names another
-shape and needs the picture as much as the first.
+last part follows from that part and the question alone, so after the looking part the picture is no
+longer needed. It is the setting in which DyRate's premise (later tokens need the image less) holds by
+construction; in a description every later word names another shape and needs the picture as much as
+the first. The two forms differ in what the reasoning does with the description: "exist" matches the
+asked colour and kind against every listed shape (v4 copied the wrong colour into its restatement, and
+the cut after the look changed 41 % of its answers); "color" finds the asked kind in the description
+and copies the colour written right before it, a copy a small decoder learns from text alone.
 
 Everything is drawn with Pillow from a seeded random.Random, so a (seed, index) pair always gives the
 same picture and the same answers.
@@ -39,7 +45,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_KINDS = ("color", "count", "exist", "position")
-LOOK_SUFFIX = " Look first."  # appended to an existence question: the look-then-reason answer kind
+LOOK_SUFFIX = " Look first."  # appended to a question: the look-then-reason answer kind
+LOOK_FORMS = ("exist", "color")  # what a look-then-reason question asks (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -147,41 +154,38 @@ def describe(scene: Scene) -> str:
     return f"There are {NUMBERS[n]} shapes: {listed}."
 
 
-# Answer formats. v4's answers restate what was asked right before the answer word ("The circle is
-# red.", not "red"): the answer word is then predicted from a query that has just read the asked kind,
-# and the controlled runs bound kind to patches from that query in 100-400 steps (bare answers sat on a
-# plateau for 400-1,700). RESTATED is the shipped model's format; bare answers are v2's, kept so that
-# its recipe can still be run.
-RESTATED = True
+# Answers restate what was asked right before the answer word ("The circle is red.", not "red"): the
+# answer word is then predicted from a query that has just read the asked kind, and the controlled runs
+# bound kind to patches from that query in 100-400 steps (bare answers, v2's, sat on a plateau for
+# 400-1,700).
 
 
-def color_answer(s: Shape, restate: bool = RESTATED) -> str:
-    return f"The {s.kind} is {s.color}." if restate else s.color
+def color_answer(s: Shape) -> str:
+    return f"The {s.kind} is {s.color}."
 
 
-def position_answer(s: Shape, restate: bool = RESTATED) -> str:
-    return f"The {s.kind} is {'in' if s.position == 'center' else 'at'} the {s.position}." if restate else s.position
+def position_answer(s: Shape) -> str:
+    return f"The {s.kind} is {'in' if s.position == 'center' else 'at'} the {s.position}."
 
 
-def count_answer(n: int, restate: bool = RESTATED) -> str:
-    return ("There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes.") if restate else NUMBERS[n]
+def count_answer(n: int) -> str:
+    return "There is one shape." if n == 1 else f"There are {NUMBERS[n]} shapes."
 
 
-def exist_answer(color: str, kind: str, present: bool, restate: bool = RESTATED) -> str:
-    word = "yes" if present else "no"
-    return f"{article(color).capitalize()} {color} {kind}: {word}." if restate else word
+def exist_answer(color: str, kind: str, present: bool) -> str:
+    return f"{article(color).capitalize()} {color} {kind}: {'yes' if present else 'no'}."
 
 
-def questions(scene: Scene, rng: random.Random, restate: bool = RESTATED) -> list[tuple[str, str, str]]:
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     """One question of each kind this scene can answer unambiguously: (kind, question, answer)."""
     kinds = [s.kind for s in scene.shapes]
     unique = [s for s in scene.shapes if kinds.count(s.kind) == 1]
-    out = [("count", "How many shapes are there?", count_answer(len(scene.shapes), restate))]
+    out = [("count", "How many shapes are there?", count_answer(len(scene.shapes)))]
     if unique:
         s = rng.choice(unique)
-        out.append(("color", f"What color is the {s.kind}?", color_answer(s, restate)))
+        out.append(("color", f"What color is the {s.kind}?", color_answer(s)))
         s = rng.choice(unique)
-        out.append(("position", f"Where is the {s.kind}?", position_answer(s, restate)))
+        out.append(("position", f"Where is the {s.kind}?", position_answer(s)))
     present = {(s.color, s.kind) for s in scene.shapes}
     if rng.random() < 0.5:
         color, kind = rng.choice(sorted(present))
@@ -191,7 +195,7 @@ def questions(scene: Scene, rng: random.Random, restate: bool = RESTATED) -> lis
                   [(s.color, k) for k in SHAPES if (s.color, k) not in present]
         color, kind = rng.choice(options)
     out.append(("exist", f"Is there {article(color)} {color} {kind}?",
-                exist_answer(color, kind, (color, kind) in present, restate)))
+                exist_answer(color, kind, (color, kind) in present)))
     return out
 
 
@@ -216,50 +220,73 @@ def look_question(color: str, kind: str) -> str:
     return f"Is there {article(color)} {color} {kind}?{LOOK_SUFFIX}"
 
 
-def look_answer(scene: Scene, color: str, kind: str, restate: bool = RESTATED) -> str:
+def look_answer(scene: Scene, color: str, kind: str) -> str:
     """Look (the description), then reason from it and the question alone; the verdict restates the
     asked thing right before its yes / no, as the existence answer does."""
     present = any(s.color == color and s.kind == kind for s in scene.shapes)
-    if restate:
-        verdict = f"So {article(color)} {color} {kind}: {'yes' if present else 'no'}."
-    else:
-        verdict = f"So yes, there is {article(color)} {color} {kind}." if present else f"So no, there is no {color} {kind}."
-    return f"{describe(scene)} {verdict}"
+    return f"{describe(scene)} So {article(color)} {color} {kind}: {'yes' if present else 'no'}."
+
+
+def look_item(scene: Scene, rng: random.Random, form: str = "exist") -> tuple[str, str] | None:
+    """One look-then-reason (question, answer) for a scene of 2+ shapes, or None where the form has
+    none. "exist": a yes or a near-miss no existence question (v4); "color": the colour of a kind seen
+    once, copied in the reasoning part from where the description names that kind (v5)."""
+    if len(scene.shapes) < 2:
+        return None
+    if form == "exist":
+        color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
+        return look_question(color, kind), look_answer(scene, color, kind)
+    kinds = [s.kind for s in scene.shapes]
+    unique = [s for s in scene.shapes if kinds.count(s.kind) == 1]
+    if not unique:
+        return None
+    s = rng.choice(unique)
+    return f"What color is the {s.kind}?{LOOK_SUFFIX}", f"{describe(scene)} So the {s.kind} is {s.color}."
 
 
 LOOK_SPLIT = " So "  # where the looking part ends and the reasoning part begins
 
 
 def look_verdict(text: str) -> str | None:
-    """The final answer of a look-then-reason answer ("yes" / "no"), or None if it has none: "So a red
-    circle: yes." (v4) or "So yes, there is ..." (v2's format)."""
-    m = re.search(r"\bso (?:an? [a-z]+ [a-z]+: )?(yes|no)\b", text.lower())
+    """The final answer of a look-then-reason answer, or None if it has none: "yes" / "no" for the
+    "exist" form ("So a red circle: yes."), "<kind> <colour>" for the
+    "color" form ("So the star is green." -> "star green")."""
+    low = text.lower()
+    m = re.search(r"\bso the ([a-z]+) is ([a-z]+)\b", low)
+    if m:
+        return f"{m.group(1)} {m.group(2)}"
+    m = re.search(r"\bso an? [a-z]+ [a-z]+: (yes|no)\b", low)
     return m.group(1) if m else None
 
 
 def all_questions(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = ("count", "color", "position", "exist", "look"),
-                  restate: bool = RESTATED) -> list[tuple[str, str, str]]:
+                  look: str = "exist") -> list[tuple[str, str, str]]:
     """Every question of the given kinds the scene allows, asked so that the answers depend on the
     question's words: colour and position of every kind seen once, the count, a yes and a near-miss no
-    existence question, and (2+ shapes) a look-then-reason question. The demo model's training reads
+    existence question, and (2+ shapes) a look-then-reason question of form `look`. The demo model's training reads
     these; `kinds` picks a warm-up's share of them."""
     seen = [s.kind for s in scene.shapes]
     out = []
     if "count" in kinds:
-        out.append(("count", "How many shapes are there?", count_answer(len(scene.shapes), restate)))
+        out.append(("count", "How many shapes are there?", count_answer(len(scene.shapes))))
     for s in scene.shapes:
         if seen.count(s.kind) == 1:
             if "color" in kinds:
-                out.append(("color", f"What color is the {s.kind}?", color_answer(s, restate)))
+                out.append(("color", f"What color is the {s.kind}?", color_answer(s)))
             if "position" in kinds:
-                out.append(("position", f"Where is the {s.kind}?", position_answer(s, restate)))
+                out.append(("position", f"Where is the {s.kind}?", position_answer(s)))
     if "exist" in kinds:
         for want_yes in (True, False):
             color, kind, present = exist_pair(scene, rng, want_yes)
-            out.append(("exist", f"Is there {article(color)} {color} {kind}?", exist_answer(color, kind, present, restate)))
+            out.append(("exist", f"Is there {article(color)} {color} {kind}?", exist_answer(color, kind, present)))
     if "look" in kinds and len(scene.shapes) >= 2:
-        color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
-        out.append(("look", look_question(color, kind), look_answer(scene, color, kind, restate)))
+        if look == "exist":  # v4's draw, kept as it was so that v4's batches are unchanged
+            color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
+            out.append(("look", look_question(color, kind), look_answer(scene, color, kind)))
+        else:
+            item = look_item(scene, rng, look)
+            if item:
+                out.append(("look", *item))
     return out
 
 
@@ -275,22 +302,23 @@ TEST_SEED = 10_000_019  # the held-out scenes every reported table uses
 VALIDATION_SEED = 10_000_051  # held-out scenes for choosing settings (K, c) before the test set is looked at
 
 
-def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, restate: bool = RESTATED) -> list[EvalItem]:
+def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, look_form: str = "exist") -> list[EvalItem]:
     """The fixed held-out set: per scene, one question of each kind it allows, plus a description, and
-    with `look` a look-then-reason question on scenes of 2+ shapes (from its own stream, so the other
-    items are the same with or without it). Its seed stream is disjoint from training's (train_demo
-    draws from seeds < 10_000_000)."""
+    with `look` a look-then-reason question of form `look_form` on scenes of 2+ shapes (from its own
+    stream, so the other items are the same with or without it). Its seed stream is disjoint from
+    training's (train_demo draws from seeds < 10_000_000)."""
     rng = random.Random(seed)
     look_rng = random.Random(seed + 1)
     items = []
     for _ in range(n_scenes):
         scene = random_scene(rng)
-        for kind, q, a in questions(scene, rng, restate):
+        for kind, q, a in questions(scene, rng):
             items.append(EvalItem(scene, kind, q, a))
         items.append(EvalItem(scene, "describe", DESCRIBE_PROMPT, describe(scene)))
         if look and len(scene.shapes) >= 2:
-            color, kind, _ = exist_pair(scene, look_rng, look_rng.random() < 0.5)
-            items.append(EvalItem(scene, "look", look_question(color, kind), look_answer(scene, color, kind, restate)))
+            item = look_item(scene, look_rng, look_form)
+            if item:
+                items.append(EvalItem(scene, "look", *item))
     return items
 
 
@@ -304,7 +332,7 @@ def score_answer(item: EvalItem, text: str) -> float:
     return float(normalise(text) == normalise(item.answer))
 
 
-def training_examples(n: int, seed: int = 0):
+def training_examples(n: int, seed: int = 0, look_form: str = "exist"):
     """(image, prompt, answer) triples, one question, description or look-then-reason answer each, for
     predictor training and VTW calibration: the mixture DyRate's rate is learnt on, where some answers
     need the picture to their end (descriptions) and some only while they look (look-then-reason). Not
@@ -316,9 +344,8 @@ def training_examples(n: int, seed: int = 0):
         r = rng.random()
         if r < 0.35:
             out.append((scene.draw(), DESCRIBE_PROMPT, describe(scene)))
-        elif r < 0.6 and len(scene.shapes) >= 2:
-            color, kind, _ = exist_pair(scene, rng, rng.random() < 0.5)
-            out.append((scene.draw(), look_question(color, kind), look_answer(scene, color, kind)))
+        elif r < 0.6 and (item := look_item(scene, rng, look_form)):
+            out.append((scene.draw(), *item))
         else:
             kind, q, a = rng.choice(questions(scene, rng))
             out.append((scene.draw(), q, a))

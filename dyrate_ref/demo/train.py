@@ -55,7 +55,7 @@ def tokenizer_corpus(recipe: Recipe, seed: int = 123, scenes: int = 3000) -> lis
     for _ in range(scenes):
         s = random_scene(rng)
         texts.append(describe(s))
-        for _, q, a in all_questions(s, rng, restate=recipe.restate):
+        for _, q, a in all_questions(s, rng):
             texts.append(PROMPT_TEMPLATE.format(prompt=q).replace("<image>", "") + " " + a)
     texts.append(PROMPT_TEMPLATE.format(prompt=DESCRIBE_PROMPT).replace("<image>", ""))
     return texts
@@ -84,7 +84,7 @@ def build(out_dir: str, recipe: Recipe, overrides: dict | None = None):
     return tok, LlavaConfig.from_dict(raw), raw
 
 
-def write_examples(out_dir: str, restate: bool, n: int = 4, seed: int = 424_242):
+def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):
     """A few pictures to try, from a seed stream used neither by training nor by the evaluation, with
     their ground truth and the prompts the README and the tutorial use (each with its right answer) in
     examples/examples.json."""
@@ -96,7 +96,7 @@ def write_examples(out_dir: str, restate: bool, n: int = 4, seed: int = 424_242)
         scene = random_scene(rng, 2 + i % 3, 2 + i % 3)
         name = f"scene{i + 1}.png"
         scene.draw().save(os.path.join(folder, name))
-        asked = questions(scene, random.Random(seed + 1 + i), restate)  # its own stream: the scenes stay as they were
+        asked = questions(scene, random.Random(seed + 1 + i))  # its own stream: the scenes stay as they were
         prompts = [{"prompt": DESCRIBE_PROMPT, "kind": "describe", "answer": describe(scene)}]
         prompts += [{"prompt": q, "kind": kind, "answer": a} for kind, q, a in asked]
         records.append({"file": name, "description": describe(scene), "prompts": prompts,
@@ -116,7 +116,15 @@ def go_no_go(recipe: Recipe, stage_name: str, step: int, acc: dict) -> str | Non
     of the binding warm-up the answer must depend on the asked kind (kind-swap KL > 1 nat) and colour on
     3-5 shapes be well above naming a random shape (> .6); in the mixture, from step 1,000 on, colour and
     position >= .9. -> a "go" / "NO-GO" line for the log, or None where nothing is checked."""
-    if recipe.name != "v4":
+    if stage_name == "look":  # v5's look stage, from the fine-tuning runs' curves (docs/embedded_model.md)
+        within = step - recipe.start_of("look")
+        if within < 300:
+            return None
+        # the first run (whole look answer weighted as one) sat at .23-.32 from text alone at steps 300-400
+        ok = acc.get("look_blind", 0) >= 0.6
+        return f"go/no-go at look-stage step {within}: {'go' if ok else 'NO-GO'} (look {acc.get('look', 0):.2f}; " \
+               f"from the description's text alone {acc.get('look_blind', 0):.2f} >= .6)"
+    if recipe.name not in ("v4", "v5"):
         return None
     if stage_name == "bind":
         ok = acc["kind_swap_kl"] > 1 and acc.get("color3+", 0) > 0.6
@@ -142,7 +150,7 @@ def new_model(out_dir: str, recipe: Recipe, seed: int, overrides, tower: str | N
         model = load_model(init, device=device)
         for p in model.parameters():
             p.requires_grad_(True)
-        _log(log, f"# init from {init}: stage 1 skipped; stage 2 starts again from its first stage")
+        _log(log, f"# init from {init}: stage 1 skipped")
         return model, cfg, False
     _, cfg, _ = build(out_dir, recipe, overrides)
     first = recipe.stages[0].layers  # a recipe may start shallower and grow (Stage.layers)
@@ -158,17 +166,11 @@ def new_model(out_dir: str, recipe: Recipe, seed: int, overrides, tower: str | N
 
 
 def optimizer(model, recipe: Recipe, previous=None):
-    """AdamW over the trainable weights (no weight decay on the embeddings and the LM head unless the
-    recipe says so: in v2 decay held the text embeddings at their initial scale while the visual
-    tokens grew). After the decoder grows, the weights it had keep their Adam moments (`previous`).
-    -> (optimizer, its parameters)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decays = [p.dim() >= 2 and (recipe.decay_embeddings or ("embed_tokens" not in n and "lm_head" not in n))
-              for n, p in named]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW([{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": recipe.weight_decay},
-                             {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}],
-                            lr=recipe.lr(0), betas=(0.9, 0.98))
+    """AdamW over the trainable weights, without weight decay (v2's decay held the text embeddings at
+    their initial scale while the visual tokens grew). After the decoder grows, the weights it had keep
+    their Adam moments (`previous`). -> (optimizer, its parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr(0), betas=(0.9, 0.98), weight_decay=0.0)
     if previous is not None:
         for p in params:
             if p in previous.state:
@@ -179,14 +181,15 @@ def optimizer(model, recipe: Recipe, previous=None):
 def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = None, bf16: bool = False, log=None,
           overrides: dict | None = None, show_progress: bool = True, tower: str | None = None,
           init: str | None = None, device: str = "cpu", eval_every: int = 0, eval_scenes: int = 40,
-          swap_scenes: int = 30, steps: int | None = None):
+          swap_scenes: int = 30, steps: int | None = None, from_stage: str | None = None):
     """Stage 1 (unless `tower` or `init` gives a trained tower), the tower probe, then the recipe's
-    stage 2. steps: stop stage 2 after this many steps (tests; default: the recipe's). -> (model,
+    stage 2. steps: stop stage 2 after this many steps (tests; default: the recipe's). from_stage: with
+    `init`, begin stage 2 at this stage (the init model has been through the ones before it). -> (model,
     per-step losses, seconds)."""
     torch.manual_seed(seed)
     t0 = time.time()
     model, cfg, fresh_tower = new_model(out_dir, recipe, seed, overrides, tower, init, device, log)
-    write_examples(out_dir, recipe.restate)
+    write_examples(out_dir)
     model.train()
     if fresh_tower and recipe.vision_steps:
         pretrain_vision(model, recipe.vision_steps, 64, 2e-3, seed, bf16, show_progress, log, device)
@@ -196,17 +199,20 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
             sys.stderr.write(f"tower probe (held-out, occupied cells): kind {acc['kind']:.4f}, color {acc['color']:.4f}\n")
     processor = Processor(out_dir, cfg)
     batcher = Batcher(processor, recipe, seed + (1000 if init else 0))
-    heldout = heldout_examples(processor, eval_scenes, recipe.restate) if eval_every else []
-    swaps = kind_swap_pairs(swap_scenes, restate=recipe.restate) if eval_every else []
+    heldout = heldout_examples(processor, eval_scenes, recipe.look) if eval_every else []
+    swaps = kind_swap_pairs(swap_scenes) if eval_every else []
     for p in model.vision_tower.parameters():  # frozen, as LLaVA-1.5 freezes CLIP; no backward through it
         p.requires_grad_(False)
     opt, params = optimizer(model, recipe)
-    total = recipe.steps if steps is None else min(steps, recipe.steps)
-    bar = Progress(total, "stage 2", " steps", after_s=0.0 if show_progress else float("inf"))
+    first = recipe.start_of(from_stage) if from_stage else 0
+    if from_stage:
+        _log(log, f"# stage 2 begins at stage {from_stage!r} (step {first}): the init model has had the stages before it")
+    total = recipe.steps if steps is None else min(first + steps, recipe.steps)
+    bar = Progress(total - first, "stage 2", " steps", after_s=0.0 if show_progress else float("inf"))
     history, smooth = [], None
-    for step in range(total):
+    for step in range(first, total):
         stage, within = recipe.stage_at(step)
-        if within == 0:
+        if within == 0 or step == first:
             _log(log, f"# stage {stage.name!r} from step {step}: {stage}")
             depth = stage.layers or cfg.text_config.num_hidden_layers
             if depth > len(model.model.layers):
@@ -268,6 +274,8 @@ def run(argv=None) -> int:
                         "projector and decoder start fresh")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="continue from a whole model this script wrote (skips stage 1; the log says so)")
+    p.add_argument("--from-stage", default=None, metavar="NAME",
+                   help="with --init: begin stage 2 at the recipe's stage NAME (e.g. v5's 'look' from the shipped v4)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--eval-every", type=int, default=100,
                    help="log held-out per-kind exact match and the kind-swap sensitivity every N stage-2 steps "
@@ -288,6 +296,11 @@ def run(argv=None) -> int:
         raise UserError("--minutes must be a positive number")
     if args.eval_every < 0:
         raise UserError("--eval-every must be 0 (never) or a positive number of steps")
+    if args.from_stage and not args.init:
+        raise UserError("--from-stage needs --init: the stages before it must have trained the model it starts from")
+    if args.from_stage and args.from_stage not in [st.name for st in recipe.stages]:
+        raise UserError(f"--from-stage {args.from_stage!r} is not a stage of recipe {recipe.name} "
+                        f"({', '.join(st.name for st in recipe.stages)})")
     if args.init and args.tower:
         raise UserError("--init and --tower exclude each other: --init continues a whole model, --tower starts a new "
                         "decoder on a trained tower")
@@ -308,7 +321,8 @@ def run(argv=None) -> int:
                   f"# torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}\n"
                   "# step seconds smoothed_loss | heldout step kind exact-match ... kind_swap_kl\n")
         _, history, secs = train(args.out, recipe, args.seed, args.minutes, bf16=args.bf16, log=log,
-                                 tower=args.tower, init=args.init, device=args.device, eval_every=args.eval_every)
+                                 tower=args.tower, init=args.init, device=args.device, eval_every=args.eval_every,
+                                 from_stage=args.from_stage)
     publish(partial, final)
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
