@@ -21,7 +21,9 @@ from .generation import Sampling, generate
 from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from .plots import plot_run, require_matplotlib
 from .processing import Processor, StreamingDecoder, open_image
-from .pruning import METHODS, Context, input_file_settings, method_class, parse_settings, setting_fields
+from .pruning import METHODS
+from .settings import (Context, describe, input_file_settings, metadata, method_class, parse_settings, resolve,
+                       setting_fields)
 from .trace import read_trace, trace_tensors, write_trace
 
 
@@ -49,7 +51,7 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     g.add_argument("--method", default="none", help=f"{', '.join(METHODS)} (default none)")
     # One flag per setting any method has, made from the methods' own fields (pruning.METHODS): a new
     # method's settings become flags without touching this file.
-    for name, owners in setting_fields().items():
+    for name, owners in setting_fields(METHODS).items():
         flag = "--" + name.replace("_", "-")
         assert flag not in p._option_string_actions, (  # a developer's mistake, named before argparse's own error
             f"method setting {name!r} ({', '.join(m for m, _ in owners)}) has the name of generate.py's own {flag}; "
@@ -64,7 +66,7 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
 
 def method_texts(args) -> dict[str, str]:
     """The method settings given on the command line: {field: text}."""
-    return {name: getattr(args, name) for name in setting_fields() if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in setting_fields(METHODS) if getattr(args, name) is not None}
 
 
 STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": "stopped at --max-new-tokens",
@@ -114,13 +116,13 @@ def run(argv=None, prog: str = "generate.py") -> int:
         weights = DEFAULT_WEIGHTS
     check_outputs([("--trace", args.trace), ("--plot", args.plot)],
                   [("the --image", args.image), *checkpoint_inputs(weights), ("the --force-tokens trace", args.force_tokens)]
-                  + [(f"the --{name.replace('_', '-')} file", getattr(args, name)) for name in input_file_settings()])
+                  + [(f"the --{name.replace('_', '-')} file", getattr(args, name)) for name in input_file_settings(METHODS)])
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
     if args.plot is not None:
         require_matplotlib()  # says how to install it, before any work
-    cls = method_class(args.method)
-    given = parse_settings(cls, method_texts(args))  # method-level checks before the slow part
+    cls = method_class(args.method, METHODS)
+    given = parse_settings(cls, method_texts(args), METHODS)  # method-level checks before the slow part
     image = open_image(args.image)
     cfg = read_config(weights)
     processor = Processor(weights, cfg)
@@ -147,7 +149,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
             raise UserError(f"--force-tokens {args.force_tokens} has {len(force)} tokens, more than the context leaves")
         max_new = len(force)
     # The method's settings, resolved once: defaults from the files beside the weights, one range check.
-    method, origins = cls.resolve(given, Context(weights, cfg.text_config.num_hidden_layers, cfg))
+    method, origins = resolve(cls, given, Context(weights, cfg.text_config.num_hidden_layers, cfg))
 
     # 2. The slow part.
     model = load_model(weights, dtype=dtype, device=device, config=cfg)
@@ -171,12 +173,12 @@ def run(argv=None, prog: str = "generate.py") -> int:
         stop = "context"  # the cap came from the context, not from the flag
     stop_text = STOP_TEXT[stop] + (f" ({context} tokens)" if stop == "context" else "")
     sys.stderr.write(f"[{len(gen.tokens)} tokens in {dt:.2f}s on {device.type}/{str(dtype).split('.')[-1]}; "
-                     f"{method.describe(origins)}: {gen.state.keep.numel()}/{N} visual tokens kept at "
+                     f"{describe(method, origins)}: {gen.state.keep.numel()}/{N} visual tokens kept at "
                      f"the end; {stop_text}]\n")
 
     # 3. Outputs, each written whole or not at all.
     meta = dict(weights=os.path.abspath(weights), dtype=str(dtype).split(".")[-1], device=device.type,
-                prompt=args.prompt, **method.metadata(origins), max_new_tokens=max_new, temperature=args.temperature, top_p=top_p, stop_reason=stop,
+                prompt=args.prompt, **metadata(method, origins), max_new_tokens=max_new, temperature=args.temperature, top_p=top_p, stop_reason=stop,
                 seed="" if args.seed is None else args.seed,
                 forced_from="" if force is None else os.path.abspath(args.force_tokens),
                 dyrate_ref_version=__version__, torch_version=torch.__version__)

@@ -1,6 +1,6 @@
 """Counted cost of a forward step: matmul FLOPs and KV-cache bytes, derived from what the step did.
 
-The decode loop records only the shape of each step (generation.Step: how many query rows and keys
+The decode loop records only the shape of each step (generation.StepShape: how many query rows and keys
 layers below and above K saw); everything here is arithmetic on those shapes, so the loop itself stays
 free of bookkeeping.
 
@@ -45,7 +45,7 @@ def vision_flops(cfg: LlavaConfig) -> int:
 
 
 def step_flops(tc: TextConfig, K: int, step) -> int:
-    """Decoder + LM head FLOPs of one step (a generation.Step): rows_low queries over keys_low keys in
+    """Decoder + LM head FLOPs of one step (a generation.StepShape): rows_low queries over keys_low keys in
     each of the K layers below the pruning layer, rows_high over keys_high in the L - K layers above,
     and the LM head on the one row whose logits are read."""
     L = tc.num_hidden_layers

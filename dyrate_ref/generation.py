@@ -1,19 +1,20 @@
 """Generation: prefill, decode_one_token, sample, generate -- and the no-cache forward the oracle uses.
 
-The loop owns all state: the KV cache, the step t, the next position id (which after pruning is no
-longer the cache length) and the kept visual tokens; the per-step record becomes the trace. Prefill
-and decode steps differ only in what they feed (the prompt with its image, or one token); the rest is
-one function, `step`, two halves around one decision:
+The loop owns all state: the KV cache, the step counter t, the next position id (which after pruning
+is no longer the cache length) and the kept visual tokens; the per-step record becomes the trace.
+Prefill and decode steps differ only in what they feed (the prompt with its image, or one token); the
+rest is one function, `forward_step`, two halves around one decision:
 
     lower half   decoder layers [0, K); layer K-1's attention over the visual tokens gives the scores
     decision     method.choose(t, keep, scores) -> keep_t (a subset of keep_{t-1})   (pruning.py);
                  the recorded rate r_t = 1 - |keep_t| / N, computed here and nowhere else
-    drop         the dropped visual tokens leave everything layers [K, L) will see (drop_visual)
+    drop         the dropped visual tokens leave everything layers [K, L) will see (drop_visual: at the
+                 prefill their rows leave the hidden states, at a decode step their slots leave the cache)
     upper half   layers [K, L) and the LM head
 
 With method none the same path runs and keeps everything (K then only says which layer's attention
-is recorded). Costs (FLOPs, KV bytes) are not counted here: each step records its shape (Step) and
-cost.py derives them.
+is recorded). Costs (FLOPs, KV bytes) are not counted here: each step records its shape (StepShape)
+and cost.py derives them.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ class Sampling:
 
 @dataclass
 class State:
-    """Everything that changes from one step to the next. decode_one_token advances step and next_pos
-    (and nothing else does); the step function changes the cache and keep."""
+    """Everything that changes from one step to the next. decode_one_token advances t and next_pos (and
+    nothing else does); forward_step changes the cache and keep."""
     cache: KVCache
     span: tuple[int, int]  # (start, N) of the visual tokens in the prompt
     keep: torch.Tensor  # kept visual indices [M], ascending
     next_pos: int  # original position id of the next token to feed
-    step: int = 0  # t: 0 is the prefill
+    t: int = 0  # the step counter: 0 is the prefill
 
 
 @dataclass(frozen=True)
-class Step:
+class StepShape:
     """The shape of one step, all cost.py needs: query rows and keys (cache length after the step's
     append) in the layers below K and in the layers from K on."""
     rows_low: int
@@ -63,16 +64,16 @@ class Record:
     K: int  # the layer from which the method prunes (min(method.layer, L))
     element_size: int  # bytes per cached key/value number
     logits: list = field(default_factory=list)  # [V] fp32 each, on the model's device
-    keep: list = field(default_factory=list)  # bool mask [N] each (keep_mask of keep_t)
+    keep_masks: list = field(default_factory=list)  # bool [N] each: keep_t as a mask (the trace's visual_keep)
     rates: list = field(default_factory=list)  # float
     visual_mass: list = field(default_factory=list)  # 0-d tensors: layer K-1 attention mass on visual tokens
-    steps: list = field(default_factory=list)  # Step each
+    shapes: list = field(default_factory=list)  # StepShape each
 
     @property
     def flops(self) -> list[int]:
         """Matmul FLOPs per step; step 0 includes the vision tower and projector."""
         tc = self.config.text_config
-        out = [step_flops(tc, self.K, s) for s in self.steps]
+        out = [step_flops(tc, self.K, s) for s in self.shapes]
         if out:
             out[0] += vision_flops(self.config)
         return out
@@ -80,7 +81,7 @@ class Record:
     @property
     def kv_bytes(self) -> list[int]:
         """Bytes the KV cache holds after each step."""
-        return [kv_bytes(self.config.text_config, self.K, s, self.element_size) for s in self.steps]
+        return [kv_bytes(self.config.text_config, self.K, s, self.element_size) for s in self.shapes]
 
 
 def pruning_layer(model, method: Method) -> int:
@@ -116,15 +117,23 @@ def embed_prompt(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, 
 
 
 def drop_visual(model, state: State, keep: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, K: int):
-    """Make keep_t the kept set: the visual tokens it drops leave everything layers [K, L) will see --
-    their slots in those layers' cache (decode steps: KVCache.evict) and their rows of the hidden states
-    about to enter layer K (the prefill, whose layers >= K have cached nothing yet).
-    -> (x, pos) without those rows."""
-    if keep.numel() < state.keep.numel():  # nothing to do (and no host sync) when nothing is dropped
-        gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]  # original positions [E]
-        state.cache.evict(range(K, model.config.text_config.num_hidden_layers), gone)
-        rows = torch.isin(pos, gone, invert=True).nonzero().squeeze(1)  # [T - E']
+    """Make keep_t the kept set: the visual tokens it drops leave everything layers [K, L) will see. Two
+    roles, one per kind of step:
+    - the prefill (t = 0): the visual tokens are rows of the hidden states x about to enter layer K, and
+      layers >= K have cached nothing yet, so the dropped rows leave x (and are never cached there);
+    - a decode step: the fed token is never visual, so x keeps its row; the dropped tokens' slots leave
+      the cache of layers >= K (KVCache.evict).
+    -> (x, pos) for layers [K, L)."""
+    if keep.numel() == state.keep.numel():  # nothing to do (and no host sync) when nothing is dropped
+        return x, pos
+    gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]  # original positions [E]
+    if state.t == 0:
+        assert all(state.cache.length(i) == 0 for i in range(K, model.config.text_config.num_hidden_layers)), \
+            "the prefill drops rows before layers >= K have cached anything"
+        rows = torch.isin(pos, gone, invert=True).nonzero().squeeze(1)  # [P - E]
         x, pos = x[:, rows], pos[rows]
+    else:
+        state.cache.evict(range(K, model.config.text_config.num_hidden_layers), gone)
     state.keep = keep
     return x, pos
 
@@ -140,11 +149,14 @@ def upper(model, x, pos, state: State, K: int) -> torch.Tensor:
     return model.logits(x[:, -1])[0].float()  # [V]
 
 
-def step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method, rec: Record) -> torch.Tensor:
-    """One step t = state.step on the rows it feeds (x [1, T, C] at positions pos [T]: the prompt at
-    t = 0, one token after): lower half, the method's decision, the drop, upper half. -> logits [V]."""
-    K, t = rec.K, state.step
+def forward_step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method, rec: Record) -> torch.Tensor:
+    """One step t = state.t on the rows it feeds (x [1, T, C] at positions pos [T]: the prompt at t = 0,
+    one token after): lower half, the method's decision, the drop, upper half. -> logits [V]."""
+    K, t = rec.K, state.t
     x, probs = lower(model, x, pos, state, K)  # probs [1, H, T, S]
+    # The scores read layer K-1's keys by the image span: valid because layers below K never evict, so
+    # there slot s holds position s (the layer holds every position up to the fed one).
+    assert state.cache.length(K - 1) == state.next_pos + (t > 0), "a layer below K has lost slots"
     last = visual_scores(probs, state.span, "last")  # [N]: the step's last query, for the trace and most methods
     keep = method.choose(t, state.keep, method.scores(probs, state.span, t, last))
     rows_low = pos.numel()
@@ -152,11 +164,11 @@ def step(model, x: torch.Tensor, pos: torch.Tensor, state: State, method: Method
     logits = upper(model, x, pos, state, K)
     N = state.span[1]
     rec.logits.append(logits)
-    rec.keep.append(keep_mask(state.keep, N))
+    rec.keep_masks.append(keep_mask(state.keep, N))
     rec.rates.append(1 - state.keep.numel() / N)  # the share of the N visual tokens dropped by step t
     rec.visual_mass.append(last.sum())
-    high = state.cache.length(K) if K < len(state.cache.k) else 0
-    rec.steps.append(Step(rows_low, state.cache.length(0), pos.numel(), high))
+    high = state.cache.length(K) if K < model.config.text_config.num_hidden_layers else 0
+    rec.shapes.append(StepShape(rows_low, state.cache.length(0), pos.numel(), high))
     return logits
 
 
@@ -169,18 +181,18 @@ def prefill(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel
             method: Method, rec: Record):
     """Step 0: the prompt input_ids [P] with its image. -> (logits of the last position [V], State)."""
     x, pos, state = embed_prompt(model, input_ids, pixel_values)
-    return step(model, x, pos, state, method, rec), state
+    return forward_step(model, x, pos, state, method, rec), state
 
 
 @torch.no_grad()
 def decode_one_token(model: LlavaForConditionalGeneration, token: torch.Tensor, state: State, method: Method,
                      rec: Record) -> torch.Tensor:
-    """The next step: feed one token (a 0-d id tensor) at position state.next_pos; advances state.step
+    """The next step: feed one token (a 0-d id tensor) at position state.next_pos; advances state.t
     before (this is step t + 1) and state.next_pos after. -> logits [V]."""
-    state.step += 1
+    state.t += 1
     pos = torch.tensor([state.next_pos], device=token.device)  # [1]
     x = model.model.embed_tokens(token.view(1, 1))  # [1, 1, C]
-    logits = step(model, x, pos, state, method, rec)
+    logits = forward_step(model, x, pos, state, method, rec)
     state.next_pos += 1
     return logits
 
@@ -196,6 +208,15 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return torch.multinomial(probs / probs.sum(), 1, generator=generator)[0]
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """KL(P || Q) in nats per row, from logits [..., V] of two next-token distributions. `trace compare`
+    and the premise test pass the oracle's (unpruned) logits as P; VTW's calibration passes the
+    withdrawn model's as P and the full model's as Q, KL(P_withdrawn || P_full), the direction VTW's
+    criterion uses. float64 for comparisons: float32 rounding alone leaves a few 1e-7 of noise."""
+    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 @dataclass
@@ -267,7 +288,17 @@ def forward_no_cache(model: LlavaForConditionalGeneration, input_ids: torch.Tens
     return model.logits(x[0, P - 1:]).float(), probs  # [T, V]
 
 
-def keep_masks(input_ids: torch.Tensor, image_token_id: int, visual_keep: torch.Tensor, K: int, L: int) -> dict:
+@torch.no_grad()
+def reference_answer(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                     max_new_tokens: int, stop_ids=(), probs_of=()):
+    """The unpruned greedy answer, then that answer teacher-forced in one forward without a cache: what
+    the tools measure a pruned run against. -> (tokens, logits [T, V] fp32, {layer: probs [1, H, S, S]})."""
+    tokens = generate(model, input_ids, pixel_values, max_new_tokens, stop_ids=stop_ids).tokens
+    logits, probs = forward_no_cache(model, input_ids, pixel_values, tokens, probs_of=probs_of)
+    return tokens, logits, probs
+
+
+def eviction_masks(input_ids: torch.Tensor, image_token_id: int, visual_keep: torch.Tensor, K: int, L: int) -> dict:
     """Per-layer attention masks that say, without a cache, what the evicting loop does: in layers >= K
     a query belonging to step t (prompt rows belong to step 0, the row of generated token t-1 to step t)
     sees a visual token only if keep_t (row t of visual_keep [T, N]) has it. -> {layer: bool [S, S]}."""
@@ -287,6 +318,6 @@ def recompute_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tens
     """Every step's logits from visual_keep [T, N] alone: no cache, no eviction, explicit masks. An
     independent check of the cached, evicting decode loop. -> logits [T, V]."""
     device = model.lm_head.weight.device
-    masks = keep_masks(input_ids.to(device), model.config.image_token_index, visual_keep.to(device), K,
+    masks = eviction_masks(input_ids.to(device), model.config.image_token_index, visual_keep.to(device), K,
                        model.config.text_config.num_hidden_layers)
     return forward_no_cache(model, input_ids, pixel_values, tokens, masks)[0]

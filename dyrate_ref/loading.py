@@ -9,9 +9,11 @@ second copy of the checkpoint), so peak memory stays close to the checkpoint's o
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -44,12 +46,6 @@ KEY_RENAMES = [
 # Buffers some checkpoints carry that the model recomputes instead (CLIP's position ids, old Llama's
 # RoPE frequencies): accepted and skipped.
 UNUSED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -146,56 +142,22 @@ def read_config(weights_dir: str, flag: str = "--weights") -> LlavaConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The safetensors format, read by hand: 8 bytes little-endian header length, a JSON header naming each
-# tensor's dtype, shape and byte range, then the raw bytes.
+# Weight files are read with safetensors.safe_open (never torch.load or pickle): the header first, to
+# check every name and shape before any data is read, then one tensor at a time.
 
 
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """Return ({name: {dtype, shape, data_offsets}}, byte offset where tensor data starts); checks that
-    every tensor's byte range is consistent and inside the file."""
-    size = os.path.getsize(path)
-    bad = f"{path} is truncated or not a safetensors file; download or convert it again"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(bad)
-        n = int.from_bytes(head, "little")
-        if n > size - 8 or n > 100_000_000:
-            raise UserError(bad)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(bad) from None
-    if not isinstance(header, dict):
-        raise UserError(bad)
-    header.pop("__metadata__", None)
-    start = 8 + n
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * itemsize or begin < 0 or start + end > size:
-            raise UserError(f"{path}: tensor {name} lies outside the file; it is truncated or corrupt")
-    return header, start
+def open_weights(path: str):
+    """safe_open(path), or a UserError that names the file (truncated, not safetensors, a bad header)."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or not a safetensors file ({e}); download or convert it again") from None
 
 
-def read_tensor(f, data_start: int, info: dict) -> torch.Tensor:
-    """Read one tensor's bytes from an open file into a fresh CPU tensor (no mmap)."""
-    begin, end = info["data_offsets"]
-    dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-    if end == begin:
-        return torch.empty(shape, dtype=dtype)
-    buf = bytearray(end - begin)
-    f.seek(data_start + begin)
-    if f.readinto(buf) != len(buf):
-        raise UserError(f"{f.name} ends early; it is truncated")
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a weight file's header alone."""
+    with open_weights(path) as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 def weight_files(weights_dir: str) -> list[str]:
@@ -250,11 +212,10 @@ def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str
     tied = cfg.text_config.tie_word_embeddings
 
     # Pass 1, headers only: every name and shape is checked before a single byte of data is read.
-    headers = [(p, *read_safetensors_header(p)) for p in files]
-    plan = []  # (path, data_start, info, model name, checkpoint key)
+    plan = []  # (path, checkpoint key, model name)
     seen = set()
-    for path, header, data_start in headers:
-        for key, info in header.items():
+    for path in files:
+        for key, shape in read_shapes(path).items():
             name = rename_key(key)
             if name is None or (tied and name == "lm_head.weight"):
                 continue
@@ -262,32 +223,36 @@ def load_model(weights_dir: str, dtype: torch.dtype = torch.float32, device: str
                 raise UserError(f"{path}: unexpected tensor {key}; this is not a LLaVA-1.5 checkpoint "
                                 "matching its config.json")
             want = tuple(expected[name].shape)
-            if tuple(info["shape"]) != want:
-                raise UserError(f"{path}: tensor {key} has shape {tuple(info['shape'])} but config.json "
+            if shape != want:
+                raise UserError(f"{path}: tensor {key} has shape {shape} but config.json "
                                 f"implies {want}; config and weights do not belong together")
             if name in seen:
                 raise UserError(f"{path}: tensor {key} appears twice in the checkpoint")
             seen.add(name)
-            plan.append((path, data_start, info, name))
+            plan.append((path, key, name))
     missing = sorted(set(expected) - seen)
     if missing:
         raise UserError(f"{weights_dir}: tensor {missing[0]} is missing from the checkpoint"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
-    # Pass 2: read, cast and place each tensor; only one tensor is ever in flight.
-    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for _, _, info, _ in plan)
-    bar = Progress(total, "loading weights", bytes_=True)
-    open_files = {}
+    # Pass 2: read, cast and place each tensor, one at a time. Each is copied out of the file's memory
+    # map, which is closed before the next: a mapped page stays resident while its map is open, so one map
+    # for the whole file would hold every page read so far on top of the copies (on a GPU load, the
+    # whole checkpoint in host memory); copies also leave the model independent of the file.
+    numel = {name: math.prod(expected[name].shape) for _, _, name in plan}
+    bar = Progress(sum(numel.values()) * torch.empty((), dtype=dtype).element_size(), "loading weights", bytes_=True)
     try:
-        for path, data_start, info, name in plan:
-            f = open_files.get(path) or open_files.setdefault(path, open(path, "rb"))
-            t = read_tensor(f, data_start, info).to(dtype=dtype).to(device)
+        for path, key, name in plan:
+            with open_weights(path) as f:
+                try:
+                    t = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise UserError(f"{path}: tensor {key} cannot be read ({e}); the file is truncated or "
+                                    "corrupt") from None
             module_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
-            bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+            bar.update(numel[name] * t.element_size())
     finally:
-        for f in open_files.values():
-            f.close()
         bar.close()
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -312,6 +312,24 @@ class KVCache:
     def length(self, layer: int) -> int:
         return 0 if self.k[layer] is None else self.k[layer].shape[2]
 
+    def next_position(self) -> int:
+        """The position after the last one cached: layer 0's length, since layer 0 never evicts (pruning
+        starts at K >= 1, so its slot s holds position s); asserted, as forward relies on it."""
+        n = self.length(0)
+        assert n == 0 or int(self.pos[0][-1]) == n - 1, "layer 0 has lost slots: its length is not the next position"
+        return n
+
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A cache whose batch rows are this one's rows `index` [R] (training: each question reads its
+        picture's shared prefix), every layer's slots as they are."""
+        out = KVCache(len(self.k))
+        for layer in range(len(self.k)):
+            if self.k[layer] is not None:
+                out.k[layer] = self.k[layer].index_select(0, index)  # [R, Hkv, S_l, D]
+                out.v[layer] = self.v[layer].index_select(0, index)  # [R, Hkv, S_l, D]
+                out.pos[layer] = self.pos[layer]  # [S_l]
+        return out
+
     def evict(self, layers, positions: torch.Tensor):
         """In each of `layers`, drop for good the slots that hold the given original positions [E] (the
         tensors really shrink, so later steps read less). A layer that holds nothing yet is skipped. The
@@ -487,7 +505,7 @@ class LlavaForConditionalGeneration(nn.Module):
         feats = self.image_features(pixel_values) if pixel_values is not None else None
         x = self.embed(input_ids, feats)  # [B, T, C]
         if pos is None:
-            start = 0 if cache is None else cache.length(0)
+            start = 0 if cache is None else cache.next_position()
             pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)  # [T]
         x, _ = self.run_layers(x, pos, cache, range(len(self.model.layers)))
         return self.logits(x)

@@ -161,7 +161,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
     rec = gen.record
     N = gen.state.span[1]
     mass = [float(s) for s in rec.visual_mass]
-    kept = [int(k.sum()) for k in rec.keep]
+    kept = [int(k.sum()) for k in rec.keep_masks]
     T = len(kept)
     picks = sorted({0, T // 3, (2 * T) // 3, T - 1})[:steps] if T > 1 else [0]
     base = image_from_pixels(pixel_values, processor.image.image_mean, processor.image.image_std)
@@ -191,7 +191,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
     top.legend(handles=a + b, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for j, step in enumerate(picks):
         ax = fig.add_axes([0.08 + j * 0.22, 0.02, 0.19, 0.27])
-        ax.imshow(kept_overlay(base, rec.keep[step].cpu(), grid, has_cls), interpolation="nearest")
+        ax.imshow(kept_overlay(base, rec.keep_masks[step].cpu(), grid, has_cls), interpolation="nearest")
         ax.set_title(f"step {step} ({token_label(words[step], gen.tokens[step], processor)}): {kept[step]}/{N} kept",
                      fontsize=8)
         ax.set_xticks([])

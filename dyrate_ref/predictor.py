@@ -1,22 +1,22 @@
-"""DyRate's rate predictor: features of step t's visual-attention distribution -> how much of what is
-still kept to drop now.
+"""DyRate's rate predictor: features of step t's visual-attention distribution -> the step's cut, the
+share of what is still kept to drop now.
 
 The paper (arXiv 2501.14204) says only that a lightweight predictor reads the attention distribution and
 picks the compression rate for each step. Everything in this file is dyrate_ref's reconstruction:
 
-- Actions are relative to what is still kept (ACTIONS: drop 0 %, 25 %, 50 %, 75 % or 100 % of keep_{t-1}),
-  so one action means the same at 144 kept tokens as at 10. Step 0 (the prefill) is a decision like any
+- Its choices are cuts, shares of what is still kept (CUTS: drop 0 %, 25 %, 50 %, 75 % or 100 % of
+  keep_{t-1}), so one cut means the same at 144 kept tokens as at 10. Step 0 (the prefill) is a decision like any
   other: DyRate may cut at the prefill like FastV and then keep cutting as the answer proceeds.
-- The model is a linear layer (or a small MLP) from FEATURES to one logit per action, read as a
+- The model is a linear layer (or a small MLP) from FEATURES to one logit per cut, read as a
   distribution over "the largest safe cut" (the training label, tools/train_predictor.py).
-- Decoding errs towards keeping: the chosen cut is the largest action a with P(label >= a) >= confidence.
+- Decoding errs towards keeping: the chosen cut is the largest cut a with P(label >= a) >= confidence.
   confidence 0.5 is the median; closer to 1 keeps more. Over-pruning cannot be undone (kept sets only
   shrink), under-pruning only costs a little compute, hence the asymmetry.
 
 File: safetensors with the layer weights and a metadata header:
   format        "dyrate_ref-predictor-2"
   layer         K, the pruning layer whose input attention (layer K-1) the features read
-  actions       JSON list of the fractions of the still-kept tokens each output drops
+  cuts          JSON list of the cut each output stands for (files before this version: "actions")
   features      JSON list of feature names, in input order
   hidden        0 for linear, else the MLP's hidden width
   confidence    the default decoding confidence
@@ -41,7 +41,7 @@ from .files import check_input_file, write_atomic
 
 FORMAT = "dyrate_ref-predictor-2"
 SHIPPED_NAME = "dyrate_predictor.safetensors"
-ACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fraction of the still-kept visual tokens dropped at this step
+CUTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the share of the still-kept visual tokens a step drops
 FEATURES = (
     "visual_mass",  # share of the query's attention that goes to visual tokens at all
     "entropy",  # entropy of the visual distribution / log N: 1 = spread evenly, 0 = one token
@@ -79,15 +79,15 @@ def model_fingerprint(cfg) -> str:
 
 
 class RatePredictor(nn.Module):
-    def __init__(self, layer: int, actions=ACTIONS, hidden: int = 0, confidence: float = 0.5, meta: dict | None = None):
+    def __init__(self, layer: int, cuts=CUTS, hidden: int = 0, confidence: float = 0.5, meta: dict | None = None):
         super().__init__()
         self.layer = layer
-        self.actions = tuple(actions)
+        self.cuts = tuple(cuts)
         self.hidden = hidden
         self.confidence = confidence
         self.meta = dict(meta or {})
         self.path = ""
-        F, A = len(FEATURES), len(self.actions)
+        F, A = len(FEATURES), len(self.cuts)
         self.net = nn.Linear(F, A) if hidden == 0 else nn.Sequential(nn.Linear(F, hidden), nn.ReLU(), nn.Linear(hidden, A))
         # Features have different scales (masses in [0, 1], log-quantiles up to ~log N): standardised with
         # the training set's statistics, stored with the weights.
@@ -99,27 +99,27 @@ class RatePredictor(nn.Module):
         return self.path
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats [..., F] -> logits over the actions [..., A]."""
+        """feats [..., F] -> logits over the cuts [..., A]."""
         return self.net((feats - self.mean) / self.std)
 
     def decide(self, logits: torch.Tensor, confidence: float | None = None) -> torch.Tensor:
-        """logits [..., A] -> action index [...]: the largest a with P(label >= a) >= confidence
+        """logits [..., A] -> cut index [...]: the largest a with P(label >= a) >= confidence
         (default: the predictor's own)."""
         confidence = self.confidence if confidence is None else confidence
         p = logits.float().softmax(-1)  # [..., A]
         at_least = p.flip(-1).cumsum(-1).flip(-1)  # [..., A]: P(label >= a)
-        ok = at_least >= confidence - 1e-6  # action 0 always qualifies (P = 1)
+        ok = at_least >= confidence - 1e-6  # cut 0 always qualifies (P = 1)
         return (ok * torch.arange(ok.shape[-1], device=ok.device)).amax(-1)
 
     @torch.no_grad()
-    def cut(self, feats: torch.Tensor, confidence: float | None = None) -> float:
-        """The cut: the part of the still-kept tokens to drop at this step (a host sync: the keep size
+    def choose_cut(self, feats: torch.Tensor, confidence: float | None = None) -> float:
+        """The step's cut: the share of the still-kept tokens to drop (a host sync: the keep size
         depends on it)."""
-        return self.actions[int(self.decide(self.forward(feats.to(self.mean.device)), confidence))]
+        return self.cuts[int(self.decide(self.forward(feats.to(self.mean.device)), confidence))]
 
     def save(self, path: str, cfg, **settings):
         meta = {**{k: str(v) for k, v in {**self.meta, **settings}.items()},  # what it was trained with ...
-                "format": FORMAT, "layer": str(self.layer), "actions": json.dumps(list(self.actions)),  # ... and
+                "format": FORMAT, "layer": str(self.layer), "cuts": json.dumps(list(self.cuts)),  # ... and
                 "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden),  # what it is now, which wins
                 "confidence": str(self.confidence), "model": model_fingerprint(cfg)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -145,15 +145,15 @@ def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
                         "retrain it with python -m dyrate_ref.tools.train_predictor")
     try:
         layer, hidden, confidence = int(meta["layer"]), int(meta["hidden"]), float(meta["confidence"])
-        actions, names = json.loads(meta["actions"]), json.loads(meta["features"])
-    except (KeyError, ValueError) as e:
+        cuts, names = json.loads(meta.get("cuts", meta.get("actions"))), json.loads(meta["features"])
+    except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"predictor {path} has a damaged header ({e}); retrain it") from None
     if tuple(names) != FEATURES:
         raise UserError(f"predictor {path} was trained on other features ({len(names)}); retrain it with this version")
     if meta.get("model") != model_fingerprint(cfg):
         raise UserError(f"predictor {path} was trained for another model ({meta.get('trained_on', '?')}), not "
                         f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.tools.train_predictor")
-    pred = RatePredictor(layer, actions, hidden, confidence, {k: v for k, v in meta.items()})
+    pred = RatePredictor(layer, cuts, hidden, confidence, {k: v for k, v in meta.items()})
     try:
         pred.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

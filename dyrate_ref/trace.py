@@ -41,18 +41,10 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArgumentParser, UserError, command_main, summary
 from .files import check_input_file, check_outputs, write_atomic
+from .generation import kl_divergence
 
 FORMAT = "dyrate_ref-trace-1"
 REQUIRED = ("input_ids", "tokens")
-
-
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """KL(P || Q) in nats per row, from logits [..., V] of two next-token distributions. `trace compare`
-    and the premise test pass the oracle's (unpruned) logits as P; VTW's calibration passes the
-    withdrawn model's as P and the full model's as Q, KL(P_withdrawn || P_full), the direction VTW's
-    criterion uses. float64 for comparisons: float32 rounding alone leaves a few 1e-7 of noise."""
-    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Tensor]:
@@ -61,7 +53,7 @@ def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Te
         "pixel_values": pixel_values.detach().to("cpu", torch.float32).contiguous(),
         "tokens": torch.tensor(tokens, dtype=torch.int64),
         "logits": torch.stack(record.logits).to("cpu", torch.float32),
-        "visual_keep": torch.stack(record.keep).cpu(),
+        "visual_keep": torch.stack(record.keep_masks).cpu(),
         "rates": torch.tensor(record.rates, dtype=torch.float32),
         "flops": torch.tensor(record.flops, dtype=torch.float64),
         "kv_bytes": torch.tensor(record.kv_bytes, dtype=torch.int64),

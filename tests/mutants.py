@@ -63,7 +63,7 @@ MUTANTS = [
            (('("vision_tower.vision_model.", "vision_tower."),', '("vision_tower.vision_model.", "vision_tower.vision_model."),'),),
            ("tests/test_trace_values.py",)),
     Mutant("no-cast", "--dtype ignored while loading", "dyrate_ref/loading.py",
-           ((".to(dtype=dtype).to(device)", ".to(device)"),), ("tests/test_loading.py",)),
+           ((".to(device=device, dtype=dtype, copy=True)", ".to(device=device, copy=True)"),), ("tests/test_loading.py",)),
     # Processing
     Mutant("resample-bilinear", "images resized bilinearly instead of with the checkpoint's resample",
            "dyrate_ref/processing.py", (("img.resize((w, h), resample=s.resample)", "img.resize((w, h), resample=Image.Resampling.BILINEAR)"),),
@@ -105,9 +105,9 @@ MUTANTS = [
     Mutant("trace-rows-shifted", "trace logits rows shifted by one step", "dyrate_ref/trace.py",
            (('"logits": torch.stack(record.logits)', '"logits": torch.stack(record.logits[1:] + record.logits[:1])'),),
            CLI_TESTS),
-    Mutant("trace-metadata", "the trace records the layer given, not the one resolved", "dyrate_ref/pruning.py",
-           (("meta[f.name] = setting_text(getattr(self, f.name))",
-             "meta[f.name] = setting_text(getattr(self, f.name) if f.name != 'layer' "
+    Mutant("trace-metadata", "the trace records the layer given, not the one resolved", "dyrate_ref/settings.py",
+           (("meta[f.name] = setting_text(getattr(method, f.name))",
+             "meta[f.name] = setting_text(getattr(method, f.name) if f.name != 'layer' "
              "or origins is None or origins['layer'].kind == 'flag' else None)"),), CLI_TESTS),
     # The CLI
     Mutant("no-streaming", "the answer printed at the end instead of streamed", "dyrate_ref/cli.py",
@@ -151,8 +151,8 @@ MUTANTS = [
            (('if values["layer"] is not None and values["layer"] != pred.layer:', 'if False:'),),
            ("tests/test_method_value.py", "tests/test_pruning_cli.py")),
     Mutant("confidence-ignored", "DyRate --confidence accepted and ignored", "dyrate_ref/pruning.py",
-           (("self.predictor.cut(predictor_features(scores, keep, t), self.confidence)",
-             "self.predictor.cut(predictor_features(scores, keep, t))"),), ("tests/test_method_value.py",)),
+           (("self.predictor.choose_cut(predictor_features(scores, keep, t), self.confidence)",
+             "self.predictor.choose_cut(predictor_features(scores, keep, t))"),), ("tests/test_method_value.py",)),
     Mutant("vtw-origin-lies", "a calibration that found no layer is reported as a missing file", "dyrate_ref/pruning.py",
            (('return None, f"{VTW_CALIBRATION} found no layer within its eta"', 'return None, f"no {VTW_CALIBRATION}"'),),
            ("tests/test_cli_habits.py",)),
@@ -199,7 +199,7 @@ MUTANTS = [
     Mutant("vtw-mean-of-means", "VTW's KL averaged per example, then over examples", "dyrate_ref/tools/calibrate_vtw.py",
            (("totals[K] += float(kl_divergence(logits_w, logits_full).sum())",
              "totals[K] += float(kl_divergence(logits_w, logits_full).mean())"),
-            ("count += len(full.tokens)", "count += 1"),), REPORT_TESTS),
+            ("count += len(tokens)", "count += 1"),), REPORT_TESTS),
     Mutant("f1-repeat-counted", "object-F1 counts a shape named twice as two hits", "dyrate_ref/demo/scenes.py",
            (("        if t in remaining:\n            remaining.remove(t)\n", "        if t in gold:\n"),), REPORT_TESTS),
     Mutant("inside-by-prefix", "an output beside an input folder with a common prefix (w2/ beside w/) is refused",
@@ -231,8 +231,15 @@ MUTANTS = [
            "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)",
                                                     "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)"),),
            ("tests/test_tool_inputs.py",)),
+    Mutant("blind-mask-ignored", "v5's blind look rows see the picture after all (the mask never reaches the layers)",
+           "dyrate_ref/demo/batches.py", (("        masks = {layer: mask for layer in range(L)}\n", ""),),
+           ("tests/test_demo.py",)),
+    Mutant("stage-schedule-global", "an appended stage follows the recipe's schedule, shifting v4's learning rates",
+           "dyrate_ref/demo/recipes.py", (("return stage.lr * schedule(step, self.shared_steps, self.warmup, self.decay)",
+                                           "return stage.lr * schedule(step, self.steps, self.warmup, self.decay)"),),
+           ("tests/test_demo.py",)),
     Mutant("alias-ignored", "an older setting name (--ratio) is no longer read as its setting",
-           "dyrate_ref/pruning.py", (("        name = own_aliases.get(name, name)\n", ""),), ("tests/test_evaluate_data.py",)),
+           "dyrate_ref/settings.py", (("        name = own_aliases.get(name, name)\n", ""),), ("tests/test_evaluate_data.py",)),
 ]
 
 

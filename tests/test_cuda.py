@@ -55,7 +55,7 @@ def test_pruned_decode_vs_oracle_fp16(ckpt):
     px = proc.pixel_values(noise_image(40, 40, seed=2, sigma=40))
     for prune in (FastV(2, 0.5), DyRate(2, rates=(0.0, 0.3, 0.6, 0.9))):
         gen = generate(model, ids, px, 10, prune)
-        oracle = recompute_logits(model, ids, px, gen.tokens, torch.stack(gen.record.keep), 2)
+        oracle = recompute_logits(model, ids, px, gen.tokens, torch.stack(gen.record.keep_masks), 2)
         got = torch.stack(gen.record.logits)
         assert (got - oracle).abs().max().item() <= 2e-2  # fp16: ~10 ulp at logit magnitudes of ~5
 

@@ -132,7 +132,8 @@ def test_results_of_other_settings_are_refused(exported, tmp_path, capsys):
 
 def test_extra_rows_parse_into_the_settings_they_name():
     from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
-    from dyrate_ref.pruning import Context, DyRate, FastV
+    from dyrate_ref.pruning import DyRate, FastV
+    from dyrate_ref.settings import Context
     from dyrate_ref.tools.baselines import RandomKeep
     cfg = read_config(DEFAULT_WEIGHTS)
     ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
@@ -157,7 +158,7 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
     """Each standard row that a spec can describe, described by its spec (old setting names included):
     the same method and the same name, so the duplicate check finds a repeated row."""
     from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
-    from dyrate_ref.pruning import Context
+    from dyrate_ref.settings import Context, describe
     cfg = read_config(DEFAULT_WEIGHTS)
     ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
     rows = evaluate.standard_rows(DEFAULT_WEIGHTS, cfg)
@@ -168,7 +169,7 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
                        ("dyrate:rates=0.5,0.6,0.7,0.8,0.9", "DyRate K=2 rising 0.5,0.6,0.7,0.8,0.9"),
                        ("mass:mass=0.8", "attention mass K=2 p=0.8"), ("mass:share=0.5", "attention mass K=2 p=0.5")):
         row = evaluate.parse_extra(spec, ctx)
-        assert row.name == name and standard[name].describe() == row.method.describe(), (spec, row.name)
+        assert row.name == name and describe(standard[name]) == describe(row.method), (spec, row.name)
         assert row.family == families[name], (spec, row.family)  # one marker in the Pareto plot too
     # a method no standard row has keeps a name of its own, and another predictor file is named
     assert evaluate.parse_extra("dyrate:rates=0.9,0.5", ctx).name == "DyRate K=2 schedule 0.9,0.5"

@@ -83,6 +83,43 @@ def test_only_the_entry_point_imports_the_cli():
     assert users <= {"dyrate_ref.__main__"}, users
 
 
+def test_the_tools_reach_the_demo_world_through_one_door():
+    """Of the tools, only tools/data.py imports dyrate_ref.demo: every other tool knows the scene world
+    through it, so that a tool runs on a user's data without knowing scenes exist."""
+    users = {m for m in MODULES if m.startswith("dyrate_ref.tools")
+             and any(d.startswith("dyrate_ref.demo") for d in GRAPH[m])}
+    assert users == {"dyrate_ref.tools.data"}, users
+
+
+# What pruning.py, the file a reader opens to learn the method, must not hold: the settings machinery
+# (declaring, parsing, resolving, describing settings; the registry helpers) lives in settings.py.
+SETTINGS_MACHINERY = ("setting", "parse_int", "parse_fraction", "parse_rates", "parse_score", "Context", "Origin",
+                      "given_label", "checked", "resolve", "describe", "metadata", "parse_settings", "method_class",
+                      "setting_fields", "input_file_settings", "setting_text", "check_layer", "check_layers",
+                      "layer_in_range", "PER_ITEM", "build", "spec_layers")
+
+
+def defined_names(path: str) -> set[str]:
+    tree = ast.parse(open(path).read())
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    return names | {n.name for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Method"
+                    for n in c.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_pruning_holds_the_methods_not_the_settings_machinery():
+    assert not defined_names(MODULES["dyrate_ref.pruning"]) & set(SETTINGS_MACHINERY)
+    assert set(SETTINGS_MACHINERY) <= defined_names(MODULES["dyrate_ref.settings"])
+    # the reader meets DyRate's decision within the first 200 lines
+    lines = open(MODULES["dyrate_ref.pruning"]).read().splitlines()
+    in_dyrate = False
+    for number, line in enumerate(lines, 1):
+        in_dyrate = in_dyrate or line.startswith("class DyRate(")
+        if in_dyrate and line.strip().startswith("def choose("):
+            break
+    assert in_dyrate and number <= 200, number
+
+
 def test_the_core_imports_neither_demo_nor_tools():
     for m in CORE:
         bad = {d for d in GRAPH[m] if d.startswith(("dyrate_ref.demo", "dyrate_ref.tools"))}
@@ -123,7 +160,7 @@ def test_every_command_exits_through_the_one_wrapper():
     (r"class Progress\b", "progress.py", 1),
     (r"0\.48145466", "processing.py", 1),  # CLIP's normalisation constants
     (r"\"language_model\.\"", "loading.py", 2),  # the checkpoint key layout
-    (r"\.exp\(\) \* \(lp - lq\)", "trace.py", 1),  # the KL between two next-token distributions
+    (r"\.exp\(\) \* \(lp - lq\)", "generation.py", 1),  # the KL between two next-token distributions
     (r"weights\", \"dyrate-shapes\"", "loading.py", 1),  # the default weights path
     (r"def visual_span|\.nonzero\(\)\[0\]\)", "pruning.py", 1),  # finding the image span
     (r"torch\.cuda\.is_available\(\)", "loading.py", 2),  # the --device rule (resolve_device)
@@ -184,7 +221,7 @@ HOMES = [  # (pattern, its one home, how often it is written there)
     (r"would overwrite", "files.py", 1),  # an output may not be one of the run's inputs
     (r"torch\.float16 if", "loading.py", 1),  # the dtype "auto" rule
     (r"\] = True", "pruning.py", 1),  # keep indices -> bool mask (keep_mask)
-    (r"1 <= K <= num_layers - 1", "pruning.py", 1),  # the range rule of a pruning layer (layer_in_range)
+    (r"1 <= K <= num_layers - 1", "settings.py", 1),  # the range rule of a pruning layer (layer_in_range)
     (r"def kept_count", "pruning.py", 1),  # the one rounding rule of "how many to keep"
     (r"int\(round\(\(1 - \w+\) \* n\)\)|ceil\(round\(\(1 - |\* m \+ 0\.5", None, 0),  # ... and no other (the three old ones)
     (r"def top_k_sorted", "pruning.py", 1),
@@ -228,3 +265,26 @@ def test_method_rules_fail_on_a_planted_violation(rule, tmp_path):
     with open(copy / rel, "a") as f:
         f.write(text)
     assert RULES[rule.split(",")[0]](str(copy)) != []
+
+
+def test_every_mutant_still_applies():
+    """The mutation check's edits must each match the source exactly once: a refactor that moves code
+    (as the core redesign did) must move its mutants with it, or they would silently test nothing."""
+    import mutants
+    for m in mutants.MUTANTS:
+        src = open(os.path.join(os.path.dirname(ROOT), m.path)).read()
+        for old, _ in m.edits:
+            assert src.count(old) == 1, (m.name, old)
+
+
+def test_the_suite_runs_one_thread_per_process_subprocesses_included():
+    """conftest.py sets one thread for the test process and, through the environment, for every
+    subprocess a test starts (generate.py, the tools): torch's default fought itself on 2 busy cores."""
+    import subprocess
+    import sys
+
+    import torch
+    assert torch.get_num_threads() == 1
+    r = subprocess.run([sys.executable, "-c", "import os, torch; print(os.environ['OMP_NUM_THREADS'], "
+                        "torch.get_num_threads())"], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["1", "1"], r.stdout + r.stderr

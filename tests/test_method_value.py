@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from dyrate_ref import cli, pruning
 from dyrate_ref.errors import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
-from dyrate_ref.pruning import Context, DyRate, FastV, Method, NoPruning, VTW, parse_int, setting
+from dyrate_ref.pruning import DyRate, FastV, Method, NoPruning, VTW
+from dyrate_ref.settings import Context, metadata, parse_int, resolve, setting
 from dyrate_ref.tools import evaluate
 
 IMAGE = f"{DEFAULT_WEIGHTS}/examples/scene1.png"
@@ -63,19 +64,19 @@ def test_a_new_method_runs_through_evaluate_extra(registered, tmp_path, capsys):
 
 def test_metadata_holds_only_the_methods_own_settings():
     ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
-    assert NoPruning().metadata() == {"method": "none"}
-    fastv, origins = FastV.resolve({"rate": 0.25}, ctx)
-    assert fastv.metadata(origins) == {"method": "fastv", "layer": "2", "layer_from": "default", "rate": "0.25",
+    assert metadata(NoPruning()) == {"method": "none"}
+    fastv, origins = resolve(FastV, {"rate": 0.25}, ctx)
+    assert metadata(fastv, origins) == {"method": "fastv", "layer": "2", "layer_from": "default", "rate": "0.25",
                                        "rate_from": "flag", "score": "last", "score_from": "default"}
-    vtw, origins = VTW.resolve({}, ctx)
+    vtw, origins = resolve(VTW, {}, ctx)
     found = json.load(open(f"{DEFAULT_WEIGHTS}/vtw_calibration.json"))["layer"]  # what the shipped calibration says
     want = (str(found), "vtw_calibration.json") if found else ("4", "L/2, vtw_calibration.json found no layer within its eta")
-    assert vtw.metadata(origins) == {"method": "vtw", "layer": want[0], "layer_from": want[1]}
-    dyrate, origins = DyRate.resolve({}, ctx)
+    assert metadata(vtw, origins) == {"method": "vtw", "layer": want[0], "layer_from": want[1]}
+    dyrate, origins = resolve(DyRate, {}, ctx)
     assert {k: (o.kind, str(o)) for k, o in origins.items()} == {
         "layer": ("file", "predictor file"), "confidence": ("file", "predictor file"),
         "predictor": ("file", "shipped with the weights")}
-    fallback = VTW.resolve({}, Context("/nonexistent", 8))[1]["layer"]  # no calibration file: L/2, said so
+    fallback = resolve(VTW, {}, Context("/nonexistent", 8))[1]["layer"]  # no calibration file: L/2, said so
     assert (fallback.kind, str(fallback)) == ("fallback", "L/2, no vtw_calibration.json")
     assert dyrate.layer == dyrate.predictor.layer and dyrate.confidence == dyrate.predictor.confidence
 
@@ -84,11 +85,11 @@ def test_settings_are_checked_once_with_one_message():
     ctx = Context(DEFAULT_WEIGHTS, 8, read_config(DEFAULT_WEIGHTS))
     for cls, given in ((FastV, {"layer": 8}), (VTW, {"layer": 0}), (DyRate, {"layer": 9, "rates": (0.5,)})):
         with pytest.raises(UserError, match=r"--layer \d is outside 1\.\.7 \(the model has 8 layers\)"):
-            cls.resolve(given, ctx)
+            resolve(cls, given, ctx)
     with pytest.raises(UserError, match="differs from the predictor's K=1"):
-        DyRate.resolve({"layer": 2}, ctx)
+        resolve(DyRate, {"layer": 2}, ctx)
     with pytest.raises(UserError, match="--rates and --confidence both given"):
-        DyRate.resolve({"rates": (0.5,), "confidence": 0.5}, ctx)
+        resolve(DyRate, {"rates": (0.5,), "confidence": 0.5}, ctx)
 
 
 def test_the_shipped_predictors_confidence_is_a_setting():
@@ -101,14 +102,14 @@ def test_the_shipped_predictors_confidence_is_a_setting():
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
     ctx = Context(DEFAULT_WEIGHTS, 8, model.config)
-    own, _ = DyRate.resolve({}, ctx)
-    cautious, _ = DyRate.resolve({"confidence": 1.0}, ctx)
+    own, _ = resolve(DyRate, {}, ctx)
+    cautious, _ = resolve(DyRate, {"confidence": 1.0}, ctx)
     ids = proc.input_ids("Describe the image.")
     px = proc.pixel_values(Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png"))
-    kept_own = [int(k.sum()) for k in generate(model, ids, px, 12, own).record.keep]
+    kept_own = [int(k.sum()) for k in generate(model, ids, px, 12, own).record.keep_masks]
     kept_cautious = generate(model, ids, px, 12, cautious).record
     assert min(kept_own) < 144  # the precondition: at its own confidence it cuts in this answer
-    assert [int(k.sum()) for k in kept_cautious.keep] == [144] * 12 and set(kept_cautious.rates) == {0.0}
+    assert [int(k.sum()) for k in kept_cautious.keep_masks] == [144] * 12 and set(kept_cautious.rates) == {0.0}
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from PIL import Image
 from dyrate_ref.errors import UserError
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
-from dyrate_ref.predictor import ACTIONS, FEATURES, RatePredictor, load_predictor, predictor_features
+from dyrate_ref.predictor import CUTS, FEATURES, RatePredictor, load_predictor, predictor_features
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import DyRate, cut
+from dyrate_ref.pruning import DyRate, apply_cut
 from dyrate_ref.tools.baselines import AttentionMass, random_subset
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.tools.data import Example
@@ -60,8 +60,8 @@ def test_cuts_are_nested_and_never_grow():
         scores = torch.rand(n, generator=g)
         prev = torch.randperm(n, generator=g)[:int(torch.randint(0, n + 1, (1,), generator=g))].sort().values
         sizes = []
-        for frac in ACTIONS:
-            keep = cut(prev, scores, frac)
+        for frac in CUTS:
+            keep = apply_cut(prev, scores, frac)
             assert set(keep.tolist()) <= set(prev.tolist()) and keep.tolist() == sorted(keep.tolist())
             if keep.numel():  # the survivors are the best-scoring of prev
                 assert scores[keep].min() >= scores[prev].topk(keep.numel()).values.min()
@@ -84,10 +84,10 @@ class Scripted:
         self.actions = list(actions)
         self.t = 0
 
-    def cut(self, feats, confidence=None):
+    def choose_cut(self, feats, confidence=None):
         a = self.actions[self.t] if self.t < len(self.actions) else 0
         self.t += 1
-        return ACTIONS[a]
+        return CUTS[a]
 
 
 def test_labels_equal_a_brute_force_search_with_free_decoding(setup):
@@ -102,10 +102,10 @@ def test_labels_equal_a_brute_force_search_with_free_decoding(setup):
         for t in range(len(answer)):
             before = model.config.num_image_tokens if t == 0 else int(kept[t - 1])
             ok = [0]  # holding is the label when no cut keeps the answer, or nothing is left to cut
-            for a in range(1, len(ACTIONS)):
+            for a in range(1, len(CUTS)):
                 g = generate(model, ids, px, len(answer), DyRate(2, predictor=Scripted(
                     labels[:t].tolist() + [a])), stop_ids=proc.stop_ids)
-                if g.tokens == answer and int(g.record.keep[t].sum()) < before:
+                if g.tokens == answer and int(g.record.keep_masks[t].sum()) < before:
                     ok.append(a)
             assert int(labels[t]) == max(ok), (t, labels.tolist(), ok)
             checked += 1
@@ -120,12 +120,12 @@ def test_training_loss_falls_and_a_stricter_margin_keeps_more(setup):
     for margin in (0.0, 4.0):
         pred, f, y, log = train(model, proc, examples, 2, margin, rounds=2, epochs=200, max_new_tokens=6,
                                 show_progress=False)
-        assert f.shape == (y.numel(), len(FEATURES)) and y.min() >= 0 and y.max() < len(ACTIONS)
+        assert f.shape == (y.numel(), len(FEATURES)) and y.min() >= 0 and y.max() < len(CUTS)
         assert len(log) == 2
         for c in (0.5, 0.9):
             runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.image), 6,
                              DyRate(2, predictor=pred, confidence=c)) for ex in examples]
-            mean_kept[margin, c] = sum(float(torch.stack(r.record.keep).sum(1).float().mean()) for r in runs) / len(runs)
+            mean_kept[margin, c] = sum(float(torch.stack(r.record.keep_masks).sum(1).float().mean()) for r in runs) / len(runs)
     _, history = fit(f, y, 2, epochs=150, show_progress=False)
     assert history[-1] < 0.7 * history[0]
     assert mean_kept[4.0, 0.5] > mean_kept[0.0, 0.5], mean_kept
@@ -135,13 +135,13 @@ def test_training_loss_falls_and_a_stricter_margin_keeps_more(setup):
 def test_file_roundtrip_and_refusals(setup, tmp_path):
     d, model, proc, examples = setup
     f = torch.randn(20, len(FEATURES), generator=torch.Generator().manual_seed(0))
-    y = torch.arange(20) % len(ACTIONS)
+    y = torch.arange(20) % len(CUTS)
     pred, _ = fit(f, y, 2, hidden=8, epochs=20, confidence=0.8, show_progress=False)
     path = str(tmp_path / "p.safetensors")
     pred.save(path, model.config, trained_on="tiny", margin=0.5)
     back = load_predictor(path, model.config)
     assert back.layer == 2 and back.hidden == 8 and back.meta["margin"] == "0.5" and back.meta["trained_on"] == "tiny"
-    assert back.confidence == 0.8 and back.actions == ACTIONS
+    assert back.confidence == 0.8 and back.cuts == CUTS
     assert torch.equal(back(f), pred(f))
     # for another model
     other = tmp_path / "other"

@@ -49,7 +49,7 @@ def test_cached_pruned_decode_equals_masked_recompute(tiny, name):
     model, _, ids, px, _ = tiny
     prune = METHODS[name]
     gen = generate(model, ids, px, T_NEW, prune)
-    keep = torch.stack(gen.record.keep)  # [T, N]
+    keep = torch.stack(gen.record.keep_masks)  # [T, N]
     oracle = recompute_logits(model, ids, px, gen.tokens, keep, min(prune.layer, 5))
     got = torch.stack(gen.record.logits)
     assert (got - oracle).abs().max().item() <= 1e-5
@@ -61,7 +61,7 @@ def test_cached_pruned_decode_equals_masked_recompute(tiny, name):
 def _same(a, b, tol=1e-6):
     assert a.tokens == b.tokens
     assert (torch.stack(a.record.logits) - torch.stack(b.record.logits)).abs().max().item() <= tol
-    assert torch.equal(torch.stack(a.record.keep), torch.stack(b.record.keep))
+    assert torch.equal(torch.stack(a.record.keep_masks), torch.stack(b.record.keep_masks))
 
 
 def test_identities(tiny):
@@ -95,7 +95,7 @@ def test_fastv_keeps_top_scores_by_hf_attention(tiny):
         gen = generate(model, ids, px, 3, FastV(2, R))
         scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[ids.numel() - 1]  # last prompt query
         want = set(scores.topk(int(round((1 - R) * N))).indices.tolist())
-        for row in gen.record.keep:
+        for row in gen.record.keep_masks:
             assert set(row.nonzero().squeeze(1).tolist()) == want
 
 
@@ -106,7 +106,7 @@ def test_fastv_mean_scores_use_queries_after_the_image(tiny):
     gen = generate(model, ids, px, 2, FastV(2, 0.5, score="mean"))
     rows = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[start + N:ids.numel()]  # [P_after, N]
     want = set(rows.mean(0).topk(int(round(0.5 * N))).indices.tolist())
-    assert set(gen.record.keep[0].nonzero().squeeze(1).tolist()) == want
+    assert set(gen.record.keep_masks[0].nonzero().squeeze(1).tolist()) == want
 
 
 def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
@@ -117,7 +117,7 @@ def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
     gen = generate(model, ids, px, T_NEW, DyRate(2, rates=rates))
     scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))  # [rows, N]
     prev = set(range(N))
-    for t, row in enumerate(gen.record.keep):
+    for t, row in enumerate(gen.record.keep_masks):
         r = rates[min(t, len(rates) - 1)]
         kept = set(row.nonzero().squeeze(1).tolist())
         assert len(kept) == min(len(prev), N - math.floor(r * N + 0.5 + 1e-9))  # dropped count rounded half up
@@ -147,7 +147,7 @@ def test_generate_records_one_minus_kept_over_n_for_every_method(tiny):
     N = model.config.num_image_tokens
     for method in (NoPruning(), FastV(2, 0.3), VTW(2), DyRate(2, rates=(0.9, 0.5)), DyRate(2, rates=(0.33, 0.7))):
         gen = generate(model, ids, px, 4, method)
-        kept = [int(row.sum()) for row in gen.record.keep]
+        kept = [int(row.sum()) for row in gen.record.keep_masks]
         assert gen.record.rates == [1 - k / N for k in kept], method
     gen = generate(model, ids, px, 3, DyRate(2, rates=(0.9, 0.5)))
     assert gen.record.rates[1] == gen.record.rates[0] > 0.5  # nested: the nominal 0.5 cannot grow the set back

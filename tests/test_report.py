@@ -86,6 +86,9 @@ def test_the_rise_column_by_hand():
     assert "| 50.0 (1.5) |" in line
 
 
+LABELS = {"dyrate": "DyRate", "fastv": "FastV"}
+
+
 def test_the_main_comparison_by_hand():
     """Four look answers on three pictures (and a colour item that must not count). none's verdicts
     [1, 1, 0, 1]; FastV R=0.5 the same at forced mean KV 60 of none's 100 (0.6); FastV R=0.9 loses one
@@ -105,7 +108,7 @@ def test_the_main_comparison_by_hand():
                "fv5": recs((1, 1, 0, 1), (60,) * 4), "fv9": recs((0, 1, 0, 1), (20,) * 4),
                "dy": recs((1, 1, 0, 1), (30, 30, 40, 20))}
     results = [(r, {}) for r in rows]
-    c = report.main_comparison(results, records, items)
+    c = report.main_comparison(results, records, items, "dyrate", "fastv", "look", 0.6, labels=LABELS)
     assert c["items"] == 4 and c["none_verdict"] == 0.75
     assert c["fastv"]["method"] == "fv5" and c["dyrate"]["method"] == "dy"
     assert [r["eligible"] for r in c["candidates"]["fastv"]] == [True, False]
@@ -115,7 +118,7 @@ def test_the_main_comparison_by_hand():
     assert "0.500x FastV's" in report.comparison_text(c)
     # FastV R=0.5 also losing a verdict: no FastV row is within the bound, nothing is compared
     records["fv5"] = recs((1, 1, 0, 0), (60,) * 4)
-    c = report.main_comparison(results, records, items)
+    c = report.main_comparison(results, records, items, "dyrate", "fastv", "look", 0.6, labels=LABELS)
     assert c["fastv"] is None and "kv_ratio" not in c and "no row within" in report.comparison_text(c)
 
 
@@ -235,7 +238,7 @@ def test_an_answer_that_ends_on_its_last_allowed_token_stopped_at_eos(tiny):
 def test_dagger_rounds_aggregate_every_round_s_steps(tiny, monkeypatch):
     """train(): round 0 on the oracle's path, then each round adds the predictor's own steps to what was
     there: the final fit sees all of them, in order."""
-    from dyrate_ref.predictor import ACTIONS, FEATURES
+    from dyrate_ref.predictor import CUTS, FEATURES
     from dyrate_ref.tools import train_predictor as tp
     model, proc, img = tiny
     rounds = []
@@ -244,13 +247,13 @@ def test_dagger_rounds_aggregate_every_round_s_steps(tiny, monkeypatch):
         r = len(rounds)
         rounds.append(policy is not None)
         f = torch.full((3 + r, len(FEATURES)), float(r))  # round r: 3 + r steps whose features are r
-        return f, torch.full((3 + r,), r % len(ACTIONS), dtype=torch.long), torch.zeros(3 + r)
+        return f, torch.full((3 + r,), r % len(CUTS), dtype=torch.long), torch.zeros(3 + r)
     monkeypatch.setattr(tp, "label_all", fake_label_all)
     monkeypatch.setattr(tp, "greedy_answers", lambda *a, **k: [None])
     _, feats, labels, log = tp.train(model, proc, [], 1, 1.0, rounds=3, epochs=2, show_progress=False)
     assert rounds == [False, True, True]  # the oracle's path first, then the predictor's own
     assert feats.shape[0] == 3 + 4 + 5 and feats[:, 0].tolist() == [0.0] * 3 + [1.0] * 4 + [2.0] * 5
-    assert labels.tolist() == [0] * 3 + [1] * 4 + [2 % len(ACTIONS)] * 5 and len(log) == 3
+    assert labels.tolist() == [0] * 3 + [1] * 4 + [2 % len(CUTS)] * 5 and len(log) == 3
 
 
 def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatch):
@@ -261,7 +264,7 @@ def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatc
     from dyrate_ref.pruning import VTW
     from dyrate_ref.tools import calibrate_vtw as cv
     from dyrate_ref.tools.data import Example
-    from dyrate_ref.trace import kl_divergence
+    from dyrate_ref.generation import kl_divergence
     from helpers import noise_image
     model, proc, img = tiny
     examples = [Example(img, "What is it?", None), Example(noise_image(40, 40, seed=8), "Describe it.", None)]

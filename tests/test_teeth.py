@@ -220,13 +220,14 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     import json
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from dyrate_ref.predictor import ACTIONS, predictor_features
-    from dyrate_ref.pruning import Context, DyRate, kept_count, visual_scores
+    from dyrate_ref.predictor import CUTS, predictor_features
+    from dyrate_ref.pruning import DyRate, kept_count, visual_scores
+    from dyrate_ref.settings import Context, resolve
     from dyrate_ref.generation import forward_no_cache
     from dyrate_ref.tools.report import first_rise
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
-    method, _ = DyRate.resolve({}, Context(DEFAULT_WEIGHTS, 8, model.config))
+    method, _ = resolve(DyRate, {}, Context(DEFAULT_WEIGHTS, 8, model.config))
     path = method.predictor.path
     w = load_file(path)
     with safe_open(path, "pt") as f:
@@ -243,7 +244,7 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
         answer = proc.answer_ids(truth + " So a green star: yes.")
         ids, px = proc.input_ids("Is there a green star? Look first."), proc.pixel_values(img)
         gen = generate(model, ids, px, len(answer), method, force=answer)
-    kept = [int(k.sum()) for k in gen.record.keep]
+    kept = [int(k.sum()) for k in gen.record.keep_masks]
     # Layers < K are never pruned: the no-cache forward gives every step's scores.
     _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=(K - 1,))
     P, span = ids.numel(), visual_span(ids, model.config.image_token_index)
@@ -253,8 +254,8 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
         x = (predictor_features(scores, prev, t) - w["mean"]) / w["std"]
         logits = w["net.weight"] @ x + w["net.bias"]
         p = logits.softmax(0).tolist()
-        a = max(i for i in range(len(ACTIONS)) if sum(p[i:]) >= c - 1e-6)
-        m = kept_count(prev.numel(), ACTIONS[a])
+        a = max(i for i in range(len(CUTS)) if sum(p[i:]) >= c - 1e-6)
+        m = kept_count(prev.numel(), CUTS[a])
         assert kept[t] == m, (t, kept, a)
         order = sorted(prev.tolist(), key=lambda i: -float(scores[i]))
         prev = torch.tensor(sorted(order[:m]), dtype=torch.long)

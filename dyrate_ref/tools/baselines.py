@@ -9,13 +9,14 @@ registry there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
 from ..errors import UserError
-from ..pruning import DEFAULT_LAYER, FLAG, Method, kept_count, parse_fraction, parse_int, setting, top_k_sorted
+from ..pruning import DEFAULT_LAYER, Method, kept_count, top_k_sorted
+from ..settings import DEFAULT, checked, parse_fraction, parse_int, setting
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class AttentionMass(Method):
     layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
     mass: float = setting(0.9, parse_fraction, "mass p of the step's attention to the image to keep", "p",
                           aliases=("share",))
+
+    def label(self, weights_dir=""):
+        return f"attention mass K={self.layer} p={self.mass:g}"
+
+    def family(self):
+        return "attention mass"
 
     def choose(self, t, keep, scores):
         total = scores.sum()
@@ -63,10 +70,17 @@ class RandomKeep(Method):
     seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed", per_item="seed")
 
     @classmethod
-    def resolve(cls, given, ctx, given_as=FLAG):
+    def defaults(cls, given, ctx, given_as):
         if "rate" not in given:
             raise UserError(f"random keep needs rate=R (the part of the visual tokens it drops), from {given_as}")
-        return super().resolve(given, ctx, given_as)
+        values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
+        return checked(cls, values, {f.name: given_as if f.name in given else DEFAULT for f in fields(cls)}, ctx)
+
+    def label(self, weights_dir=""):
+        return f"random keep K={self.layer} R={self.rate:g}" if self.rate is not None else super().label()
+
+    def family(self):
+        return "random (fixed count)"
 
     def choose(self, t, keep, scores):
         n = scores.numel()

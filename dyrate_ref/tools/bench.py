@@ -32,7 +32,8 @@ from ..generation import Record, decode_one_token, generate, prefill, pruning_la
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
-from ..pruning import VTW, Context, DyRate, FastV, NoPruning, check_layers
+from ..pruning import METHODS
+from ..settings import Context, build, check_layers, spec_layers
 from ..predictor import shipped_predictor_path
 
 SHAPES = {
@@ -94,7 +95,9 @@ def peak_rss() -> int:
 
 
 def loading_memory(weights_dir: str, dtype_name: str) -> dict:
-    """Peak RSS added by load_model, measured in this (fresh) process.
+    """Peak RSS added by load_model and one read of every parameter, measured in this (fresh) process.
+    The read counts: safetensors maps the file and its pages become resident only when a forward first
+    touches them, so load_model alone would look almost free.
 
     torch initialises lazily the first time a model is built (~75 MB here, the same for any model size),
     so a tiny checkpoint is loaded first and the ratio counts what grows with the checkpoint; the raw
@@ -110,6 +113,9 @@ def loading_memory(weights_dir: str, dtype_name: str) -> dict:
     t0 = time.time()
     model = load_model(weights_dir, DTYPES[dtype_name], "cpu", cfg)
     dt = time.time() - t0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()  # every page of every weight resident, as the first forward makes it
     peak = peak_rss()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(checkpoint_bytes=size, param_bytes=params, peak_added=peak - before, ratio=(peak - before) / size,
@@ -136,18 +142,20 @@ def time_all(fns: dict, repeats: int) -> dict:
 
 
 def bench_methods(weights_dir: str, cfg) -> list[tuple[str, object, bool]]:
-    """The methods the benchmarks time: (label, method, whether it drops nothing after the prefill --
-    the per-step overhead benchmark times only those)."""
+    """The methods the benchmarks time, as specs: (label, method, whether the per-step overhead benchmark
+    times it -- it drops nothing after the prefill and leaves visual tokens to choose from)."""
     L = cfg.text_config.num_hidden_layers
-    rows = [("none", NoPruning(), True), ("fastv R=0.5", FastV(2, 0.5), True), ("fastv R=0.75", FastV(2, 0.75), True),
-            ("fastv R=0.9", FastV(2, 0.9), True), ("vtw K=L/2", VTW(L // 2), True),
-            ("dyrate constant rate 0.5", DyRate(2, rates=(0.5,)), True),
-            ("dyrate rising", DyRate(2, rates=(0.0, 0.25, 0.5, 0.75, 0.9)), False)]
-    if shipped_predictor_path(weights_dir):
-        pred, _ = DyRate.resolve({}, Context(weights_dir, L, cfg))
-        rows.append((f"dyrate K={pred.layer} predictor (features + decision each step; may cut)", pred, True))
-    check_layers([m for _, m, _ in rows[1:]], L, "the benchmarked methods",
+    specs = [("none", "none", False), ("fastv R=0.5", "fastv:layer=2:rate=0.5", True),
+             ("fastv R=0.75", "fastv:layer=2:rate=0.75", True), ("fastv R=0.9", "fastv:layer=2:rate=0.9", True),
+             ("vtw K=L/2", f"vtw:layer={L // 2}", False), ("dyrate constant rate 0.5", "dyrate:layer=2:rates=0.5", True),
+             ("dyrate rising", "dyrate:layer=2:rates=0.0,0.25,0.5,0.75,0.9", False)]
+    check_layers(spec_layers(s for _, s, _ in specs), L, "the benchmarked methods",
                  "give a checkpoint with at least 3 decoder layers")
+    ctx = Context(weights_dir, L, cfg)
+    rows = [(label, build(spec, METHODS, ctx)[0], overhead) for label, spec, overhead in specs]
+    if shipped_predictor_path(weights_dir):
+        pred, _ = build("dyrate", METHODS, ctx)
+        rows.append((f"dyrate K={pred.layer} predictor (features + decision each step; may cut)", pred, True))
     return rows
 
 
@@ -236,15 +244,14 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     cfg = model.config
     ids, px = bench_prompt(cfg)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    methods = [(name, m.to(device)) for name, m, constant in bench_methods(weights_dir, cfg)[1:] if constant
-               and not isinstance(m, VTW)]  # VTW: no visual token left for the per-step choice to look at
+    methods = [(name, m.to(device)) for name, m, overhead in bench_methods(weights_dir, cfg) if overhead]
     token = torch.tensor(7, device=model.lm_head.weight.device)
     rows = []
     for name, method in methods:
         rec = Record(cfg, pruning_layer(model, method), model.lm_head.weight.element_size())
         _, state = prefill(model, ids, px, method, rec)
         k = state.keep.numel()
-        variants = {"method": method, "none, same cache": NoPruning()}
+        variants = {"method": method, "none, same cache": METHODS["none"]()}
         best = {v: float("inf") for v in variants}
         kept_after = None
         for r in range(repeats + 1):  # the first round warms up

@@ -15,13 +15,12 @@ import math
 import torch
 
 from ..errors import ArgumentParser, UserError, command_main, summary
-from ..generation import forward_no_cache, generate, keep_masks
+from ..generation import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import check_layer
-from ..trace import kl_divergence
+from ..settings import check_layer
 from .data import data_inputs, read_examples
 
 
@@ -33,14 +32,13 @@ def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tok
     bar = Progress(len(examples), "calibrating VTW", " examples") if show_progress else None
     for ex in examples:
         ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.image)
-        full = generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids)
-        logits_full, _ = forward_no_cache(model, ids, px, full.tokens)  # [T, V]
-        none_kept = torch.zeros(len(full.tokens), model.config.num_image_tokens, dtype=torch.bool)  # [T, N]
+        tokens, logits_full, _ = reference_answer(model, ids, px, max_new_tokens, processor.stop_ids)  # [T, V]
+        none_kept = torch.zeros(len(tokens), model.config.num_image_tokens, dtype=torch.bool)  # [T, N]
         for K in layers:  # withdrawn from layer K on: no query of layers >= K sees a visual token
-            masks = keep_masks(ids, model.config.image_token_index, none_kept, K, len(model.model.layers))
-            logits_w, _ = forward_no_cache(model, ids, px, full.tokens, masks)  # [T, V]
+            masks = eviction_masks(ids, model.config.image_token_index, none_kept, K, len(model.model.layers))
+            logits_w, _ = forward_no_cache(model, ids, px, tokens, masks)  # [T, V]
             totals[K] += float(kl_divergence(logits_w, logits_full).sum())
-        count += len(full.tokens)
+        count += len(tokens)
         if bar:
             bar.update(1)
     if bar:

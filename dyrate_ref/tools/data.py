@@ -25,7 +25,10 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from ..demo.scenes import TEST_SEED, VALIDATION_SEED, Scene, eval_set, look_verdict, object_f1, training_examples
+# The tools' one door to the demo's scene world (tests/test_layout.py keeps it so).
+from ..demo.reading import kind_swap_kl, kind_swap_pairs
+from ..demo.scenes import (LOOK_SPLIT, TEST_SEED, VALIDATION_SEED, Scene, eval_set, look_verdict, object_f1,
+                           training_examples)
 from ..errors import UserError
 from ..files import check_input_file
 from ..processing import open_image
@@ -216,6 +219,12 @@ def scene_items(n_scenes: int, split: str = "test", look: bool = True) -> list[I
         out.append(Item(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
                         f"scene{it.scene.seed}", scene=it.scene, **gold))
     return out
+
+
+def kind_swap(model, processor, n_scenes: int) -> float:
+    """Does the model read the question? The mean symmetric KL of the answer word when only the asked
+    shape kind changes, on the same picture (demo/reading.py), over n_scenes held-out scenes."""
+    return kind_swap_kl(model, processor, kind_swap_pairs(n_scenes))
 
 
 def check_fits(items: list[Item], processor, context: int, flag: str = "--data"):

@@ -47,25 +47,27 @@ from dataclasses import fields, replace
 import torch
 
 from ..cost import vision_flops
-from ..demo.reading import kind_swap_kl, kind_swap_pairs
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
-from ..generation import forward_no_cache, generate
+from ..generation import generate, reference_answer
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_weights
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import (METHODS, VTW, Context, DyRate, FastV, Method, NoPruning, Origin, check_layers, method_class,
-                       parse_settings, visual_span)
-from .baselines import BASELINES, AttentionMass, RandomKeep
-from .data import MAX_SCENES, Item, check_fits, data_inputs, file_items, read_items, scene_items
+from ..pruning import METHODS, Method, visual_span
+from ..settings import Context, Origin, build, check_layers, resolve, spec_layers
+from .baselines import BASELINES
+from .data import MAX_SCENES, Item, check_fits, data_inputs, file_items, kind_swap, read_items, scene_items
 from .report import (METRICS, PERCENT, Row, comparison_text, main_comparison, pareto_points, serving_table,
                      summarise, table)
 from .results import Results
 
 RISING = (0.5, 0.6, 0.7, 0.8, 0.9)
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.9)  # DyRate decoding confidences drawn as the predictor's curve
+# The comparison declared before the tables (issue #30): DyRate against FastV on the look-then-reason
+# answers, where the premise holds (docs/premise.txt); DyRate's mean KV at most 0.6x FastV's.
+MAIN_COMPARISON = ("dyrate", "fastv", "look", 0.6, 0.01, {"dyrate": "DyRate", "fastv": "FastV"})
 
 
 def registry() -> dict:
@@ -73,72 +75,53 @@ def registry() -> dict:
     return {**METHODS, **BASELINES}
 
 
-def row_name(method: Method, weights_dir: str = "") -> str:
-    """How the tables name a method: the same name for a standard row and an --extra spec of the same
-    method (so a spec repeating a standard row is found, not run twice). A method these rules do not
-    know (a new one) is named by its summary line."""
-    m = method
-    if isinstance(m, NoPruning):
-        return "none"
-    if isinstance(m, FastV):
-        return f"FastV K={m.layer} R={m.rate:g}" + ("" if m.score == "last" else f" score={m.score}")
-    if isinstance(m, VTW):
-        return f"VTW K={m.layer}"
-    if isinstance(m, DyRate) and m.rates is not None:
-        rising = all(a <= b for a, b in zip(m.rates, m.rates[1:]))
-        return f"DyRate K={m.layer} {'rising' if rising else 'schedule'} {','.join(f'{r:g}' for r in m.rates)}"
-    if isinstance(m, DyRate):
-        shipped = shipped_predictor_path(weights_dir)
-        own = shipped is not None and os.path.realpath(str(m.predictor)) == os.path.realpath(shipped)
-        return f"DyRate K={m.layer} predictor (c={m.confidence:g})" + ("" if own else
-                                                                       f" {os.path.basename(str(m.predictor))}")
-    if isinstance(m, AttentionMass):
-        return f"attention mass K={m.layer} p={m.mass:g}"
-    if isinstance(m, RandomKeep) and m.rate is not None:
-        return f"random keep K={m.layer} R={m.rate:g}"
-    return m.describe().removeprefix("method ")
+def row(method: Method, spec_name: str, weights_dir: str) -> Row:
+    """A table row: the method's own label and Pareto family (the same for a standard row and an --extra
+    spec of the same method, so a spec repeating a standard row is found, not run twice); a method that
+    names no family is drawn under its spec name."""
+    return Row(method.label(weights_dir), method.family() or f"{spec_name} (--extra)", method)
 
 
-def row_family(method: Method, spec_name: str) -> str:
-    """The Pareto marker a method's row gets, the same for a standard row and an --extra spec (a method
-    these rules do not know: its spec name)."""
-    m = method
-    families = ((NoPruning, "none"), (VTW, "VTW"), (AttentionMass, "attention mass"), (RandomKeep, "random (fixed count)"))
-    if isinstance(m, FastV):
-        return f"FastV K={m.layer}"
-    if isinstance(m, DyRate):
-        return "DyRate fixed schedule" if m.rates is not None else "DyRate predictor"
-    return next((f for cls, f in families if isinstance(m, cls)), f"{spec_name} (--extra)")
+def standard_specs(quick: bool, has_predictor: bool) -> list[str]:
+    """The standard table, as --extra specs: FastV at several R; VTW at its calibrated layer; DyRate with
+    the shipped predictor (its own confidence, then a sweep) and a fixed rising schedule; the attention-mass
+    rule. At K = 1 (layer 0's attention, not quick), FastV and random tokens at the same count."""
+    specs = [f"fastv:layer=2:rate={R:g}" for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
+    if not quick:
+        specs += ["fastv:layer=1:rate=0.5", "fastv:layer=1:rate=0.75", "random:layer=1:rate=0.75"]
+    specs.append("vtw")
+    if has_predictor:
+        specs.append("dyrate")
+    specs.append("dyrate:layer=2:rates=" + ",".join(map(str, RISING)))
+    if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
+        specs.append("dyrate:layer=1:rates=" + ",".join(map(str, RISING)))
+    specs += [f"mass:layer=2:mass={p:g}" for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
+    return specs
+
+
+def base_rows(ctx: Context, control: bool = True) -> list[Row]:
+    """none, and its blank-image control (the model must answer from the image, not the text)."""
+    none = resolve(METHODS["none"], {}, ctx)[0]
+    return [row(none, "none", ctx.weights_dir)] + ([Row("none, image blanked (control)", "control", none, blank=True)]
+                                                    if control else [])
 
 
 def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
-    """The standard table: none and its blank-image control; FastV at several R; VTW at its calibrated
-    layer; DyRate with the shipped predictor (its own confidence and a sweep) and a fixed rising
-    schedule; the attention-mass rule; random keep at the shipped predictor's counts."""
+    """base_rows, then standard_specs; after the shipped predictor's row, its confidence sweep and random
+    keep at its own kept counts."""
     ctx = Context(weights_dir, cfg.text_config.num_hidden_layers, cfg)
-
-    def row(method):
-        return Row(row_name(method, weights_dir), row_family(method, method.name), method)
-    rows = [row(NoPruning()), Row("none, image blanked (control)", "control", NoPruning(), blank=True)]
-    rows += [row(FastV(2, R)) for R in ((0.5,) if quick else (0.5, 0.75, 0.9))]
-    if not quick:  # layer 0's attention (K = 1) against layer 1's, and against random tokens at the same count
-        rows += [row(FastV(1, R)) for R in (0.5, 0.75)]
-        rows.append(row(RandomKeep(1, rate=0.75)))
-    vtw, _ = VTW.resolve({}, ctx)  # the weights' calibrated layer, else L/2 (the table's note says which)
-    rows.append(row(vtw))
-    if shipped_predictor_path(weights_dir):
-        dyrate, _ = DyRate.resolve({}, ctx)
-        main = row(dyrate)
-        rows.append(main)
-        for c in () if quick else SWEEP:
-            if abs(c - dyrate.confidence) > 1e-9:
-                rows.append(row(replace(dyrate, confidence=c)))
-        rows.append(Row(f"random keep, counts of {main.name}", "random (matched counts)", RandomKeep(dyrate.layer),
-                        match=main.name))
-    rows.append(row(DyRate(2, rates=RISING)))
-    if not quick:  # the same schedule where this model's attention picks the shapes (layer 0's, K = 1)
-        rows.append(row(DyRate(1, rates=RISING)))
-    rows += [row(AttentionMass(2, p)) for p in ((0.8,) if quick else (0.5, 0.8, 0.95))]
+    specs = standard_specs(quick, shipped_predictor_path(weights_dir) is not None)
+    check_layers(spec_layers(specs), ctx.num_layers,
+                 "the standard rows", "evaluate the extra rows alone: --only-extra --extra fastv:layer=1 ...")
+    rows = base_rows(ctx)
+    for spec in specs:
+        rows.append(parse_extra(spec, ctx))
+        if getattr(rows[-1].method, "confidence", None) is not None:  # the shipped predictor: other confidences, and random tokens at its counts
+            main = rows[-1]
+            rows += [row(replace(main.method, confidence=c), spec, weights_dir) for c in (() if quick else SWEEP)
+                     if abs(c - main.method.confidence) > 1e-9]
+            rows.append(Row(f"random keep, counts of {main.name}", "random (matched counts)",
+                            registry()["random"](main.method.layer), match=main.name))
     return rows
 
 
@@ -154,11 +137,8 @@ def parse_extra(spec: str, ctx: Context) -> Row:
     known = registry()
     if name not in known or not all("=" in p for p in pairs):
         raise UserError(f"--extra {spec!r}: use {EXTRA_HELP}")
-    cls = method_class(name, known)
-    texts = dict(p.split("=", 1) for p in pairs)
-    method, _ = cls.resolve(parse_settings(cls, texts, known, where=f"--extra {spec}: "), ctx,
-                            given_as=Origin("spec", f"--extra {spec}"))
-    return Row(row_name(method, ctx.weights_dir), row_family(method, name), method)
+    method, _ = build(spec, known, ctx, Origin("spec", f"--extra {spec}"))
+    return row(method, name, ctx.weights_dir)
 
 
 def item_method(row: Row, prompt: Item, matched: dict | None) -> Method:
@@ -194,7 +174,7 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
         text = processor.decode(gen.tokens)
         flops, kv = gen.record.flops, gen.record.kv_bytes
         rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": text, **p.scores(text),
-               "kept": [int(k.sum()) for k in gen.record.keep], "prefill_flops": flops[0] - vis,
+               "kept": [int(k.sum()) for k in gen.record.keep_masks], "prefill_flops": flops[0] - vis,
                "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
         if none is not None and none[i].get("tokens"):
             # Fed none's answer, a method that chose exactly those tokens walks its own path again: reuse it.
@@ -284,10 +264,9 @@ def attention_over_generation(model, processor, prompts, max_items: int = 40, mi
     per_answer = []  # [L, T_i] each
     for p in [i for i in prompts if i.kind == "describe"][:max_items]:
         ids, px = processor.input_ids(p.text), processor.pixel_values(p.picture())
-        gen = generate(model, ids, px, 80, stop_ids=processor.stop_ids)
         start, N = visual_span(ids, model.config.image_token_index)
         P = ids.numel()
-        _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=range(L))  # {layer: [1, H, S, S]}
+        _, _, probs = reference_answer(model, ids, px, 80, processor.stop_ids, probs_of=range(L))  # {layer: [1, H, S, S]}
         per_answer.append(torch.stack([probs[i][0, :, P - 1:, start:start + N].sum(-1).mean(0) for i in range(L)]))
     T = max(a.shape[1] for a in per_answer)
     counts = torch.tensor([sum(a.shape[1] > t for a in per_answer) for t in range(T)])
@@ -361,13 +340,9 @@ def run(argv=None) -> int:
     ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
     extra = [parse_extra(spec, ctx) for spec in args.extra]
     if args.only_extra:
-        rows = [Row(row_name(NoPruning()), "none", NoPruning())] + ([] if args.no_control else
-                                                      [Row("none, image blanked (control)", "control", NoPruning(),
-                                                           blank=True)])
+        rows = base_rows(ctx, control=not args.no_control)
     else:
         rows = standard_rows(args.weights, cfg, args.quick)
-    check_layers([r.method for r in rows if not isinstance(r.method, NoPruning)], ctx.num_layers, "the standard rows",
-                 "evaluate the extra rows alone: --only-extra --extra fastv:layer=1 ...")
     rows += extra
     names = [r.name for r in rows]
     if len(set(names)) < len(names):
@@ -396,12 +371,12 @@ def run(argv=None) -> int:
     base = records[rows[0].name]
     N, vision = model.config.num_image_tokens, vision_flops(model.config)
     results = [(row, summarise(records[row.name], base, prompts, args.bootstrap)) for row in rows]
-    comparison = main_comparison(results, records, prompts)
+    comparison = main_comparison(results, records, prompts, *MAIN_COMPARISON)
     if comparison is not None or not args.data:
         print(comparison_text(comparison) + "\n")
     print(table(results, N, vision, args.bootstrap))
-    if any(isinstance(r.method, VTW) for r in rows) and not args.only_extra:  # which layer the standard VTW row got
-        vtw, origins = VTW.resolve({}, ctx)
+    if not args.only_extra:  # which layer the standard VTW row got
+        vtw, origins = resolve(METHODS["vtw"], {}, ctx)
         print(f"\nThe standard VTW row's K={vtw.layer}: {origins['layer']}.")
     key = next(k for k in ("em", "vqa", "f1", "cider") if k in results[0][1])
     scale = 100 if key in PERCENT else 1
@@ -410,7 +385,7 @@ def run(argv=None) -> int:
     what = args.data if args.data else f"{len(prompts)} held-out scene prompts"
     swap = None
     if not args.data:  # does the model read the question? (demo/reading.py)
-        swap = kind_swap_kl(model, proc, kind_swap_pairs(max(10, min(100, len(prompts) // 5))))
+        swap = kind_swap(model, proc, max(10, min(100, len(prompts) // 5)))
         guess = random_shape_colour(prompts)
         print(f"\nkind-swap sensitivity (mean symmetric KL of the answer word when only the asked shape kind changes, "
               f"same picture): {swap:.3f} nats; 0 means the question's kind word is ignored, as it is by a model that "

@@ -31,18 +31,16 @@ from typing import ClassVar
 
 import torch
 
-from ..demo.scenes import LOOK_SPLIT
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
-from ..generation import forward_no_cache, generate, recompute_logits
+from ..generation import generate, kl_divergence, recompute_logits, reference_answer
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import (Method, check_layer, keep_mask, kept_count, parse_fraction, parse_int, setting, top_k_sorted,
-                       visual_scores, visual_span)
-from ..trace import kl_divergence
-from .data import Item, check_fits, data_inputs, file_items, read_items, scene_items
+from ..pruning import Method, keep_mask, kept_count, top_k_sorted, visual_scores, visual_span
+from ..settings import check_layer, parse_fraction, parse_int, setting
+from .data import LOOK_SPLIT, Item, check_fits, data_inputs, file_items, read_items, scene_items
 from .report import clustered_mean
 
 
@@ -85,9 +83,8 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
     query, whatever s (so a difference between the two at the same s is *which* tokens, and a trend in
     s under "prefill" is *when* alone)."""
     ids, px = processor.input_ids(item.text), processor.pixel_values(item.picture())
-    base = generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids)
-    tokens, T = base.tokens, len(base.tokens)
-    full, probs = forward_no_cache(model, ids, px, tokens, probs_of=(K - 1,))  # [T, V]; layer K-1 unpruned
+    tokens, full, probs = reference_answer(model, ids, px, max_new_tokens, processor.stop_ids, probs_of=(K - 1,))
+    T = len(tokens)  # full [T, V]; probs: layer K-1's, unpruned
     span = visual_span(ids.to(full.device), model.config.image_token_index)
     P, N = ids.numel(), span[1]
     text = processor.decode(tokens)

@@ -11,7 +11,7 @@ import torch
 
 from ..cost import depth_matched_layer, serving_schedule
 from ..model import TextConfig
-from ..pruning import DyRate, FastV, Method
+from ..pruning import Method
 from .data import Item
 from .metrics import CiderD, bootstrap_cider_difference, caption_words
 
@@ -177,13 +177,12 @@ def validation_choice(rows: list[dict], qa_within: float = 0.02, f1_within: floa
     return min(ok, key=lambda r: (r["lm_flops_forced"], r["kv_mean_forced"]), default=None)
 
 
-MAIN_KIND = "look"  # look-then-reason answers: where the premise holds (docs/premise.txt)
-
-
-def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[Item], within: float = 0.01,
-                    kind: str = MAIN_KIND) -> dict | None:
-    """The comparison declared before the tables: DyRate against FastV at matched accuracy on the `kind`
-    answers. Each side's row is its cheapest (mean KV bytes over the answer, counted on none's answer
+def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[Item], ours: str, theirs: str,
+                    kind: str, target: float, within: float = 0.01, labels: dict | None = None) -> dict | None:
+    """The comparison declared before the tables: method `ours` against `theirs` (registry names, e.g.
+    "dyrate" and "fastv") at matched accuracy on the `kind` answers; the target: ours holds at most
+    `target` times their bytes, beyond 2 SE; labels: how the text names each side (default: its name).
+    Each side's row is its cheapest (mean KV bytes over the answer, counted on none's answer
     tokens so that both sides pay for the same tokens) whose verdict on those answers is at most `within`
     below none's; the two are compared by the paired per-item difference of those bytes, relative to
     none's mean, with its picture-clustered SE. -> None without such items or forced costs."""
@@ -193,12 +192,13 @@ def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[
                                                        for r, _ in results[1:] if not r.blank):
         return None
     clusters = [items[i].cluster for i in idx]
+    labels = {ours: ours, theirs: theirs, **(labels or {})}
     none_kv = sum(base[i]["kv_mean"] for i in idx) / len(idx)
 
-    def side(cls) -> list[dict]:
+    def side(name: str) -> list[dict]:
         out = []
         for row, _ in results:
-            if row.blank or type(row.method) is not cls:
+            if row.blank or row.method.name != name:
                 continue
             recs = records[row.name]
             delta, se = paired([base[i]["verdict"] for i in idx], [recs[i]["verdict"] for i in idx], clusters)
@@ -207,17 +207,17 @@ def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[
                         "kv_mean": sum(recs[i]["forced_kv_mean"] for i in idx) / len(idx) / none_kv})
         return out
 
-    sides = {"dyrate": side(DyRate), "fastv": side(FastV)}
+    sides = {ours: side(ours), theirs: side(theirs)}
     pick = {k: min((r for r in v if r["eligible"]), key=lambda r: r["kv_mean"], default=None) for k, v in sides.items()}
     out = {"kind": kind, "items": len(idx), "within": within, "none_verdict": sum(base[i]["verdict"] for i in idx) / len(idx),
-           "candidates": sides, "dyrate": pick["dyrate"], "fastv": pick["fastv"]}
-    if pick["dyrate"] and pick["fastv"]:
-        a, b = (records[pick[k]["method"]] for k in ("fastv", "dyrate"))
+           "ours": ours, "theirs": theirs, "target": target, "labels": labels, "candidates": sides, ours: pick[ours], theirs: pick[theirs]}
+    if pick[ours] and pick[theirs]:
+        a, b = (records[pick[k]["method"]] for k in (theirs, ours))
         d, se = paired([a[i]["forced_kv_mean"] / none_kv for i in idx], [b[i]["forced_kv_mean"] / none_kv for i in idx],
                        clusters)
-        ratio = pick["dyrate"]["kv_mean"] / pick["fastv"]["kv_mean"]
+        ratio = pick[ours]["kv_mean"] / pick[theirs]["kv_mean"]
         out.update(kv_ratio=ratio, kv_difference=d, kv_difference_se=se,
-                   target_met=bool(ratio <= 0.6 and d < 0 and abs(d) > 2 * se))
+                   target_met=bool(ratio <= target and d < 0 and abs(d) > 2 * se))
     return out
 
 
@@ -225,18 +225,20 @@ def comparison_text(c: dict | None) -> str:
     """The declared comparison, in words, printed before the tables."""
     if c is None:
         return "Main comparison: no look-then-reason items with costs on none's answers here; nothing to compare."
-    head = (f"Main comparison (declared before the tables): DyRate against FastV on the {c['items']} "
+    head = (f"Main comparison (declared before the tables): {c['labels'][c['ours']]} against "
+            f"{c['labels'][c['theirs']]} on the {c['items']} "
             f"look-then-reason answers, each side's cheapest row (mean KV bytes over the answer, on none's answer "
             f"tokens) whose verdict is within {100 * c['within']:.0f} point of none's ({100 * c['none_verdict']:.1f} %).")
     lines = [head]
-    for k, label in (("dyrate", "DyRate"), ("fastv", "FastV")):
-        r = c[k]
+    for k in (c["ours"], c["theirs"]):
+        r, label = c[k], c["labels"][k]
         lines.append(f"  {label}: " + ("no row within the accuracy bound" if r is None else
                      f"{r['method']}: verdict {100 * r['verdict']:.1f} % ({100 * r['verdict_delta']:+.1f} ± "
                      f"{100 * r['verdict_se']:.1f}), mean KV {r['kv_mean']:.3f} of none's"))
     if "kv_ratio" in c:
-        lines.append(f"  DyRate's mean KV is {c['kv_ratio']:.3f}x FastV's; paired difference {c['kv_difference']:+.3f} "
-                     f"± {c['kv_difference_se']:.3f} of none's; target (<= 0.6x, beyond 2 SE) "
+        ours, theirs = c["labels"][c["ours"]], c["labels"][c["theirs"]]
+        lines.append(f"  {ours}'s mean KV is {c['kv_ratio']:.3f}x {theirs}'s; paired difference {c['kv_difference']:+.3f} "
+                     f"± {c['kv_difference_se']:.3f} of none's; target (<= {c['target']:g}x, beyond 2 SE) "
                      + ("met" if c["target_met"] else "not met"))
     return "\n".join(lines)
 

@@ -37,10 +37,11 @@ from ..generation import forward_no_cache, generate, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..model import LlavaForConditionalGeneration
-from ..predictor import ACTIONS, FEATURES, RatePredictor, predictor_features
+from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import check_layer, cut, keep_mask, visual_scores, visual_span
+from ..pruning import apply_cut, keep_mask, visual_scores, visual_span
+from ..settings import check_layer
 from .data import data_inputs, read_examples
 
 
@@ -57,7 +58,7 @@ def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, mar
 @torch.no_grad()
 def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answer: list[int], K: int,
                   margin: float, policy: RatePredictor | None = None):
-    """-> (features [T, F], labels [T] (indices into ACTIONS), kept counts [T] on the followed path).
+    """-> (features [T, F], labels [T] (indices into CUTS), kept counts [T] on the followed path).
 
     The path follows the labels (policy None: the oracle) or the policy's own decisions, which is how
     later rounds see the states the predictor itself reaches."""
@@ -77,8 +78,8 @@ def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answe
         scores = visual_scores(probs[:, :, :P + t], span, "last")  # query row P-1+t: [N]
         f = predictor_features(scores, prev, t)
         label = 0
-        for a in range(len(ACTIONS) - 1, 0, -1):  # largest cut first
-            cand = cut(prev, scores, ACTIONS[a])
+        for a in range(len(CUTS) - 1, 0, -1):  # largest cut first
+            cand = apply_cut(prev, scores, CUTS[a])
             if cand.numel() == prev.numel():
                 continue  # cuts nothing more than holding
             pruned = recompute_logits(model, input_ids, pixels, answer, torch.stack(rows + [keep_mask(cand, N)] * (T - t)), K)
@@ -86,7 +87,7 @@ def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answe
                 label = a
                 break
         choice = label if policy is None else int(policy.decide(policy(f)))
-        prev = cut(prev, scores, ACTIONS[choice])
+        prev = apply_cut(prev, scores, CUTS[choice])
         rows.append(keep_mask(prev, N))
         feats.append(f)
         labels.append(label)
@@ -112,7 +113,7 @@ def label_all(model, answered, K: int, margin: float, policy=None, show_progress
         labels.append(y)
         kept.append(k)
         if bar:
-            bar.update(1, f"mean label cut {torch.tensor([ACTIONS[i] for i in torch.cat(labels)]).mean():.2f}")
+            bar.update(1, f"mean label cut {torch.tensor([CUTS[i] for i in torch.cat(labels)]).mean():.2f}")
     if bar:
         bar.close()
     return torch.cat(feats), torch.cat(labels), torch.cat(kept)
@@ -122,7 +123,7 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, hidden: int = 0, epoc
         seed: int = 0, confidence: float = 0.5, show_progress: bool = True):
     """Cross-entropy on the labels, full batch, Adam. -> (RatePredictor, loss per epoch)."""
     torch.manual_seed(seed)
-    pred = RatePredictor(K, ACTIONS, hidden, confidence)
+    pred = RatePredictor(K, CUTS, hidden, confidence)
     pred.mean.copy_(feats.mean(0))
     pred.std.copy_(feats.std(0).clamp_min(1e-3) if feats.shape[0] > 1 else torch.ones(feats.shape[1]))
     opt = torch.optim.Adam(pred.net.parameters(), lr=lr)
@@ -235,7 +236,7 @@ def run(argv=None) -> int:
         settings.update(heldout=args.heldout, heldout_accuracy=round(h["argmax_accuracy"], 4),
                         heldout_over_prune=round(h["over_prune"], 4))
     pred.save(args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), **settings)
-    mean_cut = torch.tensor([ACTIONS[i] for i in labels]).mean()
+    mean_cut = torch.tensor([CUTS[i] for i in labels]).mean()
     print(f"{len(labels)} steps from {len(examples)} examples; mean label cut {mean_cut:.3f}; "
           f"{len(FEATURES)} features; wrote {args.out}")
     return 0
