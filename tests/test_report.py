@@ -268,9 +268,9 @@ def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatc
     from helpers import noise_image
     model, proc, img = tiny
     examples = [Example(img, "What is it?", None), Example(noise_image(40, 40, seed=8), "Describe it.", None)]
-    real = cv.generate
+    real = cv.reference_answer
     lengths = iter((2, 5))
-    monkeypatch.setattr(cv, "generate", lambda m, ids, px, n, **kw: real(m, ids, px, next(lengths)))
+    monkeypatch.setattr(cv, "reference_answer", lambda m, ids, px, n, *a, **kw: real(m, ids, px, next(lengths)))
     got = cv.mean_kl_per_layer(model, proc, examples, [1, 2], show_progress=False)
     for K in (1, 2):
         per_token = []

@@ -37,7 +37,7 @@ from ..generation import forward_no_cache, generate, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..model import LlavaForConditionalGeneration
-from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features
+from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features, shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
 from ..pruning import apply_cut, keep_mask, visual_scores, visual_span
@@ -211,6 +211,8 @@ def run(argv=None) -> int:
     check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
     check_outputs([("--out", args.out)], checkpoint_inputs(args.weights, weight_inputs(args.weights))
                   + data_inputs(args.data) + data_inputs(args.heldout, "--heldout"))
+    shipped = shipped_predictor_path(args.weights)
+    replaces = shipped is not None and os.path.realpath(args.out) == os.path.realpath(shipped)
     examples = read_examples(args.data, args.seed)
     heldout = read_examples(args.heldout, args.seed + 1, "--heldout") if args.heldout else []
     model = load_model(args.weights, config=cfg)
@@ -239,6 +241,9 @@ def run(argv=None) -> int:
     mean_cut = torch.tensor([CUTS[i] for i in labels]).mean()
     print(f"{len(labels)} steps from {len(examples)} examples; mean label cut {mean_cut:.3f}; "
           f"{len(FEATURES)} features; wrote {args.out}")
+    if replaces:  # said, not refused: this is how the shipped file is made (docs/embedded_model.md)
+        print(f"note: {args.out} replaced the predictor shipped with {args.weights}; generate.py --method dyrate "
+              "now uses this one (git checkout restores the shipped file)")
     return 0
 
 
