@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import __version__
+from .flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from .errors import ArgumentParser, UserError, command_main
 from .files import check_outputs, checkpoint_inputs
 from .generation import Sampling, generate
@@ -32,11 +33,10 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
                       "optionally pruning visual tokens with FastV, VTW or DyRate.")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help='question; may contain one "<image>" to place the image')
-    p.add_argument("--weights", help=f"llava-hf checkpoint directory (default: the embedded {DEFAULT_WEIGHTS})")
+    add_weights(p, help=f"llava-hf checkpoint directory (default: the embedded {DEFAULT_WEIGHTS})")
     p.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many tokens (default 128)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="float32, float16 or bfloat16 (auto: float32 on CPU, "
-                                                   "float16 on CUDA)")
+    add_device(p, "auto", "auto (CUDA when present), cpu or cuda")
+    add_dtype(p)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (with --temperature > 0)")
@@ -44,9 +44,8 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--force-tokens", metavar="TRACE",
                    help="feed the tokens of another trace (a backend's) instead of choosing them, recording this "
                         "model's own logits, kept sets and costs at every step: the oracle for `trace compare`")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice, one per core; on a busy machine 1 is "
-                        "faster, README 'Using it')")
+    add_threads(p, "CPU threads for torch (default: torch's choice, one per core; on a busy machine 1 is faster, "
+                   "README 'Using it')")
     g = p.add_argument_group("visual-token pruning (each flag is a setting of the methods named in its help)")
     g.add_argument("--method", default="none", help=f"{', '.join(METHODS)} (default none)")
     # One flag per setting any method has, made from the methods' own fields (pruning.METHODS): a new
@@ -91,11 +90,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
     max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    if args.threads is not None:
-        cores = os.cpu_count() or 1
-        if not 1 <= args.threads <= cores:
-            raise UserError(f"--threads {args.threads} must lie in 1..{cores} (this machine's cores)")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed {args.seed} must lie in 0..2^63-1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):

@@ -7,7 +7,7 @@
   plot_layers          the mass per decoder layer over the answer, mean over many answers with a
                        95 % confidence band (evaluate --plot)
   plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
-  plot_pareto          accuracy against cost, one marker per method and setting (evaluate --plot)
+  plot_pareto          accuracy against cost, one line per family through its settings (evaluate --plot)
 
 Every figure has a title, labelled axes with units, and its legend outside the data. Files are written
 whole or not at all (files.write_atomic).
@@ -201,27 +201,33 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
 
 
 def plot_pareto(path: str, points: list[dict], title: str):
-    """points: {method, label, x (cost relative to none), y (accuracy), yerr (standard error)} each; one
-    marker style per method, error bars of ±1 SE, the x axis labelled by the caller's 'xlabel'."""
+    """points: {panel (the cost axis), ylabel (the accuracy axis), method (the family), label, x (cost
+    relative to none), y (accuracy), yerr}; one panel per (accuracy, cost), one line per family through
+    its settings in order of cost, error bars of yerr (the caller's: ±2 SE)."""
     plt = require_matplotlib()
-    panels = sorted({p["panel"] for p in points}, key=lambda s: [q["panel"] for q in points].index(s))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
-    styles = {}
-    for ax, panel in zip(axes[0], panels):
-        for p in [q for q in points if q["panel"] == panel]:
-            st = styles.setdefault(p["method"], dict(marker="osD^vP*X"[len(styles) % 8], color=f"C{len(styles) % 10}"))
-            ax.errorbar(p["x"], p["y"], yerr=p.get("yerr", 0), fmt=st["marker"], color=st["color"], ms=6, capsize=2,
-                        label=p["method"])
-        ax.set_xlabel(panel)
-        ax.set_ylabel(points[0].get("ylabel", "accuracy"))
-        ax.set_xlim(0, 1.05)
-        ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        seen = {}
-        for h, lab in zip(handles, labels):
-            seen.setdefault(lab, h)
+    order = lambda key: list(dict.fromkeys(p[key] for p in points))  # noqa: E731
+    rows, cols = order("ylabel"), order("panel")
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.6 * len(cols), 3.6 * len(rows)), squeeze=False)
+    styles, seen = {}, {}
+    for r, ylabel in enumerate(rows):
+        for c, panel in enumerate(cols):
+            ax = axes[r][c]
+            here = [p for p in points if p["panel"] == panel and p["ylabel"] == ylabel]
+            for family in order("method"):
+                pts = sorted((p for p in here if p["method"] == family), key=lambda p: p["x"])
+                if not pts:
+                    continue
+                st = styles.setdefault(family, dict(marker="osD^vP*Xh<>"[len(styles) % 11], color=f"C{len(styles) % 10}"))
+                h = ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts], yerr=[p.get("yerr", 0) for p in pts],
+                                fmt="-" + st["marker"], color=st["color"], ms=5, lw=1, capsize=2)
+                seen.setdefault(family, h)
+            ax.set_xlabel(panel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_xlim(0, 1.05)
+            ax.grid(alpha=0.3)
     fig.legend(list(seen.values()), list(seen.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(4, len(seen)), frameon=False)
-    fig.suptitle(title + "\n(error bars: ±1 standard error)", fontsize=10)
+    fig.suptitle(title + "\n(one line per family through its settings; error bars: ±2 standard errors, clustered by picture)",
+                 fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)

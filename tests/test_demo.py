@@ -69,20 +69,20 @@ def test_questions_have_one_right_answer():
 
 
 def test_scoring_is_exact_match_on_the_whole_restated_answer():
-    from dyrate_ref.demo.scenes import EvalItem, score_answer
+    from dyrate_ref.demo.scenes import EvalItem, grade_answer
     s = random_scene(random.Random(9), 3, 3)
     shape = s.shapes[0]
     item = EvalItem(s, "color", f"What color is the {shape.kind}?", f"The {shape.kind} is {shape.color}.")
     other = next(k for k in ("circle", "square", "triangle", "star") if k != shape.kind)
-    assert score_answer(item, f" The {shape.kind} is {shape.color}.") == 1.0
-    assert score_answer(item, f"the {shape.kind.upper()} is {shape.color}") == 1.0  # normalised: case, punctuation
-    assert score_answer(item, shape.color) == 0.0  # the bare word is not the answer
-    assert score_answer(item, f"The {other} is {shape.color}.") == 0.0  # the wrong kind restated
-    assert score_answer(item, f"The {shape.kind} is {shape.color}. The {shape.kind} is {shape.color}.") == 0.0
+    assert grade_answer(item, f" The {shape.kind} is {shape.color}.") == 1.0
+    assert grade_answer(item, f"the {shape.kind.upper()} is {shape.color}") == 1.0  # normalised: case, punctuation
+    assert grade_answer(item, shape.color) == 0.0  # the bare word is not the answer
+    assert grade_answer(item, f"The {other} is {shape.color}.") == 0.0  # the wrong kind restated
+    assert grade_answer(item, f"The {shape.kind} is {shape.color}. The {shape.kind} is {shape.color}.") == 0.0
 
 
 def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
-    from dyrate_ref.demo.scenes import LOOK_SPLIT, EvalItem, look_answer, look_question, look_verdict, score_answer
+    from dyrate_ref.demo.scenes import LOOK_SPLIT, EvalItem, look_answer, look_question, look_verdict, grade_answer
     s = random_scene(random.Random(2), 3, 3)
     here, kinds = s.shapes[1], {x.kind for x in s.shapes}
     absent = next(c for c in COLORS if (c, here.kind) not in {(x.color, x.kind) for x in s.shapes})
@@ -108,8 +108,8 @@ def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
         assert look_verdict(a) == f"{asked} {only.color}" and look_verdict(a.replace(only.color + ".", "x.")) != look_verdict(a)
     assert look_verdict(describe(s)) is None and kinds
     item = EvalItem(s, "look", look_question(absent, here.kind), no)
-    assert score_answer(item, no) == 1.0 and score_answer(item, yes) == 0.0
-    looks = [i for i in eval_set(20, look=True) if i.kind == "look"]
+    assert grade_answer(item, no) == 1.0 and grade_answer(item, yes) == 0.0
+    looks = [i for i in eval_set(20, look=True, look_form="exist") if i.kind == "look"]
     assert looks and all(look_verdict(i.answer) == ("yes" if any(
         f"{x.color} {x.kind}" in i.question for x in i.scene.shapes) else "no") for i in looks)
 
@@ -458,7 +458,7 @@ def shipped_scores(look: bool) -> dict:
     from dyrate_ref.generation import generate
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
-    from dyrate_ref.demo.scenes import score_answer
+    from dyrate_ref.demo.scenes import grade_answer
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
     scores = {}
@@ -467,7 +467,7 @@ def shipped_scores(look: bool) -> dict:
             continue
         ids, px = proc.input_ids(item.question), proc.pixel_values(item.scene.draw())
         text = proc.decode(generate(model, ids, px, 80, stop_ids=proc.stop_ids).tokens)
-        scores.setdefault(item.kind, []).append(score_answer(item, text))
+        scores.setdefault(item.kind, []).append(grade_answer(item, text))
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
@@ -493,8 +493,8 @@ def test_evaluate_quick_has_every_row(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--json", str(out), "--plot",
                         str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    for name in ("| none |", "| none, image blanked (control) |", "| FastV K=2 R=0.5 |", "| VTW K=", "| DyRate K=",
-                 "| random keep, counts of DyRate", "rising", "| attention mass"):
+    for name in ("| none |", "| none, image blanked (control) |", "| FastV K=", "| VTW K=", "| DyRate K=",
+                 "| random keep, counts of DyRate", "| fixed schedule, mean counts of DyRate", "Main comparison"):
         assert name in r.stdout, name
     figures = json.loads(out.read_text())
     none = figures["rows"][0]

@@ -163,14 +163,17 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
     ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
     rows = evaluate.standard_rows(DEFAULT_WEIGHTS, cfg)
     standard, families = {r.name: r.method for r in rows}, {r.name: r.family for r in rows}
-    for spec, name in (("fastv:layer=2:rate=0.75", "FastV K=2 R=0.75"), ("fastv:layer=1:ratio=0.5", "FastV K=1 R=0.5"),
-                       ("random:layer=1:rate=0.75", "random keep K=1 R=0.75"), ("vtw", "VTW K=4"),
-                       ("dyrate:confidence=0.5", "DyRate K=1 predictor (c=0.5)"),
-                       ("dyrate:rates=0.5,0.6,0.7,0.8,0.9", "DyRate K=2 rising 0.5,0.6,0.7,0.8,0.9"),
-                       ("mass:mass=0.8", "attention mass K=2 p=0.8"), ("mass:share=0.5", "attention mass K=2 p=0.5")):
+    K = next(r.method.layer for r in rows if r.family == "DyRate predictor")  # every family at the predictor's K
+    assert all(r.method.layer == K for r in rows if r.family.startswith(("FastV", "DyRate", "random", "fixed")))
+    for spec, name in ((f"fastv:layer={K}:rate=0.75", f"FastV K={K} R=0.75"), (f"fastv:layer={K}:ratio=0.1", f"FastV K={K} R=0.1"),
+                       ("vtw:layer=4", "VTW K=4"), ("vtw:layer=7", "VTW K=7"),
+                       ("dyrate:confidence=0.5", f"DyRate K={K} predictor (c=0.5)")):
         row = evaluate.parse_extra(spec, ctx)
         assert row.name == name and describe(standard[name]) == describe(row.method), (spec, row.name)
-        assert row.family == families[name], (spec, row.family)  # one marker in the Pareto plot too
+        assert row.family == families[name], (spec, row.family)  # one line in the Pareto plot too
+    for spec, name in (("random:layer=1:rate=0.75", "random keep K=1 R=0.75"), ("mass:share=0.5", "attention mass K=2 p=0.5"),
+                       ("dyrate:rates=0.5,0.6,0.7,0.8,0.9", "DyRate K=2 rising 0.5,0.6,0.7,0.8,0.9")):
+        assert evaluate.parse_extra(spec, ctx).name == name
     # a method no standard row has keeps a name of its own, and another predictor file is named
     assert evaluate.parse_extra("dyrate:rates=0.9,0.5", ctx).name == "DyRate K=2 schedule 0.9,0.5"
     assert evaluate.parse_extra("fastv:score=mean", ctx).name == "FastV K=2 R=0.5 score=mean"
@@ -228,7 +231,7 @@ def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(t
     items = {it.id: it for it in scene_items(2)}
     for r in same:
         it = items[r["id"]]
-        f = generate(model, proc.input_ids(it.text), proc.pixel_values(it.picture()), 6, FastV(2, 0.0),
+        f = generate(model, proc.input_ids(it.prompt), proc.pixel_values(it.picture()), 6, FastV(2, 0.0),
                      force=none[r["id"]]["tokens"]).record
         assert (r["forced_prefill_flops"], r["forced_decode_flops"], r["forced_kv_mean"], r["forced_kv_peak"]) == \
             (f.flops[0] - vis, sum(f.flops[1:]), sum(f.kv_bytes) / len(f.kv_bytes), max(f.kv_bytes))

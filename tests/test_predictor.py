@@ -14,7 +14,7 @@ from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import DyRate, apply_cut
 from dyrate_ref.tools.baselines import AttentionMass, random_subset
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
-from dyrate_ref.tools.data import Example
+from dyrate_ref.tools.data import Item
 from dyrate_ref.tools.train_predictor import fit, label_example, train
 from helpers import hf_config, make_checkpoint, noise_image
 
@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
         color = tuple(int(c) for c in torch.randint(0, 256, (3,), generator=g))
         img = Image.new("RGB", (40, 40), color)
         img.paste(noise_image(16, 16, seed=i, sigma=80), (i * 3, 20 - i))
-        examples.append(Example(img, "Describe the image.", ANSWERS[i % 4]))
+        examples.append(Item.of(img, "Describe the image.", ANSWERS[i % 4], f"ex{i}"))
     return d, model, proc, examples
 
 
@@ -96,7 +96,7 @@ def test_labels_equal_a_brute_force_search_with_free_decoding(setup):
     d, model, proc, examples = setup
     checked = 0
     for ex in examples[:3]:
-        ids, px = proc.input_ids(ex.prompt), proc.pixel_values(ex.image)
+        ids, px = proc.input_ids(ex.prompt), proc.pixel_values(ex.picture())
         answer = generate(model, ids, px, 5, stop_ids=proc.stop_ids).tokens
         _, labels, kept = label_example(model, ids, px, answer, 2, margin=0.0)
         for t in range(len(answer)):
@@ -123,7 +123,7 @@ def test_training_loss_falls_and_a_stricter_margin_keeps_more(setup):
         assert f.shape == (y.numel(), len(FEATURES)) and y.min() >= 0 and y.max() < len(CUTS)
         assert len(log) == 2
         for c in (0.5, 0.9):
-            runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.image), 6,
+            runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.picture()), 6,
                              DyRate(2, predictor=pred, confidence=c)) for ex in examples]
             mean_kept[margin, c] = sum(float(torch.stack(r.record.keep_masks).sum(1).float().mean()) for r in runs) / len(runs)
     _, history = fit(f, y, 2, epochs=150, show_progress=False)

@@ -30,7 +30,7 @@ def test_cut_costs_equal_a_brute_force_loop(setup, tmp_path):
     item = Item("x", "What is it?", "answer", 0, "x", answer="nothing", image_path=str(tmp_path / "x.png"))
     steps, fractions = (0, 2, 5), (0.5, 0.25, 0.0)
     records = premise.cut_costs(model, proc, item, 2, steps, fractions, max_new_tokens=8)
-    ids, px = proc.input_ids(item.text), proc.pixel_values(item.picture())
+    ids, px = proc.input_ids(item.prompt), proc.pixel_values(item.picture())
     base = generate(model, ids, px, 8, stop_ids=proc.stop_ids)
     T, full = len(base.tokens), torch.stack(base.record.logits).double()
     N = model.config.num_image_tokens

@@ -86,51 +86,104 @@ def test_the_rise_column_by_hand():
     assert "| 50.0 (1.5) |" in line
 
 
-LABELS = {"dyrate": "DyRate", "fastv": "FastV"}
+THEIRS = {"FastV K={K}": {"lm_flops": 0.8, "kv_mean": 0.6}, "schedule": {"lm_flops": 1.0, "kv_mean": 1.0}}
+BOUNDS = {"em": 0.01, "f1": 0.01, "verdict": 0.02}
 
 
 def test_the_main_comparison_by_hand():
-    """Four look answers on three pictures (and a colour item that must not count). none's verdicts
-    [1, 1, 0, 1]; FastV R=0.5 the same at forced mean KV 60 of none's 100 (0.6); FastV R=0.9 loses one
-    verdict (-25 points: not within 1 point, so not eligible however cheap, 0.2); DyRate the same verdicts
-    at KV [30, 30, 40, 20] (0.3). Picked: FastV R=0.5 and DyRate; ratio 0.3 / 0.6 = 0.5; paired differences
-    [-.3, -.3, -.2, -.4], mean -0.3, deviations summed per picture p1 0, p2 .1, p3 -.1: SE^2 = 3/2 * .02 / 16."""
+    """Four items on three pictures; none costs 100 FLOPs and 100 KV bytes on each. Candidates (cost on
+    none's answers, as a share of none's): FastV K=2 R=0.5 at 0.6, within the bounds; FastV K=2 R=0.9 at 0.2
+    but 25 points of exact match lost (out); FastV K=1 at 0.1, within the bounds but at another K (out);
+    DyRate c=0.6 at 0.1 but 2 points lost (out, the bound is 1); DyRate c=0.8 at [.3, .3, .4, .2] (0.3),
+    0.5 points lost (in); the schedule at [.3, .3, .3, .31] (0.3025), and at K=1 at 0.05 (another K: out). Against FastV: ratio 0.3 / 0.6 = 0.5
+    <= 0.8 and <= 0.6; paired differences [-.3, -.3, -.2, -.4], mean -0.3, deviations summed per picture
+    p1 0, p2 .1, p3 -.1: SE^2 = 3/2 * .02 / 16, so both targets are met. Against the schedule: ratio
+    0.3 / 0.3025, differences [0, 0, .1, -.11], mean -0.0025, deviations summed per picture p1 .005,
+    p2 .1025, p3 -.1075: cheaper, but not beyond 2 SE, so not met."""
     from dyrate_ref.pruning import DyRate, FastV, NoPruning
-    items = [item(0, "look", "p1"), item(1, "look", "p1"), item(2, "look", "p2"), item(3, "look", "p3"),
-             item(4, "color", "p3", answer="x")]
-    rows = [report.Row("none", "none", NoPruning()), report.Row("fv5", "FastV", FastV(2, 0.5)),
-            report.Row("fv9", "FastV", FastV(2, 0.9)), report.Row("dy", "DyRate", DyRate(2, rates=(0.5,)))]
+    items = [item(0, "color", "p1", answer="x"), item(1, "color", "p1", answer="x"),
+             item(2, "count", "p2", answer="x"), item(3, "count", "p3", answer="x")]
 
-    def recs(verdicts, kvs):
-        return [rec(kv=(100,), verdict=v, forced_kv_mean=k) for v, k in zip(verdicts, kvs)] + \
-            [rec(1.0, kv=(1000,), forced_kv_mean=1.0)]
-    records = {"none": [rec(kv=(100,), verdict=v) for v in (1, 1, 0, 1)] + [rec(1.0, kv=(1000,))],
-               "fv5": recs((1, 1, 0, 1), (60,) * 4), "fv9": recs((0, 1, 0, 1), (20,) * 4),
-               "dy": recs((1, 1, 0, 1), (30, 30, 40, 20))}
-    results = [(r, {}) for r in rows]
-    c = report.main_comparison(results, records, items, "dyrate", "fastv", "look", 0.6, labels=LABELS)
-    assert c["items"] == 4 and c["none_verdict"] == 0.75
-    assert c["fastv"]["method"] == "fv5" and c["dyrate"]["method"] == "dy"
-    assert [r["eligible"] for r in c["candidates"]["fastv"]] == [True, False]
-    assert c["fastv"]["kv_mean"] == pytest.approx(0.6) and c["dyrate"]["kv_mean"] == pytest.approx(0.3)
-    assert c["kv_ratio"] == pytest.approx(0.5) and c["kv_difference"] == pytest.approx(-0.3)
-    assert c["kv_difference_se"] == pytest.approx(math.sqrt(1.5 * 0.02 / 16)) and c["target_met"]
-    assert "0.500x FastV's" in report.comparison_text(c)
-    # FastV R=0.5 also losing a verdict: no FastV row is within the bound, nothing is compared
-    records["fv5"] = recs((1, 1, 0, 0), (60,) * 4)
-    c = report.main_comparison(results, records, items, "dyrate", "fastv", "look", 0.6, labels=LABELS)
-    assert c["fastv"] is None and "kv_ratio" not in c and "no row within" in report.comparison_text(c)
+    def recs(costs):
+        return [rec(1.0, forced_prefill_flops=c, forced_decode_flops=0.0, forced_kv_mean=c) for c in costs]
+
+    def summary(em_delta, cost):
+        return {"em_delta": em_delta, "lm_flops_forced": cost, "kv_mean_forced": cost}
+    sides = [("none", "none", NoPruning(), (100,) * 4, summary(0.0, 1.0)),
+             ("fv5", "FastV K=2", FastV(2, 0.5), (60,) * 4, summary(0.0, 0.6)),
+             ("fv9", "FastV K=2", FastV(2, 0.9), (20,) * 4, summary(-0.25, 0.2)),
+             ("fv1", "FastV K=1", FastV(1, 0.5), (10,) * 4, summary(0.0, 0.1)),
+             ("dy6", "DyRate predictor", DyRate(2, rates=(0.5,)), (10,) * 4, summary(-0.02, 0.1)),
+             ("dy8", "DyRate predictor", DyRate(2, rates=(0.5,)), (30, 30, 40, 20), summary(-0.005, 0.3)),
+             ("sc", "schedule", DyRate(2, rates=(0.5,)), (30, 30, 30, 31), summary(0.0, 0.3025)),
+             ("sc1", "schedule", DyRate(1, rates=(0.5,)), (5,) * 4, summary(0.0, 0.05))]
+    results = [(report.Row(name, fam, m), s) for name, fam, m, _, s in sides]
+    records = {name: recs(costs) for name, _, _, costs, _ in sides}
+    records["none"] = [rec(1.0, pf=100.0, df=0.0, kv=(100,), tokens=[1]) for _ in range(4)]
+    c = report.main_comparison(results, records, items, "DyRate predictor", THEIRS, BOUNDS)
+    assert c["items"] == 4 and c["DyRate predictor"]["method"] == "dy8"
+    fastv, sched = c["against"]["FastV K=2"], c["against"]["schedule"]
+    assert fastv["row"]["method"] == "fv5" and sched["row"]["method"] == "sc"
+    for cost in ("lm_flops", "kv_mean"):
+        assert fastv["costs"][cost]["ratio"] == pytest.approx(0.5)
+        assert fastv["costs"][cost]["difference"] == pytest.approx(-0.3)
+        assert fastv["costs"][cost]["se"] == pytest.approx(math.sqrt(1.5 * 0.02 / 16))
+        assert sched["costs"][cost]["ratio"] == pytest.approx(0.3 / 0.3025)
+        assert sched["costs"][cost]["difference"] == pytest.approx(-0.0025)
+        assert sched["costs"][cost]["se"] == pytest.approx(math.sqrt(1.5 * (0.005 ** 2 + 0.1025 ** 2 + 0.1075 ** 2) / 16))
+    assert fastv["target_met"] and not sched["target_met"]
+    text = report.comparison_text(c)
+    assert "LM FLOPs is 0.500x" in text and "met" in text and "not met" in text
+    # FastV R=0.5 losing two points too: no FastV row at K=2 within the bounds, nothing compared against it
+    results[1] = (results[1][0], summary(-0.02, 0.6))
+    c = report.main_comparison(results, records, items, "DyRate predictor", THEIRS, BOUNDS)
+    assert c["against"]["FastV K=2"]["row"] is None and not c["against"]["FastV K=2"]["costs"]
+    assert "no row within the bounds" in report.comparison_text(c)
+
+
+def test_the_fixed_schedule_at_mean_counts_by_hand():
+    """Kept counts of three answers, N = 10: [10, 8, 6], [10, 6], [10, 10, 4, 2]. Steps every answer reaches
+    (at least min(5, 3) = 3 of them): 0 and 1. Step 0: mean 10 -> rate 0; step 1: (8 + 6 + 10) / 3 = 8 ->
+    rate 0.2; later steps, reached by fewer answers, repeat the last rate."""
+    recs = [rec(kept=k) for k in ((10, 8, 6), (10, 6), (10, 10, 4, 2))]
+    assert report.mean_schedule(recs, 10) == pytest.approx((0.0, 0.2))
+
+
+def test_the_schedule_control_runs_at_its_rows_mean_counts(tmp_path):
+    """evaluate_all's second pass: the control's rates are mean_schedule of the row it follows, computed
+    over every item (not a worker's share), and its kept counts are those rates' (kept_count of N)."""
+    from helpers import hf_config, make_checkpoint
+    from dyrate_ref.loading import load_model
+    from dyrate_ref.processing import Processor
+    from dyrate_ref.pruning import DyRate, NoPruning, kept_count
+    from dyrate_ref.tools import evaluate
+    from helpers import noise_image
+    make_checkpoint(str(tmp_path), hf_config(text=dict(num_hidden_layers=3)))
+    model = load_model(str(tmp_path))
+    proc = Processor(str(tmp_path), model.config)
+    items = [Item.of(noise_image(40, 40, seed=i), "Describe it.", id=f"x{i}") for i in range(4)]
+    adaptive = DyRate(1, rates=(0.0, 0.5, 0.9))
+    rows = [report.Row("none", "none", NoPruning()), report.Row("a", "a", adaptive),
+            report.Row("sched", "s", DyRate(1, rates=(0.0,)), schedule_of="a")]
+    out_rows, records = evaluate.evaluate_all(model, proc, items, rows, 6, 2, None)
+    N = model.config.num_image_tokens
+    want = report.mean_schedule(records["a"], N)
+    assert out_rows[2].method.rates == want and rows[2].method.rates == (0.0,)
+    for r in records["sched"]:
+        assert r["kept"] == [kept_count(N, want[min(t, len(want) - 1)]) for t in range(len(r["kept"]))]
 
 
 def test_the_validation_choice_by_hand():
-    """Cheapest on none's answers among the rows within 2 QA points and 0.03 F1 of none: b (0.9) loses 3
-    points, c (0.7) loses 0.05 F1, so a (0.95) and d (0.95, but less KV) qualify; d wins the KV tie-break."""
-    def row(name, em, f1, flops, kv):
-        return {"method": name, "em_delta": em, "f1_delta": f1, "lm_flops_forced": flops, "kv_mean_forced": kv}
-    rows = [row("none", 0, 0, 1, 1), row("a", -0.01, 0.0, 0.95, 0.9), row("b", -0.03, 0.0, 0.9, 0.5),
-            row("c", 0.0, -0.05, 0.7, 0.5), row("d", -0.02, -0.03, 0.95, 0.8)]
-    assert report.validation_choice(rows)["method"] == "d"
-    assert report.validation_choice(rows[:1] + rows[2:4]) is None
+    """Cheapest on none's answers among the rows within 1 QA point, 0.01 F1 and 2 verdict points of none:
+    b (0.9) loses 3 points, c (0.7) loses 0.05 F1, e (0.6) loses 3 verdict points, so a (0.95) and d (0.95,
+    but less KV) qualify; d wins the KV tie-break."""
+    def row(name, em, f1, flops, kv, verdict=0.0):
+        return {"method": name, "em_delta": em, "f1_delta": f1, "verdict_delta": verdict, "lm_flops_forced": flops,
+                "kv_mean_forced": kv}
+    rows = [row("none", 0, 0, 1, 1), row("a", -0.005, 0.0, 0.95, 0.9), row("b", -0.03, 0.0, 0.9, 0.5),
+            row("c", 0.0, -0.05, 0.7, 0.5), row("d", -0.01, -0.01, 0.95, 0.8), row("e", 0.0, 0.0, 0.6, 0.5, -0.03)]
+    assert report.validation_choice(rows, BOUNDS)["method"] == "d"
+    assert report.validation_choice(rows[:1] + rows[2:4], BOUNDS) is None
 
 
 def test_the_shipped_predictor_has_the_layer_and_confidence_chosen_on_validation():
@@ -143,7 +196,8 @@ def test_the_shipped_predictor_has_the_layer_and_confidence_chosen_on_validation
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     figures = json.load(open(os.path.join(here, "docs", "validation.json")))
     assert figures["data"].endswith(":validation")
-    chosen = report.validation_choice(figures["rows"])["method"]
+    from dyrate_ref.tools.evaluate import MATCHED
+    chosen = report.validation_choice(figures["rows"], MATCHED)["method"]
     K, c = re.search(r"K=(\d+)", chosen).group(1), re.search(r"c=([0-9.]+)", chosen).group(1)
     with safe_open(os.path.join(DEFAULT_WEIGHTS, "dyrate_predictor.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -263,11 +317,11 @@ def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatc
     from dyrate_ref.generation import generate
     from dyrate_ref.pruning import VTW
     from dyrate_ref.tools import calibrate_vtw as cv
-    from dyrate_ref.tools.data import Example
+    from dyrate_ref.tools.data import Item
     from dyrate_ref.generation import kl_divergence
     from helpers import noise_image
     model, proc, img = tiny
-    examples = [Example(img, "What is it?", None), Example(noise_image(40, 40, seed=8), "Describe it.", None)]
+    examples = [Item.of(img, "What is it?"), Item.of(noise_image(40, 40, seed=8), "Describe it.")]
     real = cv.reference_answer
     lengths = iter((2, 5))
     monkeypatch.setattr(cv, "reference_answer", lambda m, ids, px, n, *a, **kw: real(m, ids, px, next(lengths)))
@@ -275,7 +329,7 @@ def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatc
     for K in (1, 2):
         per_token = []
         for ex, T in zip(examples, (2, 5)):
-            ids, px = proc.input_ids(ex.prompt), proc.pixel_values(ex.image)
+            ids, px = proc.input_ids(ex.prompt), proc.pixel_values(ex.picture())
             full = generate(model, ids, px, T)
             withdrawn = generate(model, ids, px, T, VTW(K), force=full.tokens)
             per_token += kl_divergence(torch.stack(withdrawn.record.logits), torch.stack(full.record.logits)).tolist()
@@ -347,14 +401,14 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
     # wrong item's answer would differ
     import copy
     proc = copy.copy(proc)
-    first = [generate(model, proc.input_ids(it.text), proc.pixel_values(it.picture()), 5).tokens for it in items]
+    first = [generate(model, proc.input_ids(it.prompt), proc.pixel_values(it.picture()), 5).tokens for it in items]
     assert first[1][0] not in first[0]
     proc.stop_ids = set(proc.stop_ids) | {first[1][0]}
     records = evaluate.evaluate_rows(model, proc, items, rows, 5)
     assert [len(r["tokens"]) for r in records["none"]] == [5, 1]
     vis = vision_flops(model.config)
     for it, none, mine in zip(items, records["none"], records["fastv"]):
-        ids, px = proc.input_ids(it.text), proc.pixel_values(it.picture())
+        ids, px = proc.input_ids(it.prompt), proc.pixel_values(it.picture())
         own = generate(model, ids, px, 5, FastV(2, 0.9), stop_ids=proc.stop_ids).record
         assert mine["prefill_flops"] == own.flops[0] - vis and mine["decode_flops"] == sum(own.flops[1:])
         forced = generate(model, ids, px, 5, FastV(2, 0.9), force=none["tokens"]).record
@@ -365,7 +419,7 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
     fake = [{"tokens": [5, 6, 7, 8]}, {"tokens": [9]}]
     recs = evaluate.run_method(model, proc, items, rows[1], 5, none=fake)
     for it, base, mine in zip(items, fake, recs):
-        forced = generate(model, proc.input_ids(it.text), proc.pixel_values(it.picture()), 5, FastV(2, 0.9),
+        forced = generate(model, proc.input_ids(it.prompt), proc.pixel_values(it.picture()), 5, FastV(2, 0.9),
                           force=base["tokens"]).record
         assert (mine["forced_decode_flops"], mine["forced_kv_peak"]) == (sum(forced.flops[1:]), max(forced.kv_bytes))
 

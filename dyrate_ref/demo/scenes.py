@@ -47,6 +47,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_KINDS = ("color", "count", "exist", "position")
 LOOK_SUFFIX = " Look first."  # appended to a question: the look-then-reason answer kind
 LOOK_FORMS = ("exist", "color")  # what a look-then-reason question asks (see the module's docstring)
+LOOK_FORM = "color"  # the shipped model's (v5) form: what the held-out sets and the tools' scenes:N ask
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ TEST_SEED = 10_000_019  # the held-out scenes every reported table uses
 VALIDATION_SEED = 10_000_051  # held-out scenes for choosing settings (K, c) before the test set is looked at
 
 
-def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, look_form: str = "exist") -> list[EvalItem]:
+def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, look_form: str = LOOK_FORM) -> list[EvalItem]:
     """The fixed held-out set: per scene, one question of each kind it allows, plus a description, and
     with `look` a look-then-reason question of form `look_form` on scenes of 2+ shapes (from its own
     stream, so the other items are the same with or without it). Its seed stream is disjoint from
@@ -322,8 +323,8 @@ def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, look_form
     return items
 
 
-def score_answer(item: EvalItem, text: str) -> float:
-    """The scene world's score of one answer: object-F1 for a description, the final yes/no for a
+def grade_answer(item: EvalItem, text: str) -> float:
+    """The scene world's grade of one answer: object-F1 for a description, the final yes/no for a
     look-then-reason answer, exact match (normalised) for the other questions."""
     if item.kind == "describe":
         return object_f1(text, item.scene)
@@ -332,8 +333,8 @@ def score_answer(item: EvalItem, text: str) -> float:
     return float(normalise(text) == normalise(item.answer))
 
 
-def training_examples(n: int, seed: int = 0, look_form: str = "exist"):
-    """(image, prompt, answer) triples, one question, description or look-then-reason answer each, for
+def training_examples(n: int, seed: int = 0, look_form: str = LOOK_FORM):
+    """(scene, prompt, answer) triples, one question, description or look-then-reason answer each, for
     predictor training and VTW calibration: the mixture DyRate's rate is learnt on, where some answers
     need the picture to their end (descriptions) and some only while they look (look-then-reason). Not
     the held-out evaluation stream."""
@@ -343,12 +344,12 @@ def training_examples(n: int, seed: int = 0, look_form: str = "exist"):
         scene = random_scene(rng)
         r = rng.random()
         if r < 0.35:
-            out.append((scene.draw(), DESCRIBE_PROMPT, describe(scene)))
+            out.append((scene, DESCRIBE_PROMPT, describe(scene)))
         elif r < 0.6 and (item := look_item(scene, rng, look_form)):
-            out.append((scene.draw(), *item))
+            out.append((scene, *item))
         else:
             kind, q, a = rng.choice(questions(scene, rng))
-            out.append((scene.draw(), q, a))
+            out.append((scene, q, a))
     return out
 
 

@@ -35,6 +35,7 @@ from dataclasses import replace
 
 import torch
 
+from ..flags import add_device, add_threads, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import publish
 from ..loading import load_model, read_config, resolve_device, save_weights
@@ -268,7 +269,7 @@ def run(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16 and on GPUs, far slower without")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads(p)
     p.add_argument("--tower", default=None, metavar="DIR",
                    help="take the vision tower of a directory this script wrote (skips stage 1); the tokenizer, "
                         "projector and decoder start fresh")
@@ -276,7 +277,7 @@ def run(argv=None) -> int:
                    help="continue from a whole model this script wrote (skips stage 1; the log says so)")
     p.add_argument("--from-stage", default=None, metavar="NAME",
                    help="with --init: begin stage 2 at the recipe's stage NAME (e.g. v5's 'look' from the shipped v4)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_device(p)
     p.add_argument("--eval-every", type=int, default=100,
                    help="log held-out per-kind exact match and the kind-swap sensitivity every N stage-2 steps "
                         "(0: never; default 100)")
@@ -307,8 +308,7 @@ def run(argv=None) -> int:
     for flag, d in (("--init", args.init), ("--tower", args.tower)):
         if d:
             read_config(d, flag)  # a missing or broken directory is refused before any work
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     final = os.path.join(args.out, "train_log.txt")
     partial = os.path.join(args.out, "train_log.partial.txt")

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..cost import vision_flops
+from ..flags import add_device, add_dtype, add_threads, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
@@ -289,21 +290,19 @@ def run(argv=None) -> int:
     p.add_argument("--weights", help="checkpoint directory (default: a random one with --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES),
                    help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16")
+    add_device(p)
+    add_dtype(p)
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--repeats", type=int, default=None,
                    help="round-robin repeats; the best is kept (default 3; overhead: 5, its differences are small)")
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads(p)
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
     args = p.parse_args(argv)
     if args.weights is not None:
         args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
-    cores = os.cpu_count() or 1
-    if args.threads is not None and not 1 <= args.threads <= cores:
-        raise UserError(f"--threads {args.threads} must lie in 1..{cores} (this machine's cores)")
+    apply_threads(args.threads)
     if args.repeats is None:
         args.repeats = 5 if args.what == "overhead" else 3
     if args.new_tokens < 1 or args.repeats < 1:
@@ -320,8 +319,6 @@ def run(argv=None) -> int:
     resolve_device(args.device, auto=False)
     if args.weights is not None:
         read_config(args.weights)  # a missing or broken directory is refused before any work
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype_name = str(resolve_dtype(args.dtype, args.device)).split(".")[-1]
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..flags import add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..files import check_outputs, checkpoint_inputs, write_json
@@ -31,7 +32,7 @@ def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tok
     count = 0
     bar = Progress(len(examples), "calibrating VTW", " examples") if show_progress else None
     for ex in examples:
-        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.image)
+        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.picture())
         tokens, logits_full, _ = reference_answer(model, ids, px, max_new_tokens, processor.stop_ids)  # [T, V]
         none_kept = torch.zeros(len(tokens), model.config.num_image_tokens, dtype=torch.bool)  # [T, N]
         for K in layers:  # withdrawn from layer K on: no query of layers >= K sees a visual token
@@ -55,13 +56,15 @@ def choose_layer(kls: dict[int, float], eta: float) -> int | None:
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.calibrate_vtw", description=summary(__doc__))
-    p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
+    add_weights(p, required=True)
+    add_threads(p)
     p.add_argument("--eta", type=float, default=0.003, help="mean KL budget in nats (VTW's default 0.003)")
     p.add_argument("--min-layer", type=int, default=5, help="first candidate K (VTW's default 5)")
     p.add_argument("--data", default="scenes:32", help="JSONL of {image, prompt, answer} or scenes:N (default scenes:32)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest unpruned answer used (default 48)")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.weights is not None:
         args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if not (math.isfinite(args.eta) and args.eta >= 0):

@@ -35,14 +35,61 @@ from ..processing import open_image
 from .metrics import exact_match, vqa_accuracy
 
 
+# ----------------------------------------------------------------------------------------------------
+# The one item type of every tool (evaluate, premise, calibrate_vtw, train_predictor): a scene, a data
+# file's line, or a picture in memory.
+
+
 @dataclass(frozen=True)
-class DataItem:
-    id: str
-    image_path: str  # absolute
-    prompt: str
-    references: tuple[str, ...] = ()
-    answer: str | None = None
-    answers: tuple[str, ...] = ()
+class Item:
+    """One item of a tool, from the scene world, a data file or a picture in memory: the prompt and what
+    it is graded against. Scene items carry their scene (drawn on demand; object-F1 and the blank control
+    read it)."""
+    id: str  # unique within the set: the key of the results file
+    prompt: str  # the user's text
+    kind: str  # scenes: a question kind, "describe" or "look"; files: "caption" or "answer"; training: "example"
+    seed: int  # seeds a random baseline per item, so a subset of the items draws what the whole set would
+    cluster: str  # items that share a picture: standard errors are clustered by it
+    references: tuple[str, ...] = ()  # captions: CIDEr-D
+    answer: str | None = None  # exact match (a look-then-reason item: its final yes / no)
+    answers: tuple[str, ...] = ()  # VQA accuracy
+    image_path: str | None = None  # files
+    scene: Scene | None = field(default=None, compare=False)  # scenes
+    image: Image.Image | None = field(default=None, compare=False)  # a picture in memory (Item.of)
+
+    @classmethod
+    def of(cls, image: Image.Image, prompt: str, answer: str | None = None, id: str = "item") -> "Item":
+        """An item from a picture in memory (what a library user or a test has at hand)."""
+        return cls(id, prompt, "answer" if answer is not None else "example", 0, id, answer=answer, image=image)
+
+    def picture(self, blank: bool = False) -> Image.Image:
+        """The image; blank: the control's image without content (the scene's empty background, or a
+        grey picture of the file image's size)."""
+        if self.scene is None:
+            img = self.image if self.image is not None else open_image(self.image_path, '"image"')
+            return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
+        return (replace(self.scene, shapes=()) if blank else self.scene).draw()
+
+    def grades(self, text: str) -> dict:
+        """What can be graded from this answer alone (CIDEr-D needs the whole set: report.summarise):
+        em (exact match on the whole normalised answer), verdict (a look-then-reason answer's final
+        yes / no against the right one), vqa, f1 (a scene's description: object-F1)."""
+        out = {}
+        if self.kind == "look":
+            out["verdict"] = float(look_verdict(text) == look_verdict(self.answer))
+        elif self.answer is not None:
+            out["em"] = exact_match(text, self.answer)
+        if self.answers:
+            out["vqa"] = vqa_accuracy(text, list(self.answers))
+        if self.scene is not None and self.kind == "describe":
+            out["f1"] = object_f1(text, self.scene)
+        return out
+
+    def grade(self, text: str) -> float | None:
+        """The item's one grade (object-F1, the verdict, exact match or VQA accuracy, the first it has), or
+        None for a caption, which only a whole set grades (CIDEr-D)."""
+        s = self.grades(text)
+        return next((s[k] for k in ("f1", "verdict", "em", "vqa") if k in s), None)
 
 
 def _strings(value, what: str) -> tuple[str, ...]:
@@ -51,8 +98,8 @@ def _strings(value, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def parse_line(line: str, base: str) -> DataItem:
-    """One JSONL line -> DataItem; ValueError says what is wrong with it."""
+def parse_line(line: str, base: str) -> Item:
+    """One JSONL line -> Item (clustered by its image); ValueError says what is wrong with it."""
     try:
         d = json.loads(line)
     except json.JSONDecodeError as e:
@@ -80,11 +127,13 @@ def parse_line(line: str, base: str) -> DataItem:
         open_image(path, '"image"')
     except UserError as e:
         raise ValueError(str(e)) from None
-    return DataItem(str(d.get("id", "")), path, d["prompt"], refs, d.get("answer"), answers)
+    return Item(str(d.get("id", "")), d["prompt"], "caption" if refs else "answer", 0, path, references=refs,
+                answer=d.get("answer"), answers=answers, image_path=path)
 
 
-def read_items(path: str, flag: str = "--data") -> list[DataItem]:
-    """Every line of a JSONL evaluation file, checked; the first bad line is refused with its number."""
+def read_items(path: str, flag: str = "--data") -> list[Item]:
+    """Every line of a JSONL evaluation file, checked; the first bad line is refused with its number. An
+    item without an id is named by its line; each seeds its random baselines from its id."""
     check_input_file(path, flag, "a JSONL file")
     base = os.path.dirname(os.path.abspath(path))
     items, seen = [], set()
@@ -102,6 +151,7 @@ def read_items(path: str, flag: str = "--data") -> list[DataItem]:
             raise UserError(f"{path}, line {n}: {e}") from None
         if not item.id:
             item = dataclasses.replace(item, id=f"line{n}")
+        item = dataclasses.replace(item, seed=zlib.crc32(item.id.encode()))
         if item.id in seen:
             raise UserError(f"{path}, line {n}: id {item.id!r} already used on an earlier line; ids must be unique")
         seen.add(item.id)
@@ -111,14 +161,7 @@ def read_items(path: str, flag: str = "--data") -> list[DataItem]:
     return items
 
 
-@dataclass
-class Example:
-    image: object  # PIL image
-    prompt: str
-    answer: str | None  # the file's answer, if it has one: the tools label the model's own answers
-
-
-def read_examples(spec: str, processor_seed: int = 0, flag: str = "--data") -> list[Example]:
+def read_examples(spec: str, processor_seed: int = 0, flag: str = "--data") -> list[Item]:
     """--data (or --heldout) of the calibration and training tools: a JSONL file as above (captions,
     answers or both: the tools work on the model's own greedy answers, so a caption-only file does), or
     scenes:N for N generated scenes (the embedded demo's training distribution)."""
@@ -131,9 +174,10 @@ def read_examples(spec: str, processor_seed: int = 0, flag: str = "--data") -> l
             raise UserError(f"{flag} {spec!r}: give at least one scene (scenes:N with N >= 1)")
         if n > MAX_SCENES:
             raise UserError(f"{flag} {spec!r}: at most scenes:{MAX_SCENES}")
-        return [Example(img, q, a) for img, q, a in training_examples(n, seed=processor_seed + 7919)]
+        return [Item(f"example{i}", q, "example", i, f"example{i}", answer=a, scene=scene)
+                for i, (scene, q, a) in enumerate(training_examples(n, seed=processor_seed + 7919))]
     check_input_file(spec, flag, "a JSONL file or scenes:N")
-    return [Example(open_image(item.image_path, '"image"'), item.prompt, item.answer) for item in read_items(spec, flag)]
+    return read_items(spec, flag)
 
 
 MAX_SCENES = 1_000_000  # more generated scenes than any run here could use: a typo, refused at once
@@ -156,56 +200,6 @@ def data_inputs(spec: str | None, flag: str = "--data") -> list[tuple[str, str]]
             if isinstance(image, str) and image:
                 out.append((f"an image the {flag} file names (line {n})", os.path.join(base, image)))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# The items every measuring tool runs on (evaluate, premise): one type for the scene world and for data
-# files.
-
-
-@dataclass(frozen=True)
-class Item:
-    """One evaluation item, from the scene world or from a data file: the prompt and what it is scored
-    against. Scene items carry their scene (drawn on demand; object-F1 and the blank control read it)."""
-    id: str  # unique within the set: the key of the results file
-    text: str  # the prompt
-    kind: str  # scenes: a question kind, "describe" or "look"; files: "caption" or "answer"
-    seed: int  # seeds a random baseline per item, so a subset of the items draws what the whole set would
-    cluster: str  # items that share a picture: standard errors are clustered by it
-    references: tuple[str, ...] = ()  # captions: CIDEr-D
-    answer: str | None = None  # exact match (a look-then-reason item: its final yes / no)
-    answers: tuple[str, ...] = ()  # VQA accuracy
-    image_path: str | None = None  # files
-    scene: Scene | None = field(default=None, compare=False)  # scenes
-
-    def picture(self, blank: bool = False) -> Image.Image:
-        """The image; blank: the control's image without content (the scene's empty background, or a
-        grey picture of the file image's size)."""
-        if self.scene is None:
-            img = open_image(self.image_path, '"image"')
-            return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
-        return (replace(self.scene, shapes=()) if blank else self.scene).draw()
-
-    def scores(self, text: str) -> dict:
-        """What can be scored from this answer alone (CIDEr-D needs the whole set: report.summarise):
-        em (exact match on the whole normalised answer), verdict (a look-then-reason answer's final
-        yes / no against the right one), vqa, f1 (a scene's description: object-F1)."""
-        out = {}
-        if self.kind == "look":
-            out["verdict"] = float(look_verdict(text) == look_verdict(self.answer))
-        elif self.answer is not None:
-            out["em"] = exact_match(text, self.answer)
-        if self.answers:
-            out["vqa"] = vqa_accuracy(text, list(self.answers))
-        if self.scene is not None and self.kind == "describe":
-            out["f1"] = object_f1(text, self.scene)
-        return out
-
-    def score(self, text: str) -> float | None:
-        """The item's one score (object-F1, the verdict, exact match or VQA accuracy, the first it has), or
-        None for a caption, which only a whole set scores (CIDEr-D)."""
-        s = self.scores(text)
-        return next((s[k] for k in ("f1", "verdict", "em", "vqa") if k in s), None)
 
 
 def scene_items(n_scenes: int, split: str = "test", look: bool = True) -> list[Item]:
@@ -231,14 +225,7 @@ def check_fits(items: list[Item], processor, context: int, flag: str = "--data")
     """Every item's prompt, with its image's tokens, fits the model's context with room for an answer
     (generate.py's rule), checked before the model loads; the first that does not is named."""
     for it in items:
-        n = len(processor.input_ids(it.text))
+        n = len(processor.input_ids(it.prompt))
         if n >= context:
             raise UserError(f"{flag}: item {it.id} is {n} tokens with the image, which does not fit the model's "
                             f"context of {context}; shorten its prompt")
-
-
-def file_items(items: list[DataItem]) -> list[Item]:
-    """A data file's items (read_items), clustered by image."""
-    return [Item(it.id, it.prompt, "caption" if it.references else "answer", zlib.crc32(it.id.encode()),
-                 it.image_path, references=it.references, answer=it.answer, answers=it.answers,
-                 image_path=it.image_path) for it in items]

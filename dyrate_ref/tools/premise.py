@@ -1,6 +1,6 @@
 """DyRate's premise, tested on any checkpoint: do later answer tokens need the image less?
 
-  python -m dyrate_ref.tools.premise [--weights DIR] [--data FILE.jsonl | --scenes N] [--layer K]
+  python -m dyrate_ref.tools.premise [--weights DIR] [--data FILE.jsonl | --scenes N [--split S] [--kinds K,...]] [--layer K]
       [--steps 0,1,2,4,8,16] [--fractions 0.5,0.25,0.1,0] [--json FILE] [--plot FILE.png]
 
 For each item, the model's own unpruned greedy answer is the reference. Then, for every answer step s
@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import generate, kl_divergence, recompute_logits, reference_answer
@@ -40,7 +41,7 @@ from ..processing import Processor
 from ..progress import Progress
 from ..pruning import Method, keep_mask, kept_count, top_k_sorted, visual_scores, visual_span
 from ..settings import check_layer, parse_fraction, parse_int, setting
-from .data import LOOK_SPLIT, Item, check_fits, data_inputs, file_items, read_items, scene_items
+from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items
 from .report import clustered_mean
 
 
@@ -82,13 +83,13 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
     best by step s's query (what a method deciding at step s sees); "prefill": the best by the prefill's
     query, whatever s (so a difference between the two at the same s is *which* tokens, and a trend in
     s under "prefill" is *when* alone)."""
-    ids, px = processor.input_ids(item.text), processor.pixel_values(item.picture())
+    ids, px = processor.input_ids(item.prompt), processor.pixel_values(item.picture())
     tokens, full, probs = reference_answer(model, ids, px, max_new_tokens, processor.stop_ids, probs_of=(K - 1,))
     T = len(tokens)  # full [T, V]; probs: layer K-1's, unpruned
     span = visual_span(ids.to(full.device), model.config.image_token_index)
     P, N = ids.numel(), span[1]
     text = processor.decode(tokens)
-    base_score = item.score(text)
+    base_score = item.grade(text)
     out = []
     prefill_scores = visual_scores(probs[K - 1][:, :, :P], span, "last")  # the prefill's query: row P-1
     everything = torch.arange(N, device=full.device)
@@ -110,7 +111,7 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
                 ftext = processor.decode(free.tokens)
                 out.append({"kind": item.kind, "cluster": item.cluster, "choice": choice, "step": label, "fraction": f,
                             "kl": float(d.mean()), "top1": float(top1.mean()),
-                            "same_answer": float(free.tokens == tokens), "score": item.score(ftext),
+                            "same_answer": float(free.tokens == tokens), "score": item.grade(ftext),
                             "base_score": base_score})
     return out
 
@@ -230,23 +231,29 @@ def parse_list(text: str, flag: str, kind):
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.premise", description=summary(__doc__))
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--data", metavar="FILE.jsonl", help="the items (image, prompt, optional answer) instead of scenes")
     p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 40), their questions, "
                                                             "descriptions and look-then-reason answers")
+    p.add_argument("--split", default="validation", choices=("validation", "test"),
+                   help="scene split (default validation: the premise decides which answers the declared comparison "
+                        "is made on, a choice made before the test run; test: for the demo model's targets)")
+    p.add_argument("--kinds", metavar="KIND,...", help="only these scene answer kinds (e.g. look, describe, color)")
     p.add_argument("--layer", type=int, default=1, help="K: layers < K keep every token, the cut acts on layers >= K "
                                                          "(default 1)")
     p.add_argument("--steps", default="0,1,2,4,8,16", help="answer steps s to cut from (default 0,1,2,4,8,16)")
     p.add_argument("--fractions", default="0.5,0.25,0.1,0", help="kept fractions f (default 0.5,0.25,0.1,0)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16")
+    add_device(p)
+    add_dtype(p)
+    add_threads(p)
     p.add_argument("--choice", default="step,prefill",
                    help="which query picks the kept tokens: step (step s's), prefill (the prefill's), or both "
                         "(default step,prefill)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw it")
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.weights is not None:
         args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if args.data and args.scenes is not None:
@@ -270,7 +277,15 @@ def run(argv=None) -> int:
                   checkpoint_inputs(args.weights) + data_inputs(args.data))
     if args.plot:
         require_matplotlib()
-    items = file_items(read_items(args.data)) if args.data else scene_items(args.scenes or 40)
+    if args.data and (args.kinds or args.split != "validation"):
+        raise UserError("--kinds and --split pick scene items; a --data file's items are all used")
+    items = read_items(args.data) if args.data else scene_items(args.scenes or 40, args.split)
+    if args.kinds:
+        kinds = args.kinds.split(",")
+        known = sorted({it.kind for it in items})
+        if any(k not in known for k in kinds):
+            raise UserError(f"--kinds {args.kinds!r}: the scene answer kinds are {', '.join(known)}")
+        items = [it for it in items if it.kind in kinds]
     cfg = read_config(args.weights)
     K = check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
     proc = Processor(args.weights, cfg)
@@ -283,7 +298,7 @@ def run(argv=None) -> int:
         bar.update(1)
     bar.close()
     rows = summarise(records)
-    what = args.data or f"{len(items)} held-out scene prompts"
+    what = args.data or f"{len(items)} held-out scene prompts ({args.split} split)"
     print(f"Cutting the visual tokens to a fraction f from answer step s on (K = {K}), on {what}:\n")
     print(table(rows))
     if args.json:

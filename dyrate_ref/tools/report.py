@@ -25,6 +25,7 @@ class Row:
     method: Method
     blank: bool = False  # the control: every picture replaced by its empty background
     match: str | None = None  # keep as many tokens at each step as this row did (a method with `counts`)
+    schedule_of: str | None = None  # a DyRate schedule: at each step the mean share that row kept there, over all items
 
 
 def paired(a: list[float], b: list[float], clusters: list[str] | None = None) -> tuple[float, float]:
@@ -168,78 +169,93 @@ def table(results: list[tuple[Row, dict]], N: int, vision: int, bootstrap: int) 
     return f"{counts}. {notes}\n\n" + "\n".join(acc) + "\n\n" + cost_table(results, N, vision)
 
 
-def validation_choice(rows: list[dict], qa_within: float = 0.02, f1_within: float = 0.03) -> dict | None:
-    """The rule that picks a setting on the validation split (evaluate --split validation --json): of the
-    rows (the JSON's, none first), the cheapest by LM FLOPs on none's answers, then by mean KV bytes on
-    them, whose exact match is at most qa_within and whose object-F1 at most f1_within below none's (the
-    DyRate issue's compute bounds). None when no row but none qualifies."""
-    ok = [r for r in rows[1:] if r["em_delta"] >= -qa_within - 1e-12 and r.get("f1_delta", 0.0) >= -f1_within - 1e-12]
+def within(s: dict, bounds: dict) -> bool:
+    """Matched accuracy: each score in bounds that the summary has is at most its bound below none's
+    (em 0.01 = one point of exact match)."""
+    return all(s[k + "_delta"] >= -bound - 1e-12 for k, bound in bounds.items() if k + "_delta" in s)
+
+
+def cheapest(rows: list[dict], bounds: dict) -> dict | None:
+    """Of summary rows (dicts with the costs on none's answer tokens), the cheapest by LM FLOPs on none's
+    answers, then by mean KV bytes on them, among those within the bounds; None if none is."""
+    ok = [r for r in rows if within(r, bounds)]
     return min(ok, key=lambda r: (r["lm_flops_forced"], r["kv_mean_forced"]), default=None)
 
 
-def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[Item], ours: str, theirs: str,
-                    kind: str, target: float, within: float = 0.01, labels: dict | None = None) -> dict | None:
-    """The comparison declared before the tables: method `ours` against `theirs` (registry names, e.g.
-    "dyrate" and "fastv") at matched accuracy on the `kind` answers; the target: ours holds at most
-    `target` times their bytes, beyond 2 SE; labels: how the text names each side (default: its name).
-    Each side's row is its cheapest (mean KV bytes over the answer, counted on none's answer
-    tokens so that both sides pay for the same tokens) whose verdict on those answers is at most `within`
-    below none's; the two are compared by the paired per-item difference of those bytes, relative to
-    none's mean, with its picture-clustered SE. -> None without such items or forced costs."""
-    idx = [i for i, it in enumerate(items) if it.kind == kind]
-    base = records[results[0][0].name]
-    if not idx or "verdict" not in base[idx[0]] or any("forced_kv_mean" not in records[r.name][idx[0]]
-                                                       for r, _ in results[1:] if not r.blank):
+def validation_choice(rows: list[dict], bounds: dict) -> dict | None:
+    """The rule that picks a setting on the validation split (evaluate --split validation --json): of the
+    rows (the JSON's, none first), the cheapest within the matched-accuracy bounds. None when no row but
+    none qualifies."""
+    return cheapest(rows[1:], bounds)
+
+
+COSTS = {"lm_flops": ("forced_prefill_flops", "forced_decode_flops"), "kv_mean": ("forced_kv_mean",)}
+
+
+def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[Item], ours: str, theirs: dict,
+                    bounds: dict) -> dict | None:
+    """The comparison declared before the test run: family `ours` against each family in `theirs` ({family:
+    {cost: target ratio}}; "{K}" in a family is ours' pruning layer) at matched accuracy (`within` bounds).
+    Each side's row is its cheapest within the bounds (`cheapest`: costs counted on none's answer tokens,
+    so both sides pay for the same tokens). Each cost is compared by its ratio and by the paired per-item
+    difference relative to none's mean, with its picture-clustered SE; a target is met when the ratio is at
+    most the target and ours is cheaper beyond 2 SE. -> None without forced costs (data files without
+    none's tokens)."""
+    rows = [(row, s) for row, s in results if not row.blank]
+    if any("lm_flops_forced" not in s for _, s in rows):
         return None
+    base = records[results[0][0].name]
+    idx = [i for i, r in enumerate(base) if "tokens" in r]
     clusters = [items[i].cluster for i in idx]
-    labels = {ours: ours, theirs: theirs, **(labels or {})}
-    none_kv = sum(base[i]["kv_mean"] for i in idx) / len(idx)
+    per_item = lambda recs, cost: [sum(recs[i][k] for k in COSTS[cost]) for i in idx]  # noqa: E731
+    none_mean = {cost: sum(sum(base[i][k.removeprefix("forced_")] for k in COSTS[cost]) for i in idx) / len(idx)
+                 for cost in COSTS}
 
-    def side(name: str) -> list[dict]:
-        out = []
-        for row, _ in results:
-            if row.blank or row.method.name != name:
-                continue
-            recs = records[row.name]
-            delta, se = paired([base[i]["verdict"] for i in idx], [recs[i]["verdict"] for i in idx], clusters)
-            out.append({"method": row.name, "verdict": sum(recs[i]["verdict"] for i in idx) / len(idx),
-                        "verdict_delta": delta, "verdict_se": se, "eligible": delta >= -within - 1e-12,
-                        "kv_mean": sum(recs[i]["forced_kv_mean"] for i in idx) / len(idx) / none_kv})
-        return out
+    def candidates(family: str) -> list[dict]:
+        return [{"method": row.name, "layer": row.method.layer, **s} for row, s in rows if row.family == family]
 
-    sides = {ours: side(ours), theirs: side(theirs)}
-    pick = {k: min((r for r in v if r["eligible"]), key=lambda r: r["kv_mean"], default=None) for k, v in sides.items()}
-    out = {"kind": kind, "items": len(idx), "within": within, "none_verdict": sum(base[i]["verdict"] for i in idx) / len(idx),
-           "ours": ours, "theirs": theirs, "target": target, "labels": labels, "candidates": sides, ours: pick[ours], theirs: pick[theirs]}
-    if pick[ours] and pick[theirs]:
-        a, b = (records[pick[k]["method"]] for k in (theirs, ours))
-        d, se = paired([a[i]["forced_kv_mean"] / none_kv for i in idx], [b[i]["forced_kv_mean"] / none_kv for i in idx],
-                       clusters)
-        ratio = pick[ours]["kv_mean"] / pick[theirs]["kv_mean"]
-        out.update(kv_ratio=ratio, kv_difference=d, kv_difference_se=se,
-                   target_met=bool(ratio <= target and d < 0 and abs(d) > 2 * se))
+    mine = cheapest(candidates(ours), bounds)
+    out = {"ours": ours, "bounds": bounds, "items": len(idx), ours: mine, "against": {}}
+    for family, targets in theirs.items():
+        family = family.format(K=mine["layer"] if mine else "?")
+        theirs_row = cheapest([c for c in candidates(family) if mine is None or c["layer"] == mine["layer"]], bounds)
+        side = {"family": family, "row": theirs_row, "targets": targets, "costs": {}}
+        if mine and theirs_row:
+            for cost in COSTS:
+                a = [x / none_mean[cost] for x in per_item(records[theirs_row["method"]], cost)]
+                b = [x / none_mean[cost] for x in per_item(records[mine["method"]], cost)]
+                d, se = paired(a, b, clusters)
+                ratio = mine[cost + "_forced"] / theirs_row[cost + "_forced"]
+                side["costs"][cost] = {"ratio": ratio, "difference": d, "se": se, "target": targets.get(cost),
+                                       "met": None if cost not in targets else bool(ratio <= targets[cost] and d < -2 * se)}
+            side["target_met"] = all(c["met"] for c in side["costs"].values() if c["met"] is not None)
+        out["against"][family] = side
     return out
 
 
 def comparison_text(c: dict | None) -> str:
     """The declared comparison, in words, printed before the tables."""
     if c is None:
-        return "Main comparison: no look-then-reason items with costs on none's answers here; nothing to compare."
-    head = (f"Main comparison (declared before the tables): {c['labels'][c['ours']]} against "
-            f"{c['labels'][c['theirs']]} on the {c['items']} "
-            f"look-then-reason answers, each side's cheapest row (mean KV bytes over the answer, on none's answer "
-            f"tokens) whose verdict is within {100 * c['within']:.0f} point of none's ({100 * c['none_verdict']:.1f} %).")
-    lines = [head]
-    for k in (c["ours"], c["theirs"]):
-        r, label = c[k], c["labels"][k]
-        lines.append(f"  {label}: " + ("no row within the accuracy bound" if r is None else
-                     f"{r['method']}: verdict {100 * r['verdict']:.1f} % ({100 * r['verdict_delta']:+.1f} ± "
-                     f"{100 * r['verdict_se']:.1f}), mean KV {r['kv_mean']:.3f} of none's"))
-    if "kv_ratio" in c:
-        ours, theirs = c["labels"][c["ours"]], c["labels"][c["theirs"]]
-        lines.append(f"  {ours}'s mean KV is {c['kv_ratio']:.3f}x {theirs}'s; paired difference {c['kv_difference']:+.3f} "
-                     f"± {c['kv_difference_se']:.3f} of none's; target (<= {c['target']:g}x, beyond 2 SE) "
-                     + ("met" if c["target_met"] else "not met"))
+        return "Main comparison: no costs counted on none's answers here (a data file's items); nothing to compare."
+    names = {"em": "exact match", "f1": "describe object-F1", "verdict": "look-then-reason verdict"}
+    bound = ", ".join(f"{names.get(k, k)} within {100 * v:g} points" if k != "f1" else f"{names[k]} within {v:g}"
+                      for k, v in c["bounds"].items())
+    lines = [f"Main comparison (declared before the test run): at matched accuracy ({bound} of none's), "
+             f"{c['ours']}'s cheapest row against each opponent's at the same K, by LM FLOPs and mean KV bytes "
+             f"counted on none's answer tokens ({c['items']} items)."]
+    row = c[c["ours"]]
+    lines.append(f"  {c['ours']}: " + ("no row within the bounds" if row is None else
+                 f"{row['method']}: LM FLOPs {row['lm_flops_forced']:.3f}, mean KV {row['kv_mean_forced']:.3f} of none's"))
+    for family, side in c["against"].items():
+        r = side["row"]
+        lines.append(f"  {family}: " + ("no row within the bounds" if r is None else
+                     f"{r['method']}: LM FLOPs {r['lm_flops_forced']:.3f}, mean KV {r['kv_mean_forced']:.3f} of none's"))
+        for cost, x in side["costs"].items():
+            what = {"lm_flops": "LM FLOPs", "kv_mean": "mean KV"}[cost]
+            target = ("" if x["target"] is None else f"; target <= {x['target']:g}x, beyond 2 SE: "
+                      + ("met" if x["met"] else "not met"))
+            lines.append(f"    {c['ours']}'s {what} is {x['ratio']:.3f}x; paired difference {x['difference']:+.3f} "
+                         f"± {x['se']:.3f} of none's{target}")
     return "\n".join(lines)
 
 
@@ -257,6 +273,13 @@ def kept_schedule(records: list[dict], N: int, min_answers: int = 5) -> list[flo
     T = max(t + 1 for t in range(max(len(r["kept"]) for r in records)) if sum(len(r["kept"]) > t for r in records) >= need)
     return [sum(r["kept"][t] for r in records if len(r["kept"]) > t) / N / sum(len(r["kept"]) > t for r in records)
             for t in range(T)]
+
+
+def mean_schedule(records: list[dict], N: int) -> tuple[float, ...]:
+    """The fixed schedule with another row's mean kept counts: rate r_t = 1 - (mean kept at step t) / N,
+    for the steps kept_schedule measures (the last repeating). DyRate at this schedule keeps on average
+    what the adaptive row kept at each step, the same for every picture: the adaptivity control."""
+    return tuple(round(1 - f, 6) for f in kept_schedule(records, N))
 
 
 def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int) -> str:
@@ -287,13 +310,18 @@ def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int
             "from the cache's peak.\n\n" + "\n".join(lines))
 
 
-def pareto_points(results: list[tuple[Row, dict]], key: str = "em", ylabel: str = "exact match % (held-out questions)",
-                  scale: float = 100) -> list[dict]:
+def pareto_points(results: list[tuple[Row, dict]], keys: list[str], scale: dict, ylabels: dict) -> list[dict]:
+    """The Pareto figure's points: for each accuracy key (a row of panels) and each cost (a column: LM
+    FLOPs and mean KV bytes, counted on none's answer tokens), every row but the control, under its
+    family (one line per family), with ±2 clustered standard errors."""
     points = []
-    for row, s in results:
-        if row.blank:
-            continue
-        for panel, x in (("LM FLOPs relative to none", s["lm_flops"]), ("mean KV-cache bytes relative to none", s["kv_mean"])):
-            points.append({"panel": panel, "method": row.family, "label": row.name, "x": x, "y": scale * s[key],
-                           "yerr": scale * s[key + "_se"], "ylabel": ylabel})
+    for key in keys:
+        for row, s in results:
+            if row.blank or key not in s:
+                continue
+            for panel, x in (("LM FLOPs relative to none (on none's answer tokens)", s.get("lm_flops_forced", s["lm_flops"])),
+                             ("mean KV-cache bytes relative to none (on none's answer tokens)",
+                              s.get("kv_mean_forced", s["kv_mean"]))):
+                points.append({"panel": panel, "method": row.family, "label": row.name, "x": x,
+                               "y": scale[key] * s[key], "yerr": 2 * scale[key] * s[key + "_se"], "ylabel": ylabels[key]})
     return points

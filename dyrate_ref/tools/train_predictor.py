@@ -32,6 +32,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..flags import add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import forward_no_cache, generate, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
@@ -99,7 +100,7 @@ def greedy_answers(model, processor: Processor, examples, max_new_tokens: int):
     """The model's own unpruned greedy answer to each example: [(input_ids, pixels, tokens)]."""
     out = []
     for ex in examples:
-        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.image)
+        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.picture())
         out.append((ids, px, generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids).tokens))
     return out
 
@@ -173,7 +174,8 @@ def label_accuracy(pred: RatePredictor, feats: torch.Tensor, labels: torch.Tenso
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.train_predictor", description=summary(__doc__))
-    p.add_argument("--weights", required=True, help="llava-hf checkpoint directory")
+    add_weights(p, required=True)
+    add_threads(p)
     p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N (only the images and "
                                                  "prompts are used: labels come from the model's own answers)")
     p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
@@ -192,6 +194,7 @@ def run(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
     p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.weights is not None:
         args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
     if not (math.isfinite(args.margin) and args.margin >= 0):
