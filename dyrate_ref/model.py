@@ -371,6 +371,9 @@ class LlamaAttention(nn.Module):
         mask: optional bool [T, S] (True = may attend) over the keys this call sees (cache + new).
         By default a query sees every key whose original position is <= its own: causal, and correct
         whatever was evicted, because eviction removes keys rather than masking them.
+        A float mask [..., T, S] is instead a weight in [0, 1] per key on top of the causal default: the
+        probabilities are multiplied by it and renormalised, i.e. log(weight) is added to the scores,
+        with a finite gradient at weight 0 (a relaxed, differentiable eviction: tools/predictor_e2e.py).
         Returns out [B, T, C] and, if asked, the attention probabilities [B, H, T, S] in fp32.
         """
         B, T, _ = x.shape
@@ -392,10 +395,14 @@ class LlamaAttention(nn.Module):
         qg = q.reshape(B, Hkv, G * T, D)  # [B, Hkv, G*T, D]
         scores = (qg @ k.transpose(-2, -1)) * D**-0.5  # [B, Hkv, G*T, S]
         scores = scores.view(B, H, T, S)  # [B, H, T, S]
-        if mask is None:
-            mask = kv_pos[None, :] <= pos[:, None]  # [T, S]
+        weight = None
+        if mask is None or mask.dtype != torch.bool:
+            mask, weight = kv_pos[None, :] <= pos[:, None], mask  # [T, S]; weight: None or [..., T, S]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1, dtype=torch.float32)  # [B, H, T, S], fp32 as in HF eager
+        if weight is not None:
+            probs = probs * weight
+            probs = probs / probs.sum(-1, keepdim=True)
         out = probs.to(q.dtype).view(B, Hkv, G * T, S) @ v  # [B, Hkv, G*T, D]
         out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
         return self.o_proj(out), (probs if want_probs else None)
@@ -483,7 +490,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def run_layers(self, x, pos, cache: KVCache | None, layers: range, masks=None, probs_of: int | None = None):
         """Run decoder layers `layers` on hidden states x [B, T, C] of tokens at original positions
         pos [T]. masks: optional {layer: bool [T, S]} overriding the causal-by-position default
-        (the recompute oracle uses it). Returns x [B, T, C] and layer `probs_of`'s attention
+        (the recompute oracle uses it), or float key weights (LlamaAttention.forward). Returns x [B, T, C] and layer `probs_of`'s attention
         probabilities [B, H, T, S] (or None)."""
         tc = self.config.text_config
         cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)  # [T, D] each

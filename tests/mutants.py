@@ -240,6 +240,12 @@ MUTANTS = [
            "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)",
                                                     "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)"),),
            ("tests/test_tool_inputs.py",)),
+    Mutant("e2e-mask-not-cumulative", "the end-to-end route weighs step t's keys by step t's own mask, not by the "
+           "product of every earlier step's (an evicted token would come back)",
+           "dyrate_ref/tools/predictor_e2e.py", (("W = W * m  # [N]", "W = m  # [N]"),), ("tests/test_predictor_e2e.py",)),
+    Mutant("e2e-grads-into-model", "the end-to-end route leaves the VLM's weights trainable",
+           "dyrate_ref/tools/predictor_e2e.py", (("        p.requires_grad_(False)\n", "        p.requires_grad_(True)\n"),),
+           ("tests/test_predictor_e2e.py",)),
     Mutant("blind-mask-ignored", "v5's blind look rows see the picture after all (the mask never reaches the layers)",
            "dyrate_ref/demo/batches.py", (("        masks = {layer: mask for layer in range(L)}\n", ""),),
            ("tests/test_demo.py",)),

@@ -2,8 +2,13 @@
 
   python -m dyrate_ref.tools.train_predictor --weights DIR --data FILE.jsonl|scenes:N --out FILE
       [--margin 1.0] [--rounds 2] [--confidence 0.7] [--rollout-confidence C] [--heldout scenes:M]
+  python -m dyrate_ref.tools.train_predictor --objective e2e --lam 0.1 --weights DIR --data ... --out FILE
 
-Labels (dyrate_ref's reconstruction; the paper does not give its recipe), in one sentence:
+Two routes, both dyrate_ref's reconstructions: imitation (the default, below) and --objective e2e (the
+language model's own loss through a relaxed cut, tools/predictor_e2e.py: the route later work attributes
+to the paper). Their predictors are the same kind of file, read by --method dyrate alike.
+
+Imitation labels (the paper does not give its recipe), in one sentence:
 
     the label of step t is the largest cut -- drop 0, 25, 50, 75 or 100 % of the visual tokens still
     kept -- after which, holding that kept set to the end, every token of the model's own unpruned
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +50,7 @@ from ..progress import Progress
 from ..pruning import apply_cut, keep_mask, visual_scores, visual_span
 from ..settings import check_layer
 from .data import data_inputs, read_examples
+from .predictor_e2e import train_e2e
 
 
 def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, margin: float) -> bool:
@@ -179,6 +186,14 @@ def run(argv=None) -> int:
     p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N (only the images and "
                                                  "prompts are used: labels come from the model's own answers)")
     p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
+    p.add_argument("--objective", default="imitation", choices=("imitation", "e2e"),
+                   help="imitation (default): labels from the answer-preservation oracle, then DAgger; e2e: the "
+                        "language model's KL plus --lam times the kept share, through a relaxed cut "
+                        "(tools/predictor_e2e.py)")
+    p.add_argument("--lam", type=float, default=0.1,
+                   help="e2e: weight of the mean kept share in the loss, in nats (larger prunes more; default 0.1)")
+    p.add_argument("--tau", default="1.0,0.1", metavar="START,END",
+                   help="e2e: Gumbel-softmax temperature, annealed geometrically over the epochs (default 1.0,0.1)")
     p.add_argument("--margin", type=float, default=1.0,
                    help="nats of lead every answer token must keep (capped at its unpruned lead; default 1.0)")
     p.add_argument("--rounds", type=int, default=2, help="1 = oracle trajectories only; each more round adds the "
@@ -188,8 +203,9 @@ def run(argv=None) -> int:
                    help="confidence the DAgger rounds decode at (default: --confidence)")
     p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
     p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
-    p.add_argument("--epochs", type=int, default=300, help="full-batch Adam epochs (default 300)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="imitation: full-batch Adam epochs (default 300); e2e: passes over the answers (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.05; e2e 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the fit (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
     p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
@@ -206,6 +222,17 @@ def run(argv=None) -> int:
     rollout = args.confidence if args.rollout_confidence is None else args.rollout_confidence
     if not 0.0 < rollout <= 1.0:
         raise UserError(f"--rollout-confidence {rollout} must lie in (0, 1]")
+    e2e = args.objective == "e2e"
+    args.epochs = (8 if e2e else 300) if args.epochs is None else args.epochs
+    args.lr = (0.01 if e2e else 0.05) if args.lr is None else args.lr
+    if not (math.isfinite(args.lam) and args.lam >= 0):
+        raise UserError(f"--lam {args.lam} must be a number >= 0")
+    try:
+        tau_start, tau_end = (float(v) for v in args.tau.split(","))
+    except ValueError:
+        raise UserError(f"--tau {args.tau!r}: give START,END, two temperatures, e.g. 1.0,0.1") from None
+    if not (tau_start > 0 and tau_end > 0 and math.isfinite(tau_start) and math.isfinite(tau_end)):
+        raise UserError(f"--tau {args.tau!r}: both temperatures must be positive numbers")
     if args.hidden < 0 or args.epochs < 1 or args.max_new_tokens < 1:
         raise UserError("--hidden must be >= 0, --epochs and --max-new-tokens at least 1")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -220,6 +247,23 @@ def run(argv=None) -> int:
     heldout = read_examples(args.heldout, args.seed + 1, "--heldout") if args.heldout else []
     model = load_model(args.weights, config=cfg)
     proc = Processor(args.weights, model.config)
+    if e2e:
+        if args.hidden:
+            raise UserError("--hidden works with the imitation objective; the e2e predictor is linear")
+        t0 = time.perf_counter()
+        pred, log, _ = train_e2e(model, proc, examples, args.layer, args.lam, args.epochs, args.lr, args.seed, tau_start,
+                                 tau_end, args.confidence, args.max_new_tokens)
+        minutes = (time.perf_counter() - t0) / 60
+        for line in log:
+            print(line)
+        pred.save(args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), objective="e2e",
+                  lam=args.lam, tau=args.tau, epochs=args.epochs, lr=args.lr, seed=args.seed, examples=len(examples),
+                  data=args.data, minutes=round(minutes, 2))
+        print(f"trained end to end on {len(examples)} examples in {minutes:.1f} min; wrote {args.out}")
+        if replaces:
+            print(f"note: {args.out} replaced the predictor shipped with {args.weights}; generate.py --method dyrate "
+                  "now uses this one (git checkout restores the shipped file)")
+        return 0
     pred, feats, labels, log = train(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
                                      args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)
     pred.confidence = args.confidence  # the stored default (what the held-out figures below decode at)
@@ -227,7 +271,7 @@ def run(argv=None) -> int:
         print(line)
     acc = label_accuracy(pred, feats, labels)
     print("training label accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    settings = dict(margin=args.margin, rounds=args.rounds, seed=args.seed, examples=len(examples), steps=len(labels),
+    settings = dict(objective="imitation", margin=args.margin, rounds=args.rounds, seed=args.seed, examples=len(examples), steps=len(labels),
                     epochs=args.epochs, lr=args.lr, data=args.data, rollout_confidence=rollout)
     if heldout:
         answered = greedy_answers(model, proc, heldout, args.max_new_tokens)

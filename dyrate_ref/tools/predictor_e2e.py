@@ -1,0 +1,192 @@
+"""DyRate's predictor trained end to end: a differentiable cut, the language model's own loss and a cost
+penalty (train_predictor --objective e2e). The route later work attributes to the paper (a discrete
+choice learnt through a Gumbel-softmax / straight-through surrogate); the paper's own text, which we do
+not have, may differ. Everything here is dyrate_ref's reconstruction. The imitation route (labels from
+an answer-preservation oracle, then DAgger) is in train_predictor.py, beside it.
+
+One answer, teacher-forced on the unpruned model's own greedy answer, is one forward for all its steps:
+
+  for t = 0 .. T-1:
+    features_t   = predictor_features(scores_t, keep_{t-1}, t)     scores_t: layer K-1's attention of step
+                                                                   t's query (layers < K never evict, so
+                                                                   it is the unpruned run's)
+    y_t    [A]   = straight-through Gumbel-softmax of the predictor's logits (a hard one-hot sample
+                   forward, the soft sample's gradient backward)
+    m_t    [N]   = sum_a y_t[a] * kept set of cut a               the nested top-k sets of keep_{t-1}
+    W_t    [N]   = W_{t-1} * m_t                                  eviction is irreversible
+    keep_t       = the sampled cut's kept set                      (hard: what the features read next)
+
+  In layers >= K every query of step t (prompt rows belong to step 0) weighs the visual keys by W_t: the
+  attention's float mask (model.LlamaAttention), log W_t added to the scores. With hard W it is exactly
+  the evicting decode loop's attention (tests/test_predictor_e2e.py checks it against the cached loop).
+
+  loss = mean_t KL(unpruned_t || relaxed_t) + lam * mean_t |W_t| / N
+
+The VLM is frozen: gradients reach the predictor's weights only. Inference is unchanged (features ->
+class -> cut, decoded at a confidence): a predictor trained here is read by --method dyrate like any.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..generation import kl_divergence, reference_answer
+from ..predictor import CUTS, RatePredictor, predictor_features
+from ..progress import Progress
+from ..pruning import apply_cut, keep_mask, visual_scores, visual_span
+
+
+def step_scores(probs: torch.Tensor, span: tuple[int, int], P: int, T: int) -> torch.Tensor:
+    """Layer K-1's unpruned attention probs [1, H, S, S] -> every step's scores [T, N] (step t's query
+    is row P-1+t: the prompt's last token, then answer token t-1)."""
+    return torch.stack([visual_scores(probs[:, :, :P + t], span, "last") for t in range(T)])  # [T, N]
+
+
+def candidates(keep: torch.Tensor, scores: torch.Tensor, N: int, cuts=CUTS) -> torch.Tensor:
+    """The kept set of every cut of keep [M] by scores [N], as float masks [A, N] (nested: apply_cut)."""
+    return torch.stack([keep_mask(apply_cut(keep, scores, c), N) for c in cuts]).float()  # [A, N]
+
+
+def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decisions: list[int] | None = None,
+                    hard: bool = True, sample: bool = True):
+    """Every step's visual-key weights W [T, N] (differentiable in the predictor's weights), each step's
+    own mask m [T, N] and the hard kept sets [keep_t]. decisions: fixed cut indices per step (one-hot y_t;
+    the tests' sequence) instead of sampling; hard=False: the soft sample forward too (the tests');
+    sample=False: the predictor's most likely cut, no noise (the training log's deterministic loss)."""
+    T, N = scores.shape
+    keep = torch.arange(N, device=scores.device)  # keep_{-1}: everything
+    W = torch.ones(N, device=scores.device)
+    weights, masks, keeps = [], [], []
+    for t in range(T):
+        logits = pred(predictor_features(scores[t], keep, t))  # [A]
+        if decisions is None and sample:
+            y = F.gumbel_softmax(logits, tau=tau, hard=hard)  # [A]: one-hot forward, soft gradient
+        else:
+            a = int(logits.argmax()) if decisions is None else decisions[t]
+            y = F.one_hot(torch.tensor(a), len(pred.cuts)).float().to(scores.device)
+        cand = candidates(keep, scores[t], N, pred.cuts)  # [A, N]
+        m = y @ cand  # [N]: step t's own mask
+        W = W * m  # [N]: times every earlier step's
+        keep = cand[int(y.argmax())].nonzero().squeeze(1)  # [M_t]
+        weights.append(W)
+        masks.append(m)
+        keeps.append(keep)
+    return torch.stack(weights), torch.stack(masks), keeps  # [T, N], [T, N], T x [M_t]
+
+
+def key_weights(input_ids: torch.Tensor, image_token_id: int, W: torch.Tensor) -> torch.Tensor:
+    """W [T, N] -> the float mask [S, S] of layers >= K: 1 everywhere but the visual keys, which a query of
+    step t (prompt rows: step 0; the row of answer token t-1: step t) weighs by W_t. Causality is the
+    attention's own default."""
+    start, N = visual_span(input_ids, image_token_id)
+    P, T = input_ids.numel(), W.shape[0]
+    S = P + T - 1
+    step_of_row = torch.clamp(torch.arange(S, device=W.device) - (P - 1), min=0)  # [S]
+    ones = torch.ones(S, device=W.device)
+    return torch.cat([ones[:, None].expand(S, start), W[step_of_row], ones[:, None].expand(S, S - start - N)], dim=1)
+
+
+def relaxed_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, tokens: list[int], W: torch.Tensor,
+                   K: int) -> torch.Tensor:
+    """The teacher-forced answer's logits [T, V] with layers >= K weighing the visual keys by W [T, N]:
+    forward_no_cache's sequence, with gradients (to W; the model's weights are frozen)."""
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    P = input_ids.numel()
+    seq = torch.cat([input_ids, torch.tensor(tokens[:-1], dtype=torch.long, device=device)])  # [S]
+    pos = torch.arange(seq.numel(), device=device)  # [S]
+    with torch.no_grad():  # layers < K see everything and do not depend on W
+        x = model.embed(seq[None], model.image_features(pixel_values.to(device)))  # [1, S, C]
+        x, _ = model.run_layers(x, pos, None, range(K))
+    mask = key_weights(input_ids, model.config.image_token_index, W.to(device))  # [S, S]
+    L = model.config.text_config.num_hidden_layers
+    x, _ = model.run_layers(x, pos, None, range(K, L), masks={i: mask for i in range(K, L)})
+    return model.logits(x[0, P - 1:]).float()  # [T, V]
+
+
+def prepare(model, processor, examples, K: int, max_new_tokens: int, show_progress: bool = True):
+    """Per example: (input_ids, pixels, the unpruned greedy answer, its logits [T, V], scores [T, N])."""
+    out = []
+    bar = Progress(len(examples), "unpruned answers", " examples") if show_progress else None
+    for ex in examples:
+        ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.picture())
+        tokens, full, probs = reference_answer(model, ids, px, max_new_tokens, processor.stop_ids, probs_of=(K - 1,))
+        span = visual_span(ids, model.config.image_token_index)
+        out.append((ids, px, tokens, full, step_scores(probs[K - 1].cpu(), span, ids.numel(), len(tokens))))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return out
+
+
+def loss_of(model, pred: RatePredictor, prepared_one, K: int, lam: float, tau: float, decisions=None,
+            sample: bool = True):
+    """One answer's loss: mean_t KL(unpruned_t || relaxed_t) + lam * mean_t |W_t| / N. -> (loss, KL, kept)."""
+    ids, px, tokens, full, scores = prepared_one
+    W, _, _ = relaxed_weights(pred, scores, tau, decisions, sample=sample)  # [T, N]
+    logits = relaxed_logits(model, ids, px, tokens, W, K)  # [T, V]
+    kl = kl_divergence(full, logits).mean()
+    kept = W.mean()
+    return kl + lam * kept, kl.detach(), kept.detach()
+
+
+@torch.no_grad()
+def greedy_loss(model, pred: RatePredictor, data, K: int, lam: float) -> tuple[float, float, float]:
+    """The mean loss, KL and kept share over the answers with the predictor's most likely cut at every
+    step (no sampling noise): what the training log follows. -> (loss, KL, kept)."""
+    out = [loss_of(model, pred, one, K, lam, 1.0, sample=False) for one in data]
+    return tuple(sum(float(x[i]) for x in out) / len(out) for i in range(3))
+
+
+def freeze(model):
+    """The VLM's weights take no gradient: the loss trains the predictor alone."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def temperature(epoch: int, epochs: int, start: float, end: float) -> float:
+    """The Gumbel-softmax temperature, annealed geometrically from start (epoch 0) to end (the last)."""
+    return start * (end / start) ** (epoch / max(1, epochs - 1))
+
+
+def train_e2e(model, processor, examples, K: int, lam: float, epochs: int = 8, lr: float = 0.01, seed: int = 0,
+              tau_start: float = 1.0, tau_end: float = 0.1, confidence: float = 0.5, max_new_tokens: int = 64,
+              show_progress: bool = True):
+    """Adam on the predictor alone, one answer per step, `epochs` passes over the examples. -> (predictor,
+    log lines, the deterministic loss (greedy_loss) before training and after each epoch)."""
+    freeze(model)
+    data = prepare(model, processor, examples, K, max_new_tokens, show_progress)
+    torch.manual_seed(seed)
+    pred = RatePredictor(K, CUTS, 0, confidence)
+    feats = torch.stack([predictor_features(s[t], torch.arange(s.shape[1]), t) for *_, s in data
+                         for t in range(s.shape[0])])  # the unpruned path's features: the standardisation
+    pred.mean.copy_(feats.mean(0))
+    pred.std.copy_(feats.std(0).clamp_min(1e-3) if feats.shape[0] > 1 else torch.ones(feats.shape[1]))
+    opt = torch.optim.Adam(pred.net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    before = greedy_loss(model, pred, data, K, lam)
+    log = [f"before training: loss {before[0]:.4f} (KL {before[1]:.4f} nats, kept {before[2]:.3f} of N), most likely cuts"]
+    history = [before[0]]
+    bar = Progress(epochs * len(data), "training end to end", " answers") if show_progress else None
+    for epoch in range(epochs):
+        tau = temperature(epoch, epochs, tau_start, tau_end)
+        total = kls = kepts = 0.0
+        for i in torch.randperm(len(data), generator=gen).tolist():
+            loss, kl, kept = loss_of(model, pred, data[i], K, lam, tau)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, kls, kepts = total + loss.item(), kls + kl.item(), kepts + kept.item()
+            if bar:
+                bar.update(1, f"loss {loss.item():.3f}")
+        n, after = len(data), greedy_loss(model, pred, data, K, lam)
+        history.append(after[0])
+        log.append(f"epoch {epoch}: tau {tau:.3f}, sampled loss {total / n:.4f} (KL {kls / n:.4f}, kept {kepts / n:.3f}); "
+                   f"most likely cuts: loss {after[0]:.4f} (KL {after[1]:.4f} nats, kept {after[2]:.3f} of N)")
+    if bar:
+        bar.close()
+    return pred.eval(), log, history
+
