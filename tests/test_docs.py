@@ -67,3 +67,73 @@ def test_the_v5_figures_in_the_embedded_model_page_are_the_training_logs():
     last = re.findall(r"^heldout \d+ (.*)$", text, re.M)[-1]
     assert "look 1.000" in last and "look_blind 1.000" in last and "30.8 min in all" in text
     assert "kind_swap_kl 1.10e+01" in last and "kind-swap 1.10e+01" in page
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measured figures in the prose are read from the JSON the tool wrote. A figure is written with its
+# source beside it, invisible on the rendered page: 97.8<!--evaluation.json:none|em|%--> (a row's
+# field, x100), 0.712<!--evaluation.json:$main_comparison/DyRate predictor/lm_flops_forced--> (a path).
+
+MARK = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*<!--([\w.]+\.json):(.+?)-->")
+MARKED_DOCS = ["docs/evaluation.md", "docs/embedded_model.md", "docs/pruning.md", "README.md"]
+
+
+def figure(data: dict, key: str) -> float:
+    parts = key.split("|")
+    if parts[0].startswith("$"):
+        value = data
+        for step in parts[0][1:].split("/"):
+            value = value[int(step)] if isinstance(value, list) else value[step]
+    else:
+        value = next(r for r in data["rows"] if r["method"] == parts[0])[parts[1]]
+    return float(value) * (100 if parts[-1] == "%" else 1)
+
+
+def same_figure(printed: str, value: float) -> bool:
+    digits = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(float(printed) - value) <= 0.5 * 10 ** -digits + 1e-9
+
+
+@pytest.mark.parametrize("doc", MARKED_DOCS)
+def test_every_marked_figure_is_the_json_the_tool_wrote(doc):
+    text = open(os.path.join(REPO, doc), encoding="utf-8").read()
+    cache = {}
+    for m in MARK.finditer(text):
+        printed, name, key = m.groups()
+        data = cache.setdefault(name, None) or cache.setdefault(name, __import__("json").load(
+            open(os.path.join(REPO, "docs", name), encoding="utf-8")))
+        cache[name] = data
+        assert same_figure(printed, figure(data, key)), (doc, m.group(0), figure(data, key))
+
+
+def test_the_marks_catch_a_wrong_figure():
+    data = {"rows": [{"method": "none", "em": 0.978}], "c": {"x": [0.5, 0.25]}}
+    assert same_figure("97.8", figure(data, "none|em|%")) and not same_figure("97.9", figure(data, "none|em|%"))
+    assert same_figure("0.25", figure(data, "$c/x/1")) and not same_figure("0.3", figure(data, "$c/x/1"))
+
+
+def prose(doc: str) -> list[str]:
+    """The doc's lines outside tables and code blocks."""
+    out, code = [], False
+    for line in open(os.path.join(REPO, doc), encoding="utf-8"):
+        if line.startswith("```"):
+            code = not code
+        elif not code and not line.lstrip().startswith("|"):
+            out.append(line)
+    return out
+
+
+def test_evaluation_md_quotes_no_unmarked_measurement_and_its_tables_are_the_tools_printout():
+    """docs/evaluation.md: every figure in its prose with two or more decimals, or a percentage with a
+    decimal, carries its source mark; every table row is a line the tool printed (evaluation.txt,
+    validation.txt, premise.txt, targets.txt)."""
+    unmarked = [m.group(0) for line in prose("docs/evaluation.md")
+                for m in re.finditer(r"[-+]?\d+\.\d{2,}(?!\d|\s*<!--)|[-+]?\d+\.\d\s?%", line)
+                if not re.match(r"\s*<!--", line[m.end():]) and "<!--" not in m.group(0)]
+    assert not unmarked, unmarked
+    printed = "".join(open(os.path.join(REPO, "docs", f), encoding="utf-8").read()
+                      for f in ("evaluation.txt", "validation.txt", "premise.txt", "targets.txt"))
+    rows = [line.rstrip("\n") for line in open(os.path.join(REPO, "docs", "evaluation.md"), encoding="utf-8")
+            if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| answers")]
+    missing = [r for r in rows if r not in printed]
+    assert not missing, missing[:3]

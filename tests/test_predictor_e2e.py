@@ -83,8 +83,8 @@ def test_sampled_masks_at_low_temperature_are_the_hard_cuts(setup):
 
 
 def test_a_steps_weights_are_the_product_of_every_earlier_steps_masks(setup):
-    """Eviction is irreversible: W_t = m_0 * ... * m_t, which soft masks (hard=False) make visible (hard
-    nested sets would hide a W_t = m_t)."""
+    """Eviction is irreversible: W_t = m_0 * ... * m_t (a step's own mask is 1 on tokens evicted before,
+    so that its loss reaches the earlier cut), also with soft masks (hard=False)."""
     _, model, proc, items = setup
     *_, scores = answer(model, proc, items[2])
     torch.manual_seed(0)

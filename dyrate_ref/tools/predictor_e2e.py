@@ -12,8 +12,10 @@ One answer, teacher-forced on the unpruned model's own greedy answer, is one for
                                                                    it is the unpruned run's)
     y_t    [A]   = straight-through Gumbel-softmax of the predictor's logits (a hard one-hot sample
                    forward, the soft sample's gradient backward)
-    m_t    [N]   = sum_a y_t[a] * kept set of cut a               the nested top-k sets of keep_{t-1}
-    W_t    [N]   = W_{t-1} * m_t                                  eviction is irreversible
+    m_t    [N]   = sum_a y_t[a] * mask of cut a                   cut a's nested top-k set of keep_{t-1};
+                                                                   1 on the tokens evicted earlier
+    W_t    [N]   = W_{t-1} * m_t                                  eviction is irreversible, and the loss
+                                                                   of step t reaches every earlier cut
     keep_t       = the sampled cut's kept set                      (hard: what the features read next)
 
   In layers >= K every query of step t (prompt rows belong to step 0) weighs the visual keys by W_t: the
@@ -44,8 +46,11 @@ def step_scores(probs: torch.Tensor, span: tuple[int, int], P: int, T: int) -> t
 
 
 def candidates(keep: torch.Tensor, scores: torch.Tensor, N: int, cuts=CUTS) -> torch.Tensor:
-    """The kept set of every cut of keep [M] by scores [N], as float masks [A, N] (nested: apply_cut)."""
-    return torch.stack([keep_mask(apply_cut(keep, scores, c), N) for c in cuts]).float()  # [A, N]
+    """Step t's own mask under every cut, float [A, N]: 1 on the tokens the cut keeps of keep [M] (nested:
+    apply_cut), 0 on those it drops, and 1 on the tokens evicted before: their 0 is an earlier step's
+    factor of W, so a later step's loss still reaches the decision that evicted them."""
+    gone = ~keep_mask(keep, N)  # [N]
+    return torch.stack([keep_mask(apply_cut(keep, scores, c), N) | gone for c in cuts]).float()  # [A, N]
 
 
 def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decisions: list[int] | None = None,
@@ -68,7 +73,7 @@ def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decis
         cand = candidates(keep, scores[t], N, pred.cuts)  # [A, N]
         m = y @ cand  # [N]: step t's own mask
         W = W * m  # [N]: times every earlier step's
-        keep = cand[int(y.argmax())].nonzero().squeeze(1)  # [M_t]
+        keep = apply_cut(keep, scores[t], pred.cuts[int(y.argmax())])  # [M_t]: the sampled cut's set
         weights.append(W)
         masks.append(m)
         keeps.append(keep)
