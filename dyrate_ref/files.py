@@ -142,10 +142,14 @@ def _check_parent(path: str, flag: str):
 
 
 def check_folder(path: str, flag: str):
-    """An existing folder a command writes files into."""
+    """A folder a command writes files into: an existing, writable one, or a new one whose parent exists
+    (the command creates it when it writes, so a run refused later leaves nothing behind)."""
     if not path.strip():
         raise UserError(f"{flag} is empty; give a folder")
-    if not os.path.isdir(path):
-        raise UserError(f"{flag} {path}: folder does not exist; create it first")
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: folder is not writable")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder; give a folder to write the figures into")
+    where = path if os.path.isdir(path) else (os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(where):
+        raise UserError(f"{flag} {path}: its parent folder {where} does not exist; create it first")
+    if not os.access(where, os.W_OK):
+        raise UserError(f"{flag} {path}: {'folder' if where == path else 'parent folder'} is not writable")

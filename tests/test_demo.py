@@ -490,8 +490,9 @@ def test_evaluate_quick_has_every_row(tmp_path):
     """The evaluation runs end to end on a few scenes with every standard row, the control included.
     (Accuracy is not asserted here: 4 scenes say little; the targets are the test above.)"""
     out = tmp_path / "eval.json"
+    figs = tmp_path / "figures"  # not there yet: evaluate makes it
     r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--json", str(out), "--plot",
-                        str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+                        str(figs)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
     for name in ("| none |", "| none, image blanked (control) |", "| FastV K=", "| VTW K=", "| DyRate K=",
                  "| random keep, counts of DyRate", "| fixed schedule, mean counts of DyRate", "Main comparison"):
@@ -499,7 +500,7 @@ def test_evaluate_quick_has_every_row(tmp_path):
     figures = json.loads(out.read_text())
     none = figures["rows"][0]
     assert none["method"] == "none" and none["em_delta"] == 0.0 and none["lm_flops"] == 1.0
-    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "attention_over_generation.png").exists()
+    assert (figs / "pareto.png").stat().st_size > 1000 and (figs / "attention_over_generation.png").exists()
 
 
 def test_evaluate_refuses_a_non_positive_scene_count():

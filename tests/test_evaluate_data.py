@@ -273,3 +273,38 @@ def test_the_results_header_records_the_scene_count_and_a_mismatch_names_the_fie
     assert header["data"] == "scenes:1"  # the scene count, not the prompt count
     with pytest.raises(UserError, match="was written with data 'scenes:1', not 'scenes:2'"):
         evaluate.run(["--scenes", "2", *args])
+
+
+def test_a_one_image_caption_set_says_that_cider_is_zero_by_construction(exported, tmp_path, capsys):
+    """With one captioned image every idf is 0, so CIDEr-D is 0.000 for any answer: evaluate says so (a
+    two-image set, the exported one, does not get the note)."""
+    lines = [json.loads(x) for x in open(exported / "data.jsonl")]
+    one = [x for x in lines if "references" in x][:1]
+    for x in one:
+        x["image"] = str(exported / x["image"])
+    f = tmp_path / "one.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in one) + "\n")
+    evaluate.run(["--data", str(f), "--only-extra", "--no-control", "--max-new-tokens", "4", "--bootstrap", "2"])
+    assert "one captioned image every weight is 0" in capsys.readouterr().err
+    evaluate.run(["--data", str(exported / "data.jsonl"), "--only-extra", "--no-control", "--max-new-tokens", "4",
+                  "--bootstrap", "2"])
+    assert "captioned image" not in capsys.readouterr().err
+
+
+def test_the_plot_folder_is_made_when_missing_and_a_file_there_is_refused(tmp_path):
+    from dyrate_ref.files import check_folder
+    check_folder(str(tmp_path / "new"), "--plot")  # a new folder in an existing one: fine, made when written
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_folder(str(tmp_path / "f"), "--plot")
+    with pytest.raises(UserError, match="parent folder .* does not exist"):
+        check_folder(str(tmp_path / "no" / "new"), "--plot")
+
+
+def test_bench_tiny_shape_fits_every_benchmarked_method(tmp_path):
+    """bench --shape tiny, a listed choice: its decoder is deep enough for the methods' K = 2."""
+    from dyrate_ref.loading import read_config
+    from dyrate_ref.tools.bench import bench_methods, write_random_checkpoint
+    write_random_checkpoint(str(tmp_path), "tiny")
+    assert len(bench_methods(str(tmp_path), read_config(str(tmp_path)))) >= 7

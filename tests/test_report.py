@@ -139,6 +139,9 @@ def test_the_main_comparison_by_hand():
     c = report.main_comparison(results, records, items, "DyRate predictor", THEIRS, BOUNDS)
     assert c["against"]["FastV K=2"]["row"] is None and not c["against"]["FastV K=2"]["costs"]
     assert "no row within the bounds" in report.comparison_text(c)
+    # a run without DyRate rows says so, rather than "no row within the bounds"
+    c = report.main_comparison(results[:4], records, items, "DyRate predictor", THEIRS, BOUNDS)
+    assert report.comparison_text(c) == "Main comparison: this run has no DyRate predictor rows; nothing to compare."
 
 
 def test_the_fixed_schedule_at_mean_counts_by_hand():

@@ -40,8 +40,8 @@ from ..predictor import shipped_predictor_path
 SHAPES = {
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              image_size=32, patch_size=8),
-                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           vocab_size=32064, max_position_embeddings=256)),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           vocab_size=32064, max_position_embeddings=256)),  # 3 layers: the methods' K = 2 fits
     # vision: CLIP ViT-L/14-336 is 1024 wide, 24 layers, 16 heads; text: Llama-7B is 4096, 32, 32, 11008.
     "small": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
                               image_size=336, patch_size=14),

@@ -365,6 +365,11 @@ def run(argv=None) -> int:
     # Every line of the data file is checked (images opened), and every --extra spec, before the model loads.
     prompts = (read_items(args.data) if args.data else
                scene_items(args.scenes or (4 if args.quick else 300), args.split))
+    captioned = {it.cluster for it in prompts if it.references}  # the images with reference captions
+    if len(captioned) == 1:
+        sys.stderr.write("note: CIDEr-D weighs each n-gram by how rare it is across the set's images (idf); with "
+                         "one captioned image every weight is 0, so CIDEr-D is 0.000 for any answer, a copy of the "
+                         "reference included. Add captions of more images to score by it.\n")
     cfg = read_config(args.weights)
     ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
     extra = [parse_extra(spec, ctx) for spec in args.extra]
@@ -430,6 +435,7 @@ def run(argv=None) -> int:
             figures["random_shape_colour"] = random_shape_colour(prompts)
         write_json(args.json, figures)
     if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
         plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results, keys, scale, ylabels),
                     f"Accuracy against cost on {what}")
     if args.plot and not args.data:

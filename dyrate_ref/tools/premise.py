@@ -264,8 +264,10 @@ def run(argv=None) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     steps = parse_list(args.steps, "--steps", int)
     fractions = parse_list(args.fractions, "--fractions", float)
-    if any(s < 0 for s in steps) or any(not 0.0 <= f <= 1.0 for f in fractions):
-        raise UserError("--steps must be >= 0 and --fractions in [0, 1]")
+    if any(s < 0 for s in steps):
+        raise UserError(f"--steps {args.steps!r}: every step must be >= 0")
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise UserError(f"--fractions {args.fractions!r}: every kept fraction must lie in [0, 1]")
     choices = args.choice.split(",")
     if not choices or any(c not in CHOICES for c in choices):
         raise UserError(f"--choice {args.choice!r}: use step, prefill or step,prefill")

@@ -141,7 +141,8 @@ def cost_table(results: list[tuple[Row, dict]], N: int, vision: int) -> str:
             "each counted on the method's own answers; the two columns 'on none's answers' count them on none's "
             "answer tokens fed to the method, so that a method whose answers collapse does not look cheap; 'rate rose' "
             "is the share of answers in which fewer visual tokens were kept at some later step than at the prefill, "
-            "and the mean step of that first rise. "
+            "and the mean step of that first rise. Wall-clock is this machine's, on a shared CPU (±25 % between runs): "
+            "compare methods by FLOPs and bytes. "
             "Δ: paired difference from none over the same items, ± one standard error; a difference within two "
             "standard errors is not a difference.")
     return "\n".join(cost) + note
@@ -215,7 +216,7 @@ def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[
         return [{"method": row.name, "layer": row.method.layer, **s} for row, s in rows if row.family == family]
 
     mine = cheapest(candidates(ours), bounds)
-    out = {"ours": ours, "bounds": bounds, "items": len(idx), ours: mine, "against": {}}
+    out = {"ours": ours, "bounds": bounds, "items": len(idx), ours: mine, "against": {}, "rows": len(candidates(ours))}
     for family, targets in theirs.items():
         family = family.format(K=mine["layer"] if mine else "?")
         theirs_row = cheapest([c for c in candidates(family) if mine is None or c["layer"] == mine["layer"]], bounds)
@@ -237,6 +238,8 @@ def comparison_text(c: dict | None) -> str:
     """The declared comparison, in words, printed before the tables."""
     if c is None:
         return "Main comparison: no costs counted on none's answers here (a data file's items); nothing to compare."
+    if not c["rows"]:
+        return f"Main comparison: this run has no {c['ours']} rows; nothing to compare."
     names = {"em": "exact match", "f1": "describe object-F1", "verdict": "look-then-reason verdict"}
     bound = ", ".join(f"{names.get(k, k)} within {100 * v:g} points" if k != "f1" else f"{names[k]} within {v:g}"
                       for k, v in c["bounds"].items())

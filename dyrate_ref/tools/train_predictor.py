@@ -192,8 +192,8 @@ def run(argv=None) -> int:
                         "(tools/predictor_e2e.py)")
     p.add_argument("--lam", type=float, default=0.1,
                    help="e2e: weight of the mean kept share in the loss, in nats (larger prunes more; default 0.1)")
-    p.add_argument("--tau", default="1.0,0.1", metavar="START,END",
-                   help="e2e: Gumbel-softmax temperature, annealed geometrically over the epochs (default 1.0,0.1)")
+    p.add_argument("--tau", default="1.0,0.3", metavar="START,END",
+                   help="e2e: Gumbel-softmax temperature, annealed geometrically over the epochs (default 1.0,0.3)")
     p.add_argument("--margin", type=float, default=1.0,
                    help="nats of lead every answer token must keep (capped at its unpruned lead; default 1.0)")
     p.add_argument("--rounds", type=int, default=2, help="1 = oracle trajectories only; each more round adds the "
@@ -204,7 +204,7 @@ def run(argv=None) -> int:
     p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
     p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
     p.add_argument("--epochs", type=int, default=None,
-                   help="imitation: full-batch Adam epochs (default 300); e2e: passes over the answers (default 8)")
+                   help="imitation: full-batch Adam epochs (default 300); e2e: passes over the answers (default 12)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.05; e2e 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the fit (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
@@ -223,7 +223,7 @@ def run(argv=None) -> int:
     if not 0.0 < rollout <= 1.0:
         raise UserError(f"--rollout-confidence {rollout} must lie in (0, 1]")
     e2e = args.objective == "e2e"
-    args.epochs = (8 if e2e else 300) if args.epochs is None else args.epochs
+    args.epochs = (12 if e2e else 300) if args.epochs is None else args.epochs
     args.lr = (0.01 if e2e else 0.05) if args.lr is None else args.lr
     if not (math.isfinite(args.lam) and args.lam >= 0):
         raise UserError(f"--lam {args.lam} must be a number >= 0")
