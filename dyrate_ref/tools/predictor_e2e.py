@@ -189,6 +189,9 @@ def train_e2e(model, processor, examples, K: int, lam: float, epochs: int = 12, 
             loss, kl, kept = loss_of(model, pred, data[i], K, lam, tau)
             opt.zero_grad()
             loss.backward()
+            # A cut that removes most of a query's attention mass renormalises by a small sum: gradients of
+            # 1e5 next to ones of 1. Clipped, so that one answer does not decide the step.
+            torch.nn.utils.clip_grad_norm_(pred.net.parameters(), 1.0)
             opt.step()
             total, kls, kepts = total + loss.item(), kls + kl.item(), kepts + kept.item()
             if bar:
