@@ -164,6 +164,7 @@ def test_every_command_exits_through_the_one_wrapper():
     (r"weights\", \"dyrate-shapes\"", "loading.py", 1),  # the default weights path
     (r"def visual_span|\.nonzero\(\)\[0\]\)", "pruning.py", 1),  # finding the image span
     (r"torch\.cuda\.is_available\(\)", "loading.py", 2),  # the --device rule (resolve_device)
+    (r"add_argument\(\"--(?:weights|device|threads)\"", "flags.py", 3),  # the commands' shared flags
 ])
 def test_shared_pieces_exist_once(pattern, home, count):
     """Each piece lives in one module, and there only as often as it is written once (a pattern found

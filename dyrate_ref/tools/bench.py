@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..cost import vision_flops
-from ..flags import add_device, add_dtype, add_threads, apply_threads
+from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
@@ -287,7 +287,7 @@ def run(argv=None) -> int:
     p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead"],
                    help="speed (default): time per phase; loading: peak memory while loading; overhead: a pruned "
                         "decode step against method none on the same cache")
-    p.add_argument("--weights", help="checkpoint directory (default: a random one with --shape)")
+    add_weights(p, help="checkpoint directory (default: a random one with --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES),
                    help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
     add_device(p)
