@@ -15,17 +15,24 @@ import time
 import torch
 
 from . import __version__
-from .flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from .errors import ArgumentParser, UserError, command_main
 from .files import check_outputs, checkpoint_inputs
+from .flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from .generation import Sampling, generate
-from .loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
+from .loading import (DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
+                      weight_files)
 from .plots import plot_run, require_matplotlib
 from .processing import Processor, StreamingDecoder, open_image
 from .pruning import METHODS
 from .settings import (Context, describe, input_file_settings, metadata, method_class, parse_settings, resolve,
                        setting_fields)
 from .trace import read_trace, trace_tensors, write_trace
+
+
+# Below this many bytes of weights, generate.py runs on one CPU thread unless --threads says otherwise: on
+# the embedded model (11.6 MB) torch's default threads took 0.15-9.7 s on a busy 2-core machine where one
+# thread took 0.09-0.15 s (README, 'Using it'). Larger checkpoints keep torch's choice (not measured).
+SMALL_MODEL = 100_000_000
 
 
 def build_parser(prog: str = "generate.py") -> ArgumentParser:
@@ -44,8 +51,8 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--force-tokens", metavar="TRACE",
                    help="feed the tokens of another trace (a backend's) instead of choosing them, recording this "
                         "model's own logits, kept sets and costs at every step: the oracle for `trace compare`")
-    add_threads(p, "CPU threads for torch (default: torch's choice, one per core; on a busy machine 1 is faster, "
-                   "README 'Using it')")
+    add_threads(p, "CPU threads for torch (default: 1 for a checkpoint under 100 MB, like the embedded one; "
+                   "torch's choice, one per core, for larger ones)")
     g = p.add_argument_group("visual-token pruning (each flag is a setting of the methods named in its help)")
     g.add_argument("--method", default="none", help=f"{', '.join(METHODS)} (default none)")
     # One flag per setting any method has, made from the methods' own fields (pruning.METHODS): a new
@@ -120,6 +127,8 @@ def run(argv=None, prog: str = "generate.py") -> int:
     given = parse_settings(cls, method_texts(args), METHODS)  # method-level checks before the slow part
     image = open_image(args.image)
     cfg = read_config(weights)
+    if args.threads is None and device.type == "cpu" and sum(map(os.path.getsize, weight_files(weights))) < SMALL_MODEL:
+        torch.set_num_threads(1)  # a model this small gains nothing from more threads and loses much on a busy CPU
     processor = Processor(weights, cfg)
     input_ids = processor.input_ids(args.prompt)  # [P]
     unknown = processor.unknown_characters(args.prompt)

@@ -193,6 +193,7 @@ def cases(root):
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--epochs", "0"], "--epochs"),
             (["--weights", w, "--data", "scenes:0", "--out", str(root / "p.st")], "at least one scene"),
             (["--weights", w, "--data", "scenes:2", "--out", ""], "--out is empty"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.txt")], "name it FILE.safetensors"),
             (["--weights", w, "--data", str(root / "good.jsonl"), "--out", str(root / "good.jsonl")], "would overwrite"),
             (["--weights", w, "--data", str(root / "good.jsonl"), "--out", str(root / "a.png")], "would overwrite"),
             (["--weights", w, "--data", "scenes:2", "--heldout", str(root / "good.jsonl"), "--out",

@@ -283,3 +283,25 @@ def test_plot_titles_name_the_end_of_the_answer():
     assert token_label("", 2, Proc()) == "end of answer"
     assert token_label(" red", 7, Proc()) == "red"
     assert token_label(" ", 8, Proc()) == "' '"
+
+
+def test_a_small_checkpoint_runs_on_one_thread_unless_told(tmp_path):
+    """generate.py's default threads are the fast ones for the model at hand: one for a checkpoint under
+    cli.SMALL_MODEL bytes (torch's default, one per core, is slower on a busy machine for so small a
+    model); --threads N is kept as given."""
+    from dyrate_ref.cli import SMALL_MODEL, run
+    from helpers import hf_config, make_checkpoint
+    d = tmp_path / "w"
+    make_checkpoint(str(d), hf_config())
+    assert sum(f.stat().st_size for f in d.glob("*.safetensors")) < SMALL_MODEL
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(img)
+    args = ["--weights", str(d), "--image", str(img), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert run(args) == 0 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert run(args + ["--threads", "2"]) == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

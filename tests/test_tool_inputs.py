@@ -113,9 +113,9 @@ def test_the_rollout_confidence_trains_and_the_confidence_is_stored(tmp_path, ch
         assert r.returncode == 0, r.stderr
         with safe_open(str(out), "pt") as f:
             return load_file(str(out)), f.metadata()
-    a, meta_a = trained("a.st", "--confidence", "0.95", "--rollout-confidence", "0.55")
-    b, meta_b = trained("b.st", "--confidence", "0.55")
-    c, _ = trained("c.st", "--confidence", "0.95")
+    a, meta_a = trained("a.safetensors", "--confidence", "0.95", "--rollout-confidence", "0.55")
+    b, meta_b = trained("b.safetensors", "--confidence", "0.55")
+    c, _ = trained("c.safetensors", "--confidence", "0.95")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (meta_a["confidence"], meta_a["rollout_confidence"], meta_b["confidence"]) == ("0.95", "0.55", "0.55")
     assert not all(torch.equal(a[k], c[k]) for k in a), "the rollout confidence changed nothing here: pick other data"
@@ -131,3 +131,27 @@ def test_bench_prune_runs_on_the_shipped_weights():
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "| dyrate_ref none |" in r.stdout and "| dyrate_ref fastv R=0.5 |" in r.stdout
+
+
+def test_replacing_the_files_shipped_with_the_weights_is_said(tmp_path, checkpoint):
+    """train_predictor and calibrate_vtw writing over the predictor or calibration beside the weights:
+    allowed (that is how they are made), and said; writing them the first time says nothing."""
+    import shutil
+    w = tmp_path / "w"
+    shutil.copytree(checkpoint, w)
+    for i in range(2):
+        noise_image(32, 32, seed=50 + i).save(tmp_path / f"{i}.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "Describe it.", "answer": "x"}) + "\n"
+                            for i in range(2)))
+    runs = {"dyrate_predictor.safetensors": ["dyrate_ref.tools.train_predictor", "--layer", "2", "--rounds", "1",
+                                             "--epochs", "2", "--max-new-tokens", "3"],
+            "vtw_calibration.json": ["dyrate_ref.tools.calibrate_vtw", "--min-layer", "1", "--max-new-tokens", "3"]}
+    for name, cmd in runs.items():
+        said = []
+        for _ in range(2):
+            r = subprocess.run([sys.executable, "-m", *cmd, "--weights", str(w), "--data", str(data), "--out",
+                                str(w / name)], capture_output=True, text=True, timeout=300, cwd=REPO)
+            assert r.returncode == 0, r.stderr
+            said.append("replaced the" in r.stdout and "shipped with" in r.stdout)
+        assert said == [False, True], (name, said)

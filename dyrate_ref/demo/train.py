@@ -35,9 +35,9 @@ from dataclasses import replace
 
 import torch
 
-from ..flags import add_device, add_threads, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import publish
+from ..flags import add_device, add_threads, apply_threads
 from ..loading import load_model, read_config, resolve_device, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..processing import PROMPT_TEMPLATE, Processor

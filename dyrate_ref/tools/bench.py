@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..cost import vision_flops
-from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
+from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)

@@ -11,16 +11,18 @@ per-token KL to the unpruned distribution is averaged over all generated tokens 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from ..flags import add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
-from ..generation import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..files import check_outputs, checkpoint_inputs, write_json
+from ..flags import add_threads, add_weights, apply_threads
+from ..generation import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
+from ..pruning import VTW_CALIBRATION
 from ..settings import check_layer
 from .data import data_inputs, read_examples
 
@@ -88,7 +90,12 @@ def run(argv=None) -> int:
     if args.out:
         result = {"layer": K, "eta": args.eta, "min_layer": args.min_layer, "data": args.data,
                   "mean_kl": {str(k): v for k, v in kls.items()}}
+        shipped = os.path.join(args.weights, VTW_CALIBRATION)
+        replaces = os.path.isfile(shipped) and os.path.realpath(args.out) == os.path.realpath(shipped)
         write_json(args.out, result)
+        if replaces:  # said, not refused: this is how the shipped file is made (docs/embedded_model.md)
+            print(f"note: {args.out} replaced the VTW calibration shipped with {args.weights}; --method vtw now "
+                  "uses this one (git checkout restores the shipped file)")
     return 0
 
 

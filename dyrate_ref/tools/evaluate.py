@@ -48,9 +48,9 @@ from dataclasses import fields, replace
 import torch
 
 from ..cost import vision_flops
-from ..flags import add_weights
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
+from ..flags import add_weights
 from ..generation import generate, reference_answer
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_weights
 from ..plots import plot_layers, plot_pareto, require_matplotlib

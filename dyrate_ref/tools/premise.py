@@ -31,9 +31,9 @@ from typing import ClassVar
 
 import torch
 
-from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
+from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..generation import generate, kl_divergence, recompute_logits, reference_answer
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from ..plots import require_matplotlib, save_figure

@@ -38,8 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..flags import add_threads, add_weights, apply_threads
 from ..errors import ArgumentParser, UserError, command_main, summary
+from ..flags import add_threads, add_weights, apply_threads
 from ..generation import forward_no_cache, generate, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
@@ -245,6 +245,8 @@ def run(argv=None) -> int:
     replaces = shipped is not None and os.path.realpath(args.out) == os.path.realpath(shipped)
     examples = read_examples(args.data, args.seed)
     heldout = read_examples(args.heldout, args.seed + 1, "--heldout") if args.heldout else []
+    if not args.out.endswith(".safetensors"):  # --method dyrate --predictor reads safetensors files only
+        raise UserError(f"--out {args.out}: a predictor file is safetensors; name it FILE.safetensors")
     model = load_model(args.weights, config=cfg)
     proc = Processor(args.weights, model.config)
     if e2e:
