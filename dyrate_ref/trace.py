@@ -17,7 +17,7 @@ device, prompt, method, layer, rate, score, rates, predictor, max_new_tokens, te
 stop_reason, forced_from, dyrate_ref_version, torch_version, format.
 
     python -m dyrate_ref.trace compare ORACLE BACKEND [--dtype float32|float16|bfloat16] [--json]
-    python -m dyrate_ref.trace from-openai RESPONSE.json --input-ids-from TRACE --out BACKEND.safetensors
+    python -m dyrate_ref.trace from-openai RESPONSE.json [--input-ids-from TRACE] --out BACKEND.safetensors
 
 `compare` lines the two traces up step by step and checks, with limits chosen by the backend's dtype
 (LIMITS below): max |Δlogit| (|Δlog-prob| over the backend's top-k when it has only those), KL(oracle ‖
@@ -394,14 +394,15 @@ def run(argv=None) -> int:
     c.add_argument("--json", action="store_true", help="print the report as JSON (per step and overall)")
     o = sub.add_parser("from-openai", help="an OpenAI-compatible response with logprobs -> a partial trace")
     o.add_argument("response", help="the JSON the server returned")
-    o.add_argument("--input-ids-from", required=True, metavar="TRACE",
-                   help="a trace of the same prompt (the oracle's) to take input_ids from, unless the JSON has prompt_token_ids")
+    o.add_argument("--input-ids-from", metavar="TRACE",
+                   help="a trace of the same prompt (the oracle's) to take input_ids from; not needed when the JSON "
+                        "has prompt_token_ids")
     o.add_argument("--out", required=True, help="the trace to write")
     args = p.parse_args(argv)
     if args.cmd == "from-openai":
-        check_outputs([("--out", args.out)], [("the response", args.response), ("the --input-ids-from trace",
-                                                                              args.input_ids_from)])
         check_input_file(args.response, "RESPONSE", "the JSON file the server returned")
+        check_outputs([("--out", args.out)], [("the response", args.response)] + (
+            [("the --input-ids-from trace", args.input_ids_from)] if args.input_ids_from else []))
         try:
             with open(args.response, encoding="utf-8") as f:
                 response = json.load(f)
@@ -414,6 +415,9 @@ def run(argv=None) -> int:
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt_ids)):
             raise UserError(f"{args.response}: prompt_token_ids is not a list of token ids; fix the response or "
                             "remove the field to take input_ids from --input-ids-from")
+        if not prompt_ids and not args.input_ids_from:
+            raise UserError(f"{args.response} has no prompt_token_ids; add --input-ids-from TRACE (the oracle's trace "
+                            "of the same prompt) to take the input_ids from")
         input_ids = (torch.tensor(prompt_ids, dtype=torch.int64) if prompt_ids
                      else read_trace(args.input_ids_from, "--input-ids-from")["input_ids"])
         tensors = openai_trace(response, input_ids, args.response)

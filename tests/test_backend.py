@@ -173,6 +173,17 @@ def test_an_openai_response_becomes_a_partial_trace(files, tmp_path):
     assert r.returncode == 0, r.stdout
     report = json.loads(r.stdout)
     assert report["same"] and len(report["steps"]) == 6 and any("KL" in x for x in report["not_checked"])
+    # With the prompt's ids in the response (vLLM's prompt_token_ids), --input-ids-from is not needed;
+    # without either, one line says what to add.
+    response["prompt_token_ids"] = ours["input_ids"].tolist()
+    path.write_text(json.dumps(response))
+    r = run("from-openai", str(path), "--out", str(tmp_path / "p.st"))
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(read_trace(str(tmp_path / "p.st"))["input_ids"], ours["input_ids"])
+    del response["prompt_token_ids"]
+    path.write_text(json.dumps(response))
+    r = run("from-openai", str(path), "--out", str(tmp_path / "q.st"))
+    assert r.returncode == 2 and "add --input-ids-from" in r.stderr and not (tmp_path / "q.st").exists()
     # Token text instead of ids cannot be compared exactly: refused, exit 2, one line saying what to ask for.
     content[0]["token"] = " the"
     path.write_text(json.dumps(response))
