@@ -126,7 +126,7 @@ def cases(root):
             (["--weights", w, "--extra", "fastv:rate=2"], "outside [0, 1]"),
             (["--weights", w, "--extra", "nope:x=1"], "use NAME"),
             (["--weights", w, "--extra", "vtw:rate=0.5"], "does not apply"),
-            (["--plot", "/nonexistent"], "does not exist"),
+            (["--plot", "/nonexistent/figures"], "parent folder /nonexistent does not exist"),
             (["--weights", w, "--results", os.path.join(w, "model.safetensors")], "would overwrite"),
             (["--data", str(root / "data.jsonl"), "--weights", w], "line 1"),
             (["--weights", "/nonexistent"], "nonexistent"),
