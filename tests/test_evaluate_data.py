@@ -146,7 +146,7 @@ def test_extra_rows_parse_into_the_settings_they_name():
     L = cfg.text_config.num_hidden_layers
     for bad, why in (("fastv:2", "use NAME"), ("fastv:score=median", "'last' or 'mean'"), ("nope", "use NAME"),
                      (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:rate=2", "outside [0, 1]"),
-                     ("vtw:rate=0.5", "does not apply"), ("dyrate:layer=3", "differs from the predictor"),
+                     ("vtw:rate=0.5", "does not apply"), ("dyrate:layer=2", "differs from the predictor"),
                      ("random:layer=0:rate=0.5", "outside 1.."), ("mass:mass=x", "not a number"),
                      ("random:layer=1", "needs rate"), ("random:counts=3:rate=0.5", "set by the evaluation")):
         with pytest.raises(UserError, match="--extra") as e:

@@ -86,7 +86,7 @@ def test_settings_are_checked_once_with_one_message():
     for cls, given in ((FastV, {"layer": 8}), (VTW, {"layer": 0}), (DyRate, {"layer": 9, "rates": (0.5,)})):
         with pytest.raises(UserError, match=r"--layer \d is outside 1\.\.7 \(the model has 8 layers\)"):
             resolve(cls, given, ctx)
-    with pytest.raises(UserError, match="differs from the predictor's K=1"):
+    with pytest.raises(UserError, match="differs from the predictor's K=3"):
         resolve(DyRate, {"layer": 2}, ctx)
     with pytest.raises(UserError, match="--rates and --confidence both given"):
         resolve(DyRate, {"rates": (0.5,), "confidence": 0.5}, ctx)
@@ -104,12 +104,13 @@ def test_the_shipped_predictors_confidence_is_a_setting():
     ctx = Context(DEFAULT_WEIGHTS, 8, model.config)
     own, _ = resolve(DyRate, {}, ctx)
     cautious, _ = resolve(DyRate, {"confidence": 1.0}, ctx)
-    ids = proc.input_ids("Describe the image.")
-    px = proc.pixel_values(Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png"))
-    kept_own = [int(k.sum()) for k in generate(model, ids, px, 12, own).record.keep_masks]
-    kept_cautious = generate(model, ids, px, 12, cautious).record
+    ids = proc.input_ids("What color is the star? Look first.")
+    px = proc.pixel_values(Image.open(f"{DEFAULT_WEIGHTS}/examples/scene1.png"))
+    kept_own = [int(k.sum()) for k in generate(model, ids, px, 30, own).record.keep_masks]
+    kept_cautious = generate(model, ids, px, 30, cautious).record
+    T = len(kept_cautious.keep_masks)
     assert min(kept_own) < 144  # the precondition: at its own confidence it cuts in this answer
-    assert [int(k.sum()) for k in kept_cautious.keep_masks] == [144] * 12 and set(kept_cautious.rates) == {0.0}
+    assert [int(k.sum()) for k in kept_cautious.keep_masks] == [144] * T and set(kept_cautious.rates) == {0.0}
 
 
 @dataclass(frozen=True)

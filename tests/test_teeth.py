@@ -214,7 +214,7 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     """On scene 3, every step's cut of the shipped predictor, recomputed from its file with plain
     arithmetic (standardise, the linear layer, P(label >= a) >= confidence), equals what generate did:
     on the model's own description, and on a constructed look-then-reason trajectory (the scene's true
-    description, then "So a green star: yes.", teacher-forced), where the rate must rise after the
+    description, then "So the star is green.", teacher-forced), where the rate must rise after the
     prefill -- the looking part is where DyRate's premise says the picture can go. (On descriptions it
     rises too: this predictor does not tell the two apart; docs/evaluation.md says so.)"""
     import json
@@ -240,9 +240,9 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     else:
         examples = json.load(open(f"{DEFAULT_WEIGHTS}/examples/examples.json"))
         truth = next(e["description"] for e in examples if e["file"] == "scene3.png")
-        assert "a green star" in truth  # so the verdict below is the true one
-        answer = proc.answer_ids(truth + " So a green star: yes.")
-        ids, px = proc.input_ids("Is there a green star? Look first."), proc.pixel_values(img)
+        assert "a green star" in truth  # so the answer below is the true one
+        answer = proc.answer_ids(truth + " So the star is green.")
+        ids, px = proc.input_ids("What color is the star? Look first."), proc.pixel_values(img)
         gen = generate(model, ids, px, len(answer), method, force=answer)
     kept = [int(k.sum()) for k in gen.record.keep_masks]
     # Layers < K are never pruned: the no-cache forward gives every step's scores.
