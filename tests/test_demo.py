@@ -68,8 +68,15 @@ def test_questions_have_one_right_answer():
         assert sorted(parse_description(describe(s))) == sorted((x.color, x.kind, x.position) for x in s.shapes)
 
 
+def grade_answer(item, text: str) -> float:
+    """A scene item graded as the tools grade it (tools/data.py's Item, what every table reports)."""
+    from dyrate_ref.tools.data import Item
+    gold = dict(references=(item.answer,)) if item.kind == "describe" else dict(answer=item.answer)
+    return Item("x", item.question, item.kind, 0, "x", scene=item.scene, **gold).grade(text)
+
+
 def test_scoring_is_exact_match_on_the_whole_restated_answer():
-    from dyrate_ref.demo.scenes import EvalItem, grade_answer
+    from dyrate_ref.demo.scenes import EvalItem
     s = random_scene(random.Random(9), 3, 3)
     shape = s.shapes[0]
     item = EvalItem(s, "color", f"What color is the {shape.kind}?", f"The {shape.kind} is {shape.color}.")
@@ -82,7 +89,7 @@ def test_scoring_is_exact_match_on_the_whole_restated_answer():
 
 
 def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
-    from dyrate_ref.demo.scenes import LOOK_SPLIT, EvalItem, look_answer, look_question, look_verdict, grade_answer
+    from dyrate_ref.demo.scenes import LOOK_SPLIT, EvalItem, look_answer, look_question, look_verdict
     s = random_scene(random.Random(2), 3, 3)
     here, kinds = s.shapes[1], {x.kind for x in s.shapes}
     absent = next(c for c in COLORS if (c, here.kind) not in {(x.color, x.kind) for x in s.shapes})
@@ -463,7 +470,6 @@ def shipped_scores(look: bool) -> dict:
     from dyrate_ref.generation import generate
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
-    from dyrate_ref.demo.scenes import grade_answer
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
     scores = {}

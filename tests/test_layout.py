@@ -89,6 +89,17 @@ def test_the_tools_reach_the_demo_world_through_one_door():
     users = {m for m in MODULES if m.startswith("dyrate_ref.tools")
              and any(d.startswith("dyrate_ref.demo") for d in GRAPH[m])}
     assert users == {"dyrate_ref.tools.data"}, users
+    # ... and that module through one function, called in one place
+    tree = ast.parse(open(MODULES["dyrate_ref.tools.data"]).read())
+    names = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and "demo" in (n.module or "")
+             for a in n.names}
+    assert names == {("demo.world", "scene_world")}, names
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "scene_world"]
+    assert len(calls) == 1, len(calls)
+    # the scene world's insides (a scene's shapes, its drawing) stay behind the door
+    for m, path in MODULES.items():
+        if m.startswith("dyrate_ref.tools"):
+            assert not re.search(r"\.shapes\b|\.draw\(\)", open(path).read()), m
 
 
 # What pruning.py, the file a reader opens to learn the method, must not hold: the settings machinery

@@ -431,7 +431,7 @@ def test_the_random_shape_baseline_by_hand():
     """A model that names a random shape's colour: 1/2 on a scene of a red circle and a blue star asked
     about the circle; 2/3 on red circle, red square, blue star asked about the square."""
     from dyrate_ref.demo.scenes import Scene, Shape
-    from dyrate_ref.tools.evaluate import random_shape_colour
+    from dyrate_ref.tools.data import random_shape_colour
     two = Scene((Shape("circle", "red", 0, (10, 10), 10), Shape("star", "blue", 8, (80, 80), 10)), (0, 0, 0), 1)
     three = Scene((Shape("circle", "red", 0, (10, 10), 10), Shape("square", "red", 4, (48, 48), 10),
                    Shape("star", "blue", 8, (80, 80), 10)), (0, 0, 0), 2)

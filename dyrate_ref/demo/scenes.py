@@ -323,16 +323,6 @@ def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, look_form
     return items
 
 
-def grade_answer(item: EvalItem, text: str) -> float:
-    """The scene world's grade of one answer: object-F1 for a description, the final yes/no for a
-    look-then-reason answer, exact match (normalised) for the other questions."""
-    if item.kind == "describe":
-        return object_f1(text, item.scene)
-    if item.kind == "look":
-        return float(look_verdict(text) == look_verdict(item.answer))
-    return float(normalise(text) == normalise(item.answer))
-
-
 def training_examples(n: int, seed: int = 0, look_form: str = LOOK_FORM):
     """(scene, prompt, answer) triples, one question, description or look-then-reason answer each, for
     predictor training and VTW calibration: the mixture DyRate's rate is learnt on, where some answers
@@ -355,10 +345,6 @@ def training_examples(n: int, seed: int = 0, look_form: str = LOOK_FORM):
 
 # ----------------------------------------------------------------------------------------------------
 # Scoring
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"[^a-z ]", "", text.lower()).strip()
 
 
 TRIPLE = re.compile(r"(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") (?:at|in) the (" +

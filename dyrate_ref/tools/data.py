@@ -21,18 +21,19 @@ import dataclasses
 import json
 import os
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from PIL import Image
 
-# The tools' one door to the demo's scene world (tests/test_layout.py keeps it so).
-from ..demo.reading import kind_swap_kl, kind_swap_pairs
-from ..demo.scenes import (LOOK_SPLIT, TEST_SEED, VALIDATION_SEED, Scene, eval_set, look_verdict, object_f1,
-                           training_examples)
+from ..demo.world import scene_world
 from ..errors import UserError
 from ..files import check_input_file
 from ..processing import open_image
 from .metrics import exact_match, vqa_accuracy
+
+# The tools' one door to the demo's scene world, opened here once (tests/test_layout.py keeps it so).
+WORLD = scene_world()
+LOOK_SPLIT = WORLD.look_split
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ class Item:
     answer: str | None = None  # exact match (a look-then-reason item: its final yes / no)
     answers: tuple[str, ...] = ()  # VQA accuracy
     image_path: str | None = None  # files
-    scene: Scene | None = field(default=None, compare=False)  # scenes
+    scene: object | None = field(default=None, compare=False)  # scenes
     image: Image.Image | None = field(default=None, compare=False)  # a picture in memory (Item.of)
 
     @classmethod
@@ -68,7 +69,7 @@ class Item:
         if self.scene is None:
             img = self.image if self.image is not None else open_image(self.image_path, '"image"')
             return Image.new("RGB", img.size, (128, 128, 128)) if blank else img
-        return (replace(self.scene, shapes=()) if blank else self.scene).draw()
+        return WORLD.picture(self.scene, blank)
 
     def grades(self, text: str) -> dict:
         """What can be graded from this answer alone (CIDEr-D needs the whole set: report.summarise):
@@ -76,13 +77,13 @@ class Item:
         yes / no against the right one), vqa, f1 (a scene's description: object-F1)."""
         out = {}
         if self.kind == "look":
-            out["verdict"] = float(look_verdict(text) == look_verdict(self.answer))
+            out["verdict"] = float(WORLD.verdict(text) == WORLD.verdict(self.answer))
         elif self.answer is not None:
             out["em"] = exact_match(text, self.answer)
         if self.answers:
             out["vqa"] = vqa_accuracy(text, list(self.answers))
         if self.scene is not None and self.kind == "describe":
-            out["f1"] = object_f1(text, self.scene)
+            out["f1"] = WORLD.object_f1(text, self.scene)
         return out
 
     def grade(self, text: str) -> float | None:
@@ -175,7 +176,7 @@ def read_examples(spec: str, processor_seed: int = 0, flag: str = "--data") -> l
         if n > MAX_SCENES:
             raise UserError(f"{flag} {spec!r}: at most scenes:{MAX_SCENES}")
         return [Item(f"example{i}", q, "example", i, f"example{i}", answer=a, scene=scene)
-                for i, (scene, q, a) in enumerate(training_examples(n, seed=processor_seed + 7919))]
+                for i, (scene, q, a) in enumerate(WORLD.training(n, seed=processor_seed + 7919))]
     check_input_file(spec, flag, "a JSONL file or scenes:N")
     return read_items(spec, flag)
 
@@ -208,7 +209,7 @@ def scene_items(n_scenes: int, split: str = "test", look: bool = True) -> list[I
     scenes of 2+ shapes (its verdict); clustered by scene. split "test": the scenes every reported table
     uses; "validation": a disjoint set, for choosing settings first."""
     out = []
-    for it in eval_set(n_scenes, TEST_SEED if split == "test" else VALIDATION_SEED, look=look):
+    for it in WORLD.held_out(n_scenes, split, look):
         gold = dict(references=(it.answer,)) if it.kind == "describe" else dict(answer=it.answer)
         out.append(Item(f"scene{it.scene.seed}:{it.kind}", it.question, it.kind, it.scene.seed % 1_000_003,
                         f"scene{it.scene.seed}", scene=it.scene, **gold))
@@ -218,7 +219,14 @@ def scene_items(n_scenes: int, split: str = "test", look: bool = True) -> list[I
 def kind_swap(model, processor, n_scenes: int) -> float:
     """Does the model read the question? The mean symmetric KL of the answer word when only the asked
     shape kind changes, on the same picture (demo/reading.py), over n_scenes held-out scenes."""
-    return kind_swap_kl(model, processor, kind_swap_pairs(n_scenes))
+    return WORLD.kind_swap(model, processor, n_scenes)
+
+
+def random_shape_colour(items: list[Item]) -> float:
+    """The baseline beside the kind-swap figure: the expected exact match on the colour questions of a
+    model that answers with the colour of a random shape of the scene (one that ignores the asked kind)."""
+    hits = [WORLD.random_shape_colour(i.scene, i.prompt) for i in items if i.kind == "color" and i.scene is not None]
+    return sum(hits) / max(1, len(hits))
 
 
 def check_fits(items: list[Item], processor, context: int, flag: str = "--data"):

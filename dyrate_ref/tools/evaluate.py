@@ -60,7 +60,7 @@ from ..progress import Progress
 from ..pruning import DEFAULT_LAYER, METHODS, Method, visual_span
 from ..settings import Context, Origin, build, check_layers, resolve, spec_layers
 from .baselines import BASELINES
-from .data import MAX_SCENES, Item, check_fits, data_inputs, kind_swap, read_items, scene_items
+from .data import MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items
 from .report import (METRICS, PERCENT, Row, comparison_text, main_comparison, mean_schedule, pareto_points,
                      serving_table, summarise, table)
 from .results import Results
@@ -306,16 +306,6 @@ def attention_over_generation(model, processor, prompts, max_items: int = 40, mi
         means[:, t] = x.mean(1)
         sems[:, t] = x.std(1) / x.shape[1] ** 0.5 if x.shape[1] > 1 else 0.0
     return means, sems, counts[:T]
-
-
-def random_shape_colour(items: list[Item]) -> float:
-    """The baseline beside the kind-swap figure: the expected exact match on the colour questions of a
-    model that answers with the colour of a random shape of the scene (one that ignores the asked kind)."""
-    hits = []
-    for it in (i for i in items if i.kind == "color" and i.scene is not None):
-        asked = next(s for s in it.scene.shapes if it.prompt.rstrip("?").endswith(s.kind))
-        hits.append(sum(s.color == asked.color for s in it.scene.shapes) / len(it.scene.shapes))
-    return sum(hits) / max(1, len(hits))
 
 
 def run(argv=None) -> int:
