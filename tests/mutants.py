@@ -8,6 +8,12 @@ match exactly once), and the test files that cover that part are run with `pytes
 caught when a test fails; the report names the first failing test. Exit status 0 when every mutant is
 caught, 1 otherwise.
 
+A mutant may name the function it edits (`where`, "name" or "Class.name"): its edits are then looked for
+inside that function only, with any run of white space matching any other, and the function is found
+in `path` or, if it has moved, in whichever package file defines it once. Such a mutant survives the
+code around it being moved or reformatted; the older ones, tied to an exact string in one file, are
+re-derived when their code moves.
+
 The test files run per mutant are the ones covering that part of the code (all files would take ~5 min
 per mutant); `--full` runs the whole suite for each instead.
 """
@@ -15,6 +21,8 @@ per mutant); `--full` runs the whole suite for each instead.
 from __future__ import annotations
 
 import argparse
+import ast
+import glob
 import os
 import re
 import shutil
@@ -35,6 +43,7 @@ class Mutant:
     path: str
     edits: tuple[tuple[str, str], ...]  # (old, new), each old must occur exactly once
     tests: tuple[str, ...]
+    where: str | None = None  # the function ("name" or "Class.name") the edits lie in, wherever it now is
 
 
 MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
@@ -253,6 +262,18 @@ MUTANTS = [
            "dyrate_ref/demo/recipes.py", (("return stage.lr * schedule(step, self.shared_steps, self.warmup, self.decay)",
                                            "return stage.lr * schedule(step, self.steps, self.warmup, self.decay)"),),
            ("tests/test_demo.py",)),
+    # Round 4 (#43): tied to the function they edit (`where`), so that they survive its code moving
+    Mutant("matched-bound-strict", "a loss of exactly the bound counted as beyond it", "dyrate_ref/tools/report.py",
+           (("s[k + \"_delta\"] >= -bound - 1e-12", "s[k + \"_delta\"] > -bound"),), REPORT_TESTS, where="within"),
+    Mutant("cheapest-kv-first", "the cheapest row chosen by KV first, LM FLOPs second", "dyrate_ref/tools/report.py",
+           (('(r["lm_flops_forced"], r["kv_mean_forced"])', '(r["kv_mean_forced"], r["lm_flops_forced"])'),),
+           REPORT_TESTS, where="cheapest"),
+    Mutant("validation-picks-none", "the validation rule may choose none itself", "dyrate_ref/tools/report.py",
+           (("cheapest(rows[1:], bounds)", "cheapest(rows, bounds)"),), REPORT_TESTS, where="validation_choice"),
+    Mutant("comparison-ratio-ignored", "a target met beyond 2 SE whatever the cost ratio", "dyrate_ref/tools/report.py",
+           (("ratio <= targets[cost] and d < -2 * se", "d < -2 * se"),), REPORT_TESTS, where="main_comparison"),
+    Mutant("comparison-1.96-se", "beyond 1.96 SE taken for the declared 2 SE", "dyrate_ref/tools/report.py",
+           (("d < -2 * se", "d < -1.96 * se"),), REPORT_TESTS, where="main_comparison"),
     Mutant("alias-ignored", "an older setting name (--ratio) is no longer read as its setting",
            "dyrate_ref/settings.py", (("        name = own_aliases.get(name, name)\n", ""),), ("tests/test_evaluate_data.py",)),
 ]
@@ -271,14 +292,53 @@ def copy_project(dst: str):
     os.symlink(os.path.join(REPO, "weights"), os.path.join(dst, "weights"))
 
 
-def apply(m: Mutant, root: str):
+def function_span(src: str, where: str) -> tuple[int, int] | None:
+    """Character offsets of the definition `where` ("name" or "Class.name") in src, or None."""
+    *outer, name = where.split(".")
+    tree = ast.parse(src)
+    scopes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == outer[0]] if outer else [tree]
+    for scope in scopes:
+        for node in scope.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+                lines = src.splitlines(keepends=True)
+                start = sum(len(x) for x in lines[:node.lineno - 1])
+                return start, sum(len(x) for x in lines[:node.end_lineno])
+    return None
+
+
+def locate(m: Mutant, root: str) -> tuple[str, int, int]:
+    """-> (the file to edit, the span the edits must lie in)."""
     path = os.path.join(root, m.path)
+    if m.where is None:
+        return path, 0, len(open(path).read())
+    candidates = [path] if os.path.isfile(path) else []
+    candidates += [p for p in sorted(glob.glob(os.path.join(root, "dyrate_ref", "**", "*.py"), recursive=True))
+                   if p != path]
+    for p in candidates:
+        span = function_span(open(p).read(), m.where)
+        if span:
+            return p, *span
+    raise SystemExit(f"mutant {m.name}: no function {m.where} in the package; the mutant list is out of date")
+
+
+def apply(m: Mutant, root: str):
+    path, start, end = locate(m, root)
     src = open(path).read()
     for old, new in m.edits:
-        n = src.count(old)
-        if n != 1:
-            raise SystemExit(f"mutant {m.name}: {old!r} occurs {n} times in {m.path}; the mutant list is out of date")
-        src = src.replace(old, new)
+        part = src[start:end]
+        if m.where is None:
+            found = [(i, i + len(old)) for i in range(len(part)) if part.startswith(old, i)]
+        else:  # inside the edit, any run of white space matches any other; its ends match as written
+            core = old.strip()
+            lead, trail = old[:len(old) - len(old.lstrip())], old[len(old.rstrip()):]
+            pattern = re.escape(lead) + r"\s+".join(re.escape(w) for w in core.split()) + re.escape(trail)
+            found = [mt.span() for mt in re.finditer(pattern, part)]
+        if len(found) != 1:
+            raise SystemExit(f"mutant {m.name}: {old!r} occurs {len(found)} times in {m.where or m.path}; "
+                             "the mutant list is out of date")
+        a, b = found[0]
+        src = src[:start + a] + new + src[start + b:]
+        end += len(new) - (b - a)
     with open(path, "w") as f:
         f.write(src)
 
@@ -315,7 +375,8 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         copy_project(root)
         for m in mutants:
-            shutil.copy2(os.path.join(REPO, m.path), os.path.join(root, m.path))
+            path, _, _ = locate(m, root)
+            shutil.copy2(os.path.join(REPO, os.path.relpath(path, root)), path)
             apply(m, root)
     print(f"{len(mutants)} mutants, {args.jobs} at a time", flush=True)
     results = []

@@ -189,6 +189,78 @@ def test_the_validation_choice_by_hand():
     assert report.validation_choice(rows[:1] + rows[2:4], BOUNDS) is None
 
 
+# ----------------------------------------------------------------------------------------------------
+# The decisions at their thresholds: each case sits just inside or just outside its boundary, and some
+# set two criteria against each other, so that a rule on the wrong side of a boundary, or criteria read
+# in the wrong order, fails here.
+
+
+def test_matched_accuracy_at_its_bounds():
+    """Bounds em 0.01, f1 0.01, verdict 0.02: a loss of exactly the bound is matched, a loss of 0.0001
+    more is not, in each score alone; a gain never disqualifies; a score the row lacks is not required."""
+    for key, bound in BOUNDS.items():
+        assert report.within({f"{key}_delta": -bound}, BOUNDS)
+        assert not report.within({f"{key}_delta": -bound - 1e-4}, BOUNDS), key
+        assert report.within({f"{key}_delta": 0.3}, BOUNDS)
+    # the criteria disagree: exact match well inside, F1 just outside -> not matched
+    assert not report.within({"em_delta": 0.0, "f1_delta": -0.0101, "verdict_delta": 0.0}, BOUNDS)
+    assert not report.within({"em_delta": -0.0101, "f1_delta": 0.0, "verdict_delta": 0.05}, BOUNDS)
+    assert report.within({"em_delta": -0.0099, "f1_delta": -0.0099, "verdict_delta": -0.0199}, BOUNDS)
+    assert report.within({}, BOUNDS)
+
+
+def test_the_validation_rule_reads_lm_flops_first_then_kv():
+    """x: LM FLOPs 0.900, KV 0.99; y: LM FLOPs 0.901, KV 0.10 -- FLOPs decide (x), though y's KV is far
+    lower; at equal FLOPs the KV decides; a cheaper row 0.0001 beyond a bound is passed over; none (the
+    first row) is never the choice, even when nothing else qualifies."""
+    def row(name, flops, kv, em=0.0):
+        return {"method": name, "em_delta": em, "lm_flops_forced": flops, "kv_mean_forced": kv}
+    none = row("none", 1.0, 1.0)
+    assert report.validation_choice([none, row("y", 0.901, 0.10), row("x", 0.900, 0.99)], BOUNDS)["method"] == "x"
+    assert report.validation_choice([none, row("x", 0.9, 0.99), row("y", 0.9, 0.98)], BOUNDS)["method"] == "y"
+    cheap_out = row("out", 0.5, 0.5, em=-0.0101)
+    assert report.validation_choice([none, cheap_out, row("x", 0.9, 0.99)], BOUNDS)["method"] == "x"
+    assert report.validation_choice([none, cheap_out], BOUNDS) is None
+    assert report.validation_choice([row("none", 0.1, 0.1), row("x", 0.9, 0.99)], BOUNDS)["method"] == "x"
+
+
+def comparison_at(shift: float, target: float = 1.0) -> dict:
+    """The declared comparison on four items, each its own picture, none costing 100 on each. Ours (the
+    only DyRate row) costs 30 on every item; theirs costs 30 - 100 d_i with d = [x + .1, x - .1, x + .1,
+    x - .1] for x = `shift`: the paired differences (ours - theirs, over none's 100) have mean x and
+    deviations +-0.1, so SE^2 = G/(G-1) * 4 * 0.01 / n^2 = 4/3 * 0.04 / 16, SE = 0.1 / sqrt(3) = 0.0577,
+    and 2 SE = 0.11547."""
+    from dyrate_ref.pruning import DyRate, NoPruning
+    items = [item(i, "color", f"p{i}", answer="x") for i in range(4)]
+    d = [shift + 0.1, shift - 0.1, shift + 0.1, shift - 0.1]
+    theirs = [30 - 100 * x for x in d]
+    sides = [("none", "none", NoPruning(), [100.0] * 4), ("ours", "DyRate predictor", DyRate(2, rates=(0.5,)), [30.0] * 4),
+             ("theirs", "schedule", DyRate(2, rates=(0.5,)), theirs)]
+    results = [(report.Row(name, fam, m), {"em_delta": 0.0, "lm_flops_forced": sum(c) / 400,
+                                           "kv_mean_forced": sum(c) / 400}) for name, fam, m, c in sides]
+    records = {name: [rec(1.0, forced_prefill_flops=c, forced_decode_flops=0.0, forced_kv_mean=c) for c in costs]
+               for name, _, _, costs in sides}
+    records["none"] = [rec(1.0, pf=100.0, df=0.0, kv=(100,), tokens=[1]) for _ in range(4)]
+    c = report.main_comparison(results, records, items, "DyRate predictor",
+                               {"schedule": {"lm_flops": target, "kv_mean": target}}, BOUNDS)
+    return c["against"]["schedule"]
+
+
+def test_the_main_comparison_at_two_standard_errors():
+    """x = -0.117 is beyond 2 SE (0.11547): met; x = -0.114 is cheaper but within 2 SE: not met. With the
+    target ratio below the measured one (ours 0.30 / theirs 0.417 = 0.719 > 0.7), beyond 2 SE is not
+    enough: the criteria disagree and the target is not met."""
+    beyond, inside = comparison_at(-0.117), comparison_at(-0.114)
+    for side, x in ((beyond, -0.117), (inside, -0.114)):
+        for cost in ("lm_flops", "kv_mean"):
+            assert side["costs"][cost]["difference"] == pytest.approx(x)
+            assert side["costs"][cost]["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert beyond["target_met"] and not inside["target_met"]
+    strict = comparison_at(-0.117, target=0.7)
+    assert strict["costs"]["lm_flops"]["ratio"] == pytest.approx(0.30 / 0.417)
+    assert not strict["target_met"] and comparison_at(-0.117, target=0.72)["target_met"]
+
+
 def test_the_shipped_predictor_has_the_layer_and_confidence_chosen_on_validation():
     """docs/validation.json is the evidence: its chosen row names the K and c the shipped predictor file
     holds (and it ran on the validation split, disjoint from the reported test scenes)."""
