@@ -42,6 +42,8 @@ from safetensors.torch import load_file, save_file
 from .errors import ArgumentParser, UserError, command_main, summary
 from .files import check_input_file, check_outputs, write_atomic
 from .generation import kl_divergence
+from .pruning import METHODS
+from .settings import setting_fields
 
 FORMAT = "dyrate_ref-trace-1"
 REQUIRED = ("input_ids", "tokens")
@@ -111,8 +113,27 @@ def read_trace(path: str, flag: str = "trace") -> dict[str, torch.Tensor]:
     return tensors
 
 
+def trace_metadata(path: str) -> dict[str, str]:
+    """The header a trace was written with (generate.py: the method and its settings, the weights, ...)."""
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Comparing two traces
+
+
+def method_difference(ma: dict, mb: dict) -> str | None:
+    """A note when both traces name their pruning method and the methods or their settings differ: a
+    DIFFERENT verdict then says that two computations differ, not that a backend is wrong."""
+    if "method" not in ma or "method" not in mb:
+        return None
+    keys = ["method"] + [k for k in setting_fields(METHODS) if k in ma or k in mb]
+    diff = [f"{k} {ma.get(k, '(none)')} vs {mb.get(k, '(none)')}" for k in keys if ma.get(k) != mb.get(k)]
+    if not diff:
+        return None
+    return ("the two runs' methods differ (" + ", ".join(diff) + "): differences below may be the methods', not the "
+            "backend's; run both with the same method and settings")
 
 
 @dataclass(frozen=True)
@@ -232,6 +253,9 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
     elif upto:
         kk = min([k] + [r["topk_ids"].shape[1] for r in (ra, rb) if "topk_ids" in r]
                  + [r["logits"].shape[1] for r in (ra, rb) if "logits" in r])  # never more than the vocabulary
+        if kk < k:
+            notes.append(f"--top-k {k}: the top-k overlap is over the top {kk}, all that "
+                         + ("the vocabulary" if all("logits" in r for r in (ra, rb)) else "a top-k trace") + " holds")
         if "logits" in ra and "logits" in rb:
             delta = (ra["logits"] - rb["logits"]).abs().amax(-1)  # [upto]
             label = "max |Δlogit|"
@@ -437,6 +461,9 @@ def run(argv=None) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k} must be at least 1")
     r = compare(read_trace(args.a, "ORACLE"), read_trace(args.b, "BACKEND"), limits, args.top_k)
+    differ = method_difference(trace_metadata(args.a), trace_metadata(args.b))
+    if differ:
+        r.notes.append(differ)
     if args.json:
         print(json.dumps({"same": r.same, "dtype": args.dtype, "limits": asdict(limits), "checks": r.checks,
                           "not_checked": r.not_checked, "notes": r.notes, "first_bad_step": r.first_bad_step,

@@ -145,10 +145,10 @@ def run(argv=None) -> int:
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--out", required=True, help="the backend's trace to write (safetensors)")
     p.add_argument("--method", default="none", choices=("none", "fastv", "dyrate"), help="pruning (default none)")
-    p.add_argument("--layer", type=int, default=2, help="pruning layer K, 1..L-1 (default 2)")
-    p.add_argument("--rate", "--ratio", type=float, default=0.5,
+    p.add_argument("--layer", type=int, default=None, help="pruning layer K, 1..L-1 (default 2)")
+    p.add_argument("--rate", "--ratio", type=float, default=None,
                    help="FastV: rate R, the part of the visual tokens dropped (default 0.5; --ratio: the same flag)")
-    p.add_argument("--rates", default="0.3,0.5,0.7", help="DyRate: the fixed schedule r0,r1,... (default 0.3,0.5,0.7)")
+    p.add_argument("--rates", default=None, help="DyRate: the fixed schedule r0,r1,... (default 0.3,0.5,0.7)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="the backend's precision (default float32)")
@@ -156,6 +156,15 @@ def run(argv=None) -> int:
     p.add_argument("--image-offset", type=int, default=0,
                    help="a deliberate bug: shift the masks' visual span by this many positions (default 0)")
     args = p.parse_args(argv)
+    # A setting of a method that does not run would be silently ignored: refuse it, naming the method it needs.
+    owners = {"layer": "fastv or dyrate", "rate": "fastv", "rates": "dyrate"}
+    for name, needs in owners.items():
+        if getattr(args, name) is not None and args.method not in needs.split(" or "):
+            raise UserError(f"--{name} is a setting of --method {needs}, which this run does not use "
+                            f"(--method {args.method}); add --method {needs.split(' or ')[0]} or leave --{name} out")
+    args.layer = 2 if args.layer is None else args.layer
+    args.rate = 0.5 if args.rate is None else args.rate
+    args.rates = "0.3,0.5,0.7" if args.rates is None else args.rates
     image = open_image(args.image)  # a missing, unreadable or folder image: one line, exit 2, before --out's check
     cfg = read_config(args.weights)
     check_outputs([("--out", args.out)], [("the --image", args.image), *checkpoint_inputs(args.weights)])

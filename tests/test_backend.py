@@ -223,7 +223,8 @@ def test_the_example_backend_writes_a_readable_trace_with_the_usual_mode(files, 
 
 def test_the_example_backend_refuses_bad_input_and_never_overwrites_an_input(files, tmp_path, capsys):
     """Its --out equal to its --image or a file of the weights, a missing image, K or a rate out of
-    range: exit 2, one line, and the inputs' bytes unchanged."""
+    range, a method's setting without that method (it would be ignored): exit 2, one line, and the
+    inputs' bytes unchanged."""
     import hashlib
     from hf_backend import main
     root, w, img = files
@@ -236,7 +237,10 @@ def test_the_example_backend_refuses_bad_input_and_never_overwrites_an_input(fil
                            str(tmp_path / "o.st")], "none.png"),
                          (base + ["--method", "fastv", "--layer", "9", "--out", str(tmp_path / "o.st")], "outside 1.."),
                          (base + ["--method", "dyrate", "--rates", "0.5,x", "--out", str(tmp_path / "o.st")], "--rates"),
-                         (base + ["--rate", "1.5", "--out", str(tmp_path / "o.st")], "[0, 1]"),
+                         (base + ["--method", "fastv", "--rate", "1.5", "--out", str(tmp_path / "o.st")], "[0, 1]"),
+                         (base + ["--rate", "0.3", "--out", str(tmp_path / "o.st")], "add --method fastv"),
+                         (base + ["--method", "fastv", "--rates", "0.3", "--out", str(tmp_path / "o.st")],
+                          "--rates is a setting of --method dyrate"),
                          (base + ["--out", ""], "--out is empty"),
                          (["--weights", w, "--image", str(tmp_path), "--prompt", PROMPT, "--out", str(tmp_path / "o.st")],
                           f"--image {tmp_path} is a folder"),
@@ -247,3 +251,30 @@ def test_the_example_backend_refuses_bad_input_and_never_overwrites_an_input(fil
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)
     assert {p: digest(p) for p in before} == before and not (tmp_path / "o.st").exists()
+
+
+def test_compare_says_when_the_methods_differ_and_when_top_k_is_capped(files, tmp_path):
+    """Two traces whose headers name different methods (or settings) get a note saying a DIFFERENT verdict
+    may be the methods'; equal methods, or a backend whose header names none, get none. --top-k 100 on a
+    top-4 trace says the overlap is over the top 4."""
+    root, w, img = files
+    ours = oracle(w, img, max_new_tokens=4)
+    fastv = oracle(w, img, FastV(2, 0.5), max_new_tokens=4)
+    write_trace(str(tmp_path / "none.st"), ours, {"method": "none"})
+    write_trace(str(tmp_path / "none2.st"), ours, {"method": "none"})
+    write_trace(str(tmp_path / "fastv.st"), fastv, {"method": "fastv", "layer": "2", "rate": "0.5"})
+    write_trace(str(tmp_path / "fastv3.st"), fastv, {"method": "fastv", "layer": "2", "rate": "0.3"})
+    write_trace(str(tmp_path / "plain.st"), ours, {"source": "a backend"})
+    write_trace(str(tmp_path / "top4.st"), to_topk(ours, 4), {"source": "a server"})
+
+    def notes(a, b, *extra):
+        r = subprocess.run([sys.executable, "-m", "dyrate_ref.trace", "compare", str(tmp_path / a), str(tmp_path / b),
+                            *extra], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode in (0, 1), r.stderr
+        return [x for x in r.stdout.splitlines() if x.startswith("note:")]
+    differ = notes("none.st", "fastv.st")
+    assert any("methods differ (method none vs fastv, layer (none) vs 2, rate (none) vs 0.5)" in x for x in differ), differ
+    assert any("methods differ (rate 0.5 vs 0.3)" in x for x in notes("fastv.st", "fastv3.st"))
+    assert not any("methods differ" in x for x in notes("none.st", "none2.st") + notes("none.st", "plain.st"))
+    assert any("over the top 4" in x for x in notes("none.st", "top4.st", "--top-k", "100"))
+    assert not any("top-k" in x for x in notes("none.st", "top4.st", "--top-k", "3"))

@@ -106,6 +106,8 @@ def test_tutorial_prints_what_it_shows_and_runs_twice_in_a_clean_copy(tmp_path):
     (tmp_path / "tutorial_script.py").write_text(script(text))
     env = {k: v for k, v in os.environ.items() if k != "TUTORIAL_OUT"}
     env["PYTHONPATH"] = str(copy)  # the copy's package, so anything it wrote would land in the copy
+    env["TMPDIR"] = str(tmp_path / "tmp")  # the first run's own temporary folder lands here, not in /tmp
+    os.mkdir(tmp_path / "tmp")
     for run in range(2):
         if run == 1:  # the second run writes its figures where this test can look at them
             env["TUTORIAL_OUT"] = str(tmp_path / "out")
@@ -115,6 +117,8 @@ def test_tutorial_prints_what_it_shows_and_runs_twice_in_a_clean_copy(tmp_path):
         assert r.returncode == 0, f"run {run + 1}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], **git).stdout
         assert status == "", f"run {run + 1} changed the checkout:\n{status}"
+    made = [p for p in os.listdir(tmp_path / "tmp") if p.startswith("dyrate-tutorial-")]
+    assert len(made) == 1  # the run without TUTORIAL_OUT made its own folder (under TMPDIR), as it printed
     for fig in ("attention_mass.png", "kept_patches.png"):
         assert (tmp_path / "out" / fig).stat().st_size > 1000, fig
     for i, (out, (code, want)) in enumerate(zip(split_output(r.stdout, len(blocks)), blocks)):

@@ -237,3 +237,16 @@ def check_fits(items: list[Item], processor, context: int, flag: str = "--data")
         if n >= context:
             raise UserError(f"{flag}: item {it.id} is {n} tokens with the image, which does not fit the model's "
                             f"context of {context}; shorten its prompt")
+
+
+def vocabulary_note(items: list[Item], processor) -> str | None:
+    """generate.py's out-of-vocabulary note for a whole data file: how many items' prompts have characters
+    the model's vocabulary has no token for (spelt out byte by byte, never seen in training), which ones,
+    and the first such item; None when every prompt is in the vocabulary."""
+    hit = [(it, processor.unknown_characters(it.prompt)) for it in items]
+    hit = [(it, chars) for it, chars in hit if chars]
+    if not hit:
+        return None
+    chars = "".join(dict.fromkeys(c for _, cs in hit for c in cs))
+    return (f"note: {len(hit)} of {len(items)} prompts have characters not in the model's vocabulary ({chars[:10]}), "
+            f"the first item {hit[0][0].id}; the model never saw them in training, so its answers may ignore them")

@@ -60,7 +60,8 @@ from ..progress import Progress
 from ..pruning import DEFAULT_LAYER, METHODS, Method, visual_span
 from ..settings import Context, Origin, build, check_layers, resolve, spec_layers
 from .baselines import BASELINES
-from .data import MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items
+from .data import (MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
+                   vocabulary_note)
 from .report import (METRICS, PERCENT, Row, comparison_text, main_comparison, mean_schedule, pareto_points,
                      serving_table, summarise, table)
 from .results import Results
@@ -384,6 +385,9 @@ def run(argv=None) -> int:
             print(f"{args.results}: {len(done)} records from an earlier run reused", flush=True)
     proc = Processor(args.weights, cfg)
     check_fits(prompts, proc, cfg.text_config.max_position_embeddings)
+    note = vocabulary_note(prompts, proc)
+    if note:
+        sys.stderr.write(note + "\n")
     if not args.only_extra and not shipped_predictor_path(args.weights):  # every check passed: say it once, now
         sys.stderr.write(f"note: {args.weights} ships no dyrate_predictor.safetensors, so the table has no DyRate "
                          "predictor rows (train one with python -m dyrate_ref.tools.train_predictor, or add --extra "

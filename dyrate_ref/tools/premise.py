@@ -26,6 +26,7 @@ measured). It needs nothing of the demo model: --weights and --data run it on LL
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,7 +42,7 @@ from ..processing import Processor
 from ..progress import Progress
 from ..pruning import Method, keep_mask, kept_count, top_k_sorted, visual_scores, visual_span
 from ..settings import check_layer, parse_fraction, parse_int, setting
-from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items
+from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items, vocabulary_note
 from .report import clustered_mean
 
 
@@ -292,6 +293,9 @@ def run(argv=None) -> int:
     K = check_layer(args.layer, cfg.text_config.num_hidden_layers, "--layer")
     proc = Processor(args.weights, cfg)
     check_fits(items, proc, cfg.text_config.max_position_embeddings)
+    note = vocabulary_note(items, proc)
+    if note:
+        sys.stderr.write(note + "\n")
     model = load_model(args.weights, dtype=dtype, device=args.device, config=cfg)
     bar = Progress(len(items), "premise test", " items")
     records = []
