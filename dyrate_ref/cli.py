@@ -29,10 +29,37 @@ from .settings import (Context, describe, input_file_settings, metadata, method_
 from .trace import read_trace, trace_tensors, write_trace
 
 
-# Below this many bytes of weights, generate.py runs on one CPU thread unless --threads says otherwise: on
-# the embedded model (11.6 MB) torch's default threads took 0.15-9.7 s on a busy 2-core machine where one
-# thread took 0.09-0.15 s (README, 'Using it'). Larger checkpoints keep torch's choice (not measured).
-SMALL_MODEL = 100_000_000
+SMALL_MODEL = 100_000_000  # bytes of weights below which generate.py runs on one CPU thread by default
+
+
+def default_threads(weight_bytes: int, threads: int, busy: float) -> int:
+    """generate.py's CPU threads without --threads (`threads`: torch's choice, one per core; `busy`: how
+    many cores other work holds right now, busy_cores()). Measured on this 2-core machine (README,
+    'Using it'): the embedded model (11.6 MB) gains nothing from threads and loses much on a busy
+    machine, so one; a 0.76 GB checkpoint runs faster on two threads when the cores are free and far
+    slower when other work holds them, so the threads the other work leaves free, at least one."""
+    if weight_bytes < SMALL_MODEL:
+        return 1
+    return max(1, min(threads, threads - round(busy)))
+
+
+def busy_cores(seconds: float = 0.1) -> float:
+    """How many cores other work keeps busy, from the kernel's CPU counters over a short look (Linux
+    /proc/stat; 0 where there is none). Not the load average: that trails the last minute, so it would
+    count a run that has just ended."""
+    def counters():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+    try:
+        total0, idle0 = counters()
+        time.sleep(seconds)
+        total1, idle1 = counters()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def build_parser(prog: str = "generate.py") -> ArgumentParser:
@@ -127,8 +154,9 @@ def run(argv=None, prog: str = "generate.py") -> int:
     given = parse_settings(cls, method_texts(args), METHODS)  # method-level checks before the slow part
     image = open_image(args.image)
     cfg = read_config(weights)
-    if args.threads is None and device.type == "cpu" and sum(map(os.path.getsize, weight_files(weights))) < SMALL_MODEL:
-        torch.set_num_threads(1)  # a model this small gains nothing from more threads and loses much on a busy CPU
+    if args.threads is None and device.type == "cpu":
+        size = sum(map(os.path.getsize, weight_files(weights)))
+        torch.set_num_threads(default_threads(size, torch.get_num_threads(), busy_cores() if size >= SMALL_MODEL else 0))
     processor = Processor(weights, cfg)
     input_ids = processor.input_ids(args.prompt)  # [P]
     unknown = processor.unknown_characters(args.prompt)

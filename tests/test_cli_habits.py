@@ -305,3 +305,32 @@ def test_a_small_checkpoint_runs_on_one_thread_unless_told(tmp_path):
         assert run(args + ["--threads", "2"]) == 0 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_larger_checkpoint_takes_the_threads_the_load_leaves_free(tmp_path, monkeypatch):
+    """Above cli.SMALL_MODEL: torch's threads less the cores other work holds, rounded, at least one (an
+    idle 2-core machine: 2; both cores busy: 1; 16 threads with 3.4 cores busy: 13). The run's wiring:
+    the same checkpoint counted as large runs on both threads idle and on one under load; busy_cores
+    reads a machine's share of busy cores between 0 and its core count."""
+    from dyrate_ref import cli
+    from helpers import hf_config, make_checkpoint
+    assert cli.default_threads(11_600_000, 2, 0.0) == 1
+    assert cli.default_threads(760_000_000, 2, 0.1) == 2 and cli.default_threads(760_000_000, 2, 2.0) == 1
+    assert cli.default_threads(760_000_000, 2, 0.6) == 1 and cli.default_threads(760_000_000, 4, 9.0) == 1
+    assert cli.default_threads(760_000_000, 16, 3.4) == 13 and cli.default_threads(cli.SMALL_MODEL, 2, 0.0) == 2
+    d = tmp_path / "w"
+    make_checkpoint(str(d), hf_config())
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(img)
+    args = ["--weights", str(d), "--image", str(img), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    monkeypatch.setattr(cli, "SMALL_MODEL", 1)
+    before = torch.get_num_threads()
+    try:
+        for load, want in ((0.0, 2), (2.3, 1)):
+            monkeypatch.setattr(cli, "busy_cores", lambda: load)
+            torch.set_num_threads(2)
+            assert cli.run(args) == 0 and torch.get_num_threads() == want, load
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.undo()
+    assert 0.0 <= cli.busy_cores(0.05) <= (os.cpu_count() or 1)

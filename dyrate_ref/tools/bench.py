@@ -6,6 +6,9 @@
   python -m dyrate_ref.tools.bench overhead        a pruning method's decode step against method none on the
                                                    same cache: what the per-step selection costs when nothing
                                                    is evicted
+  python -m dyrate_ref.tools.bench threads [--weights DIR]   generate.py on one thread, on all, and on its
+                                                   default, with the cores free and with other work holding
+                                                   them (default: the embedded model)
 
 Random weights with LLaVA-1.5-7B's structure scaled down to fit a 2-core CPU (576 visual tokens kept: the
 image is 336 px in 14 px patches, as in LLaVA-1.5). --shape 7b uses the real 7B shapes (a GPU's job).
@@ -28,9 +31,10 @@ from safetensors.torch import save_file
 
 from ..cost import vision_flops
 from ..errors import ArgumentParser, UserError, command_main, summary
+from ..files import check_outputs, checkpoint_inputs, write_json
 from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
-from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
+from ..loading import (DEFAULT_WEIGHTS, DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..pruning import METHODS
@@ -272,6 +276,44 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     return rows
 
 
+BUSY = "import torch\nx = torch.randn(1500, 1500)\nwhile True:\n    x @ x\n"  # one core's worth of other work
+
+
+def thread_timings(weights: str, image: str, repeats: int, new_tokens: int) -> list[dict]:
+    """generate.py (`python -m dyrate_ref`, greedy, `new_tokens` tokens) with --threads 1, with --threads
+    set to torch's choice (one per core) and without --threads (its default), first with the cores free,
+    then with one busy process per core beside it; the variants interleaved, each run a fresh process.
+    -> rows {"method": "<load> threads <variant>", "seconds": best generation time (the time the command
+    prints), "wall": best wall time of the whole command, "all": every generation time}."""
+    cores = torch.get_num_threads()
+    variants = {"1": ["--threads", "1"], str(cores): ["--threads", str(cores)], "default": []}
+    rows = []
+    for load in ("idle", "busy"):
+        others = [subprocess.Popen([sys.executable, "-c", BUSY], env={**os.environ, "OMP_NUM_THREADS": "1"})
+                  for _ in range(cores if load == "busy" else 0)]
+        try:
+            time.sleep(2 if others else 0)
+            got = {v: [] for v in variants}
+            for rep in range(repeats):
+                for v in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
+                    cmd = [sys.executable, "-m", "dyrate_ref", "--weights", weights, "--image", image, "--prompt",
+                           "Describe the image.", "--max-new-tokens", str(new_tokens), *variants[v]]
+                    t0 = time.perf_counter()
+                    r = subprocess.run(cmd, capture_output=True, text=True,
+                                       env={k: x for k, x in os.environ.items() if k != "OMP_NUM_THREADS"})
+                    wall = time.perf_counter() - t0
+                    if r.returncode != 0:
+                        raise UserError(f"generate.py failed on --weights {weights}: {r.stderr.strip().splitlines()[-1:]}")
+                    got[v].append((float(r.stderr.split(" tokens in ")[1].split("s ")[0]), wall))
+        finally:
+            for o in others:
+                o.kill()
+                o.wait()
+        rows += [{"method": f"{load} threads {v}", "seconds": min(g for g, _ in t), "wall": min(w for _, w in t),
+                  "all": [g for g, _ in t]} for v, t in got.items()]
+    return rows
+
+
 def device_bandwidth(device: str) -> float | None:
     """Peak memory bandwidth in bytes/s from the CUDA device's properties (2 transfers per clock x bus
     width), or None where torch does not say."""
@@ -284,9 +326,10 @@ def device_bandwidth(device: str) -> float | None:
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=summary(__doc__))
-    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead"],
+    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead", "threads"],
                    help="speed (default): time per phase; loading: peak memory while loading; overhead: a pruned "
-                        "decode step against method none on the same cache")
+                        "decode step against method none on the same cache; threads: generate.py's thread count, "
+                        "idle and busy")
     add_weights(p, help="checkpoint directory (default: a random one with --shape)")
     p.add_argument("--shape", default="small", choices=sorted(SHAPES),
                    help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
@@ -297,6 +340,7 @@ def run(argv=None) -> int:
                    help="round-robin repeats; the best is kept (default 3; overhead: 5, its differences are small)")
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
     add_threads(p)
+    p.add_argument("--json", default=None, metavar="FILE", help="threads: also write the timings as JSON")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
     args = p.parse_args(argv)
@@ -307,6 +351,28 @@ def run(argv=None) -> int:
         args.repeats = 5 if args.what == "overhead" else 3
     if args.new_tokens < 1 or args.repeats < 1:
         raise UserError("--new-tokens and --repeats must be at least 1")
+    if args.json is not None and args.what != "threads":
+        raise UserError("--json writes the `threads` timings; the other benchmarks print theirs")
+    if args.what == "threads":
+        if args.prune or args.threads is not None:
+            raise UserError("`threads` times generate.py's own thread choices; leave out --prune and --threads")
+        weights = args.weights or DEFAULT_WEIGHTS
+        read_config(weights)
+        check_outputs([("--json", args.json)], checkpoint_inputs(weights))
+        image = os.path.join(DEFAULT_WEIGHTS, "examples", "scene1.png")
+        rows = thread_timings(weights, image, args.repeats, min(args.new_tokens, 16))
+        size = sum(map(os.path.getsize, weight_files(weights)))
+        print(f"\ngenerate.py on {weights} ({size / 1e6:.1f} MB of weights), {min(args.new_tokens, 16)} tokens, "
+              f"best of {args.repeats} interleaved runs; busy: one process per core beside it\n")
+        print("| cores | --threads | generation s (best) | whole command s (best) | every run's generation s |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            load, _, variant = r["method"].split(" ")
+            print(f"| {load} | {variant} | {r['seconds']:.2f} | {r['wall']:.2f} | {', '.join(f'{x:.2f}' for x in r['all'])} |")
+        if args.json:
+            write_json(args.json, {"weights": os.path.abspath(weights), "weight_bytes": size, "repeats": args.repeats,
+                                   "rows": rows})
+        return 0
     if args.what == "loading" and args.prune:
         raise UserError("--prune has no effect with `loading` (it measures memory while loading); leave it out")
     if args.what == "overhead" and args.prune:
