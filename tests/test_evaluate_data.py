@@ -98,8 +98,11 @@ def test_exported_scenes_evaluate_end_to_end(exported, tmp_path, capsys):
     assert "CIDEr-D" in head and "exact match" in head
     records = [json.loads(line) for line in open(tmp_path / "r.jsonl")][1:]
     assert len(records) == 2 * len(items)  # two rows, every item once
-    # Exact match on the exported answers is the scene world's own QA scoring of the same answers.
-    from dyrate_ref.demo.scenes import normalise
+    # Exact match on the exported answers is plain string equality after case and punctuation.
+    import re
+
+    def normalise(text):
+        return re.sub(r"[^a-z ]", "", text.lower()).strip()
     for r in records:
         item = next(i for i in items if i.id == r["id"])
         if item.answer is not None:
