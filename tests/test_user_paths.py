@@ -164,3 +164,13 @@ def test_the_tools_name_prompt_characters_outside_the_vocabulary(work, tool):
     clean = run(work / "elsewhere", *[a for a in COMMANDS[tool] if a not in ("--results", "r.jsonl")],
                 "--weights", "../work/ckpt")
     assert clean.returncode == 0 and "vocabulary" not in clean.stderr, clean.stderr
+
+
+def test_bench_threads_refuses_a_json_over_what_it_reads(work):
+    """bench threads reads the checkpoint and the embedded example picture: --json over either is refused
+    before any timing, with one line."""
+    from dyrate_ref.loading import DEFAULT_WEIGHTS
+    picture = os.path.join(DEFAULT_WEIGHTS, "examples", "scene1.png")
+    for target in (picture, "../work/ckpt/config.json"):
+        r = run(work / "elsewhere", "-m", "dyrate_ref.tools.bench", "threads", "--weights", "../work/ckpt", "--json", target)
+        assert r.returncode == 2 and "would overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -358,8 +358,8 @@ def run(argv=None) -> int:
             raise UserError("`threads` times generate.py's own thread choices; leave out --prune and --threads")
         weights = args.weights or DEFAULT_WEIGHTS
         read_config(weights)
-        check_outputs([("--json", args.json)], checkpoint_inputs(weights))
         image = os.path.join(DEFAULT_WEIGHTS, "examples", "scene1.png")
+        check_outputs([("--json", args.json)], checkpoint_inputs(weights) + [("the picture it describes", image)])
         rows = thread_timings(weights, image, args.repeats, min(args.new_tokens, 16))
         size = sum(map(os.path.getsize, weight_files(weights)))
         print(f"\ngenerate.py on {weights} ({size / 1e6:.1f} MB of weights), {min(args.new_tokens, 16)} tokens, "
