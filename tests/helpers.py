@@ -137,3 +137,39 @@ def noise_image(width: int, height: int, seed: int = 0, sigma: float = 50.0):
     g = torch.Generator().manual_seed(seed)
     grey = (128 + sigma * torch.randn(height, width, generator=g)).clamp(0, 255).to(torch.uint8)
     return Image.fromarray(grey.numpy(), mode="L").convert("RGB")
+
+
+# The demo's recipes cut to a few steps on a tiny model (test_demo, test_training_pipeline).
+TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, projection_dim=32),
+        "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
+
+
+def tiny_recipe(recipe, steps=2):
+    """The recipe with every stage cut to `steps` steps of 4 pictures (its mixtures unchanged) for TINY's
+    2-layer decoder: a stage the recipe runs shallower runs on 1 layer."""
+    import dataclasses
+    return dataclasses.replace(recipe, warmup=2, vision_steps=2, stages=tuple(
+        dataclasses.replace(s, steps=steps, scenes=4, layers=1 if s.layers else None) for s in recipe.stages))
+
+
+def hub_cache(root, repo_id: str, src: str, revisions=("aaaa1111", "bbbb2222"), main="bbbb2222"):
+    """The layout huggingface_hub writes: models--org--name/{blobs,refs,snapshots}; each snapshot file is a
+    relative symlink into blobs/ (named by content), refs/main names the current revision."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    for rev in revisions:
+        snap = repo / "snapshots" / rev
+        snap.mkdir(parents=True)
+        for name in os.listdir(src):
+            blob = repo / "blobs" / f"{rev}-{name}"
+            with open(os.path.join(src, name), "rb") as f:
+                data = f.read()
+            if name == "config.json" and rev != main:  # the other revision is recognisably different
+                cfg = json.loads(data)
+                cfg["text_config"]["num_hidden_layers"] = 3
+                data = json.dumps(cfg).encode()
+            blob.write_bytes(data)
+            os.symlink(os.path.join("..", "..", "blobs", blob.name), snap / name)
+    (repo / "refs" / "main").write_text(main)
+    return repo

@@ -15,6 +15,7 @@ from PIL import Image
 from dyrate_ref.loading import DEFAULT_WEIGHTS
 from dyrate_ref.demo.scenes import (COLORS, NUMBERS, POSITIONS, SIZE, describe, eval_set, object_f1, parse_description,
                                questions, random_scene)
+from helpers import TINY, tiny_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,18 +136,6 @@ def test_eval_scenes_are_not_training_scenes():
     assert not {repr(i.scene) for i in eval_set(30)} & train
 
 
-TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, projection_dim=32),
-        "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
-
-
-def tiny(recipe, steps=2):
-    """The recipe with every stage cut to `steps` steps of 4 pictures (its mixtures unchanged) for TINY's
-    2-layer decoder: a stage the recipe runs shallower runs on 1 layer."""
-    import dataclasses
-    return dataclasses.replace(recipe, warmup=2, vision_steps=2, stages=tuple(
-        dataclasses.replace(s, steps=steps, scenes=4, layers=1 if s.layers else None) for s in recipe.stages))
-
-
 def test_growing_the_decoder_keeps_its_logits_and_its_new_layers_learn():
     """batches.grow: 4 -> 8 layers, the logits unchanged to the bit; the new layers get gradients."""
     from dyrate_ref.demo.batches import grow
@@ -231,7 +220,7 @@ def test_shared_prefix_loss_equals_running_every_row_whole():
     from dyrate_ref.processing import Processor
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
-    px, rows = Batcher(proc, V4, seed=5).batch(tiny(V4).stage("mixture"))
+    px, rows = Batcher(proc, V4, seed=5).batch(tiny_recipe(V4).stage("mixture"))
     assert len({len(p) for _, _, p, *_ in rows}) > 1 and len(rows) >= 8  # rows of several lengths, two groups
     with torch.no_grad():
         shared = row_loss(model, px, rows, V4, proc.eos_id)
@@ -255,7 +244,7 @@ def test_blind_rows_loss_equals_a_no_cache_forward_with_the_same_mask():
     from dyrate_ref.processing import Processor
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
-    recipe = dataclasses.replace(tiny(V5), blind=0.5)
+    recipe = dataclasses.replace(tiny_recipe(V5), blind=0.5)
     px, rows = Batcher(proc, recipe, seed=5).batch(recipe.stage("look"))
     assert any(r[5] for r in rows) and any(r[1] == "look" for r in rows)
     L = len(model.model.layers)
@@ -293,11 +282,11 @@ def test_every_stage_of_v4_and_v5_runs_through_the_training_code(tmp_path):
     from dyrate_ref.demo.train import train
     from dyrate_ref.loading import load_model
     source = str(tmp_path / "source")
-    train(source, tiny(V4, 1), overrides=TINY, show_progress=False)
+    train(source, tiny_recipe(V4, 1), overrides=TINY, show_progress=False)
     for recipe in (V4, V5):
         out, logfile = str(tmp_path / recipe.name), tmp_path / f"{recipe.name}.txt"
         with logfile.open("w") as log:
-            model, history, _ = train(out, tiny(recipe, 6), overrides=TINY, show_progress=False, tower=source,
+            model, history, _ = train(out, tiny_recipe(recipe, 6), overrides=TINY, show_progress=False, tower=source,
                                       eval_every=100, eval_scenes=2, swap_scenes=2, log=log)
         text = logfile.read_text()
         assert all(f"# stage {s.name!r} from step {6 * i}" in text for i, s in enumerate(recipe.stages))
@@ -321,9 +310,9 @@ def test_training_continues_from_saved_weights_and_the_checks_give_fractions(tmp
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
     first, later = str(tmp_path / "first"), str(tmp_path / "later")
-    _, history, _ = train(first, tiny(V4, 8), overrides=TINY, show_progress=False)
+    _, history, _ = train(first, tiny_recipe(V4, 8), overrides=TINY, show_progress=False)
     with (tmp_path / "log.txt").open("w") as log:
-        _, history2, _ = train(later, tiny(V4, 2), show_progress=False, init=first, log=log)
+        _, history2, _ = train(later, tiny_recipe(V4, 2), show_progress=False, init=first, log=log)
     assert "init from" in (tmp_path / "log.txt").read_text()
     assert history2[0] < history[0] * 0.9  # it starts where the first run ended, not from scratch
     loaded = load_model(first)

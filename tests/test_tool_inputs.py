@@ -11,32 +11,9 @@ import torch
 
 from dyrate_ref.errors import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config, resolve_weights
-from helpers import hf_config, make_checkpoint, noise_image
+from helpers import hf_config, hub_cache, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def hub_cache(root, repo_id: str, src: str, revisions=("aaaa1111", "bbbb2222"), main="bbbb2222"):
-    """The layout huggingface_hub writes: models--org--name/{blobs,refs,snapshots}; each snapshot file is a
-    relative symlink into blobs/ (named by content), refs/main names the current revision."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    for rev in revisions:
-        snap = repo / "snapshots" / rev
-        snap.mkdir(parents=True)
-        for name in os.listdir(src):
-            blob = repo / "blobs" / f"{rev}-{name}"
-            with open(os.path.join(src, name), "rb") as f:
-                data = f.read()
-            if name == "config.json" and rev != main:  # the other revision is recognisably different
-                cfg = json.loads(data)
-                cfg["text_config"]["num_hidden_layers"] = 3
-                data = json.dumps(cfg).encode()
-            blob.write_bytes(data)
-            os.symlink(os.path.join("..", "..", "blobs", blob.name), snap / name)
-    (repo / "refs" / "main").write_text(main)
-    return repo
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ import random
 import pytest
 import torch
 
-from dyrate_ref.demo.recipes import V4, V5, Recipe, Stage
+from dyrate_ref.demo.batches import Batcher
+from dyrate_ref.demo.recipes import V4, V5
 from dyrate_ref.loading import DEFAULT_WEIGHTS
+from helpers import TINY, tiny_recipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,17 +59,6 @@ def test_v4_and_v5_learning_rates_at_each_stage_boundary_and_the_decay_start():
     assert V5.steps == 4100 and V5.stage_at(4099) == (V5.stages[-1], 1499)
 
 
-def small(recipe: Recipe, steps: int = 3) -> Recipe:
-    """test_demo's tiny recipe: every stage `steps` steps of 4 pictures, a 2-step warm-up."""
-    import dataclasses
-    return dataclasses.replace(recipe, warmup=2, vision_steps=2, stages=tuple(
-        dataclasses.replace(s, steps=steps, scenes=4, layers=1 if s.layers else None) for s in recipe.stages))
-
-
-TINY = {"vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, projection_dim=32),
-        "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)}
-
-
 def test_train_applies_each_steps_rate_and_keeps_adams_state_across_the_growth(tmp_path, monkeypatch):
     """train() on v5 cut to 3 steps a stage (bind on 1 layer, growing to 2 at bind+exist), the optimizer's
     step recorded as it is called. Shared schedule over the 9 steps of the first three stages, warm-up 2:
@@ -84,7 +75,7 @@ def test_train_applies_each_steps_rate_and_keeps_adams_state_across_the_growth(t
         seen.append((self.param_groups[0]["lr"], max(counts), min(counts), len(self.param_groups[0]["params"])))
         return real_step(self, *a, **k)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    train(str(tmp_path / "m"), small(V5), overrides=TINY, show_progress=False)
+    train(str(tmp_path / "m"), tiny_recipe(V5, 3), overrides=TINY, show_progress=False)
     stage2 = seen[-12:]  # stage 1 (the tower's 2 steps) comes first
     want = [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7.625e-4, 2.875e-4, 1e-5, 2e-5, 3e-5]
     assert [s[0] for s in stage2] == pytest.approx(want, rel=1e-9)
@@ -129,23 +120,18 @@ def test_the_optimizer_after_growth_carries_the_moments_of_the_weights_it_had():
 # What each kind of picture in a batch is asked
 
 
-class Recording:
+class Recording(Batcher):
     """A Batcher that remembers, per picture, the stage it was drawn as and what it was asked."""
 
-    def __new__(cls, proc, recipe, seed):
-        from dyrate_ref.demo.batches import Batcher
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.drawn = []
 
-        class _Recording(Batcher):
-            def __init__(self, *a):
-                super().__init__(*a)
-                self.drawn = []
-
-            def turns(self, scene, stage):
-                t = super().turns(scene, stage)
-                if t:
-                    self.drawn.append((stage.name, scene, t))
-                return t
-        return _Recording(proc, recipe, seed)
+    def turns(self, scene, stage):
+        t = super().turns(scene, stage)
+        if t:
+            self.drawn.append((stage.name, scene, t))
+        return t
 
 
 def within_4se(count: int, n: int, p: float) -> bool:
@@ -192,7 +178,7 @@ def test_a_mixture_batch_asks_each_kind_of_picture_its_own_questions():
 def test_look_rows_are_blind_at_the_recipes_share_and_no_other_row_is():
     """v5's look stage, seed 4, 30 batches: every look row's reasoning starts at its " So" token; half
     (within 4 SE) of the look rows are blind, and no row of another kind ever is; v4 has no blind rows."""
-    from dyrate_ref.demo.batches import Batcher, reasoning_start
+    from dyrate_ref.demo.batches import reasoning_start
     proc = processor()
     batcher = Batcher(proc, V5, 4)
     rows = [r for _ in range(30) for r in batcher.batch(V5.stage("look"))[1]]

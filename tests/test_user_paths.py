@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from dyrate_ref.loading import resolve_weights
-from helpers import hf_config, make_checkpoint, noise_image
+from helpers import hf_config, hub_cache, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +84,6 @@ def test_a_results_file_resumes_from_another_folder_through_another_relative_pat
 def test_a_relative_folder_that_looks_like_a_hub_id_is_the_folder(work, tmp_path, monkeypatch):
     """`weights/dyrate-shapes` has the shape of a hub id (owner/name); where such a folder exists under
     the working directory it is that folder, even when the hub cache holds a model of that name."""
-    from test_tool_inputs import hub_cache
     hub_cache(tmp_path / "hub", "weights/dyrate-shapes", str(work / "work" / "ckpt"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     local = tmp_path / "here" / "weights" / "dyrate-shapes"
@@ -98,7 +97,6 @@ def test_a_relative_folder_that_looks_like_a_hub_id_is_the_folder(work, tmp_path
 def test_a_hub_cache_with_two_snapshots_and_no_refs_main_gives_the_newest(work, tmp_path, monkeypatch):
     """Without refs/main the newest snapshot by time is taken, not the first or last by name: here
     "zzzz" (older) and "aaaa" (newer)."""
-    from test_tool_inputs import hub_cache
     repo = hub_cache(tmp_path / "hub", "someone/two", str(work / "work" / "ckpt"), revisions=("zzzz", "aaaa"),
                      main="aaaa")
     (repo / "refs" / "main").unlink()
