@@ -335,7 +335,8 @@ def run(argv=None) -> int:
                    help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
     add_device(p)
     add_dtype(p)
-    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="decode steps timed (default 32; threads: the tokens generate.py writes, default 16)")
     p.add_argument("--repeats", type=int, default=None,
                    help="round-robin repeats; the best is kept (default 3; overhead: 5, its differences are small)")
     p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
@@ -349,6 +350,8 @@ def run(argv=None) -> int:
     apply_threads(args.threads)
     if args.repeats is None:
         args.repeats = 5 if args.what == "overhead" else 3
+    if args.new_tokens is None:
+        args.new_tokens = 16 if args.what == "threads" else 32
     if args.new_tokens < 1 or args.repeats < 1:
         raise UserError("--new-tokens and --repeats must be at least 1")
     if args.json is not None and args.what != "threads":
@@ -360,9 +363,9 @@ def run(argv=None) -> int:
         read_config(weights)
         image = os.path.join(DEFAULT_WEIGHTS, "examples", "scene1.png")
         check_outputs([("--json", args.json)], checkpoint_inputs(weights) + [("the picture it describes", image)])
-        rows = thread_timings(weights, image, args.repeats, min(args.new_tokens, 16))
+        rows = thread_timings(weights, image, args.repeats, args.new_tokens)
         size = sum(map(os.path.getsize, weight_files(weights)))
-        print(f"\ngenerate.py on {weights} ({size / 1e6:.1f} MB of weights), {min(args.new_tokens, 16)} tokens, "
+        print(f"\ngenerate.py on {weights} ({size / 1e6:.1f} MB of weights), {args.new_tokens} tokens, "
               f"best of {args.repeats} interleaved runs; busy: one process per core beside it\n")
         print("| cores | --threads | generation s (best) | whole command s (best) | every run's generation s |")
         print("|---|---|---|---|---|")
