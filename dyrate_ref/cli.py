@@ -12,54 +12,11 @@ import os
 import sys
 import time
 
-import torch
-
-from . import __version__
+# Only what parsing the flags needs is imported here: --help and a flag error answer before torch loads.
 from .errors import ArgumentParser, UserError, command_main
-from .files import check_outputs, checkpoint_inputs
-from .flags import add_device, add_dtype, add_threads, add_weights, apply_threads
-from .generation import Sampling, generate
-from .loading import (DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
-                      weight_files)
-from .plots import plot_run, require_matplotlib
-from .processing import Processor, StreamingDecoder, open_image
-from .pruning import METHODS
-from .settings import (Context, describe, input_file_settings, metadata, method_class, parse_settings, resolve,
-                       setting_fields)
-from .trace import read_trace, trace_tensors, write_trace
-
+from .flags import DEFAULT_WEIGHTS, add_device, add_dtype, add_threads, add_weights
 
 SMALL_MODEL = 100_000_000  # bytes of weights below which generate.py runs on one CPU thread by default
-
-
-def default_threads(weight_bytes: int, threads: int, busy: float) -> int:
-    """generate.py's CPU threads without --threads (`threads`: torch's choice, one per core; `busy`: how
-    many cores other work holds right now, busy_cores()). Measured on this 2-core machine (README,
-    'Using it'): the embedded model (11.6 MB) gains nothing from threads and loses much on a busy
-    machine, so one; a 0.76 GB checkpoint runs faster on two threads when the cores are free and far
-    slower when other work holds them, so the threads the other work leaves free, at least one."""
-    if weight_bytes < SMALL_MODEL:
-        return 1
-    return max(1, min(threads, threads - round(busy)))
-
-
-def busy_cores(seconds: float = 0.1) -> float:
-    """How many cores other work keeps busy, from the kernel's CPU counters over a short look (Linux
-    /proc/stat; 0 where there is none). Not the load average: that trails the last minute, so it would
-    count a run that has just ended."""
-    def counters():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
-    try:
-        total0, idle0 = counters()
-        time.sleep(seconds)
-        total1, idle1 = counters()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    if total1 <= total0:
-        return 0.0
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def build_parser(prog: str = "generate.py") -> ArgumentParser:
@@ -78,28 +35,49 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--force-tokens", metavar="TRACE",
                    help="feed the tokens of another trace (a backend's) instead of choosing them, recording this "
                         "model's own logits, kept sets and costs at every step: the oracle for `trace compare`")
-    add_threads(p, "CPU threads for torch (default: 1 for a checkpoint under 100 MB, like the embedded one; "
-                   "torch's choice, one per core, for larger ones)")
-    g = p.add_argument_group("visual-token pruning (each flag is a setting of the methods named in its help)")
-    g.add_argument("--method", default="none", help=f"{', '.join(METHODS)} (default none)")
-    # One flag per setting any method has, made from the methods' own fields (pruning.METHODS): a new
-    # method's settings become flags without touching this file.
-    for name, owners in setting_fields(METHODS).items():
-        flag = "--" + name.replace("_", "-")
-        assert flag not in p._option_string_actions, (  # a developer's mistake, named before argparse's own error
-            f"method setting {name!r} ({', '.join(m for m, _ in owners)}) has the name of generate.py's own {flag}; "
-            "rename the setting")
-        aliases = [f"--{a.replace('_', '-')}" for _, f in owners for a in f.metadata["aliases"]]
-        g.add_argument(flag, *aliases, dest=name, default=None,
-                       help="; ".join(f"{m}: {f.metadata['help']}" for m, f in owners)
-                       + (f" ({', '.join(aliases)}: the same flag)" if aliases else ""))
+    add_threads(p, "CPU threads for torch (default: 1 for weights under 100 MB, like the embedded model's, "
+                   "where more threads gain nothing; torch's default, one per core, for larger ones)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="draw visual attention and kept patches per step")
+    g = p.add_argument_group("visual-token pruning (each setting applies to the methods its help names)")
+    g.add_argument("--method", default="none",
+                   help="none (default), fastv, vtw, dyrate (the predictor) or dyrate-schedule (a fixed schedule)")
+    g.add_argument("--layer", metavar="K", help="fastv, vtw, dyrate, dyrate-schedule: pruning layer K, 1..L-1 "
+                   "(default: fastv and dyrate-schedule 2, FastV's setting for LLaVA-1.5; vtw the weights' "
+                   "vtw_calibration.json, else L/2; dyrate the predictor's own)")
+    g.add_argument("--rate", metavar="R", help="fastv: the part of the visual tokens dropped at the prefill, "
+                   "in [0, 1] (default 0.5)")
+    g.add_argument("--score", help="fastv: rank the visual tokens by the prompt's 'last' query (default) or the "
+                   "'mean' of its queries after the image")
+    g.add_argument("--predictor", metavar="FILE", help="dyrate: predictor file (default: the one shipped with the "
+                   "weights, dyrate_predictor.safetensors)")
+    g.add_argument("--confidence", metavar="C", help="dyrate: the predictor's decoding confidence in [0, 1] "
+                   "(default: the predictor file's; closer to 1 keeps more)")
+    g.add_argument("--schedule", metavar="R0,R1,...", help="dyrate-schedule: the rate dropped by each step, in "
+                   "[0, 1], the last repeating (e.g. 0,0.5,0.9)")
+    for old, new in (("--ratio", "--rate"), ("--rates", "--schedule")):  # renamed: refused with the new name
+        g.add_argument(old, dest=old[2:], help=f"renamed {new}")
     return p
 
 
-def method_texts(args) -> dict[str, str]:
-    """The method settings given on the command line: {field: text}."""
-    return {name: getattr(args, name) for name in setting_fields(METHODS) if getattr(args, name) is not None}
+METHOD_FLAGS = ("layer", "rate", "score", "predictor", "confidence", "schedule", "ratio", "rates")
+
+
+def method_settings(args):
+    """The method's class and the settings its flags give, parsed (no file read yet). -> (cls, {setting:
+    value}); a flag of another method, or a value out of range, is a UserError naming the flag."""
+    from .pruning import METHODS
+    from .settings import parse_settings
+    if args.method not in METHODS:
+        raise UserError(f"unknown --method {args.method!r}; use one of {', '.join(METHODS)}")
+    cls = METHODS[args.method]
+    return cls, parse_settings(cls, {n: getattr(args, n) for n in METHOD_FLAGS if getattr(args, n) is not None}, METHODS)
+
+
+def default_threads(weight_bytes: int) -> int | None:
+    """generate.py's CPU threads without --threads: one for weights under 100 MB (measured on the
+    embedded model, README 'Using it': threads gain nothing there and lose much on a busy machine),
+    else None (torch's default, one per core)."""
+    return 1 if weight_bytes < SMALL_MODEL else None
 
 
 STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": "stopped at --max-new-tokens",
@@ -109,6 +87,17 @@ STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": 
 
 def run(argv=None, prog: str = "generate.py") -> int:
     args = build_parser(prog).parse_args(argv)
+    import torch
+
+    from . import __version__
+    from .files import check_outputs, checkpoint_inputs
+    from .flags import apply_threads
+    from .generation import Sampling, generate
+    from .loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights, weight_files
+    from .plots import plot_run, require_matplotlib
+    from .processing import Processor, StreamingDecoder, open_image
+    from .settings import Context, describe, make_method, metadata
+    from .trace import read_trace, trace_tensors, write_trace
 
     # 1. Everything that can be checked without reading weights. A flag that would have no effect, or
     # an input that cannot mean anything, is refused rather than ignored.
@@ -145,18 +134,18 @@ def run(argv=None, prog: str = "generate.py") -> int:
         weights = DEFAULT_WEIGHTS
     check_outputs([("--trace", args.trace), ("--plot", args.plot)],
                   [("the --image", args.image), *checkpoint_inputs(weights), ("the --force-tokens trace", args.force_tokens)]
-                  + [(f"the --{name.replace('_', '-')} file", getattr(args, name)) for name in input_file_settings(METHODS)])
+                  + [("the --predictor file", args.predictor)])
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot} must end in .png")
     if args.plot is not None:
         require_matplotlib()  # says how to install it, before any work
-    cls = method_class(args.method, METHODS)
-    given = parse_settings(cls, method_texts(args), METHODS)  # method-level checks before the slow part
+    cls, given = method_settings(args)  # method-level checks before the slow part
     image = open_image(args.image)
     cfg = read_config(weights)
     if args.threads is None and device.type == "cpu":
         size = sum(map(os.path.getsize, weight_files(weights)))
-        torch.set_num_threads(default_threads(size, torch.get_num_threads(), busy_cores() if size >= SMALL_MODEL else 0))
+        if default_threads(size) is not None:
+            torch.set_num_threads(default_threads(size))
     processor = Processor(weights, cfg)
     input_ids = processor.input_ids(args.prompt)  # [P]
     unknown = processor.unknown_characters(args.prompt)
@@ -181,7 +170,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
             raise UserError(f"--force-tokens {args.force_tokens} has {len(force)} tokens, more than the context leaves")
         max_new = len(force)
     # The method's settings, resolved once: defaults from the files beside the weights, one range check.
-    method, origins = resolve(cls, given, Context(weights, cfg.text_config.num_hidden_layers, cfg))
+    method, origins = make_method(cls, given, Context(weights, cfg.text_config.num_hidden_layers, cfg))
 
     # 2. The slow part.
     model = load_model(weights, dtype=dtype, device=device, config=cfg)
@@ -205,7 +194,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
         stop = "context"  # the cap came from the context, not from the flag
     stop_text = STOP_TEXT[stop] + (f" ({context} tokens)" if stop == "context" else "")
     sys.stderr.write(f"[{len(gen.tokens)} tokens in {dt:.2f}s on {device.type}/{str(dtype).split('.')[-1]}; "
-                     f"{describe(method, origins)}: {gen.state.keep.numel()}/{N} visual tokens kept at "
+                     f"{describe(method, origins)}: {gen.state.kept.numel()}/{N} visual tokens kept at "
                      f"the end; {stop_text}]\n")
 
     # 3. Outputs, each written whole or not at all.

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from .errors import UserError
+
+# The embedded demo model, the default of every command that reads weights (torch-free, so that --help
+# and flag errors answer before torch loads).
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "dyrate-shapes")
 
 DTYPE_HELP = "auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16"
 
@@ -32,6 +34,7 @@ def apply_threads(threads: int | None):
     """--threads: checked against this machine's cores, then given to torch (None: torch's choice)."""
     if threads is None:
         return
+    import torch
     cores = os.cpu_count() or 1
     if not 1 <= threads <= cores:
         raise UserError(f"--threads {threads} must lie in 1..{cores} (this machine's cores)")

@@ -19,11 +19,9 @@ from torch import nn
 
 from .errors import UserError
 from .files import write_atomic
+from .flags import DEFAULT_WEIGHTS  # noqa: F401  (re-exported: the embedded model every command defaults to)
 from .model import LlavaConfig, LlavaForConditionalGeneration
 from .progress import Progress
-
-# The embedded demo model every command uses when --weights is not given.
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "dyrate-shapes")
 
 # checkpoint key prefix -> model.py prefix. The first matching prefix wins, so the longer, more specific
 # prefixes come first.

@@ -10,7 +10,7 @@ Module and parameter names follow Hugging Face's llava-hf checkpoints, so weight
   P prompt tokens      S key/value slots (cache length)      N visual tokens     M kept visual tokens
   E evicted tokens     H heads     Hkv key/value heads       G = H / Hkv         D head dim
   C channels (hidden size)         V vocab    L layers    K the pruning layer (1 <= K <= L-1)
-  F predictor features             A predictor actions
+  F predictor features
 
 The decoder is deliberately run layer by layer from the outside (`run_layers`): the generation loop in
 generation.py runs layers [0, K), reads layer K-1's attention probabilities, decides which visual tokens
@@ -296,8 +296,9 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * num_layers  # layer -> [B, Hkv, S_l, D]
         self.pos: list[torch.Tensor | None] = [None] * num_layers  # layer -> [S_l] original positions
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        """Add T new slots to `layer` and return everything it holds: k, v [B, Hkv, S_l, D], pos [S_l].
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Write T new slots into `layer` (HF's DynamicCache.update, gpt-fast's KVCache.update) and return
+        everything it holds: k, v [B, Hkv, S_l, D], pos [S_l].
 
         torch.cat reallocates each step: simple and growable; a serving engine would preallocate.
         """
@@ -312,29 +313,10 @@ class KVCache:
     def length(self, layer: int) -> int:
         return 0 if self.k[layer] is None else self.k[layer].shape[2]
 
-    def next_position(self) -> int:
-        """The position after the last one cached: layer 0's length, since layer 0 never evicts (pruning
-        starts at K >= 1, so its slot s holds position s); asserted, as forward relies on it."""
-        n = self.length(0)
-        assert n == 0 or int(self.pos[0][-1]) == n - 1, "layer 0 has lost slots: its length is not the next position"
-        return n
-
-    def rows(self, index: torch.Tensor) -> "KVCache":
-        """A cache whose batch rows are this one's rows `index` [R] (training: each question reads its
-        picture's shared prefix), every layer's slots as they are."""
-        out = KVCache(len(self.k))
-        for layer in range(len(self.k)):
-            if self.k[layer] is not None:
-                out.k[layer] = self.k[layer].index_select(0, index)  # [R, Hkv, S_l, D]
-                out.v[layer] = self.v[layer].index_select(0, index)  # [R, Hkv, S_l, D]
-                out.pos[layer] = self.pos[layer]  # [S_l]
-        return out
-
     def evict(self, layers, positions: torch.Tensor):
         """In each of `layers`, drop for good the slots that hold the given original positions [E] (the
         tensors really shrink, so later steps read less). A layer that holds nothing yet is skipped. The
-        layers must share one slot layout, as layers >= K do: the slots are found once (one host sync),
-        not once per layer."""
+        layers must share one slot layout, as layers >= K do: the slots are found once, not per layer."""
         filled = [layer for layer in layers if self.k[layer] is not None]
         if not filled:
             return
@@ -345,10 +327,6 @@ class KVCache:
             self.k[layer] = self.k[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.v[layer] = self.v[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.pos[layer] = self.pos[layer].index_select(0, slots)  # [S_kept]
-
-    def nbytes(self) -> int:
-        """Bytes held by keys and values (positions are bookkeeping, not counted)."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,47 +343,52 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, pos, cache: KVCache | None, layer: int, mask=None, want_probs=False):
+    def forward(self, x, cos, sin, pos, cache: KVCache | None, layer: int, mask=None, key_weight=None,
+                want_probs=False):
         """x [B, T, C]; cos, sin [T, D]; pos [T] original positions of the T queries.
 
-        mask: optional bool [T, S] (True = may attend) over the keys this call sees (cache + new).
         By default a query sees every key whose original position is <= its own: causal, and correct
         whatever was evicted, because eviction removes keys rather than masking them.
-        A float mask [..., T, S] is instead a weight in [0, 1] per key on top of the causal default: the
-        probabilities are multiplied by it and renormalised, i.e. log(weight) is added to the scores,
-        with a finite gradient at weight 0 (a relaxed, differentiable eviction: tools/predictor_e2e.py).
+        mask: optional bool [..., T, S] (True = may attend) over the keys this call sees (cache + new),
+        replacing that default (the no-cache oracle states an eviction this way).
+        key_weight: optional float [..., T, S] in [0, 1] per key, on top of the mask: the probabilities
+        are multiplied by it and renormalised, i.e. log(weight) is added to the scores, with a finite
+        gradient at weight 0 (a relaxed, differentiable eviction: tools/predictor_e2e.py).
         Returns out [B, T, C] and, if asked, the attention probabilities [B, H, T, S] in fp32.
         """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        G = H // Hkv
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin  # [B, H, T, D]
         k = k * cos + rotate_half(k) * sin  # [B, Hkv, T, D]
         if cache is not None:
-            k, v, kv_pos = cache.append(layer, k, v, pos)  # [B, Hkv, S, D], [S]
+            k, v, kv_pos = cache.update(layer, k, v, pos)  # [B, Hkv, S, D], [S]
         else:
             kv_pos = pos
-        S = k.shape[2]
+        k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)  # [B, H, S, D] each
 
-        # Grouped-query attention without copying K/V: the G query heads that share a kv head are
-        # stacked along the query axis. Query head h uses kv head h // G, as HF's repeat_kv does.
-        qg = q.reshape(B, Hkv, G * T, D)  # [B, Hkv, G*T, D]
-        scores = (qg @ k.transpose(-2, -1)) * D**-0.5  # [B, Hkv, G*T, S]
-        scores = scores.view(B, H, T, S)  # [B, H, T, S]
-        weight = None
-        if mask is None or mask.dtype != torch.bool:
-            mask, weight = kv_pos[None, :] <= pos[:, None], mask  # [T, S]; weight: None or [..., T, S]
+        scores = (q @ k.transpose(-2, -1)) * D**-0.5  # [B, H, T, S]
+        if mask is None:
+            mask = kv_pos[None, :] <= pos[:, None]  # [T, S]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1, dtype=torch.float32)  # [B, H, T, S], fp32 as in HF eager
-        if weight is not None:
-            probs = probs * weight
+        if key_weight is not None:
+            probs = probs * key_weight
             probs = probs / probs.sum(-1, keepdim=True)
-        out = probs.to(q.dtype).view(B, Hkv, G * T, S) @ v  # [B, Hkv, G*T, D]
-        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+        out = probs.to(q.dtype) @ v  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
         return self.o_proj(out), (probs if want_probs else None)
+
+
+def repeat_kv(x: torch.Tensor, G: int) -> torch.Tensor:
+    """Grouped-query attention as Hugging Face writes it: each of the Hkv key/value heads serves G query
+    heads, query head h reading kv head h // G. [B, Hkv, S, D] -> [B, H, S, D]. LLaVA-1.5 has G = 1."""
+    if G == 1:
+        return x
+    B, Hkv, S, D = x.shape
+    return x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D)
 
 
 class LlamaMLP(nn.Module):
@@ -429,8 +412,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, pos, cache, layer, mask=None, want_probs=False):
-        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, layer, mask, want_probs)
+    def forward(self, x, cos, sin, pos, cache, layer, mask=None, key_weight=None, want_probs=False):
+        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, layer, mask, key_weight, want_probs)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), probs
 
@@ -487,17 +470,19 @@ class LlavaForConditionalGeneration(nn.Module):
 
     # --- the decoder, run in slices ------------------------------------------------------------------
 
-    def run_layers(self, x, pos, cache: KVCache | None, layers: range, masks=None, probs_of: int | None = None):
+    def run_layers(self, x, pos, cache: KVCache | None, layers: range, masks=None, key_weights=None,
+                   probs_of: int | None = None):
         """Run decoder layers `layers` on hidden states x [B, T, C] of tokens at original positions
-        pos [T]. masks: optional {layer: bool [T, S]} overriding the causal-by-position default
-        (the recompute oracle uses it), or float key weights (LlamaAttention.forward). Returns x [B, T, C] and layer `probs_of`'s attention
-        probabilities [B, H, T, S] (or None)."""
+        pos [T]. masks: optional {layer: bool [..., T, S]} replacing the causal-by-position default;
+        key_weights: optional {layer: float [..., T, S]} (LlamaAttention.forward says what each does).
+        Returns x [B, T, C] and layer `probs_of`'s attention probabilities [B, H, T, S] (or None)."""
         tc = self.config.text_config
         cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)  # [T, D] each
         probs = None
         for i in layers:
             mask = None if masks is None else masks.get(i)
-            x, p = self.model.layers[i](x, cos, sin, pos, cache, i, mask, want_probs=(i == probs_of))
+            weight = None if key_weights is None else key_weights.get(i)
+            x, p = self.model.layers[i](x, cos, sin, pos, cache, i, mask, weight, want_probs=(i == probs_of))
             if p is not None:
                 probs = p
         return x, probs
@@ -506,15 +491,13 @@ class LlavaForConditionalGeneration(nn.Module):
         """Final norm and LM head: hidden [B, T, C] -> logits [B, T, V]."""
         return self.lm_head(self.model.norm(x))
 
-    def forward(self, input_ids, pixel_values=None, cache: KVCache | None = None, pos=None):
-        """Plain full forward (no pruning): input_ids [B, T] -> logits [B, T, V]. With a cache, the new
-        tokens are appended to it; pos [T] defaults to continuing after what the cache holds."""
+    def forward(self, input_ids, pixel_values=None):
+        """Plain full forward, no cache, no pruning: input_ids [B, T] -> logits [B, T, V] (what the
+        parity tests compare with transformers)."""
         feats = self.image_features(pixel_values) if pixel_values is not None else None
         x = self.embed(input_ids, feats)  # [B, T, C]
-        if pos is None:
-            start = 0 if cache is None else cache.next_position()
-            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)  # [T]
-        x, _ = self.run_layers(x, pos, cache, range(len(self.model.layers)))
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
+        x, _ = self.run_layers(x, pos, None, range(len(self.model.layers)))
         return self.logits(x)
 
 

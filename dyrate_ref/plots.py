@@ -154,16 +154,29 @@ def run_labels(method, K: int, T: int) -> dict:
     return {"title": title, "xticks": ticks, "patches": note}
 
 
+def panel_steps(kept: list[int], n: int = 4) -> list[int]:
+    """The steps whose kept patches plot_run draws, at most n: the prefill, the steps whose kept set
+    shrank (the first ones: where the method cut), the last step, then evenly spaced steps."""
+    T = len(kept)
+    wanted = [0] + [t for t in range(1, T) if kept[t] < kept[t - 1]][:max(0, n - 2)] + [T - 1]
+    wanted += [round(T * j / n) for j in range(1, n)]
+    picks: list[int] = []
+    for t in wanted:
+        if t not in picks and len(picks) < n:
+            picks.append(t)
+    return sorted(picks)
+
+
 def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, steps: int = 4):
     """generate.py --plot: the run's visual attention and kept count per token, and kept patches."""
     plt = require_matplotlib()
     cfg = processor.config
-    rec = gen.record
+    rec, K = gen.record, gen.state.K
     N = gen.state.span[1]
     mass = [float(s) for s in rec.visual_mass]
-    kept = [int(k.sum()) for k in rec.keep_masks]
+    kept = [int(k.sum()) for k in rec.kept_masks]
     T = len(kept)
-    picks = sorted({0, T // 3, (2 * T) // 3, T - 1})[:steps] if T > 1 else [0]
+    picks = panel_steps(kept, steps)
     base = image_from_pixels(pixel_values, processor.image.image_mean, processor.image.image_std)
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
     has_cls = cfg.vision_feature_select_strategy == "full"
@@ -172,11 +185,11 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
     fig = plt.figure(figsize=(10, 6.4))
     top = fig.add_axes([0.08, 0.52, 0.84, 0.36])
     t = list(range(T))
-    a = top.plot(t, mass, marker="o", ms=3, color="tab:blue", label=f"attention mass on the image (layer {rec.K - 1})")
+    a = top.plot(t, mass, marker="o", ms=3, color="tab:blue", label=f"attention mass on the image (layer {K - 1})")
     top.set_ylim(0, 1)
     top.set_ylabel("attention mass")
     top.set_xlabel("generated token t")
-    labels = run_labels(method, rec.K, T)
+    labels = run_labels(method, K, T)
     if labels["xticks"] is not None:
         top.set_xticks(labels["xticks"])
     else:
@@ -191,7 +204,7 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
     top.legend(handles=a + b, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for j, step in enumerate(picks):
         ax = fig.add_axes([0.08 + j * 0.22, 0.02, 0.19, 0.27])
-        ax.imshow(kept_overlay(base, rec.keep_masks[step].cpu(), grid, has_cls), interpolation="nearest")
+        ax.imshow(kept_overlay(base, rec.kept_masks[step].cpu(), grid, has_cls), interpolation="nearest")
         ax.set_title(f"step {step} ({token_label(words[step], gen.tokens[step], processor)}): {kept[step]}/{N} kept",
                      fontsize=8)
         ax.set_xticks([])

@@ -4,31 +4,31 @@ Shared semantics (docs/pruning.md says the same):
 - N visual tokens; their span is found from the <image> ids in input_ids. Pruning layer K, 1 <= K <= L-1.
   Layers < K always see every token.
 - Step t is the forward pass whose output is token t; step 0 is the prefill, whose query is the last
-  prompt token. The method chooses keep_t, a subset of {0..N-1}. In layers >= K the step's query attends
-  only to kept visual tokens; evicted ones are removed from the KV cache of layers >= K and never come
-  back, so keep_t ⊆ keep_{t-1}. In the prefill every prompt position in layers >= K sees only keep_0.
+  prompt token. The method chooses kept_t, a subset of {0..N-1}. In layers >= K the step's query attends
+  only to kept visual tokens; dropped ones leave the KV cache of layers >= K and never come back, so
+  kept_t ⊆ kept_{t-1} (the loop checks it). In the prefill every prompt position in layers >= K sees
+  only kept_0.
 - Scores: layer K-1's attention probabilities of step t's query over the visual tokens, averaged over
   heads. Position ids keep their original values after eviction.
 
 One word per quantity, in code, trace and docs:
-- keep: the kept visual indices [M], ascending; a keep mask is the same set as a bool [N] (the trace's
-  `visual_keep` rows);
-- rate: always a share of the N visual tokens: r_t = 1 - |keep_t| / N is the part dropped by step t (the
-  paper's compression rate; FastV's R and a DyRate schedule are target rates). The decode loop records
-  it from keep_t, once, so it is what was dropped after rounding and nesting; kept fraction = 1 - r_t;
-- cut: the share of the still-kept tokens keep_{t-1} that one step drops (DyRate's predictor chooses a
+- kept: the kept visual indices [M], ascending; a kept mask is the same set as a bool [N] (a row of the
+  trace's `kept_masks`);
+- rate: a share of the N visual tokens: r_t = 1 - |kept_t| / N is the part dropped by step t (the
+  paper's compression rate), recorded by the loop from kept_t, once; FastV's R is a target rate and a
+  schedule is a list of them;
+- cut: the share of the still-kept tokens kept_{t-1} that one step drops (DyRate's predictor chooses a
   cut per step: 0, 1/4, 1/2, 3/4 or all of what is left);
 - mass: attention probability summed over tokens (a step's attention mass on the image).
 
-A method is one small frozen dataclass whose fields are its settings (settings.py turns them into
-flags, `evaluate --extra` specs and trace metadata), with
+A method is one small frozen dataclass whose fields are its settings, with
 
-    choose(t, keep, scores) -> keep_t       the decision of step t
+    choose(t, kept, scores) -> kept_t       the decision of step t
     scores(probs, span, t, last) -> [N]     what it decides on (default: `last`, the step's last query's
                                             scores, which the loop computes once)
 
-METHODS maps names to classes; nothing outside it dispatches on a method's name. Adding a method is a
-class and a registry line (docs/pruning.md, "Adding a method").
+METHODS maps names to classes; nothing outside it dispatches on a method's name. How flags become a
+method (defaults read from files beside the weights) is settings.py; how a table names it, the tools'.
 
 From the DyRate paper (arXiv 2501.14204, abstract and first page, all we have): the compression rate
 grows during generation and is chosen per step by a lightweight predictor that reads the attention
@@ -38,18 +38,13 @@ is dyrate_ref's reconstruction.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from .errors import UserError
-from .predictor import RatePredictor, load_predictor, predictor_features, shipped_predictor_path
-from .settings import (DEFAULT, LAYER_HELP, Origin, check_layer, checked, describe, given_label, layer_in_range,
-                       parse_fraction, parse_int, parse_rates, parse_score, setting)
+from .predictor import RatePredictor, predictor_features
 
 DEFAULT_LAYER = 2  # K = 2, FastV's recommended setting for LLaVA-1.5
 
@@ -96,17 +91,17 @@ def top_k_sorted(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torc
     return candidates[best].sort().values  # [k]
 
 
-def apply_cut(keep: torch.Tensor, scores: torch.Tensor, cut: float) -> torch.Tensor:
-    """Drop the share `cut` of the still-kept tokens keep [M]: keep the best kept_count(M, cut) of them
-    by score (nested: a subset of keep). DyRate's predictor acts through this, and its labels are made
+def apply_cut(kept: torch.Tensor, scores: torch.Tensor, cut: float) -> torch.Tensor:
+    """Drop the share `cut` of the still-kept tokens kept [M]: keep the best kept_count(M, cut) of them
+    by score (nested: a subset of kept). DyRate's predictor acts through this, and its labels are made
     with it (tools/train_predictor.py)."""
-    return top_k_sorted(keep, scores, kept_count(keep.numel(), cut))
+    return top_k_sorted(kept, scores, kept_count(kept.numel(), cut))
 
 
-def keep_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
-    """Kept visual indices [M] -> the same set as a bool mask [N] (the trace's visual_keep row)."""
-    mask = torch.zeros(n, dtype=torch.bool, device=keep.device)
-    mask[keep] = True
+def kept_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """Kept visual indices [M] -> the same set as a bool mask [N] (a row of the trace's kept_masks)."""
+    mask = torch.zeros(n, dtype=torch.bool, device=kept.device)
+    mask[kept] = True
     return mask
 
 
@@ -115,9 +110,8 @@ def keep_mask(keep: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class Method:
-    """What every method shares (DyRate, the method this project is named for, comes first below). Subclasses are frozen dataclasses whose fields are their settings.
-    Every method has a pruning layer K, `layer` (a setting, or for NoPruning a constant: the layer whose
-    attention the loop records): the decode loop splits the decoder there."""
+    """What every method shares. Subclasses are frozen dataclasses whose fields are their settings; each
+    has a pruning layer K, `layer`: the decode loop splits the decoder there."""
     name: ClassVar[str]
     layer: int
 
@@ -126,150 +120,102 @@ class Method:
         query's scores over the visual tokens (visual_scores(probs, span, "last")). -> [N]."""
         return last
 
-    def choose(self, t: int, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """keep_{t-1} [M] and step t's scores [N] -> keep_t, a subset of keep (ascending)."""
+    def choose(self, t: int, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """kept_{t-1} [M] and step t's scores [N] -> kept_t, a subset of kept (ascending)."""
         raise NotImplementedError
 
     def to(self, device):
         """Move what the method computes with (a predictor) to the model's device; most hold nothing."""
         return self
 
-    def label(self, weights_dir: str = "") -> str:
-        """The method's name in a table (the same for a method given by flags or by an --extra spec):
-        its summary line, unless the class says it shorter. weights_dir: where a shipped file lies."""
-        return describe(self).removeprefix("method ")
 
-    def family(self) -> str | None:
-        """Which curve of a Pareto figure the method belongs to (None: the tool names it)."""
-        return None
+def check_fraction(name: str, value: float):
+    """A method's share setting lies in [0, 1]; a value that cannot run is refused when it is built."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} {value} is outside [0, 1]")
 
 
 @dataclass(frozen=True)
 class DyRate(Method):
-    """DyRate (arXiv 2501.14204): the rate grows during the answer, step by step. With `rates`, a fixed
-    schedule (r_t = rates[t], the last value repeating; kept_count(N, r_t) of keep_{t-1}'s best); without,
-    the predictor reads step t's attention and chooses the step's cut, the share of what is still kept to
-    drop (predictor.py), decoding at `confidence`. Either way the survivors are the highest-scoring tokens
-    of keep_{t-1}, so the kept sets are nested. (Keep rules: our reconstruction.)"""
+    """DyRate (arXiv 2501.14204): the predictor reads step t's attention and chooses the step's cut, the
+    share of what is still kept to drop (predictor.py), decoding at `confidence` (closer to 1 keeps
+    more); the survivors are the highest-scoring tokens of kept_{t-1}. K is the predictor's own layer,
+    since its features read that layer's attention. (Keep rules: our reconstruction.)"""
     name: ClassVar[str] = "dyrate"
-    layer: int = setting(DEFAULT_LAYER, parse_int, LAYER_HELP + " (default: the predictor's own layer; 2 with --rates)", "K")
-    rates: tuple[float, ...] | None = setting(None, parse_rates, "fixed schedule r0,r1,... instead of the predictor "
-                                              "(the last value repeats)", "rates")
-    predictor: RatePredictor | None = setting(None, str, "predictor file (default: the one shipped with the weights)",
-                                              "predictor", input_file=True)
-    confidence: float | None = setting(None, parse_fraction, "the predictor's decoding confidence (default: its "
-                                       "own; closer to 1 keeps more)", "c")
+    layer: int
+    predictor: RatePredictor
+    confidence: float
 
-    def choose(self, t, keep, scores):
-        if self.rates is not None:
-            rate = self.rates[min(t, len(self.rates) - 1)]
-            return top_k_sorted(keep, scores, min(keep.numel(), kept_count(scores.numel(), rate)))
-        cut = self.predictor.choose_cut(predictor_features(scores, keep, t), self.confidence)
-        return apply_cut(keep, scores, cut)
+    def __post_init__(self):
+        if not isinstance(self.predictor, RatePredictor):
+            raise ValueError("DyRate needs its predictor (predictor.load_predictor); a fixed schedule is DyRateSchedule")
+        if self.layer != self.predictor.layer:
+            raise ValueError(f"layer {self.layer} differs from the predictor's K={self.predictor.layer}")
+        check_fraction("confidence", self.confidence)
+
+    def choose(self, t, kept, scores):
+        cut = self.predictor.choose_cut(predictor_features(scores, kept, t), self.confidence)
+        return apply_cut(kept, scores, cut)
 
     def to(self, device):
-        if self.predictor is not None:
-            self.predictor.to(device)
+        self.predictor.to(device)
         return self
 
-    @classmethod
-    def defaults(cls, given, ctx, given_as):
-        """A schedule (K: the flag or 2) or a predictor (the flag's file or the shipped one; K and c its own
-        unless given, and a different K is refused)."""
-        values = {f.name: given.get(f.name) for f in fields(cls)}
-        origins = {k: given_as for k in given}
-        if values["rates"] is not None:
-            if values["predictor"] is not None or values["confidence"] is not None:
-                other = "predictor" if values["predictor"] is not None else "confidence"
-                raise UserError(f"{given_label('rates', given_as)} and {given_label(other, given_as)} both given; "
-                                "DyRate uses a fixed schedule or the predictor")
-            if values["layer"] is None:
-                values["layer"], origins["layer"] = DEFAULT_LAYER, DEFAULT
-            return checked(cls, values, origins, ctx)
-        pred = values["predictor"]
-        if not isinstance(pred, RatePredictor):
-            path = pred or shipped_predictor_path(ctx.weights_dir)
-            if path is None:
-                raise UserError(f"method dyrate needs {given_label('predictor', given_as)} FILE or "
-                                f"{given_label('rates', given_as)} LIST: {ctx.weights_dir} ships no "
-                                "dyrate_predictor.safetensors")
-            origins["predictor"] = origins.get("predictor", Origin("file", "shipped with the weights"))
-            pred = load_predictor(path, ctx.config, ctx.weights_dir)
-        values["predictor"] = pred
-        where = f"predictor file {os.path.basename(pred.path) or 'predictor'}"
-        check_layer(pred.layer, ctx.num_layers, f"{where} prunes from layer")
-        if values["layer"] is not None and values["layer"] != pred.layer:
-            label = given_label("layer", given_as)
-            raise UserError(f"{label} {values['layer']} differs from the predictor's K={pred.layer}; "
-                            f"leave {label.split(' ')[0]} out or train a predictor for that layer")
-        values["layer"], origins["layer"] = pred.layer, origins.get("layer", Origin("file", "predictor file"))
-        if values["confidence"] is None:
-            values["confidence"], origins["confidence"] = pred.confidence, Origin("file", "predictor file")
-        return checked(cls, values, origins, ctx)
 
-    def label(self, weights_dir=""):
-        if self.rates is not None:
-            rising = all(a <= b for a, b in zip(self.rates, self.rates[1:]))
-            return f"DyRate K={self.layer} {'rising' if rising else 'schedule'} {','.join(f'{r:g}' for r in self.rates)}"
-        path, shipped = str(self.predictor), shipped_predictor_path(weights_dir)
-        own = shipped is not None and os.path.realpath(path) == os.path.realpath(shipped)
-        return f"DyRate K={self.layer} predictor (c={self.confidence:g})" + ("" if own else f" {os.path.basename(path)}")
+@dataclass(frozen=True)
+class DyRateSchedule(Method):
+    """DyRate with a fixed schedule instead of the predictor: r_t = schedule[t] (the last value repeating),
+    kept_count(N, r_t) of kept_{t-1}'s best. The control that asks whether choosing the rate per picture
+    and step pays."""
+    name: ClassVar[str] = "dyrate-schedule"
+    layer: int
+    schedule: tuple[float, ...]
 
-    def family(self):
-        return "DyRate fixed schedule" if self.rates is not None else "DyRate predictor"
+    def __post_init__(self):
+        if not self.schedule:
+            raise ValueError("a schedule needs at least one rate")
+        for r in self.schedule:
+            check_fraction("a schedule's rate", r)
+
+    def choose(self, t, kept, scores):
+        rate = self.schedule[min(t, len(self.schedule) - 1)]
+        return top_k_sorted(kept, scores, min(kept.numel(), kept_count(scores.numel(), rate)))
 
 
 @dataclass(frozen=True)
 class FastV(Method):
     """FastV (Chen et al., 2024): at the prefill, keep the visual tokens layer K-1 attends to most,
-    kept_count(N, R) of them, for the whole answer."""
+    kept_count(N, R) of them, for the whole answer. score "last": the prompt's last query (FastV's
+    public code); "mean": the mean over the prompt's queries after the image (FastV's paper averages
+    over all tokens; the text after the image is dyrate_ref's variant)."""
     name: ClassVar[str] = "fastv"
-    layer: int = setting(DEFAULT_LAYER, parse_int, LAYER_HELP + " (default 2, FastV's setting for LLaVA-1.5)", "K")
-    rate: float = setting(0.5, parse_fraction, "rate R: the part of the visual tokens dropped at the prefill "
-                          "(default 0.5)", "R", aliases=("ratio",))
-    score: str = setting("last", parse_score, "score by the prompt's 'last' query (default) or the 'mean' of the "
-                         "queries after the image", "score")
+    layer: int = DEFAULT_LAYER
+    rate: float = 0.5
+    score: str = "last"
+
+    def __post_init__(self):
+        check_fraction("rate", self.rate)
+        if self.score not in ("last", "mean"):
+            raise ValueError(f"score {self.score!r} is not 'last' or 'mean'")
 
     def scores(self, probs, span, t, last):
         return visual_scores(probs, span, "mean") if t == 0 and self.score == "mean" else last
 
-    def choose(self, t, keep, scores):
+    def choose(self, t, kept, scores):
         if t > 0:
-            return keep
+            return kept
         n = scores.numel()
         return top_k_sorted(torch.arange(n, device=scores.device), scores, kept_count(n, self.rate))
-
-    def label(self, weights_dir=""):
-        return f"FastV K={self.layer} R={self.rate:g}" + ("" if self.score == "last" else f" score={self.score}")
-
-    def family(self):
-        return f"FastV K={self.layer}"
 
 
 @dataclass(frozen=True)
 class VTW(Method):
     """VTW (Lin et al., 2024): withdraw every visual token from layer K on."""
     name: ClassVar[str] = "vtw"
-    layer: int = setting(None, parse_int, LAYER_HELP + " (default: the weights' vtw_calibration.json, else L/2)", "K")
+    layer: int
 
-    def choose(self, t, keep, scores):
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-
-    @classmethod
-    def defaults(cls, given, ctx, given_as):
-        """K from the flag, else from the weights' calibration file, else L/2 (the origin says why)."""
-        if "layer" in given:
-            return checked(cls, {"layer": given["layer"]}, {"layer": given_as}, ctx)
-        K, why = vtw_calibrated_layer(ctx.weights_dir, ctx.num_layers)
-        if K is None:
-            return checked(cls, {"layer": ctx.num_layers // 2}, {"layer": Origin("fallback", f"L/2, {why}")}, ctx)
-        return checked(cls, {"layer": K}, {"layer": Origin("file", why)}, ctx)
-
-    def label(self, weights_dir=""):
-        return f"VTW K={self.layer}"
-
-    def family(self):
-        return "VTW"
+    def choose(self, t, kept, scores):
+        return kept if kept.numel() == 0 else torch.empty(0, dtype=torch.long, device=scores.device)
 
 
 @dataclass(frozen=True)
@@ -279,37 +225,8 @@ class NoPruning(Method):
     name: ClassVar[str] = "none"
     layer: ClassVar[int] = DEFAULT_LAYER
 
-    def choose(self, t, keep, scores):
-        return keep
-
-    def label(self, weights_dir=""):
-        return "none"
-
-    def family(self):
-        return "none"
+    def choose(self, t, kept, scores):
+        return kept
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPruning, FastV, VTW, DyRate)}
-
-
-# VTW's withdrawal layer chosen for a checkpoint, kept beside its weights
-# (python -m dyrate_ref.tools.calibrate_vtw --out DIR/vtw_calibration.json).
-VTW_CALIBRATION = "vtw_calibration.json"
-
-
-def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None, str]:
-    """The layer calibrate_vtw chose for these weights (their vtw_calibration.json) and what the file
-    said: -> (K or None, why). A file that cannot be read is a UserError."""
-    path = os.path.join(weights_dir, VTW_CALIBRATION)
-    if not os.path.isfile(path):
-        return None, f"no {VTW_CALIBRATION}"
-    try:
-        with open(path) as f:
-            K = json.load(f).get("layer")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"{path} is not a readable VTW calibration ({e}); recalibrate or pass --layer") from None
-    if K is None:
-        return None, f"{VTW_CALIBRATION} found no layer within its eta"
-    if not layer_in_range(K, num_layers):
-        return None, f"{VTW_CALIBRATION} holds layer {K!r}, outside 1..{num_layers - 1}"
-    return K, VTW_CALIBRATION
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPruning, FastV, VTW, DyRate, DyRateSchedule)}

@@ -1,36 +1,20 @@
-"""Method settings: how a method's fields become flags, `evaluate --extra` specs and trace metadata.
+"""How a method is made from text: generate.py's flags, or a tool's spec NAME[:setting=value...].
 
-pruning.py holds the methods; this module holds everything around their settings that a reader of the
-method does not need: declaring a setting (`setting`), parsing it from text, resolving it once against
-a checkpoint with the origin of every value (`resolve`), and describing the result (`describe`,
-`metadata`). A method declares its settings in its own class, as dataclass fields made with `setting`;
-the CLI and the tools build everything else from those fields and a registry (pruning.METHODS, or a
-tool's own registry that adds baselines), which they pass in.
+Each setting's text is parsed (PARSE), the defaults that live in files beside the weights are read --
+VTW's layer from vtw_calibration.json, DyRate's predictor (and with it K and c) from
+dyrate_predictor.safetensors -- and every value keeps its origin (flag, spec, default, file), which the
+summary line and the trace's metadata show. A method's settings are its dataclass fields (pruning.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 
 from .errors import UserError
-
-# What the evaluation may set per item: the item's own seed, or the kept counts a matched row had on it.
-PER_ITEM = ("seed", "counts")
-
-
-def setting(default, parse, help: str, short: str, input_file: bool = False, per_item: str | None = None,
-            aliases: tuple[str, ...] = ()):
-    """A method's setting: a dataclass field that also says how to read it from text (a CLI flag or an
-    --extra spec), what it means and its short name in the summary line. input_file: its value names a
-    file the run reads (the commands then protect it from every output, and the summary names it by
-    its base name). per_item: the evaluation sets it for each item ("seed": the item's seed, "counts":
-    the kept counts another row had on that item), whatever a spec says. aliases: older names still
-    accepted as flags and in specs (FastV's rate was once `ratio`)."""
-    assert per_item in (None,) + PER_ITEM, per_item
-    return field(default=default, metadata={"parse": parse, "help": help, "short": short, "aliases": aliases,
-                                            "input_file": input_file, "per_item": per_item})
-
+from .predictor import load_predictor, shipped_predictor_path
+from .pruning import DEFAULT_LAYER, DyRate, DyRateSchedule, VTW
 
 # ----------------------------------------------------------------------------------------------------
 # Parsers: text -> value, or ValueError saying what is wrong (parse_settings names the flag).
@@ -53,7 +37,7 @@ def parse_fraction(text: str) -> float:
     return value
 
 
-def parse_rates(text: str) -> tuple[float, ...]:
+def parse_schedule(text: str) -> tuple[float, ...]:
     try:
         rates = tuple(float(r) for r in text.split(","))
     except ValueError:
@@ -69,7 +53,13 @@ def parse_score(text: str) -> str:
     return text
 
 
-LAYER_HELP = "pruning layer K, 1..L-1"
+# Every setting of pruning.METHODS: its parser and its short name in the summary line.
+PARSE = {"layer": parse_int, "rate": parse_fraction, "score": parse_score, "predictor": str,
+         "confidence": parse_fraction, "schedule": parse_schedule}
+SHORT = {"layer": "K", "rate": "R", "score": "score", "predictor": "predictor", "confidence": "c",
+         "schedule": "schedule"}
+# Names settings had before; given, they are refused with the name to use.
+RENAMED = {"ratio": "rate", "rates": "schedule"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,8 +67,8 @@ LAYER_HELP = "pruning layer K, 1..L-1"
 
 
 def layer_in_range(K, num_layers: int) -> bool:
-    """The one range rule of a pruning layer: a whole number 1 <= K <= L-1 (layer 0 has no attention to
-    read before it; at K = L nothing would be pruned)."""
+    """A whole number 1 <= K <= L-1 (layer 0 has no attention to read before it; at K = L nothing would
+    be pruned)."""
     return not isinstance(K, bool) and isinstance(K, int) and 1 <= K <= num_layers - 1
 
 
@@ -99,13 +89,13 @@ def check_layers(layers, num_layers: int, what: str, instead: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resolving: defaults filled in once, each value's origin named.
+# Making the method: defaults filled in once, each value's origin named.
 
 
 @dataclass(frozen=True)
 class Context:
-    """What resolving a method may read: the checkpoint's directory and its decoder depth, and the
-    config (a predictor checks it was trained for this model)."""
+    """What making a method may read: the checkpoint's directory, its decoder depth and its config (a
+    predictor checks it was trained for this model)."""
     weights_dir: str
     num_layers: int
     config: object = None
@@ -113,10 +103,9 @@ class Context:
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a resolved setting's value came from. kind: "flag" (generate.py's flag), "spec" (an
-    `evaluate --extra` spec, named in `text`), "default", "file" (a file beside the weights or the
-    predictor file, named in `text`) or "fallback" (a rule used because no file gave a value; `text`
-    says why). str() is what the summary line and the trace's `<setting>_from` say."""
+    """Where a setting's value came from. kind: "flag", "spec" (named in `text`), "default", "file" (a
+    file beside the weights or the predictor file, named in `text`) or "fallback" (a rule used because
+    no file gave a value; `text` says why). str() is what the summary line and the trace say."""
     kind: str
     text: str
 
@@ -132,22 +121,91 @@ def given_label(name: str, origin: Origin) -> str:
     return f"--{name.replace('_', '-')}" if origin.kind == "flag" else f"{name} (from {origin})"
 
 
-def checked(cls, values: dict, origins: dict, ctx: Context):
-    """The method built from resolved values, its layer range-checked. -> (method, origins)."""
+def parse_settings(cls, texts: dict[str, str], registry: dict, parse: dict = PARSE, where: str = "--") -> dict:
+    """{setting: text} -> {setting: value} through each setting's parser; a renamed setting, one the
+    method does not have, or a value its parser refuses, is a UserError naming the flag (where="--") or
+    the spec."""
+    own = {f.name for f in fields(cls)}
+    out = {}
+    for name, text in texts.items():
+        flag = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where}{name}"
+        if name in RENAMED:
+            new = f"--{RENAMED[name]}" if where == "--" else RENAMED[name]
+            raise UserError(f"{flag} is now {new}; give {new} {text}" if where == "--" else
+                            f"{flag} is now {new}; write {new}={text}")
+        if name in own and name not in parse:
+            raise UserError(f"{flag} is set per item by the tool that runs the method, not given")
+        if name not in own:
+            owners = [m for m, c in registry.items() if name in {f.name for f in fields(c)}]
+            belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
+            raise UserError(f"{flag} does not apply to --method {cls.name}{belongs}")
+        try:
+            out[name] = parse[name](text)
+        except ValueError as e:
+            raise UserError(f"{flag} {text!r} {e}") from None
+    return out
+
+
+def make_method(cls, given: dict, ctx: Context, given_as: Origin = FLAG):
+    """The method of class `cls` from the parsed settings `given`, each default filled in once:
+    -> (method, {setting: Origin of its value}). DyRate reads its predictor file (the flag's, else the
+    one shipped with the weights), which fixes K and c unless given; VTW's K comes from the flag, else the
+    weights' vtw_calibration.json, else L/2; every other default is the dataclass's."""
+    values, origins = dict(given), {name: given_as for name in given}
+    if cls is DyRate:
+        path = values.get("predictor") or shipped_predictor_path(ctx.weights_dir)
+        if path is None:
+            raise UserError(f"method dyrate needs {given_label('predictor', given_as)} FILE: {ctx.weights_dir} ships no "
+                            "dyrate_predictor.safetensors (or run --method dyrate-schedule --schedule LIST)")
+        origins.setdefault("predictor", Origin("file", "shipped with the weights"))
+        values["predictor"] = pred = load_predictor(path, ctx.config, ctx.weights_dir)
+        check_layer(pred.layer, ctx.num_layers, f"predictor file {os.path.basename(path)} prunes from layer")
+        if values.setdefault("layer", pred.layer) != pred.layer:
+            label = given_label("layer", given_as)
+            raise UserError(f"{label} {values['layer']} differs from the predictor's K={pred.layer}; "
+                            f"leave {label.split(' ')[0]} out or train a predictor for that layer")
+        origins.setdefault("layer", Origin("file", "predictor file"))
+        if "confidence" not in values:
+            values["confidence"], origins["confidence"] = pred.confidence, Origin("file", "predictor file")
+    elif cls is VTW and "layer" not in values:
+        K, why = vtw_calibrated_layer(ctx.weights_dir, ctx.num_layers)
+        values["layer"], origins["layer"] = ((ctx.num_layers // 2, Origin("fallback", f"L/2, {why}")) if K is None
+                                             else (K, Origin("file", why)))
+    elif cls is DyRateSchedule:
+        if "schedule" not in values:
+            raise UserError(f"method dyrate-schedule needs {given_label('schedule', given_as)} r0,r1,... (the rate "
+                            "dropped by each step, the last repeating)")
+        if "layer" not in values:
+            values["layer"], origins["layer"] = DEFAULT_LAYER, DEFAULT
+    for f in fields(cls):
+        if f.name not in values and f.default is not MISSING:
+            values[f.name], origins[f.name] = f.default, DEFAULT
     if "layer" in values:
         check_layer(values["layer"], ctx.num_layers, given_label("layer", origins["layer"]))
     return cls(**values), origins
 
 
-def resolve(cls, given: dict, ctx: Context, given_as: Origin = FLAG):
-    """Fill in what was not given, once: -> (method, {field: Origin of its value}). A method whose
-    defaults come from elsewhere than its fields (VTW's calibration file, DyRate's predictor file)
-    has its own `defaults` classmethod, which this calls instead."""
-    if hasattr(cls, "defaults"):
-        return cls.defaults(given, ctx, given_as)
-    values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
-    origins = {f.name: given_as if f.name in given else DEFAULT for f in fields(cls)}
-    return checked(cls, values, origins, ctx)
+# VTW's withdrawal layer chosen for a checkpoint, kept beside its weights
+# (python -m dyrate_ref.tools.calibrate_vtw --out DIR/vtw_calibration.json).
+VTW_CALIBRATION = "vtw_calibration.json"
+
+
+def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None, str]:
+    """The layer calibrate_vtw chose for these weights (their vtw_calibration.json) and what the file
+    said: -> (K or None, why). A file that cannot be read is a UserError."""
+    path = os.path.join(weights_dir, VTW_CALIBRATION)
+    if not os.path.isfile(path):
+        return None, f"no {VTW_CALIBRATION}"
+    try:
+        with open(path) as f:
+            K = json.load(f).get("layer")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} is not a readable VTW calibration ({e}); recalibrate or pass --layer") from None
+    if K is None:
+        return None, f"{VTW_CALIBRATION} found no layer within its eta"
+    if not layer_in_range(K, num_layers):
+        return None, f"{VTW_CALIBRATION} holds layer {K!r}, outside 1..{num_layers - 1}"
+    return K, VTW_CALIBRATION
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,24 +213,24 @@ def resolve(cls, given: dict, ctx: Context, given_as: Origin = FLAG):
 
 
 def setting_text(value) -> str:
-    """A setting's value as text: what the trace's metadata records (a file-valued setting: its path)."""
+    """A setting's value as text: what the trace's metadata records (a predictor: its file's path)."""
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return "" if value is None else str(value)
 
 
-def describe(method, origins: dict | None = None) -> str:
+def describe(method, origins: dict | None = None, short: dict = SHORT) -> str:
     """One line for the summary: the method, its settings, and where each came from."""
-    def shown(f):
-        text = setting_text(getattr(method, f.name))
-        return (os.path.basename(text) or f.name) if f.metadata["input_file"] else text
-    parts = [f"{f.metadata['short']}={shown(f)}" for f in fields(method) if getattr(method, f.name) is not None]
-    text = " ".join([f"method {method.name}"] + parts)
+    def shown(name):
+        text = setting_text(getattr(method, name))
+        return (os.path.basename(text) or name) if name == "predictor" else text
+    names = [f.name for f in fields(method) if getattr(method, f.name) is not None]
+    text = " ".join([f"method {method.name}"] + [f"{short.get(n, n)}={shown(n)}" for n in names])
     if origins:
         by_origin: dict[str, list[str]] = {}
-        for f in fields(method):
-            if getattr(method, f.name) is not None and f.name in origins:
-                by_origin.setdefault(str(origins[f.name]), []).append(f.metadata["short"])
+        for n in names:
+            if n in origins:
+                by_origin.setdefault(str(origins[n]), []).append(short.get(n, n))
         text += " (" + "; ".join(f"{', '.join(v)}: {k}" for k, v in by_origin.items()) + ")"
     return text
 
@@ -185,67 +243,3 @@ def metadata(method, origins: dict | None = None) -> dict:
         if origins and f.name in origins:
             meta[f.name + "_from"] = str(origins[f.name])
     return meta
-
-
-# ----------------------------------------------------------------------------------------------------
-# The registry's settings: what the CLI makes flags of and what a spec may name.
-
-
-def parse_settings(cls, texts: dict[str, str], registry: dict, where: str = "--") -> dict:
-    """{field: text} -> {field: value} through each field's parser; a field the method does not have, or
-    a value its parser refuses, is a UserError naming the flag (where="--") or the spec field."""
-    own = {f.name: f for f in fields(cls)}
-    own_aliases = {a: f.name for f in fields(cls) for a in f.metadata["aliases"]}
-    out = {}
-    for name, text in texts.items():
-        name = own_aliases.get(name, name)
-        flag = f"{where}{name.replace('_', '-')}" if where == "--" else f"{where}{name}"
-        if name not in own:
-            owners = [m for m, c in registry.items() if name in {f.name for f in fields(c)}]
-            belongs = f" (it belongs to {', '.join(owners)})" if owners else ""
-            raise UserError(f"{flag} does not apply to --method {cls.name}{belongs}")
-        try:
-            out[name] = own[name].metadata["parse"](text)
-        except ValueError as e:
-            raise UserError(f"{flag} {text!r} {e}") from None
-    return out
-
-
-def method_class(name: str, registry: dict):
-    if name not in registry:
-        raise UserError(f"unknown --method {name!r}; use one of {', '.join(registry)}")
-    return registry[name]
-
-
-def setting_fields(registry: dict) -> dict:
-    """Every setting any method of the registry has: {field name: [(method name, field)]}, in
-    registry order. The CLI makes one flag of each."""
-    out: dict[str, list] = {}
-    for name, cls in registry.items():
-        for f in fields(cls):
-            out.setdefault(f.name, []).append((name, f))
-    return out
-
-
-def input_file_settings(registry: dict) -> list[str]:
-    """The settings, of any method of the registry, whose values name files a run reads."""
-    return [name for name, owners in setting_fields(registry).items() if any(f.metadata["input_file"] for _, f in owners)]
-
-
-def build(spec: str, registry: dict, ctx: Context, given_as: Origin | None = None):
-    """A method from a spec, NAME[:setting=value...] (`evaluate --extra`, the tools' own lists), through
-    the same parsers and resolution as generate.py's flags. -> (method, origins). An unknown name or a
-    malformed pair is a UserError that shows the form."""
-    name, *pairs = spec.split(":")
-    if name not in registry or not all("=" in p for p in pairs):
-        raise UserError(f"{spec!r} is not NAME[:setting=value...] with NAME one of {', '.join(registry)}")
-    cls = registry[name]
-    texts = dict(p.split("=", 1) for p in pairs)
-    where = f"{given_as}: " if given_as else f"{spec}: "
-    return resolve(cls, parse_settings(cls, texts, registry, where=where), ctx,
-                   given_as=given_as or Origin("spec", spec))
-
-
-def spec_layers(specs) -> list[int]:
-    """The pruning layers that specs name (layer=K), for a range check before any is built."""
-    return [int(pair.split("=", 1)[1]) for spec in specs for pair in spec.split(":")[1:] if pair.startswith("layer=")]

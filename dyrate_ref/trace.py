@@ -6,14 +6,15 @@ Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary, k t
   logits         float32 [T, V]       row t: the logits token t was chosen from             or the top-k pair
   topk_ids       int64   [T, k]       row t: the k most likely ids at step t, best first    (serving engines)
   topk_logprobs  float32 [T, k]       their log-probabilities                               (serving engines)
-  visual_keep    bool    [T, N]       row t: keep_t, the visual tokens layers >= K attend to at step t
-  rates          float32 [T]          the method's compression rate at step t
+  kept_masks     bool    [T, N]       row t: kept_t, the visual tokens layers >= K attend to at step t
+  rates          float32 [T]          r_t = 1 - |kept_t| / N, the share of the visual tokens dropped by step t
   pixel_values   float32 [1, 3, H, W] the preprocessed image
   flops          float64 [T]          matmul FLOPs of step t (step 0 includes vision tower and projector)
   kv_bytes       int64   [T]          bytes held by the KV cache after step t
 generate.py writes all but the top-k pair; a backend needs only input_ids, tokens and either logits or
-topk_ids + topk_logprobs; visual_keep and rates when it prunes. Metadata (strings): weights, dtype,
-device, prompt, method, layer, rate, score, rates, predictor, max_new_tokens, temperature, top_p, seed,
+topk_ids + topk_logprobs; kept_masks and rates when it prunes. Metadata (strings): weights, dtype,
+device, prompt, method and its settings (layer, rate, score, predictor, confidence, schedule: those it
+has, each with <setting>_from, where its value came from), max_new_tokens, temperature, top_p, seed,
 stop_reason, forced_from, dyrate_ref_version, torch_version, format.
 
     python -m dyrate_ref.trace compare ORACLE BACKEND [--dtype float32|float16|bfloat16] [--json]
@@ -41,11 +42,14 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArgumentParser, UserError, command_main, summary
 from .files import check_input_file, check_outputs, write_atomic
-from .generation import kl_divergence
-from .pruning import METHODS
-from .settings import setting_fields
+from .oracle import kl_divergence
 
-FORMAT = "dyrate_ref-trace-1"
+FORMAT = "dyrate_ref-trace-2"
+# Read too: version 1, whose kept_masks were called visual_keep (and a schedule's setting `rates`).
+RENAMED_KEYS = {"dyrate_ref-trace-1": {"kept_masks": "kept_masks"}}
+# The header's keys that describe the run; the others are the method's (written by generate.py).
+RUN_KEYS = {"weights", "dtype", "device", "prompt", "max_new_tokens", "temperature", "top_p", "stop_reason", "seed",
+            "forced_from", "dyrate_ref_version", "torch_version", "format"}
 REQUIRED = ("input_ids", "tokens")
 
 
@@ -55,7 +59,7 @@ def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Te
         "pixel_values": pixel_values.detach().to("cpu", torch.float32).contiguous(),
         "tokens": torch.tensor(tokens, dtype=torch.int64),
         "logits": torch.stack(record.logits).to("cpu", torch.float32),
-        "visual_keep": torch.stack(record.keep_masks).cpu(),
+        "kept_masks": torch.stack(record.kept_masks).cpu(),
         "rates": torch.tensor(record.rates, dtype=torch.float32),
         "flops": torch.tensor(record.flops, dtype=torch.float64),
         "kv_bytes": torch.tensor(record.kv_bytes, dtype=torch.int64),
@@ -105,7 +109,9 @@ def read_trace(path: str, flag: str = "trace") -> dict[str, torch.Tensor]:
     T = tensors["tokens"].numel()
     if ("topk_ids" in tensors) != ("topk_logprobs" in tensors):
         raise UserError(f"{path}: topk_ids and topk_logprobs come together; it has only one of them")
-    for name in ("logits", "topk_ids", "topk_logprobs", "visual_keep", "rates"):
+    if "visual_keep" in tensors and meta.get("format") != FORMAT:  # a version-1 trace, or a backend's written to it
+        tensors["kept_masks"] = tensors.pop("visual_keep")
+    for name in ("logits", "topk_ids", "topk_logprobs", "kept_masks", "rates"):
         if name in tensors and tensors[name].shape[0] != T:
             raise UserError(f"{path}: {name} has {tensors[name].shape[0]} rows for {T} tokens; one row per token")
     if "topk_ids" in tensors and tensors["topk_ids"].shape != tensors["topk_logprobs"].shape:
@@ -128,7 +134,7 @@ def method_difference(ma: dict, mb: dict) -> str | None:
     DIFFERENT verdict then says that two computations differ, not that a backend is wrong."""
     if "method" not in ma or "method" not in mb:
         return None
-    keys = ["method"] + [k for k in setting_fields(METHODS) if k in ma or k in mb]
+    keys = ["method"] + sorted({k for k in {**ma, **mb} if k not in RUN_KEYS and k != "method" and not k.endswith("_from")})
     diff = [f"{k} {ma.get(k, '(none)')} vs {mb.get(k, '(none)')}" for k in keys if ma.get(k) != mb.get(k)]
     if not diff:
         return None
@@ -285,10 +291,10 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
         checks["top1"] = _check("top-1 agreement", float(top1.float().mean()), limits.min_top1, at_least=True)
         checks["topk_overlap"] = _check(f"top-{kk} overlap", float(overlap.mean()), limits.min_topk, at_least=True)
 
-    if upto and "visual_keep" in a and "visual_keep" in b:
-        ka, kb = a["visual_keep"][:upto].bool(), b["visual_keep"][:upto].bool()
+    if upto and "kept_masks" in a and "kept_masks" in b:
+        ka, kb = a["kept_masks"][:upto].bool(), b["kept_masks"][:upto].bool()
         if ka.shape != kb.shape:
-            checks["visual_keep"] = {"value": f"shapes {tuple(ka.shape)} vs {tuple(kb.shape)}", "limit": "equal", "ok": False}
+            checks["kept_masks"] = {"value": f"shapes {tuple(ka.shape)} vs {tuple(kb.shape)}", "limit": "equal", "ok": False}
         else:
             inter, union = (ka & kb).sum(1).float(), (ka | kb).sum(1).float()
             iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))  # both empty: same
@@ -298,8 +304,8 @@ def compare(a: dict, b: dict, limits: Limits, k: int = 5) -> Report:
                     bad.setdefault(t, []).append(f"kept sets differ (IoU {float(iou[t]):.3f}; {int(ka[t].sum())} vs "
                                       f"{int(kb[t].sum())} kept, {int((ka[t] ^ kb[t]).sum())} tokens differ)")
             checks["keep_iou"] = _check("kept-set IoU (mean over steps)", float(iou.mean()), limits.min_iou, at_least=True)
-    elif upto and ("visual_keep" in a) != ("visual_keep" in b):
-        not_checked.append("kept sets: only " + ("the oracle" if "visual_keep" in a else "the backend") + " has visual_keep")
+    elif upto and ("kept_masks" in a) != ("kept_masks" in b):
+        not_checked.append("kept sets: only " + ("the oracle" if "kept_masks" in a else "the backend") + " has kept_masks")
     if upto and "rates" in a and "rates" in b:
         d = (a["rates"][:upto].float() - b["rates"][:upto].float()).abs()
         for t in range(upto):

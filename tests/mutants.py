@@ -8,11 +8,10 @@ match exactly once), and the test files that cover that part are run with `pytes
 caught when a test fails; the report names the first failing test. Exit status 0 when every mutant is
 caught, 1 otherwise.
 
-A mutant may name the function it edits (`where`, "name" or "Class.name"): its edits are then looked for
-inside that function only, with any run of white space matching any other, and the function is found
-in `path` or, if it has moved, in whichever package file defines it once. Such a mutant survives the
-code around it being moved or reformatted; the older ones, tied to an exact string in one file, are
-re-derived when their code moves.
+Every mutant names the function it edits (`where`: "name", "Class.name" or a module-level constant):
+its edits are looked for inside that definition only, with any run of white space matching any other,
+and the definition is found in `path` or, if it has moved, in whichever package file defines it. A
+mutant so survives the code around it being moved or reformatted.
 
 The test files run per mutant are the ones covering that part of the code (all files would take ~5 min
 per mutant); `--full` runs the whole suite for each instead.
@@ -43,7 +42,7 @@ class Mutant:
     path: str
     edits: tuple[tuple[str, str], ...]  # (old, new), each old must occur exactly once
     tests: tuple[str, ...]
-    where: str | None = None  # the function ("name" or "Class.name") the edits lie in, wherever it now is
+    where: str  # the function ("name" or "Class.name") or constant the edits lie in, wherever it now is
 
 
 MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
@@ -58,145 +57,146 @@ MUTANTS = [
     # The model
     Mutant("rope-interleaved", "RoPE with GPT-J's interleaved pairs instead of HF's rotate-half halves",
            "dyrate_ref/model.py", (("emb = torch.cat([angles, angles], dim=-1)", "emb = angles.repeat_interleave(2, dim=-1)"),),
-           MODEL_TESTS),
+           MODEL_TESTS, where="rope_cos_sin"),
     Mutant("attention-scale", "attention scores scaled by 1/sqrt(D+1)", "dyrate_ref/model.py",
-           (("scores = (qg @ k.transpose(-2, -1)) * D**-0.5", "scores = (qg @ k.transpose(-2, -1)) * (D + 1)**-0.5"),),
-           MODEL_TESTS),
+           (("scores = (q @ k.transpose(-2, -1)) * D**-0.5", "scores = (q @ k.transpose(-2, -1)) * (D + 1)**-0.5"),),
+           MODEL_TESTS, where="LlamaAttention.forward"),
     Mutant("gqa-grouping", "query head h reads kv head h % Hkv instead of h // G", "dyrate_ref/model.py",
-           (("qg = q.reshape(B, Hkv, G * T, D)", "qg = q.view(B, G, Hkv, T, D).transpose(1, 2).reshape(B, Hkv, G * T, D)"),),
-           MODEL_TESTS),
+           (("x[:, :, None].expand(B, Hkv, G, S, D)", "x[:, None].expand(B, G, Hkv, S, D)"),),
+           MODEL_TESTS, where="repeat_kv"),
     Mutant("feature-layer", "vision_feature_layer -2 read as the layer before it", "dyrate_ref/model.py",
-           (("i if i >= 0 else L + 1 + i", "i if i >= 0 else L + i"),), MODEL_TESTS),
+           (("i if i >= 0 else L + 1 + i", "i if i >= 0 else L + i"),), MODEL_TESTS, where="LlavaConfig.feature_layers"),
     Mutant("cls-strategy", "strategy 'default' drops the last patch instead of CLS", "dyrate_ref/model.py",
-           (("picked = [s[:, 1:] for s in picked]", "picked = [s[:, :-1] for s in picked]"),), MODEL_TESTS),
+           (("picked = [s[:, 1:] for s in picked]", "picked = [s[:, :-1] for s in picked]"),), MODEL_TESTS, where="LlavaForConditionalGeneration.image_features"),
     # Loading
     Mutant("rename-public-layout", "the public hub layout's vision tower prefix not renamed", "dyrate_ref/loading.py",
            (('("vision_tower.vision_model.", "vision_tower."),', '("vision_tower.vision_model.", "vision_tower.vision_model."),'),),
-           ("tests/test_trace_values.py",)),
+           ("tests/test_trace_values.py",), where="KEY_RENAMES"),
     Mutant("no-cast", "--dtype ignored while loading", "dyrate_ref/loading.py",
-           ((".to(device=device, dtype=dtype, copy=True)", ".to(device=device, copy=True)"),), ("tests/test_loading.py",)),
+           ((".to(device=device, dtype=dtype, copy=True)", ".to(device=device, copy=True)"),), ("tests/test_loading.py",), where="load_model"),
     # Processing
     Mutant("resample-bilinear", "images resized bilinearly instead of with the checkpoint's resample",
            "dyrate_ref/processing.py", (("img.resize((w, h), resample=s.resample)", "img.resize((w, h), resample=Image.Resampling.BILINEAR)"),),
-           ("tests/test_preprocessing.py",)),
+           ("tests/test_preprocessing.py",), where="pixel_values"),
     Mutant("crop-left", "center crop taken from the left edge", "dyrate_ref/processing.py",
-           (("top, left = (H - ch) // 2, (W - cw) // 2", "top, left = (H - ch) // 2, 0"),), ("tests/test_preprocessing.py",)),
+           (("top, left = (H - ch) // 2, (W - cw) // 2", "top, left = (H - ch) // 2, 0"),), ("tests/test_preprocessing.py",), where="center_crop"),
     Mutant("normalise-order", "mean subtracted after dividing by std", "dyrate_ref/processing.py",
-           (("x = (x - mean) / std", "x = x / std - mean"),), ("tests/test_preprocessing.py",)),
+           (("x = (x - mean) / std", "x = x / std - mean"),), ("tests/test_preprocessing.py",), where="pixel_values"),
     # Pruning
     Mutant("span-offset", "dropped positions off by one (the image offset bug FastV's public code had)",
-           "dyrate_ref/generation.py", (("gone = state.span[0] + state.keep[", "gone = state.span[0] + 1 + state.keep["),),
-           PRUNE_TESTS),
+           "dyrate_ref/generation.py", (("gone = start + state.kept[", "gone = start + 1 + state.kept["),),
+           PRUNE_TESTS, where="step"),
     Mutant("keep-instead-of-evict", "the kept tokens evicted instead of the dropped ones", "dyrate_ref/generation.py",
-           (("gone = state.span[0] + state.keep[~torch.isin(state.keep, keep)]", "gone = state.span[0] + keep"),),
-           PRUNE_TESTS),
-    Mutant("not-nested", "DyRate re-chooses from all N tokens, not from keep_{t-1}", "dyrate_ref/pruning.py",
-           (("return top_k_sorted(keep, scores, min(keep.numel(), kept_count(scores.numel(), rate)))",
+           (("gone = start + state.kept[~torch.isin(state.kept, kept)]", "gone = start + kept"),),
+           PRUNE_TESTS, where="step"),
+    Mutant("not-nested", "DyRate's schedule re-chooses from all N tokens, not from kept_{t-1}", "dyrate_ref/pruning.py",
+           (("return top_k_sorted(kept, scores, min(kept.numel(), kept_count(scores.numel(), rate)))",
              "return top_k_sorted(torch.arange(scores.numel(), device=scores.device), scores, "
-             "min(keep.numel(), kept_count(scores.numel(), rate)))"),),
-           PRUNE_TESTS),
+             "min(kept.numel(), kept_count(scores.numel(), rate)))"),),
+           PRUNE_TESTS, where="DyRateSchedule.choose"),
     Mutant("kept-count-rounding", "how many to keep: the dropped count truncated instead of rounded half up",
            "dyrate_ref/pruning.py", (("return n - math.floor(round(rate * n, 6) + 0.5)", "return n - math.floor(round(rate * n, 6))"),),
-           PRUNE_TESTS + ("tests/test_trace_values.py",)),
+           PRUNE_TESTS + ("tests/test_trace_values.py",), where="kept_count"),
     # Cost
     Mutant("flops-vision-attention", "the vision tower's attention products left out of the count", "dyrate_ref/cost.py",
-           (("+ 2 * (2 * T * T * C) +", "+ 0 * (2 * T * T * C) +"),), PRUNE_TESTS),
+           (("+ 2 * (2 * T * T * C) +", "+ 0 * (2 * T * T * C) +"),), PRUNE_TESTS, where="vision_flops"),
     Mutant("flops-mlp", "the MLP counted as two matmuls", "dyrate_ref/cost.py",
-           (("mlp = 3 * 2 * T * C * I", "mlp = 2 * 2 * T * C * I"),), PRUNE_TESTS),
+           (("mlp = 3 * 2 * T * C * I", "mlp = 2 * 2 * T * C * I"),), PRUNE_TESTS, where="decoder_layer_flops"),
     Mutant("flops-lm-head", "the LM head left out", "dyrate_ref/cost.py",
-           (("return low + high + lm_head_flops(tc, 1)", "return low + high"),), PRUNE_TESTS),
+           (("return low + high + lm_head_flops(tc, 1)", "return low + high"),), PRUNE_TESTS, where="step_flops"),
     Mutant("flops-ignore-eviction", "decode FLOPs above K counted over every key, as if nothing were evicted",
            "dyrate_ref/cost.py", (("decoder_layer_flops(tc, step.rows_high, step.keys_high)",
-                                   "decoder_layer_flops(tc, step.rows_high, step.keys_low)"),), PRUNE_TESTS),
+                                   "decoder_layer_flops(tc, step.rows_high, step.keys_low)"),), PRUNE_TESTS, where="step_flops"),
     Mutant("kv-bytes-keys-only", "KV bytes count keys only", "dyrate_ref/cost.py",
-           (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size\n\n\ndef serving_kv_bytes",
-             "    return slots * tc.num_key_value_heads * tc.head_dim * element_size\n\n\ndef serving_kv_bytes"),),
-           ("tests/test_trace_values.py",) + PRUNE_TESTS),
+           (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size",
+             "    return slots * tc.num_key_value_heads * tc.head_dim * element_size"),),
+           ("tests/test_trace_values.py",) + PRUNE_TESTS, where="kv_bytes"),
     # The trace
     Mutant("trace-rows-shifted", "trace logits rows shifted by one step", "dyrate_ref/trace.py",
            (('"logits": torch.stack(record.logits)', '"logits": torch.stack(record.logits[1:] + record.logits[:1])'),),
-           CLI_TESTS),
+           CLI_TESTS, where="trace_tensors"),
     Mutant("trace-metadata", "the trace records the layer given, not the one resolved", "dyrate_ref/settings.py",
            (("meta[f.name] = setting_text(getattr(method, f.name))",
              "meta[f.name] = setting_text(getattr(method, f.name) if f.name != 'layer' "
-             "or origins is None or origins['layer'].kind == 'flag' else None)"),), CLI_TESTS),
+             "or origins is None or origins['layer'].kind == 'flag' else None)"),), CLI_TESTS, where="metadata"),
     # The CLI
     Mutant("no-streaming", "the answer printed at the end instead of streamed", "dyrate_ref/cli.py",
            (("        sys.stdout.write(decoder.push(tid))\n        sys.stdout.flush()\n",
              "        held.append(decoder.push(tid))\n"),
             ("    t0 = time.time()\n", "    held = []\n    t0 = time.time()\n"),
             ('    sys.stdout.write("\\n")\n', '    sys.stdout.write("".join(held) + "\\n")\n')),
-           CLI_TESTS),
+           CLI_TESTS, where="run"),
     Mutant("not-atomic", "files written straight to their destination", "dyrate_ref/files.py",
-           (("        write(tmp)\n        _usual_mode(tmp, 0o666)", "        tmp = path\n        write(tmp)\n        _usual_mode(tmp, 0o666)"),), CLI_TESTS),
+           (("        write(tmp)\n        _usual_mode(tmp, 0o666)", "        tmp = path\n        write(tmp)\n        _usual_mode(tmp, 0o666)"),), CLI_TESTS, where="write_atomic"),
     Mutant("top-p-ignored", "--top-p accepted and ignored", "dyrate_ref/cli.py",
-           (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, 1.0, args.seed)"),), CLI_TESTS),
+           (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, 1.0, args.seed)"),), CLI_TESTS, where="run"),
     Mutant("seed-ignored", "--seed accepted and ignored", "dyrate_ref/cli.py",
-           (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, top_p, None)"),), CLI_TESTS),
+           (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, top_p, None)"),), CLI_TESTS, where="run"),
     # Round 2 (tests/test_teeth.py and the newcomer issue's tests): what an oracle's users rely on
     Mutant("kl-reversed", "trace compare reports KL(backend || oracle), not KL(oracle || backend)", "dyrate_ref/trace.py",
            (('kl = kl_divergence(ra["logits"], rb["logits"], torch.float64)', 'kl = kl_divergence(rb["logits"], ra["logits"], torch.float64)'),),
-           TEETH_TESTS),
+           TEETH_TESTS, where="compare"),
     Mutant("prefix-is-same", "a backend that stopped early (its tokens a prefix) passes", "dyrate_ref/trace.py",
-           (("tokens_ok = first is None and ta.numel() == tb.numel()", "tokens_ok = first is None"),), TEETH_TESTS),
+           (("tokens_ok = first is None and ta.numel() == tb.numel()", "tokens_ok = first is None"),), TEETH_TESTS, where="compare"),
     Mutant("iou-over-oracle", "kept-set IoU divides by the oracle's kept count, not the union", "dyrate_ref/trace.py",
-           (("inter / union.clamp(min=1)", "inter / ka.sum(1).float().clamp(min=1)"),), TEETH_TESTS),
+           (("inter / union.clamp(min=1)", "inter / ka.sum(1).float().clamp(min=1)"),), TEETH_TESTS, where="compare"),
     Mutant("rmsnorm-order", "RMSNorm multiplies by its weight before casting back (not HF's order)", "dyrate_ref/model.py",
-           (("return self.weight * x.to(dtype)", "return (self.weight * x).to(dtype)"),), TEETH_TESTS),
+           (("return self.weight * x.to(dtype)", "return (self.weight * x).to(dtype)"),), TEETH_TESTS, where="RMSNorm.forward"),
     Mutant("no-resize-ignored", "do_resize: false resizes anyway", "dyrate_ref/processing.py",
-           (("    if s.do_resize:\n", "    if True:\n"),), TEETH_TESTS),
+           (("    if s.do_resize:\n", "    if True:\n"),), TEETH_TESTS, where="pixel_values"),
     Mutant("fastv-mean-rows", "FastV's mean score averages the image's own rows too", "dyrate_ref/pruning.py",
-           (('else p[:, start + n:]', 'else p[:, start:]'),), TEETH_TESTS),
+           (('else p[:, start + n:]', 'else p[:, start:]'),), TEETH_TESTS, where="visual_scores"),
     Mutant("quantile-end", "the predictor's f-quantile read from the wrong end", "dyrate_ref/predictor.py",
            (("sorted_p[min(N - 1, int(round((1 - f) * N, 6)))]", "sorted_p[min(N - 1, int(round(f * N, 6)))]"),),
-           TEETH_TESTS + ("tests/test_predictor.py",)),
+           TEETH_TESTS + ("tests/test_predictor.py",), where="predictor_features"),
     Mutant("topk-share-floor", "the predictor's top-p% shares count floor(p·N) tokens", "dyrate_ref/predictor.py",
-           (("cum[max(1, math.ceil(f * N)) - 1]", "cum[max(1, math.floor(f * N)) - 1]"),), TEETH_TESTS),
+           (("cum[max(1, math.ceil(f * N)) - 1]", "cum[max(1, math.floor(f * N)) - 1]"),), TEETH_TESTS, where="predictor_features"),
     Mutant("serving-heads-for-kv-heads", "serving KV bytes count attention heads, not key/value heads", "dyrate_ref/cost.py",
-           (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size\n\n\ndef serving(",
-             "    return 2 * slots * tc.num_attention_heads * tc.head_dim * element_size\n\n\ndef serving("),), TEETH_TESTS),
+           (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size",
+             "    return 2 * slots * tc.num_attention_heads * tc.head_dim * element_size"),), TEETH_TESTS, where="serving_kv_bytes"),
     Mutant("template-newline", "the prompt template ends its question with a newline", "dyrate_ref/processing.py",
            (('PROMPT_TEMPLATE = "USER: <image>\\n{prompt} ASSISTANT:"', 'PROMPT_TEMPLATE = "USER: <image>\\n{prompt}\\nASSISTANT:"'),),
-           TEETH_TESTS),
-    Mutant("layer-mismatch-ignored", "--layer that differs from the predictor's is silently replaced", "dyrate_ref/pruning.py",
-           (('if values["layer"] is not None and values["layer"] != pred.layer:', 'if False:'),),
-           ("tests/test_method_value.py", "tests/test_pruning_cli.py")),
+           TEETH_TESTS, where="PROMPT_TEMPLATE"),
+    Mutant("layer-mismatch-ignored", "--layer that differs from the predictor's is silently replaced", "dyrate_ref/settings.py",
+           (('if values.setdefault("layer", pred.layer) != pred.layer:', 'values["layer"] = pred.layer\n        if False:'),),
+           ("tests/test_settings.py", "tests/test_pruning_cli.py"), where="make_method"),
     Mutant("confidence-ignored", "DyRate --confidence accepted and ignored", "dyrate_ref/pruning.py",
-           (("self.predictor.choose_cut(predictor_features(scores, keep, t), self.confidence)",
-             "self.predictor.choose_cut(predictor_features(scores, keep, t))"),), ("tests/test_method_value.py",)),
-    Mutant("vtw-origin-lies", "a calibration that found no layer is reported as a missing file", "dyrate_ref/pruning.py",
+           (("self.predictor.choose_cut(predictor_features(scores, kept, t), self.confidence)",
+             "self.predictor.choose_cut(predictor_features(scores, kept, t))"),), ("tests/test_settings.py",),
+           where="DyRate.choose"),
+    Mutant("vtw-origin-lies", "a calibration that found no layer is reported as a missing file", "dyrate_ref/settings.py",
            (('return None, f"{VTW_CALIBRATION} found no layer within its eta"', 'return None, f"no {VTW_CALIBRATION}"'),),
-           ("tests/test_cli_habits.py",)),
+           ("tests/test_cli_habits.py",), where="vtw_calibrated_layer"),
     # The measuring tools (tests/test_report.py works each figure out by hand)
     Mutant("se-unclustered", "the paired SE treats the questions about one picture as independent",
            "dyrate_ref/tools/report.py", (("clusters = clusters or [str(i) for i in range(n)]",
-                                           "clusters = [str(i) for i in range(n)]"),), REPORT_TESTS),
+                                           "clusters = [str(i) for i in range(n)]"),), REPORT_TESTS, where="paired"),
     Mutant("kind-mean-over-all", "a per-kind score averaged over every item, not that kind's",
            "dyrate_ref/tools/report.py",
-           (("if key in r and (kind is None or items[i].kind == kind)]", "if key in r]"),), REPORT_TESTS),
+           (("if key in r and (kind is None or items[i].kind == kind)]", "if key in r]"),), REPORT_TESTS, where="summarise"),
     Mutant("forced-with-own-answer", "every item's forced costs counted on none's answer to the first item",
            "dyrate_ref/tools/evaluate.py", (('force=none[i]["tokens"]).record', "force=none[0][\"tokens\"]).record"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="run_method"),
     Mutant("prefill-flops-with-vision", "the LM prefill FLOPs include the vision tower", "dyrate_ref/tools/evaluate.py",
-           (('"prefill_flops": flops[0] - vis,', '"prefill_flops": flops[0],'),), REPORT_TESTS),
+           (('"prefill_flops": flops[0] - vis,', '"prefill_flops": flops[0],'),), REPORT_TESTS, where="run_method"),
     Mutant("forced-over-own-base", "the forced FLOPs ratio is over the method's own FLOPs, not none's",
            "dyrate_ref/tools/report.py", (('"lm_flops_forced": f_lm / lm_base', '"lm_flops_forced": f_lm / lm'),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="costs"),
     Mutant("depth-truncated", "K mapped by depth is truncated, not rounded (3 of 7 -> 13 of 32, not 14)",
            "dyrate_ref/cost.py", (("math.floor(K * L_to / L_from + 0.5)", "math.floor(K * L_to / L_from)"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="depth_matched_layer"),
     Mutant("kept-schedule-over-all", "a step's kept fraction averaged over every answer, also those that ended",
            "dyrate_ref/tools/report.py", (("/ N / sum(len(r[\"kept\"]) > t for r in records)", "/ N / len(records)"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="kept_schedule"),
     Mutant("batch-from-mean", "the largest batch set by the cache's mean, not its peak", "dyrate_ref/cost.py",
            (('"max_batch": int((gpu_bytes - weight_bytes) // peak)', '"max_batch": int((gpu_bytes - weight_bytes) // mean)'),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="serving_schedule"),
     Mutant("openai-topk-worst-first", "a server's top-k kept worst first", "dyrate_ref/trace.py",
            (("best = sorted(top.items(), key=lambda kv: -kv[1])[:k]", "best = sorted(top.items(), key=lambda kv: kv[1])[:k]"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="openai_trace"),
     Mutant("openai-chosen-dropped", "the chosen token's own log-prob left out when it is outside the top-k",
            "dyrate_ref/trace.py", (('tops[-1].setdefault(tokens[-1], _logprob(_field(entry, "logprob", where), where))',
-                                    '_logprob(_field(entry, "logprob", where), where)'),), REPORT_TESTS),
+                                    '_logprob(_field(entry, "logprob", where), where)'),), REPORT_TESTS, where="openai_trace"),
     Mutant("limit-before-eos", "an answer ending on its last allowed token reported as cut at the limit",
            "dyrate_ref/generation.py",
            (("        if force is None and tid in stop_ids:\n            reason = \"eos\"\n            break\n"
@@ -204,66 +204,67 @@ MUTANTS = [
              "            break\n",
              "        if len(tokens) >= max_new_tokens:\n            reason = \"forced\" if force is not None else \"max_new_tokens\"\n"
              "            break\n        if force is None and tid in stop_ids:\n            reason = \"eos\"\n            break\n"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="generate"),
     Mutant("dagger-last-round-only", "each DAgger round refits on its own steps alone", "dyrate_ref/tools/train_predictor.py",
-           (("feats, labels = torch.cat([feats, f]), torch.cat([labels, y])", "feats, labels = f, y"),), REPORT_TESTS),
+           (("feats, labels = torch.cat([feats, f]), torch.cat([labels, y])", "feats, labels = f, y"),), REPORT_TESTS, where="train_imitation"),
     Mutant("vtw-mean-of-means", "VTW's KL averaged per example, then over examples", "dyrate_ref/tools/calibrate_vtw.py",
            (("totals[K] += float(kl_divergence(logits_w, logits_full).sum())",
              "totals[K] += float(kl_divergence(logits_w, logits_full).mean())"),
-            ("count += len(tokens)", "count += 1"),), REPORT_TESTS),
+            ("count += len(tokens)", "count += 1"),), REPORT_TESTS, where="mean_kl_per_layer"),
     Mutant("f1-repeat-counted", "object-F1 counts a shape named twice as two hits", "dyrate_ref/demo/scenes.py",
-           (("        if t in remaining:\n            remaining.remove(t)\n", "        if t in gold:\n"),), REPORT_TESTS),
+           (("        if t in remaining:\n            remaining.remove(t)\n", "        if t in gold:\n"),), REPORT_TESTS, where="object_f1"),
     Mutant("inside-by-prefix", "an output beside an input folder with a common prefix (w2/ beside w/) is refused",
            "dyrate_ref/files.py", (("return os.path.commonpath([real, top]) == top", "return real.startswith(top)"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="_inside"),
     Mutant("premise-kl-over-scored", "the premise summary's KL averaged over the scored items only",
            "dyrate_ref/tools/premise.py", (('"kl": sum(r["kl"] for r in rs) / n,',
-                                            '"kl": sum(r["kl"] for r in scored) / max(1, len(scored)),'),), REPORT_TESTS),
+                                            '"kl": sum(r["kl"] for r in scored) / max(1, len(scored)),'),), REPORT_TESTS, where="summarise_cuts"),
     Mutant("rate-nominal", "the trace records a fixed schedule's nominal rate, not the share dropped",
-           "dyrate_ref/generation.py", (("rec.rates.append(1 - state.keep.numel() / N)",
-                                         "rec.rates.append(getattr(method, 'rates', None) and method.rates[min(t, len(method.rates) - 1)] "
-                                         "or 1 - state.keep.numel() / N)"),), PRUNE_TESTS),
+           "dyrate_ref/generation.py", (("rec.rates.append(1 - kept.numel() / N)",
+                                         "rec.rates.append(getattr(method, 'schedule', None) and method.schedule[min(t, len(method.schedule) - 1)] "
+                                         "or 1 - kept.numel() / N)"),), PRUNE_TESTS, where="step"),
     Mutant("output-over-input", "an output path that is one of the run's inputs is accepted", "dyrate_ref/files.py",
            (("if (os.path.isdir(source) and _inside(path, source)) or _same_file(path, source):", "if False:"),),
-           ("tests/test_no_overwrite.py", "tests/test_bad_inputs.py")),
+           ("tests/test_no_overwrite.py", "tests/test_bad_inputs.py"), where="check_outputs"),
     Mutant("forced-always-skipped", "every forced run skipped, own costs taken as the costs on none's answers",
            "dyrate_ref/tools/evaluate.py", (('same = gen.tokens == none[i]["tokens"]', "same = True"),),
-           ("tests/test_evaluate_data.py",)),
+           ("tests/test_evaluate_data.py",), where="run_method"),
     Mutant("rise-from-previous-step", "the first rise counted from the step before, not from the prefill, and from step 0",
            "dyrate_ref/tools/report.py", (("for t in range(1, len(kept)) if kept[t] < kept[0]", "for t in range(len(kept)) if kept[t] <= kept[0]"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="first_rise"),
     Mutant("comparison-ignores-accuracy", "the main comparison picks the cheapest row whatever its accuracy",
-           "dyrate_ref/tools/report.py", (("ok = [r for r in rows if within(r, bounds)]", "ok = list(rows)"),), REPORT_TESTS),
+           "dyrate_ref/tools/report.py", (("ok = [r for r in rows if within(r, bounds)]", "ok = list(rows)"),), REPORT_TESTS, where="cheapest"),
     Mutant("comparison-any-layer", "the opponent's cheapest row taken at any K, not at DyRate's",
-           "dyrate_ref/tools/report.py", (('if mine is None or c["layer"] == mine["layer"]', "if True"),), REPORT_TESTS),
+           "dyrate_ref/tools/report.py", (('if mine is None or c["layer"] == mine["layer"]', "if True"),), REPORT_TESTS, where="main_comparison"),
     Mutant("comparison-not-beyond-2se", "a target met by any saving, however small against its standard error",
            "dyrate_ref/tools/report.py", (("ratio <= targets[cost] and d < -2 * se", "ratio <= targets[cost] and d < 0"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="main_comparison"),
     Mutant("schedule-from-none", "the fixed-schedule control follows none's counts, not its DyRate row's",
-           "dyrate_ref/tools/evaluate.py", (("rates=mean_schedule(records[r.schedule_of], N)",
-                                             "rates=mean_schedule(records[rows[0].name], N)"),), REPORT_TESTS),
+           "dyrate_ref/tools/evaluate.py", (("schedule=mean_schedule(records[r.schedule_of], N)",
+                                             "schedule=mean_schedule(records[rows[0].name], N)"),), REPORT_TESTS,
+           where="evaluate_all"),
     Mutant("schedule-from-one-answer", "the serving schedule keeps steps only one long answer reaches",
-           "dyrate_ref/tools/report.py", (("need = min(min_answers, len(records))", "need = 1"),), REPORT_TESTS),
+           "dyrate_ref/tools/report.py", (("need = min(min_answers, len(records))", "need = 1"),), REPORT_TESTS, where="kept_schedule"),
     Mutant("matched-accuracy-one-bound", "matched accuracy checks only its first bound (exact match), not F1 or the verdict",
            "dyrate_ref/tools/report.py", (("for k, bound in bounds.items() if", "for k, bound in list(bounds.items())[:1] if"),),
-           REPORT_TESTS),
+           REPORT_TESTS, where="within"),
     Mutant("rollout-confidence-ignored", "the DAgger rounds decode at the stored confidence, not --rollout-confidence",
            "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)",
                                                     "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)"),),
-           ("tests/test_tool_inputs.py",)),
+           ("tests/test_tool_inputs.py",), where="run"),
     Mutant("e2e-mask-not-cumulative", "the end-to-end route weighs step t's keys by step t's own mask, not by the "
            "product of every earlier step's (an evicted token would come back)",
-           "dyrate_ref/tools/predictor_e2e.py", (("W = W * m  # [N]", "W = m  # [N]"),), ("tests/test_predictor_e2e.py",)),
+           "dyrate_ref/tools/predictor_e2e.py", (("W = W * m  # [N]", "W = m  # [N]"),), ("tests/test_predictor_e2e.py",), where="relaxed_weights"),
     Mutant("e2e-grads-into-model", "the end-to-end route leaves the VLM's weights trainable",
            "dyrate_ref/tools/predictor_e2e.py", (("        p.requires_grad_(False)\n", "        p.requires_grad_(True)\n"),),
-           ("tests/test_predictor_e2e.py",)),
+           ("tests/test_predictor_e2e.py",), where="freeze"),
     Mutant("blind-mask-ignored", "v5's blind look rows see the picture after all (the mask never reaches the layers)",
            "dyrate_ref/demo/batches.py", (("        masks = {layer: mask for layer in range(L)}\n", ""),),
-           ("tests/test_demo.py",)),
+           ("tests/test_demo.py",), where="_group_ce"),
     Mutant("stage-schedule-global", "an appended stage follows the recipe's schedule, shifting v4's learning rates",
            "dyrate_ref/demo/recipes.py", (("return stage.lr * schedule(step, self.shared_steps, self.warmup, self.decay)",
                                            "return stage.lr * schedule(step, self.steps, self.warmup, self.decay)"),),
-           ("tests/test_demo.py",)),
+           ("tests/test_demo.py",), where="Recipe.lr"),
     # Round 4 (#43): tied to the function they edit (`where`), so that they survive its code moving
     Mutant("matched-bound-strict", "a loss of exactly the bound counted as beyond it", "dyrate_ref/tools/report.py",
            (("s[k + \"_delta\"] >= -bound - 1e-12", "s[k + \"_delta\"] > -bound"),), REPORT_TESTS, where="within"),
@@ -325,7 +326,7 @@ MUTANTS = [
            "folder is refused", "dyrate_ref/tools/evaluate.py",
            (('"weights": os.path.abspath(args.weights)', '"weights": args.weights'),), PATH_TESTS, where="run"),
     Mutant("trace-weights-as-typed", "the trace records --weights as typed (relative to a folder it does not name)",
-           "dyrate_ref/cli.py", (("weights=os.path.abspath(weights)", "weights=weights"),), PATH_TESTS),
+           "dyrate_ref/cli.py", (("weights=os.path.abspath(weights)", "weights=weights"),), PATH_TESTS, where="run"),
     Mutant("progress-mb-rate-unscaled", "the byte rate printed in bytes per second under an MB/s label",
            "dyrate_ref/progress.py", (("self.done / self.scale / elapsed", "self.done / elapsed"),), PATH_TESTS,
            where="Progress.line"),
@@ -335,8 +336,9 @@ MUTANTS = [
     Mutant("predictor-rollout-unresolved", "a predictor trained at the default rollout confidence records None",
            "dyrate_ref/tools/train_predictor.py", (("rollout_confidence=rollout)", "rollout_confidence=args.rollout_confidence)"),),
            PATH_TESTS, where="run"),
-    Mutant("alias-ignored", "an older setting name (--ratio) is no longer read as its setting",
-           "dyrate_ref/settings.py", (("        name = own_aliases.get(name, name)\n", ""),), ("tests/test_evaluate_data.py",)),
+    Mutant("renamed-flag-accepted", "an old setting name (--rates) is taken as if it were a setting of its own",
+           "dyrate_ref/settings.py", (("if name in RENAMED:", "if False:"),), ("tests/test_settings.py",),
+           where="parse_settings"),
 ]
 
 
@@ -354,13 +356,17 @@ def copy_project(dst: str):
 
 
 def function_span(src: str, where: str) -> tuple[int, int] | None:
-    """Character offsets of the definition `where` ("name" or "Class.name") in src, or None."""
+    """Character offsets of the definition `where` ("name", "Class.name" or a module-level constant's
+    name) in src, or None."""
     *outer, name = where.split(".")
     tree = ast.parse(src)
     scopes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == outer[0]] if outer else [tree]
     for scope in scopes:
         for node in scope.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            named = (node.name == name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else
+                     any(isinstance(t, ast.Name) and t.id == name for t in node.targets) if isinstance(node, ast.Assign)
+                     else False)
+            if named:
                 lines = src.splitlines(keepends=True)
                 start = sum(len(x) for x in lines[:node.lineno - 1])
                 return start, sum(len(x) for x in lines[:node.end_lineno])
@@ -370,8 +376,6 @@ def function_span(src: str, where: str) -> tuple[int, int] | None:
 def locate(m: Mutant, root: str) -> tuple[str, int, int]:
     """-> (the file to edit, the span the edits must lie in)."""
     path = os.path.join(root, m.path)
-    if m.where is None:
-        return path, 0, len(open(path).read())
     candidates = [path] if os.path.isfile(path) else []
     candidates += [p for p in sorted(glob.glob(os.path.join(root, "dyrate_ref", "**", "*.py"), recursive=True))
                    if p != path]
@@ -387,15 +391,13 @@ def apply(m: Mutant, root: str):
     src = open(path).read()
     for old, new in m.edits:
         part = src[start:end]
-        if m.where is None:
-            found = [(i, i + len(old)) for i in range(len(part)) if part.startswith(old, i)]
-        else:  # inside the edit, any run of white space matches any other; its ends match as written
-            core = old.strip()
-            lead, trail = old[:len(old) - len(old.lstrip())], old[len(old.rstrip()):]
-            pattern = re.escape(lead) + r"\s+".join(re.escape(w) for w in core.split()) + re.escape(trail)
-            found = [mt.span() for mt in re.finditer(pattern, part)]
+        # inside the edit, any run of white space matches any other; its ends match as written
+        core = old.strip()
+        lead, trail = old[:len(old) - len(old.lstrip())], old[len(old.rstrip()):]
+        pattern = re.escape(lead) + r"\s+".join(re.escape(w) for w in core.split()) + re.escape(trail)
+        found = [mt.span() for mt in re.finditer(pattern, part)]
         if len(found) != 1:
-            raise SystemExit(f"mutant {m.name}: {old!r} occurs {len(found)} times in {m.where or m.path}; "
+            raise SystemExit(f"mutant {m.name}: {old!r} occurs {len(found)} times in {m.where}; "
                              "the mutant list is out of date")
         a, b = found[0]
         src = src[:start + a] + new + src[start + b:]

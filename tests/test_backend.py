@@ -13,7 +13,7 @@ import torch
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor, open_image
-from dyrate_ref.pruning import DyRate, FastV, NoPruning
+from dyrate_ref.pruning import FastV, NoPruning, DyRateSchedule
 from dyrate_ref.trace import LIMITS, compare, read_trace, report_text, trace_tensors, write_trace
 from helpers import hf_config, make_checkpoint, noise_image
 
@@ -45,7 +45,7 @@ def oracle(w, img, prune=NoPruning(), dtype=torch.float32, force=None, max_new_t
 
 SETTINGS = {"none": (NoPruning(), {}),
             "fastv": (FastV(2, 0.5), dict(method="fastv", layer=2, rate=0.5)),
-            "dyrate": (DyRate(2, rates=(0.3, 0.5, 0.7)), dict(method="dyrate", layer=2, rates=(0.3, 0.5, 0.7)))}
+            "dyrate-schedule": (DyRateSchedule(2, (0.3, 0.5, 0.7)), dict(method="dyrate-schedule", layer=2, schedule=(0.3, 0.5, 0.7)))}
 
 
 def test_forced_with_its_own_tokens_equals_free_decoding(files):
@@ -53,7 +53,7 @@ def test_forced_with_its_own_tokens_equals_free_decoding(files):
     for prune, _ in SETTINGS.values():
         free = oracle(w, img, prune)
         forced = oracle(w, img, prune, force=free["tokens"].tolist())
-        for name in ("tokens", "logits", "visual_keep", "rates", "flops", "kv_bytes"):
+        for name in ("tokens", "logits", "kept_masks", "rates", "flops", "kv_bytes"):
             assert torch.equal(free[name], forced[name]), name
 
 
@@ -73,7 +73,7 @@ def test_transformers_backend_is_the_same_in_float32(files, method):
     assert r.same and any("KL" in x for x in r.not_checked), report_text(r, "float32", LIMITS["float32"])
 
 
-@pytest.mark.parametrize("method", ["fastv", "dyrate"])
+@pytest.mark.parametrize("method", ["fastv", "dyrate-schedule"])
 def test_an_off_by_one_image_offset_is_different_and_the_first_bad_step_is_named(files, method):
     root, w, img = files
     prune, kw = SETTINGS[method]
@@ -236,11 +236,11 @@ def test_the_example_backend_refuses_bad_input_and_never_overwrites_an_input(fil
                          (["--weights", w, "--image", str(tmp_path / "none.png"), "--prompt", PROMPT, "--out",
                            str(tmp_path / "o.st")], "none.png"),
                          (base + ["--method", "fastv", "--layer", "9", "--out", str(tmp_path / "o.st")], "outside 1.."),
-                         (base + ["--method", "dyrate", "--rates", "0.5,x", "--out", str(tmp_path / "o.st")], "--rates"),
+                         (base + ["--method", "dyrate-schedule", "--schedule", "0.5,x", "--out", str(tmp_path / "o.st")], "--schedule"),
                          (base + ["--method", "fastv", "--rate", "1.5", "--out", str(tmp_path / "o.st")], "[0, 1]"),
                          (base + ["--rate", "0.3", "--out", str(tmp_path / "o.st")], "add --method fastv"),
-                         (base + ["--method", "fastv", "--rates", "0.3", "--out", str(tmp_path / "o.st")],
-                          "--rates is a setting of --method dyrate"),
+                         (base + ["--method", "fastv", "--schedule", "0.3", "--out", str(tmp_path / "o.st")],
+                          "--schedule is a setting of --method dyrate-schedule"),
                          (base + ["--out", ""], "--out is empty"),
                          (["--weights", w, "--image", str(tmp_path), "--prompt", PROMPT, "--out", str(tmp_path / "o.st")],
                           f"--image {tmp_path} is a folder"),

@@ -59,7 +59,7 @@ def test_good_run_streams_and_writes_trace(files):
     assert t["input_ids"].tolist() == ids.tolist()
     T, N, V = len(gen.tokens), model.config.num_image_tokens, model.config.text_config.vocab_size
     assert t["logits"].shape == (T, V) and t["logits"].dtype == torch.float32
-    assert t["visual_keep"].shape == (T, N) and bool(t["visual_keep"].all())
+    assert t["kept_masks"].shape == (T, N) and bool(t["kept_masks"].all())
     assert t["pixel_values"].shape == (1, 3, 32, 32)
     assert r.stdout.strip() == proc.decode(gen.tokens).strip()
     assert not [p for p in os.listdir(root) if p.endswith(".tmp")]

@@ -96,9 +96,9 @@ def test_summary_names_every_methods_settings(files):
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "fastv", "--rate", "0.25",
                        "--max-new-tokens", "2"))
     assert "method fastv K=2 R=0.25 score=last (K, score: default; R: flag)" in line, line
-    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate", "--rates", "0.2,0.4",
+    line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate-schedule", "--schedule", "0.2,0.4",
                        "--max-new-tokens", "2"))
-    assert "method dyrate K=2 rates=0.2,0.4 (K: default; rates: flag)" in line, line
+    assert "method dyrate-schedule K=2 schedule=0.2,0.4 (K: default; schedule: flag)" in line, line
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -170,8 +170,8 @@ def test_plot_without_matplotlib_says_how_to_install_it(files, tmp_path):
 def test_plot_draws_a_labelled_figure(files):
     root, w, img = files
     out = root / "run.png"
-    summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "4", "--method", "dyrate",
-                "--rates", "0.3,0.6", "--plot", str(out)))
+    summary(run("--image", img, "--prompt", "hi", "--weights", w, "--max-new-tokens", "4", "--method", "dyrate-schedule",
+                "--schedule", "0.3,0.6", "--plot", str(out)))
     with Image.open(out) as im:
         assert im.size[0] > 600 and im.size[1] > 400
 
@@ -307,30 +307,25 @@ def test_a_small_checkpoint_runs_on_one_thread_unless_told(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_a_larger_checkpoint_takes_the_threads_the_load_leaves_free(tmp_path, monkeypatch):
-    """Above cli.SMALL_MODEL: torch's threads less the cores other work holds, rounded, at least one (an
-    idle 2-core machine: 2; both cores busy: 1; 16 threads with 3.4 cores busy: 13). The run's wiring:
-    the same checkpoint counted as large runs on both threads idle and on one under load; busy_cores
-    reads a machine's share of busy cores between 0 and its core count."""
+def test_the_thread_rule_reads_the_weights_size_only(tmp_path, monkeypatch):
+    """One documented rule, no guess at the machine's load: one thread for weights under
+    cli.SMALL_MODEL bytes, torch's default (left as it is) from there on, both sides of the edge. The
+    run's wiring: the same checkpoint counted as small runs on one thread, counted as large leaves torch's
+    threads alone."""
     from dyrate_ref import cli
     from helpers import hf_config, make_checkpoint
-    assert cli.default_threads(11_600_000, 2, 0.0) == 1
-    assert cli.default_threads(760_000_000, 2, 0.1) == 2 and cli.default_threads(760_000_000, 2, 2.0) == 1
-    assert cli.default_threads(760_000_000, 2, 0.6) == 1 and cli.default_threads(760_000_000, 4, 9.0) == 1
-    assert cli.default_threads(760_000_000, 16, 3.4) == 13 and cli.default_threads(cli.SMALL_MODEL, 2, 0.0) == 2
+    assert cli.default_threads(11_600_000) == 1 and cli.default_threads(cli.SMALL_MODEL - 1) == 1
+    assert cli.default_threads(cli.SMALL_MODEL) is None and cli.default_threads(760_000_000) is None
     d = tmp_path / "w"
     make_checkpoint(str(d), hf_config())
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 40), (10, 200, 30)).save(img)
     args = ["--weights", str(d), "--image", str(img), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
-    monkeypatch.setattr(cli, "SMALL_MODEL", 1)
     before = torch.get_num_threads()
     try:
-        for load, want in ((0.0, 2), (2.3, 1)):
-            monkeypatch.setattr(cli, "busy_cores", lambda: load)
+        for small, want in ((10 ** 12, 1), (1, 2)):  # the same weights counted as small, then as large
+            monkeypatch.setattr(cli, "SMALL_MODEL", small)
             torch.set_num_threads(2)
-            assert cli.run(args) == 0 and torch.get_num_threads() == want, load
+            assert cli.run(args) == 0 and torch.get_num_threads() == want, small
     finally:
         torch.set_num_threads(before)
-    monkeypatch.undo()
-    assert 0.0 <= cli.busy_cores(0.05) <= (os.cpu_count() or 1)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dyrate_ref.generation import generate, recompute_logits
+from dyrate_ref.generation import generate
+from dyrate_ref.oracle import recompute_logits
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import DyRate, FastV
+from dyrate_ref.pruning import FastV, DyRateSchedule
 from helpers import hf_config, make_checkpoint, noise_image
 
 pytestmark = [pytest.mark.cuda,
@@ -53,9 +54,9 @@ def test_pruned_decode_vs_oracle_fp16(ckpt):
     proc = Processor(ckpt, model.config)
     ids = proc.input_ids("Describe it.")
     px = proc.pixel_values(noise_image(40, 40, seed=2, sigma=40))
-    for prune in (FastV(2, 0.5), DyRate(2, rates=(0.0, 0.3, 0.6, 0.9))):
+    for prune in (FastV(2, 0.5), DyRateSchedule(2, (0.0, 0.3, 0.6, 0.9))):
         gen = generate(model, ids, px, 10, prune)
-        oracle = recompute_logits(model, ids, px, gen.tokens, torch.stack(gen.record.keep_masks), 2)
+        oracle = recompute_logits(model, ids, px, gen.tokens, torch.stack(gen.record.kept_masks), 2)
         got = torch.stack(gen.record.logits)
         assert (got - oracle).abs().max().item() <= 2e-2  # fp16: ~10 ulp at logit magnitudes of ~5
 
@@ -65,5 +66,5 @@ def test_no_nan_over_a_2000_token_prompt_fp16(ckpt):
     proc = Processor(ckpt, model.config)
     ids = proc.input_ids("word " * 2000)
     assert ids.numel() > 2000
-    gen = generate(model, ids, proc.pixel_values(Image.new("RGB", (32, 32))), 4, DyRate(2, rates=(0.5,)))
+    gen = generate(model, ids, proc.pixel_values(Image.new("RGB", (32, 32))), 4, DyRateSchedule(2, (0.5,)))
     assert torch.isfinite(torch.stack(gen.record.logits)).all()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dyrate_ref.loading import DEFAULT_WEIGHTS
-from dyrate_ref.demo.scenes import (COLORS, NUMBERS, POSITIONS, SIZE, describe, eval_set, object_f1, parse_description,
+from dyrate_ref.demo.scenes import (scene_description, COLORS, NUMBERS, POSITIONS, SIZE, eval_set, object_f1, parse_description,
                                questions, random_scene)
 from helpers import TINY, tiny_recipe
 
@@ -66,7 +66,7 @@ def test_questions_have_one_right_answer():
                 color, shape_kind = q.rstrip("?").split()[-2:]
                 present = any(x.color == color and x.kind == shape_kind for x in s.shapes)
                 assert a.lower() == f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape_kind}: {'yes' if present else 'no'}."
-        assert sorted(parse_description(describe(s))) == sorted((x.color, x.kind, x.position) for x in s.shapes)
+        assert sorted(parse_description(scene_description(s))) == sorted((x.color, x.kind, x.position) for x in s.shapes)
 
 
 def grade_answer(item, text: str) -> float:
@@ -95,9 +95,9 @@ def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
     here, kinds = s.shapes[1], {x.kind for x in s.shapes}
     absent = next(c for c in COLORS if (c, here.kind) not in {(x.color, x.kind) for x in s.shapes})
     yes, no = look_answer(s, here.color, here.kind), look_answer(s, absent, here.kind)
-    assert yes == f"{describe(s)} So {'an' if here.color[0] in 'aeiou' else 'a'} {here.color} {here.kind}: yes."
-    assert no.endswith(f" {absent} {here.kind}: no.") and no.startswith(describe(s))
-    assert yes.split(LOOK_SPLIT)[0] == describe(s)  # the looking part is the description, whole
+    assert yes == f"{scene_description(s)} So {'an' if here.color[0] in 'aeiou' else 'a'} {here.color} {here.kind}: yes."
+    assert no.endswith(f" {absent} {here.kind}: no.") and no.startswith(scene_description(s))
+    assert yes.split(LOOK_SPLIT)[0] == scene_description(s)  # the looking part is the description, whole
     assert (look_verdict(yes), look_verdict(no)) == ("yes", "no")
     # v5's form: the colour of a kind seen once, copied from where the description names that kind
     from dyrate_ref.demo.scenes import look_item
@@ -111,10 +111,10 @@ def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
         q, a = drawn
         asked = q.split("the ")[1].split("?")[0]
         only = next(x for x in scene.shapes if x.kind == asked)
-        assert kinds_seen.count(asked) == 1 and a == f"{describe(scene)} So the {asked} is {only.color}."
+        assert kinds_seen.count(asked) == 1 and a == f"{scene_description(scene)} So the {asked} is {only.color}."
         assert f"{only.color} {asked}" in a.split(LOOK_SPLIT)[0]  # the reasoning's answer is written in the look
         assert look_verdict(a) == f"{asked} {only.color}" and look_verdict(a.replace(only.color + ".", "x.")) != look_verdict(a)
-    assert look_verdict(describe(s)) is None and kinds
+    assert look_verdict(scene_description(s)) is None and kinds
     item = EvalItem(s, "look", look_question(absent, here.kind), no)
     assert grade_answer(item, no) == 1.0 and grade_answer(item, yes) == 0.0
     looks = [i for i in eval_set(20, look=True, look_form="exist") if i.kind == "look"]
@@ -124,9 +124,9 @@ def test_look_then_reason_items_restate_the_asked_thing_before_the_verdict():
 
 def test_object_f1():
     s = random_scene(random.Random(3), 3, 3)
-    assert object_f1(describe(s), s) == 1.0
+    assert object_f1(scene_description(s), s) == 1.0
     first = s.shapes[0]
-    wrong = describe(s).replace(f"{first.color} {first.kind}", f"{'red' if first.color != 'red' else 'blue'} {first.kind}", 1)
+    wrong = scene_description(s).replace(f"{first.color} {first.kind}", f"{'red' if first.color != 'red' else 'blue'} {first.kind}", 1)
     assert object_f1(wrong, s) == pytest.approx(2 / 3)
     assert object_f1("nothing here", s) == 0.0
 
@@ -166,8 +166,8 @@ def test_growing_the_decoder_keeps_its_logits_and_its_new_layers_learn():
 
 
 def test_the_recipe_registry_and_its_stages():
-    from dyrate_ref.demo.recipes import DEFAULT, RECIPES, V4, V5, schedule
-    assert set(RECIPES) == {"v4", "v5"} and DEFAULT == "v4" and RECIPES["v4"] is V4
+    from dyrate_ref.demo.recipes import RECIPES, SHIPPED, V4, V5, schedule
+    assert set(RECIPES) == {"v4", "v5"} and SHIPPED == "v5" and RECIPES["v4"] is V4
     # v5 is v4 then its own look stage, whose schedule leaves v4's steps' learning rates as they were
     assert V5.stages[:len(V4.stages)] == V4.stages and V5.stages[-1].name == "look"
     assert [V5.lr(s) for s in range(0, V4.steps, 97)] == [V4.lr(s) for s in range(0, V4.steps, 97)]
@@ -336,6 +336,15 @@ def test_go_no_go_reads_the_windows_the_recipe_names():
     assert go_no_go(V5, "look", look + 299, {"look_blind": 0.0}) is None  # the window opens at its step 300
     assert "NO-GO" in go_no_go(V5, "look", look + 300, {"look": 1.0, "look_blind": 0.59})
     assert ": go" in go_no_go(V5, "look", look + 300, {"look": 0.5, "look_blind": 0.6})
+    # at the edges: the warm-up's gate only at its last step and strictly above its floors; the mixture's
+    # window opens at its step 400 (stage-2 step 1,000), not one before; a stage without a gate says nothing
+    ok = {"kind_swap_kl": 5.4, "color3+": 0.78}
+    assert go_no_go(V4, "bind", 299, ok) is None
+    assert "NO-GO" in go_no_go(V4, "bind", 300, {"kind_swap_kl": 1.0, "color3+": 0.78})
+    assert "NO-GO" in go_no_go(V4, "bind", 300, {"kind_swap_kl": 1.01, "color3+": 0.6})
+    assert go_no_go(V4, "mixture", 999, {"color": 0.1, "position": 0.1}) is None
+    assert go_no_go(V4, "bind+exist", 600, {"color": 0.1, "position": 0.1}) is None
+    assert go_no_go(V4, "look", 4000, {}) is None if "look" in [s.name for s in V4.stages] else True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,7 +430,7 @@ def test_readme_dyrate_examples_answer_right_and_the_look_example_says_what_it_k
     r = subprocess.run(readme_command(README_EXAMPLE, look) + ["--method", "dyrate", "--trace", trace],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == truth + " So the star is green.", (r.stdout, r.stderr)
-    kept = load_file(trace)["visual_keep"].sum(1).tolist()
+    kept = load_file(trace)["kept_masks"].sum(1).tolist()
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         head = f.read()[:6000]
     assert f"{kept[-1]}/144 visual tokens kept at the end" in r.stderr and f"{kept[-1]}/144 visual tokens kept" in head
@@ -535,7 +544,7 @@ def test_evaluate_workers_give_the_same_figures(tmp_path):
     for workers in ("1", "2"):
         out = tmp_path / f"eval{workers}.json"
         r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--weights", str(w), "--quick",
-                            "--max-new-tokens", "5", "--workers", workers, "--extra", "mass:layer=2:share=0.5", "--json", str(out)],
+                            "--max-new-tokens", "5", "--workers", workers, "--extra", "mass:layer=2:mass=0.5", "--json", str(out)],
                            capture_output=True, text=True, timeout=300, cwd=REPO)
         assert r.returncode == 0, r.stderr
         figures.append(json.loads(out.read_text())["rows"])

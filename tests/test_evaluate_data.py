@@ -135,7 +135,7 @@ def test_results_of_other_settings_are_refused(exported, tmp_path, capsys):
 
 def test_extra_rows_parse_into_the_settings_they_name():
     from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
-    from dyrate_ref.pruning import DyRate, FastV
+    from dyrate_ref.pruning import FastV, DyRateSchedule
     from dyrate_ref.settings import Context
     from dyrate_ref.tools.baselines import RandomKeep
     cfg = read_config(DEFAULT_WEIGHTS)
@@ -143,7 +143,7 @@ def test_extra_rows_parse_into_the_settings_they_name():
     assert evaluate.parse_extra("random:layer=1:rate=0.75", ctx).method == RandomKeep(1, rate=0.75)
     assert evaluate.parse_extra("fastv:layer=3:score=mean", ctx).method == FastV(3, 0.5, "mean")
     assert evaluate.parse_extra("fastv", ctx).method == FastV(2, 0.5, "last")
-    assert evaluate.parse_extra("dyrate:rates=0.5,0.9", ctx).method == DyRate(2, rates=(0.5, 0.9))
+    assert evaluate.parse_extra("dyrate-schedule:schedule=0.5,0.9", ctx).method == DyRateSchedule(2, (0.5, 0.9))
     row = evaluate.parse_extra("dyrate:confidence=0.6", ctx)  # the shipped predictor at another confidence
     assert row.method.confidence == 0.6 and row.method.layer == row.method.predictor.layer
     L = cfg.text_config.num_hidden_layers
@@ -151,14 +151,14 @@ def test_extra_rows_parse_into_the_settings_they_name():
                      (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:rate=2", "outside [0, 1]"),
                      ("vtw:rate=0.5", "does not apply"), ("dyrate:layer=2", "differs from the predictor"),
                      ("random:layer=0:rate=0.5", "outside 1.."), ("mass:mass=x", "not a number"),
-                     ("random:layer=1", "needs rate"), ("random:counts=3:rate=0.5", "set by the evaluation")):
+                     ("random:layer=1", "needs rate"), ("random:counts=3:rate=0.5", "not given"), ("fastv:ratio=0.5", "ratio is now rate")):
         with pytest.raises(UserError, match="--extra") as e:
             evaluate.parse_extra(bad, ctx)
         assert why in str(e.value), (bad, str(e.value))
 
 
 def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
-    """Each standard row that a spec can describe, described by its spec (old setting names included):
+    """Each standard row that a spec can describe, described by its spec:
     the same method and the same name, so the duplicate check finds a repeated row."""
     from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
     from dyrate_ref.settings import Context, describe
@@ -168,17 +168,17 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
     standard, families = {r.name: r.method for r in rows}, {r.name: r.family for r in rows}
     K = next(r.method.layer for r in rows if r.family == "DyRate predictor")  # every family at the predictor's K
     assert all(r.method.layer == K for r in rows if r.family.startswith(("FastV", "DyRate", "random", "fixed")))
-    for spec, name in ((f"fastv:layer={K}:rate=0.75", f"FastV K={K} R=0.75"), (f"fastv:layer={K}:ratio=0.1", f"FastV K={K} R=0.1"),
+    for spec, name in ((f"fastv:layer={K}:rate=0.75", f"FastV K={K} R=0.75"), (f"fastv:layer={K}:rate=0.1", f"FastV K={K} R=0.1"),
                        ("vtw:layer=4", "VTW K=4"), ("vtw:layer=7", "VTW K=7"),
                        ("dyrate:confidence=0.5", f"DyRate K={K} predictor (c=0.5)")):
         row = evaluate.parse_extra(spec, ctx)
         assert row.name == name and describe(standard[name]) == describe(row.method), (spec, row.name)
         assert row.family == families[name], (spec, row.family)  # one line in the Pareto plot too
-    for spec, name in (("random:layer=1:rate=0.75", "random keep K=1 R=0.75"), ("mass:share=0.5", "attention mass K=2 p=0.5"),
-                       ("dyrate:rates=0.5,0.6,0.7,0.8,0.9", "DyRate K=2 rising 0.5,0.6,0.7,0.8,0.9")):
+    for spec, name in (("random:layer=1:rate=0.75", "random keep K=1 R=0.75"), ("mass:mass=0.5", "attention mass K=2 p=0.5"),
+                       ("dyrate-schedule:schedule=0.5,0.6,0.7,0.8,0.9", "DyRate K=2 rising 0.5,0.6,0.7,0.8,0.9")):
         assert evaluate.parse_extra(spec, ctx).name == name
     # a method no standard row has keeps a name of its own, and another predictor file is named
-    assert evaluate.parse_extra("dyrate:rates=0.9,0.5", ctx).name == "DyRate K=2 schedule 0.9,0.5"
+    assert evaluate.parse_extra("dyrate-schedule:schedule=0.9,0.5", ctx).name == "DyRate K=2 schedule 0.9,0.5"
     assert evaluate.parse_extra("fastv:score=mean", ctx).name == "FastV K=2 R=0.5 score=mean"
 
 

@@ -1,10 +1,14 @@
 """The decode loop: KV-cache decoding equals recomputing without a cache; sampling; streaming text."""
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from PIL import Image
 
-from dyrate_ref.generation import Sampling, generate, sample
+from dyrate_ref.generation import Record, Sampling, generate, prefill, sample
+from dyrate_ref.pruning import Method, NoPruning
 from dyrate_ref.loading import load_model
 from dyrate_ref.model import KVCache
 from dyrate_ref.processing import Processor, StreamingDecoder
@@ -35,20 +39,53 @@ def test_cached_decoding_equals_recompute(tiny):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_cache_appends_and_evicts(tiny):
+def nbytes(cache: KVCache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.k + cache.v if t is not None)
+
+
+def test_cache_updates_and_evicts(tiny):
     model, _, ids, px = tiny
-    cache = KVCache(model.config.text_config.num_hidden_layers)
-    with torch.no_grad():
-        model(ids[None], px, cache=cache)
-    P = ids.numel()
+    _, state = prefill(model, ids, px, NoPruning(), Record(model.config, 4))
+    cache, P = state.cache, ids.numel()
     assert cache.length(0) == P and cache.pos[0].tolist() == list(range(P))
-    before = cache.nbytes()
+    before = nbytes(cache)
     cache.evict(range(2, 4), torch.tensor([i for i in range(P) if i not in (0, 3, 5)]))
     assert cache.length(1) == P and cache.length(2) == 3 and cache.pos[3].tolist() == [0, 3, 5]
     cache.evict(range(2, 4), torch.tensor([0, 4]))  # positions, not slots; 4 is already gone
     assert cache.pos[2].tolist() == [3, 5] and cache.length(3) == 2
-    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
-    assert cache.nbytes() < before
+    assert nbytes(cache) < before
+
+
+@dataclass(frozen=True)
+class Scripted(Method):
+    """A method that returns what a test scripts for each step (None: keep what is kept)."""
+    name: ClassVar[str] = "scripted"
+    layer: int = 2
+    steps: tuple = ()
+
+    def choose(self, t, kept, scores):
+        wanted = self.steps[t] if t < len(self.steps) else None
+        return kept if wanted is None else torch.tensor(wanted, dtype=torch.long)
+
+
+def test_the_loop_refuses_a_kept_set_that_breaks_the_contract(tiny):
+    """kept_t must be a subset of kept_{t-1}, ascending, without repeats: a method that regrows a dropped
+    token (the trace would record tokens whose keys are gone from layers >= K), or returns indices
+    unsorted or repeated, is stopped with an error naming the method and the step."""
+    model, _, ids, px = tiny
+    N = model.config.num_image_tokens
+    half, everything = tuple(range(0, N, 2)), tuple(range(N))
+    cases = {"regrows at step 1": ((half, everything), r"method scripted at step 1: .*already dropped"),
+             "regrows one at step 2": ((None, half, tuple(sorted(half + (1,)))),
+                                       r"method scripted at step 2: .*already dropped \(\[1\]\)"),
+             "unsorted": ((tuple(reversed(half)),), r"method scripted at step 0: .*not strictly ascending"),
+             "repeated": (((0, 0, 2),), r"method scripted at step 0: .*not strictly ascending")}
+    for name, (steps, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            generate(model, ids, px, 4, Scripted(steps=steps))
+    # at the edge: the same set again as a new tensor, and a set one token smaller, both run
+    gen = generate(model, ids, px, 4, Scripted(steps=(half, half, half[1:])))
+    assert [int(k.sum()) for k in gen.record.kept_masks] == [len(half), len(half), len(half) - 1, len(half) - 1]
 
 
 def test_stops_at_stop_id(tiny):

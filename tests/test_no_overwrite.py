@@ -98,3 +98,43 @@ def test_trace_over_the_predictor_is_refused(files):
     refused(gen("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate", "--predictor", pred,
                 "--trace", pred), "the --predictor file")
     assert pred.read_bytes() == b"a predictor file"
+
+
+def tree_digest(folder) -> dict:
+    return {os.path.relpath(os.path.join(d, f), folder): digest(os.path.join(d, f))
+            for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.mark.parametrize("where", ["the shipped model", "a model of the user's"])
+def test_training_into_an_existing_model_folder_is_refused_and_touches_nothing(files, where, tmp_path):
+    """demo.train's --out must be a new folder: the shipped weights/dyrate-shapes (the example its help
+    once gave) and a user's checkpoint alike are refused before anything is written; every file's bytes and
+    the file list stay as they were, and no hidden work folder is left beside it."""
+    from dyrate_ref.loading import DEFAULT_WEIGHTS
+    folder = DEFAULT_WEIGHTS if where == "the shipped model" else files[1]
+    before, beside = tree_digest(folder), sorted(os.listdir(os.path.dirname(folder)))
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.demo.train", "--out", folder, "--minutes", "0.01"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "already exists" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert tree_digest(folder) == before and sorted(os.listdir(os.path.dirname(folder))) == beside
+
+
+def test_minutes_bound_the_whole_training_run_stage_1_included(monkeypatch, tmp_path):
+    """--minutes reaches stage 1: train() hands pretrain_vision the run's own deadline, and stage 1 stops
+    there (a deadline already past: no step at all; no deadline: every step)."""
+    import time
+    from dyrate_ref.demo import recipes, tower, train
+    from dyrate_ref.model import LlavaForConditionalGeneration
+    seen = {}
+
+    def spy(model, steps, batch, lr, seed, bf16, show_progress=True, log=None, device="cpu", deadline=None):
+        seen["deadline"] = deadline
+        raise KeyboardInterrupt  # stop the run here: only the hand-over is under test
+    monkeypatch.setattr(train, "pretrain_vision", spy)
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        train.train(str(tmp_path / "m"), recipes.V5, minutes=2.0, show_progress=False)
+    assert t0 + 120 <= seen["deadline"] <= time.time() + 120
+    model = LlavaForConditionalGeneration(train.build_model(str(tmp_path / "cfg"), recipes.V5)[1])
+    assert tower.pretrain_vision(model, 2, 2, 1e-3, 0, False, show_progress=False, deadline=time.time() - 1) == []
+    assert len(tower.pretrain_vision(model, 2, 2, 1e-3, 0, False, show_progress=False)) == 2

@@ -15,7 +15,7 @@ from dyrate_ref.pruning import DyRate, apply_cut
 from dyrate_ref.tools.baselines import AttentionMass, random_subset
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.tools.data import Item
-from dyrate_ref.tools.train_predictor import fit, label_example, train
+from dyrate_ref.tools.train_predictor import fit, label_example, train_imitation
 from helpers import hf_config, make_checkpoint, noise_image
 
 ANSWERS = ["The triangle is red and the circle is blue.", "There are three shapes: a square, a star and a circle.",
@@ -77,10 +77,11 @@ def test_decoding_errs_towards_keeping():
         assert int(pred.decide(logits, c)) == a, c
 
 
-class Scripted:
-    """Stands in for the predictor: the cuts to make at steps 0, 1, ... (then hold)."""
+class Scripted(RatePredictor):
+    """Stands in for a K = 2 predictor: the cuts to make at steps 0, 1, ... (then hold)."""
 
     def __init__(self, actions):
+        super().__init__(2)
         self.actions = list(actions)
         self.t = 0
 
@@ -103,9 +104,9 @@ def test_labels_equal_a_brute_force_search_with_free_decoding(setup):
             before = model.config.num_image_tokens if t == 0 else int(kept[t - 1])
             ok = [0]  # holding is the label when no cut keeps the answer, or nothing is left to cut
             for a in range(1, len(CUTS)):
-                g = generate(model, ids, px, len(answer), DyRate(2, predictor=Scripted(
-                    labels[:t].tolist() + [a])), stop_ids=proc.stop_ids)
-                if g.tokens == answer and int(g.record.keep_masks[t].sum()) < before:
+                g = generate(model, ids, px, len(answer), DyRate(2, Scripted(
+                    labels[:t].tolist() + [a]), 0.5), stop_ids=proc.stop_ids)
+                if g.tokens == answer and int(g.record.kept_masks[t].sum()) < before:
                     ok.append(a)
             assert int(labels[t]) == max(ok), (t, labels.tolist(), ok)
             checked += 1
@@ -118,14 +119,14 @@ def test_training_loss_falls_and_a_stricter_margin_keeps_more(setup):
     d, model, proc, examples = setup
     mean_kept = {}
     for margin in (0.0, 4.0):
-        pred, f, y, log = train(model, proc, examples, 2, margin, rounds=2, epochs=200, max_new_tokens=6,
+        pred, f, y, log = train_imitation(model, proc, examples, 2, margin, rounds=2, epochs=200, max_new_tokens=6,
                                 show_progress=False)
         assert f.shape == (y.numel(), len(FEATURES)) and y.min() >= 0 and y.max() < len(CUTS)
         assert len(log) == 2
         for c in (0.5, 0.9):
             runs = [generate(model, proc.input_ids(ex.prompt), proc.pixel_values(ex.picture()), 6,
-                             DyRate(2, predictor=pred, confidence=c)) for ex in examples]
-            mean_kept[margin, c] = sum(float(torch.stack(r.record.keep_masks).sum(1).float().mean()) for r in runs) / len(runs)
+                             DyRate(2, pred, c)) for ex in examples]
+            mean_kept[margin, c] = sum(float(torch.stack(r.record.kept_masks).sum(1).float().mean()) for r in runs) / len(runs)
     _, history = fit(f, y, 2, epochs=150, show_progress=False)
     assert history[-1] < 0.7 * history[0]
     assert mean_kept[4.0, 0.5] > mean_kept[0.0, 0.5], mean_kept

@@ -8,7 +8,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from dyrate_ref.generation import generate, recompute_logits, reference_answer
+from dyrate_ref.generation import generate
+from dyrate_ref.oracle import recompute_logits, reference_answer
 from dyrate_ref.loading import load_model
 from dyrate_ref.predictor import CUTS, RatePredictor
 from dyrate_ref.processing import Processor
@@ -60,7 +61,7 @@ def test_hard_decisions_give_the_evicting_loops_logits_and_kept_sets(setup):
     with torch.no_grad():
         relaxed = e2e.relaxed_logits(model, ids, px, tokens, W, K)
     run = generate(model, ids, px, len(tokens), FixedCuts(K, tuple(decisions)), force=tokens)
-    assert [k.nonzero().squeeze(1).tolist() for k in run.record.keep_masks] == [k.tolist() for k in keeps]
+    assert [k.nonzero().squeeze(1).tolist() for k in run.record.kept_masks] == [k.tolist() for k in keeps]
     assert torch.allclose(relaxed, torch.stack(run.record.logits).float(), atol=1e-5, rtol=1e-5)
     assert int(W[-1].sum()) == len(keeps[-1]) < W.shape[1]  # the cuts did cut
 

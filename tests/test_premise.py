@@ -40,7 +40,7 @@ def test_cut_costs_equal_a_brute_force_loop(setup, tmp_path):
         s, f = r["step"], r["fraction"]
         chosen = None
         if r["choice"] == "prefill":  # the prefill's choice: what a cut at step 0 keeps, through the cached loop
-            at0 = generate(model, ids, px, T, premise.CutAt(2, 0, f), force=base.tokens).record.keep_masks[0]
+            at0 = generate(model, ids, px, T, premise.CutAt(2, 0, f), force=base.tokens).record.kept_masks[0]
             chosen = tuple(at0.nonzero().squeeze(1).tolist())
         forced = generate(model, ids, px, T, premise.CutAt(2, s, f, chosen), force=base.tokens)  # cached, evicting
         cut = torch.stack(forced.record.logits).double()
@@ -49,10 +49,10 @@ def test_cut_costs_equal_a_brute_force_loop(setup, tmp_path):
         assert r["top1"] == pytest.approx(float((cut[s:].argmax(-1) == torch.tensor(base.tokens[s:])).double().mean()))
         free = generate(model, ids, px, 8, premise.CutAt(2, s, f, chosen), stop_ids=proc.stop_ids)
         assert r["same_answer"] == float(free.tokens == base.tokens)
-        kept = [int(k.sum()) for k in forced.record.keep_masks]
+        kept = [int(k.sum()) for k in forced.record.kept_masks]
         assert kept == [N] * s + [N - math.floor((1 - f) * N + 0.5 + 1e-9)] * (T - s)  # f·N kept, rounded half up
         if r["choice"] == "prefill" and s > 0:
-            assert forced.record.keep_masks[s].nonzero().squeeze(1).tolist() == list(chosen)
+            assert forced.record.kept_masks[s].nonzero().squeeze(1).tolist() == list(chosen)
     # the cut costs something: keeping nothing from step 0 moves the distribution
     assert next(r for r in records if r["step"] == 0 and r["fraction"] == 0.0)["kl"] > 1e-3
     # at step 0 the two choices are the same query's: the same figures
@@ -61,8 +61,8 @@ def test_cut_costs_equal_a_brute_force_loop(setup, tmp_path):
         assert (r["kl"], r["same_answer"]) == (twin["kl"], twin["same_answer"])
     # a later query keeps other tokens: somewhere the two choices' kept sets differ (else the variant is moot)
     sets = {c: generate(model, ids, px, T, premise.CutAt(2, 2, 0.25, None if c == "step" else tuple(
-        generate(model, ids, px, T, premise.CutAt(2, 0, 0.25), force=base.tokens).record.keep_masks[0]
-        .nonzero().squeeze(1).tolist())), force=base.tokens).record.keep_masks[2] for c in ("step", "prefill")}
+        generate(model, ids, px, T, premise.CutAt(2, 0, 0.25), force=base.tokens).record.kept_masks[0]
+        .nonzero().squeeze(1).tolist())), force=base.tokens).record.kept_masks[2] for c in ("step", "prefill")}
     assert not torch.equal(sets["step"], sets["prefill"])
 
 
@@ -86,7 +86,7 @@ def test_the_look_end_is_the_step_that_begins_the_reasoning_part(setup):
 def test_the_summary_groups_by_choice_and_clusters_its_error():
     recs = [{"kind": "look", "cluster": c, "choice": "step", "step": premise.AFTER_LOOK, "fraction": 0.0, "kl": 0.0,
              "top1": 1.0, "same_answer": v, "score": v, "base_score": 1.0} for c, v in (("a", 1.0), ("a", 0.0), ("b", 1.0))]
-    rows = premise.summarise(recs)
+    rows = premise.summarise_cuts(recs)
     assert [(r["kind"], r["step"]) for r in rows] == [("look", premise.AFTER_LOOK)]  # not pooled into "all"
     mean = 2 / 3
     # clustered by picture: deviations summed per cluster (a: 1/3 - 2/3 = -1/3, b: 1/3); G/(G-1) = 2

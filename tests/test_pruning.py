@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyrate_ref.generation import decode_one_token, generate, prefill, recompute_logits, sample, Sampling
+from dyrate_ref.generation import decode_one_token, generate, prefill, sample, Sampling
+from dyrate_ref.oracle import recompute_logits
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import VTW, DyRate, FastV, NoPruning, kept_count, visual_scores
+from dyrate_ref.pruning import VTW, DyRateSchedule, FastV, NoPruning, kept_count, visual_scores
 from helpers import hf_config, make_checkpoint, noise_image
 
 T_NEW = 10
@@ -38,8 +39,8 @@ METHODS = {
     "fastv-last": FastV(2, 0.5),
     "fastv-mean": FastV(3, 0.75, score="mean"),
     "vtw": VTW(2),
-    "dyrate-rising": DyRate(2, rates=(0.0, 0.2, 0.3, 0.5, 0.7, 0.9)),
-    "dyrate-k1": DyRate(1, rates=(0.1, 0.6)),
+    "dyrate-rising": DyRateSchedule(2, (0.0, 0.2, 0.3, 0.5, 0.7, 0.9)),
+    "dyrate-k1": DyRateSchedule(1, (0.1, 0.6)),
 }
 
 
@@ -49,7 +50,7 @@ def test_cached_pruned_decode_equals_masked_recompute(tiny, name):
     model, _, ids, px, _ = tiny
     prune = METHODS[name]
     gen = generate(model, ids, px, T_NEW, prune)
-    keep = torch.stack(gen.record.keep_masks)  # [T, N]
+    keep = torch.stack(gen.record.kept_masks)  # [T, N]
     oracle = recompute_logits(model, ids, px, gen.tokens, keep, min(prune.layer, 5))
     got = torch.stack(gen.record.logits)
     assert (got - oracle).abs().max().item() <= 1e-5
@@ -61,7 +62,7 @@ def test_cached_pruned_decode_equals_masked_recompute(tiny, name):
 def _same(a, b, tol=1e-6):
     assert a.tokens == b.tokens
     assert (torch.stack(a.record.logits) - torch.stack(b.record.logits)).abs().max().item() <= tol
-    assert torch.equal(torch.stack(a.record.keep_masks), torch.stack(b.record.keep_masks))
+    assert torch.equal(torch.stack(a.record.kept_masks), torch.stack(b.record.kept_masks))
 
 
 def test_identities(tiny):
@@ -69,11 +70,11 @@ def test_identities(tiny):
     N = model.config.num_image_tokens
     none = generate(model, ids, px, T_NEW)
     _same(generate(model, ids, px, T_NEW, FastV(2, 0.0)), none)
-    _same(generate(model, ids, px, T_NEW, DyRate(2, rates=(0.0,))), none)
+    _same(generate(model, ids, px, T_NEW, DyRateSchedule(2, (0.0,))), none)
     _same(generate(model, ids, px, T_NEW, VTW(3)),
-          generate(model, ids, px, T_NEW, DyRate(3, rates=(1.0,))))
+          generate(model, ids, px, T_NEW, DyRateSchedule(3, (1.0,))))
     r = 0.25 if N == 16 else 1 - 13 / 17  # (1-r)N must be an integer: 12 of 16, or 13 of 17
-    _same(generate(model, ids, px, T_NEW, DyRate(2, rates=(r,))),
+    _same(generate(model, ids, px, T_NEW, DyRateSchedule(2, (r,))),
           generate(model, ids, px, T_NEW, FastV(2, r)))
 
 
@@ -95,7 +96,7 @@ def test_fastv_keeps_top_scores_by_hf_attention(tiny):
         gen = generate(model, ids, px, 3, FastV(2, R))
         scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[ids.numel() - 1]  # last prompt query
         want = set(scores.topk(int(round((1 - R) * N))).indices.tolist())
-        for row in gen.record.keep_masks:
+        for row in gen.record.kept_masks:
             assert set(row.nonzero().squeeze(1).tolist()) == want
 
 
@@ -106,7 +107,7 @@ def test_fastv_mean_scores_use_queries_after_the_image(tiny):
     gen = generate(model, ids, px, 2, FastV(2, 0.5, score="mean"))
     rows = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))[start + N:ids.numel()]  # [P_after, N]
     want = set(rows.mean(0).topk(int(round(0.5 * N))).indices.tolist())
-    assert set(gen.record.keep_masks[0].nonzero().squeeze(1).tolist()) == want
+    assert set(gen.record.kept_masks[0].nonzero().squeeze(1).tolist()) == want
 
 
 def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
@@ -114,10 +115,10 @@ def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
     N = model.config.num_image_tokens
     start = int((ids == model.config.image_token_index).nonzero()[0])
     rates = (0.1, 0.1, 0.35, 0.2, 0.6, 0.6, 0.85)
-    gen = generate(model, ids, px, T_NEW, DyRate(2, rates=rates))
+    gen = generate(model, ids, px, T_NEW, DyRateSchedule(2, rates))
     scores = _hf_layer_scores(hf, ids, px, gen.tokens, 2, (start, N))  # [rows, N]
     prev = set(range(N))
-    for t, row in enumerate(gen.record.keep_masks):
+    for t, row in enumerate(gen.record.kept_masks):
         r = rates[min(t, len(rates) - 1)]
         kept = set(row.nonzero().squeeze(1).tolist())
         assert len(kept) == min(len(prev), N - math.floor(r * N + 0.5 + 1e-9))  # dropped count rounded half up
@@ -131,13 +132,13 @@ def test_dyrate_sets_are_nested_with_stated_sizes_and_survivors(tiny):
 
 
 def test_the_recorded_rate_is_the_share_dropped_not_the_nominal_setting():
-    """DyRate(rates=(0.9, 0.5)) keeps 14 of 144 at step 0 and, the sets being nested, still 14 at step
+    """DyRateSchedule(2, (0.9, 0.5)) keeps 14 of 144 at step 0 and, the sets being nested, still 14 at step
     1: the rate recorded there is 1 - 14/144 = 0.903, not the schedule's 0.5. FastV R = 0.4 on 5 tokens
     keeps 3 (the dropped count rounded half up): the rate is 0.4 exactly; on 7 it keeps 4, rate 3/7."""
     scores = torch.linspace(0, 1, 144)
-    keep = DyRate(rates=(0.9, 0.5)).choose(0, torch.arange(144), scores)
+    keep = DyRateSchedule(2, (0.9, 0.5)).choose(0, torch.arange(144), scores)
     assert keep.numel() == 14
-    assert DyRate(rates=(0.9, 0.5)).choose(1, keep, scores).numel() == 14
+    assert DyRateSchedule(2, (0.9, 0.5)).choose(1, keep, scores).numel() == 14
     assert FastV(rate=0.4).choose(0, torch.arange(5), scores[:5]).numel() == 3
     assert FastV(rate=0.4).choose(0, torch.arange(7), scores[:7]).numel() == 4
 
@@ -145,11 +146,11 @@ def test_the_recorded_rate_is_the_share_dropped_not_the_nominal_setting():
 def test_generate_records_one_minus_kept_over_n_for_every_method(tiny):
     model, _, ids, px, _ = tiny
     N = model.config.num_image_tokens
-    for method in (NoPruning(), FastV(2, 0.3), VTW(2), DyRate(2, rates=(0.9, 0.5)), DyRate(2, rates=(0.33, 0.7))):
+    for method in (NoPruning(), FastV(2, 0.3), VTW(2), DyRateSchedule(2, (0.9, 0.5)), DyRateSchedule(2, (0.33, 0.7))):
         gen = generate(model, ids, px, 4, method)
-        kept = [int(row.sum()) for row in gen.record.keep_masks]
+        kept = [int(row.sum()) for row in gen.record.kept_masks]
         assert gen.record.rates == [1 - k / N for k in kept], method
-    gen = generate(model, ids, px, 3, DyRate(2, rates=(0.9, 0.5)))
+    gen = generate(model, ids, px, 3, DyRateSchedule(2, (0.9, 0.5)))
     assert gen.record.rates[1] == gen.record.rates[0] > 0.5  # nested: the nominal 0.5 cannot grow the set back
 
 
@@ -157,8 +158,8 @@ def test_keep_functions_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3])
     assert FastV(rate=0.4).choose(0, torch.arange(5), scores).tolist() == [1, 3, 4]  # 5-2=3 best, ascending
     assert FastV(rate=0.4).choose(3, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # only step 0 chooses
-    assert DyRate(rates=(0.8,)).choose(1, torch.tensor([1, 3, 4]), scores).tolist() == [3]  # 5-4=1
-    assert DyRate(rates=(0.0,)).choose(2, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # never grows back
+    assert DyRateSchedule(2, (0.8,)).choose(1, torch.tensor([1, 3, 4]), scores).tolist() == [3]  # 5-4=1
+    assert DyRateSchedule(2, (0.0,)).choose(2, torch.tensor([1, 3]), scores).tolist() == [1, 3]  # never grows back
     assert VTW(2).choose(0, torch.arange(5), scores).numel() == 0
     # the one rounding rule: the dropped count rounded half up (0.5*5 = 2.5 -> 3 dropped; 0.7*10 is 7)
     assert [kept_count(5, 0.5), kept_count(10, 0.7), kept_count(144, 0.9), kept_count(4, 0.125)] == [2, 3, 14, 3]
@@ -174,23 +175,23 @@ def test_flops_match_flop_counter_and_kv_bytes_match_tensors(tiny, name):
     prune = METHODS[name]
     cfg = model.config
     tc = cfg.text_config
-    from dyrate_ref.generation import Record, pruning_layer
-    rec = Record(cfg, pruning_layer(model, prune), 4)
+    from dyrate_ref.generation import Record
+    rec = Record(cfg, 4)
     counted = []
     with FlopCounterMode(display=False) as fc:
         logits, state = prefill(model, ids, px, prune, rec)
     counted.append(fc.get_total_flops())
-    sizes = [state.keep.numel()]
+    sizes = [state.kept.numel()]
     for _ in range(T_NEW - 1):
         token = sample(logits, Sampling(), None)
         with FlopCounterMode(display=False) as fc:
             logits = decode_one_token(model, token, state, prune, rec)
         counted.append(fc.get_total_flops())
-        sizes.append(state.keep.numel())
+        sizes.append(state.kept.numel())
     # Exact: cost.py's formulas count every matmul FlopCounterMode sees, vision tower included.
     assert rec.flops == counted
     # KV bytes from first principles: layers < K hold every token, layers >= K lose the evicted ones.
-    P, N, K, L = ids.numel(), cfg.num_image_tokens, rec.K, tc.num_hidden_layers
+    P, N, K, L = ids.numel(), cfg.num_image_tokens, state.K, tc.num_hidden_layers
     per_slot = 2 * tc.num_key_value_heads * tc.head_dim * 4  # k and v, fp32
     for t, (kv, kept) in enumerate(zip(rec.kv_bytes, sizes)):
         want = K * (P + t) * per_slot + (L - K) * (P - (N - kept) + t) * per_slot

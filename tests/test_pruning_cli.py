@@ -55,11 +55,11 @@ def test_trainer_reports_and_writes_a_loadable_predictor(env):
     r = gen(w, img, "--method", "dyrate", "--predictor", pred, "--trace", str(root / "dy.safetensors"))
     assert r.returncode == 0, r.stderr
     t = load_file(str(root / "dy.safetensors"))
-    assert set(t) == {"input_ids", "pixel_values", "tokens", "logits", "visual_keep", "rates", "flops", "kv_bytes"}
+    assert set(t) == {"input_ids", "pixel_values", "tokens", "logits", "kept_masks", "rates", "flops", "kv_bytes"}
     T = t["tokens"].numel()
     assert t["rates"].shape == (T,) and t["flops"].dtype == torch.float64 and t["kv_bytes"].dtype == torch.int64
     # the predictor's rate is the compression relative to N: 1 - |keep_t| / N, which only grows
-    keep = t["visual_keep"]
+    keep = t["kept_masks"]
     assert torch.allclose(t["rates"], 1 - keep.sum(1).float() / keep.shape[1])
     assert all(bool((keep[i + 1] <= keep[i]).all()) for i in range(T - 1))  # nested
 
@@ -70,16 +70,18 @@ BAD = {
     "ratio-negative": (["--method", "fastv", "--rate", "-0.1"], "outside [0, 1]"),
     "layer-zero": (["--method", "fastv", "--layer", "0"], "outside 1..3"),
     "layer-too-deep": (["--method", "vtw", "--layer", "4"], "outside 1..3"),
-    "rates-not-numbers": (["--method", "dyrate", "--rates", "0.1,lots"], "not a comma-separated list"),
-    "rates-out-of-range": (["--method", "dyrate", "--rates", "0.1,1.2"], "rate outside [0, 1]"),
+    "schedule-not-numbers": (["--method", "dyrate-schedule", "--schedule", "0.1,lots"], "not a comma-separated list"),
+    "schedule-out-of-range": (["--method", "dyrate-schedule", "--schedule", "0.1,1.2"], "rate outside [0, 1]"),
     "predictor-missing": (["--method", "dyrate", "--predictor", "/nonexistent.safetensors"], "does not exist"),
     "dyrate-without-either": (["--method", "dyrate"], "needs --predictor"),
-    "ratio-with-dyrate": (["--method", "dyrate", "--rate", "0.5", "--rates", "0.5"], "does not apply"),
-    "rates-with-fastv": (["--method", "fastv", "--rates", "0.5"], "does not apply"),
+    "rate-with-schedule": (["--method", "dyrate-schedule", "--rate", "0.5", "--schedule", "0.5"], "does not apply"),
+    "schedule-with-fastv": (["--method", "fastv", "--schedule", "0.5"], "does not apply"),
     "layer-with-none": (["--layer", "2"], "does not apply"),
     "score-with-vtw": (["--method", "vtw", "--score", "mean"], "does not apply"),
     "score-unknown": (["--method", "fastv", "--score", "median"], "'last' or 'mean'"),
-    "rates-and-predictor": (["--method", "dyrate", "--rates", "0.5", "--predictor", "x"], "both given"),
+    "schedule-with-dyrate": (["--method", "dyrate", "--schedule", "0.5", "--predictor", "x"], "belongs to dyrate-schedule"),
+    "old-rates-flag": (["--method", "dyrate-schedule", "--rates", "0.5"], "--rates is now --schedule"),
+    "old-ratio-flag": (["--method", "fastv", "--ratio", "0.5"], "--ratio is now --rate"),
     "plot-not-png": (["--plot", "out.jpg"], ".png"),
     "plot-folder": (["--plot", "/nonexistent/x.png"], "does not exist"),
 }
@@ -110,11 +112,7 @@ def test_trace_compare_same_and_different(env):
     assert gen(w, img, "--method", "fastv", "--rate", "0.75", "--trace", c).returncode == 0
     same = py("-m", "dyrate_ref.trace", "compare", a, b)
     assert same.returncode == 0 and "SAME" in same.stdout
-    # --ratio, FastV's rate's older name, is the same flag: the same trace
-    old = str(root / "old.safetensors")
-    assert gen(w, img, "--method", "fastv", "--ratio", "0.75", "--trace", old).returncode == 0
-    assert py("-m", "dyrate_ref.trace", "compare", c, old).returncode == 0
-    assert safe_open(old, "pt").metadata()["rate"] == "0.75"
+    assert safe_open(c, "pt").metadata()["rate"] == "0.75"
     diff = py("-m", "dyrate_ref.trace", "compare", a, c)
     assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
     assert "kept sets differ" in diff.stdout and "max |Δlogit|" in diff.stdout and "first bad step: 0" in diff.stdout
@@ -131,7 +129,7 @@ def test_trace_compare_same_and_different(env):
 def test_plot_is_written(env):
     root, w, img, *_ = env
     out = root / "plot.png"
-    r = gen(w, img, "--method", "dyrate", "--rates", "0,0.3,0.6,0.9", "--plot", str(out))
+    r = gen(w, img, "--method", "dyrate-schedule", "--schedule", "0,0.3,0.6,0.9", "--plot", str(out))
     assert r.returncode == 0, r.stderr
     im = Image.open(out)
     assert im.width >= 600 and im.height >= 300
@@ -144,12 +142,12 @@ def test_the_run_plot_s_labels_name_k_only_where_a_method_prunes():
     """generate.py --plot: K in the title only for a method with a pruning layer; whole-step ticks on a
     short answer; the caption says darkened patches were evicted (and that none were, for none)."""
     from dyrate_ref.plots import run_labels
-    from dyrate_ref.pruning import DyRate, FastV, NoPruning
+    from dyrate_ref.pruning import FastV, NoPruning, DyRateSchedule
     none, fastv = run_labels(NoPruning(), 2, 3), run_labels(FastV(1, 0.5), 1, 40)
     assert "K =" not in none["title"] and "read at layer 1" in none["title"] and none["xticks"] == [0, 1, 2]
     assert "no patch is evicted" in none["patches"]
     assert "K = 1" in fastv["title"] and fastv["xticks"] is None and "evicted" in fastv["patches"]
-    assert "K = 2" in run_labels(DyRate(2, rates=(0.5,)), 2, 5)["title"]
+    assert "K = 2" in run_labels(DyRateSchedule(2, (0.5,)), 2, 5)["title"]
 
 
 def test_calibrate_vtw_command(env):

@@ -100,7 +100,7 @@ def test_the_main_comparison_by_hand():
     p1 0, p2 .1, p3 -.1: SE^2 = 3/2 * .02 / 16, so both targets are met. Against the schedule: ratio
     0.3 / 0.3025, differences [0, 0, .1, -.11], mean -0.0025, deviations summed per picture p1 .005,
     p2 .1025, p3 -.1075: cheaper, but not beyond 2 SE, so not met."""
-    from dyrate_ref.pruning import DyRate, FastV, NoPruning
+    from dyrate_ref.pruning import DyRateSchedule, FastV, NoPruning
     items = [item(0, "color", "p1", answer="x"), item(1, "color", "p1", answer="x"),
              item(2, "count", "p2", answer="x"), item(3, "count", "p3", answer="x")]
 
@@ -113,10 +113,10 @@ def test_the_main_comparison_by_hand():
              ("fv5", "FastV K=2", FastV(2, 0.5), (60,) * 4, summary(0.0, 0.6)),
              ("fv9", "FastV K=2", FastV(2, 0.9), (20,) * 4, summary(-0.25, 0.2)),
              ("fv1", "FastV K=1", FastV(1, 0.5), (10,) * 4, summary(0.0, 0.1)),
-             ("dy6", "DyRate predictor", DyRate(2, rates=(0.5,)), (10,) * 4, summary(-0.02, 0.1)),
-             ("dy8", "DyRate predictor", DyRate(2, rates=(0.5,)), (30, 30, 40, 20), summary(-0.005, 0.3)),
-             ("sc", "schedule", DyRate(2, rates=(0.5,)), (30, 30, 30, 31), summary(0.0, 0.3025)),
-             ("sc1", "schedule", DyRate(1, rates=(0.5,)), (5,) * 4, summary(0.0, 0.05))]
+             ("dy6", "DyRate predictor", DyRateSchedule(2, (0.5,)), (10,) * 4, summary(-0.02, 0.1)),
+             ("dy8", "DyRate predictor", DyRateSchedule(2, (0.5,)), (30, 30, 40, 20), summary(-0.005, 0.3)),
+             ("sc", "schedule", DyRateSchedule(2, (0.5,)), (30, 30, 30, 31), summary(0.0, 0.3025)),
+             ("sc1", "schedule", DyRateSchedule(1, (0.5,)), (5,) * 4, summary(0.0, 0.05))]
     results = [(report.Row(name, fam, m), s) for name, fam, m, _, s in sides]
     records = {name: recs(costs) for name, _, _, costs, _ in sides}
     records["none"] = [rec(1.0, pf=100.0, df=0.0, kv=(100,), tokens=[1]) for _ in range(4)]
@@ -153,25 +153,25 @@ def test_the_fixed_schedule_at_mean_counts_by_hand():
 
 
 def test_the_schedule_control_runs_at_its_rows_mean_counts(tmp_path):
-    """evaluate_all's second pass: the control's rates are mean_schedule of the row it follows, computed
+    """evaluate_all's second pass: the control's schedule is mean_schedule of the row it follows, computed
     over every item (not a worker's share), and its kept counts are those rates' (kept_count of N)."""
     from helpers import hf_config, make_checkpoint
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
-    from dyrate_ref.pruning import DyRate, NoPruning, kept_count
+    from dyrate_ref.pruning import DyRateSchedule, NoPruning, kept_count
     from dyrate_ref.tools import evaluate
     from helpers import noise_image
     make_checkpoint(str(tmp_path), hf_config(text=dict(num_hidden_layers=3)))
     model = load_model(str(tmp_path))
     proc = Processor(str(tmp_path), model.config)
     items = [Item.of(noise_image(40, 40, seed=i), "Describe it.", id=f"x{i}") for i in range(4)]
-    adaptive = DyRate(1, rates=(0.0, 0.5, 0.9))
+    adaptive = DyRateSchedule(1, (0.0, 0.5, 0.9))
     rows = [report.Row("none", "none", NoPruning()), report.Row("a", "a", adaptive),
-            report.Row("sched", "s", DyRate(1, rates=(0.0,)), schedule_of="a")]
+            report.Row("sched", "s", DyRateSchedule(1, (0.0,)), schedule_of="a")]
     out_rows, records = evaluate.evaluate_all(model, proc, items, rows, 6, 2, None)
     N = model.config.num_image_tokens
     want = report.mean_schedule(records["a"], N)
-    assert out_rows[2].method.rates == want and rows[2].method.rates == (0.0,)
+    assert out_rows[2].method.schedule == want and rows[2].method.schedule == (0.0,)
     for r in records["sched"]:
         assert r["kept"] == [kept_count(N, want[min(t, len(want) - 1)]) for t in range(len(r["kept"]))]
 
@@ -230,12 +230,12 @@ def comparison_at(shift: float, target: float = 1.0) -> dict:
     x - .1] for x = `shift`: the paired differences (ours - theirs, over none's 100) have mean x and
     deviations +-0.1, so SE^2 = G/(G-1) * 4 * 0.01 / n^2 = 4/3 * 0.04 / 16, SE = 0.1 / sqrt(3) = 0.0577,
     and 2 SE = 0.11547."""
-    from dyrate_ref.pruning import DyRate, NoPruning
+    from dyrate_ref.pruning import DyRateSchedule, NoPruning
     items = [item(i, "color", f"p{i}", answer="x") for i in range(4)]
     d = [shift + 0.1, shift - 0.1, shift + 0.1, shift - 0.1]
     theirs = [30 - 100 * x for x in d]
-    sides = [("none", "none", NoPruning(), [100.0] * 4), ("ours", "DyRate predictor", DyRate(2, rates=(0.5,)), [30.0] * 4),
-             ("theirs", "schedule", DyRate(2, rates=(0.5,)), theirs)]
+    sides = [("none", "none", NoPruning(), [100.0] * 4), ("ours", "DyRate predictor", DyRateSchedule(2, (0.5,)), [30.0] * 4),
+             ("theirs", "schedule", DyRateSchedule(2, (0.5,)), theirs)]
     results = [(report.Row(name, fam, m), {"em_delta": 0.0, "lm_flops_forced": sum(c) / 400,
                                            "kv_mean_forced": sum(c) / 400}) for name, fam, m, c in sides]
     records = {name: [rec(1.0, forced_prefill_flops=c, forced_decode_flops=0.0, forced_kv_mean=c) for c in costs]
@@ -379,7 +379,7 @@ def test_dagger_rounds_aggregate_every_round_s_steps(tiny, monkeypatch):
         return f, torch.full((3 + r,), r % len(CUTS), dtype=torch.long), torch.zeros(3 + r)
     monkeypatch.setattr(tp, "label_all", fake_label_all)
     monkeypatch.setattr(tp, "greedy_answers", lambda *a, **k: [None])
-    _, feats, labels, log = tp.train(model, proc, [], 1, 1.0, rounds=3, epochs=2, show_progress=False)
+    _, feats, labels, log = tp.train_imitation(model, proc, [], 1, 1.0, rounds=3, epochs=2, show_progress=False)
     assert rounds == [False, True, True]  # the oracle's path first, then the predictor's own
     assert feats.shape[0] == 3 + 4 + 5 and feats[:, 0].tolist() == [0.0] * 3 + [1.0] * 4 + [2.0] * 5
     assert labels.tolist() == [0] * 3 + [1] * 4 + [2 % len(CUTS)] * 5 and len(log) == 3
@@ -393,7 +393,7 @@ def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatc
     from dyrate_ref.pruning import VTW
     from dyrate_ref.tools import calibrate_vtw as cv
     from dyrate_ref.tools.data import Item
-    from dyrate_ref.generation import kl_divergence
+    from dyrate_ref.oracle import kl_divergence
     from helpers import noise_image
     model, proc, img = tiny
     examples = [Item.of(img, "What is it?"), Item.of(noise_image(40, 40, seed=8), "Describe it.")]
@@ -449,7 +449,7 @@ def test_the_premise_summary_scores_only_the_scored_items():
              "same_answer": 0.0, "score": 0.0, "base_score": 1.0},
             {"kind": "caption", "cluster": "c", "choice": "step", "step": 0, "fraction": 0.5, "kl": 0.6, "top1": 0.0,
              "same_answer": 0.0, "score": None, "base_score": None}]
-    rows = {r["kind"]: r for r in premise.summarise(recs)}
+    rows = {r["kind"]: r for r in premise.summarise_cuts(recs)}
     # "all": KL and agreement over all 3 items; the score over the 2 that have one
     assert rows["all"]["n"] == 3 and rows["all"]["kl"] == pytest.approx(0.4) and rows["all"]["same_answer"] == pytest.approx(1 / 3)
     assert rows["all"]["score"] == 0.5 and rows["all"]["base_score"] == 1.0

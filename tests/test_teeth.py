@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dyrate_ref.generation import generate, prefill_lower
+from dyrate_ref.generation import generate
 from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model
 from dyrate_ref.processing import ImageSettings, Processor, pixel_values
 from dyrate_ref.pruning import FastV, visual_span
@@ -72,8 +72,8 @@ def test_compare_json_values_equal_an_independent_computation(tmp_path):
     tokens = a_logits.argmax(-1)
     keep_a, keep_b = torch.rand(T, N, generator=g) > 0.4, torch.rand(T, N, generator=g) > 0.4
     rates_a, rates_b = torch.rand(T, generator=g), torch.rand(T, generator=g)
-    a = {"input_ids": torch.arange(7), "tokens": tokens, "logits": a_logits, "visual_keep": keep_a, "rates": rates_a}
-    b = {"input_ids": torch.arange(7), "tokens": tokens, "logits": b_logits, "visual_keep": keep_b, "rates": rates_b}
+    a = {"input_ids": torch.arange(7), "tokens": tokens, "logits": a_logits, "kept_masks": keep_a, "rates": rates_a}
+    b = {"input_ids": torch.arange(7), "tokens": tokens, "logits": b_logits, "kept_masks": keep_b, "rates": rates_b}
     for name, t in (("a", a), ("b", b)):
         write_trace(str(tmp_path / f"{name}.st"), t, {})
     r = subprocess.run([sys.executable, "-m", "dyrate_ref.trace", "compare", str(tmp_path / "a.st"), str(tmp_path / "b.st"),
@@ -169,7 +169,8 @@ def test_fastv_mean_score_values_equal_transformers_attention(tmp_path):
     ids, px = proc.input_ids("What is shown in the picture here?"), proc.pixel_values(noise_image(48, 40, seed=4))
     start, N = visual_span(ids, model.config.image_token_index)
     with torch.no_grad():
-        _, _, _, probs = prefill_lower(model, ids, px, 2)
+        x = model.embed(ids[None], model.image_features(px))  # [1, P, C]
+        _, probs = model.run_layers(x, torch.arange(ids.numel()), None, range(2), probs_of=1)
         att = hf(input_ids=ids[None], pixel_values=px, output_attentions=True).attentions[1][0]  # [H, P, P]
     got = FastV(2, 0.5, "mean").scores(probs, (start, N), 0, None)
     want = att[:, start + N:, start:start + N].float().mean(dim=(0, 1))  # every query row after the image
@@ -222,12 +223,12 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     from safetensors.torch import load_file
     from dyrate_ref.predictor import CUTS, predictor_features
     from dyrate_ref.pruning import DyRate, kept_count, visual_scores
-    from dyrate_ref.settings import Context, resolve
-    from dyrate_ref.generation import forward_no_cache
+    from dyrate_ref.settings import Context, make_method
+    from dyrate_ref.oracle import forward_no_cache
     from dyrate_ref.tools.report import first_rise
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
-    method, _ = resolve(DyRate, {}, Context(DEFAULT_WEIGHTS, 8, model.config))
+    method, _ = make_method(DyRate, {}, Context(DEFAULT_WEIGHTS, 8, model.config))
     path = method.predictor.path
     w = load_file(path)
     with safe_open(path, "pt") as f:
@@ -244,7 +245,7 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
         answer = proc.answer_ids(truth + " So the star is green.")
         ids, px = proc.input_ids("What color is the star? Look first."), proc.pixel_values(img)
         gen = generate(model, ids, px, len(answer), method, force=answer)
-    kept = [int(k.sum()) for k in gen.record.keep_masks]
+    kept = [int(k.sum()) for k in gen.record.kept_masks]
     # Layers < K are never pruned: the no-cache forward gives every step's scores.
     _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=(K - 1,))
     P, span = ids.numel(), visual_span(ids, model.config.image_token_index)

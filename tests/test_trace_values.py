@@ -66,8 +66,8 @@ def test_fastv_trace_values_against_independent_computations(files):
     scores = out.attentions[K - 1][0, :, -1, start:start + N].mean(0)  # [N]
     want = torch.zeros(N, dtype=torch.bool)
     want[scores.topk(N - E).indices] = True
-    assert t["visual_keep"].shape == (T, N)
-    assert all(torch.equal(row, want) for row in t["visual_keep"])
+    assert t["kept_masks"].shape == (T, N)
+    assert all(torch.equal(row, want) for row in t["kept_masks"])
     assert t["rates"].tolist() == [E / N] * T  # the share dropped: 1 - |keep| / N
 
     # FLOPs, 2·m·n·k per matmul: step 0 = vision tower + projector + K layers over P tokens + L-K layers

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..model import KVCache, LlamaDecoderLayer, LlavaForConditionalGeneration
 from ..processing import Processor
 from .recipes import Recipe, Stage
-from .scenes import (DESCRIBE_PROMPT, LOOK_SPLIT, all_questions, describe, eval_set, exist_pair, look_answer,
+from .scenes import (scene_description, DESCRIBE_PROMPT, LOOK_SPLIT, all_questions, eval_set, exist_pair, look_answer,
                      look_item, look_question, random_scene)
 
 
@@ -46,7 +46,7 @@ class Batcher:
         """(kind, question, answer) for one picture under a stage's mixture."""
         turns = all_questions(scene, self.rng, stage.kinds, self.recipe.look)
         if stage.describe and self.rng.random() < stage.describe:
-            turns.append(("describe", DESCRIBE_PROMPT, describe(scene)))
+            turns.append(("describe", DESCRIBE_PROMPT, scene_description(scene)))
         return turns
 
     def batch(self, stage: Stage):
@@ -142,6 +142,17 @@ def row_loss(model: LlavaForConditionalGeneration, px: torch.Tensor, rows, recip
     return total / weight
 
 
+def rows_of(cache: KVCache, index: torch.Tensor) -> KVCache:
+    """A cache whose batch rows are `cache`'s rows `index` [R], every layer's slots as they are."""
+    out = KVCache(len(cache.k))
+    for layer in range(len(cache.k)):
+        if cache.k[layer] is not None:
+            out.k[layer] = cache.k[layer].index_select(0, index)  # [R, Hkv, S_l, D]
+            out.v[layer] = cache.v[layer].index_select(0, index)  # [R, Hkv, S_l, D]
+            out.pos[layer] = cache.pos[layer]  # [S_l]
+    return out
+
+
 def _group_ce(model, feats, shared: KVCache | None, rows, recipe: Recipe, P: int, pad_id: int):
     """-> (the weighted sum of the answer tokens' cross-entropy over `rows`, the sum of their weights);
     each row sees its picture's shared prefix (P tokens in `shared`) or, with P = 0, holds it whole."""
@@ -169,7 +180,7 @@ def _group_ce(model, feats, shared: KVCache | None, rows, recipe: Recipe, P: int
     picture = torch.tensor([r[0] for r in rows], device=dev)  # [R]
     L = len(model.model.layers)
     if shared is not None:
-        cache = shared.rows(picture)  # each row reads its own picture's prefix: [R, Hkv, P, D] per layer
+        cache = rows_of(shared, picture)  # each row reads its own picture's prefix: [R, Hkv, P, D] per layer
         x = model.embed(ids_t, None)  # [R, T, C]
     else:
         cache = None

@@ -86,6 +86,19 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """An early go/no-go signal, set where a controlled run's curve showed its plateau
+    (docs/embedded_model.md): in stage `stage`, from its step `after` on (None: at its last step only),
+    every metric of `floors` must reach its floor (exceed it, with `strict`). `what` names the window in
+    the log (default: the stage and its step)."""
+    stage: str
+    floors: tuple[tuple[str, float], ...]
+    after: int | None = None
+    strict: bool = False
+    what: str = ""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole training run: each question is its own single-turn example, the picture's prefix computed
     once and shared by its questions (exactly the full forward's logits). look: the look-then-reason
@@ -93,8 +106,8 @@ class Recipe:
     the picture (every query from the one that predicts " So" on has the visual keys masked, in every
     layer), so that the reasoning is learnt from the description's text. weights: each answer weighs
     `weights[kind]` whatever its length (with a "reason" weight, a look-then-reason answer's looking
-    part weighs "look" and its reasoning part "reason") (when every answer token weighed 1, as in v2, descriptions were
-    69 % of the loss). warmup: linear warm-up steps; decay: the share of all stage-2 steps, at the end,
+    part weighs "look" and its reasoning part "reason") (with every answer token weighing 1, descriptions
+    were 69 % of the loss). gates: the early go/no-go signals (Gate). warmup: linear warm-up steps; decay: the share of all stage-2 steps, at the end,
     over which the rate follows a cosine down to 5 % (before it, each stage's peak is held)."""
     name: str
     stages: tuple[Stage, ...]
@@ -105,6 +118,7 @@ class Recipe:
     decay: float = 1 / 3
     vision_steps: int = 500
     description: str = ""
+    gates: tuple[Gate, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -182,6 +196,10 @@ V4 = Recipe(
         Stage("mixture", 2000, ALL_KINDS, shapes=(1, 5), describe=0.5, guard=0.25, guard_stage="bind+exist"),
     ),
     weights=(("describe", 1.5), ("look", 1.5), ("exist", 1.5)),
+    # the answer must depend on the asked kind by the warm-up's end, and colour on 3-5 shapes be well above
+    # naming a random shape; in the mixture, from its step 400 on, colour and position at least .9
+    gates=(Gate("bind", (("kind_swap_kl", 1.0), ("color3+", 0.6)), strict=True, what="end of warm-up"),
+           Gate("mixture", (("color", 0.9), ("position", 0.9)), after=400)),
 )
 
 # v5 = v4, then a look-then-reason stage (docs/embedded_model.md, the controlled fine-tuning runs from v4):
@@ -203,7 +221,9 @@ V5 = Recipe(
               warmup=30, decay=1 / 3),
     ),
     weights=(("describe", 1.5), ("look", 1.5), ("reason", 4.0), ("exist", 1.5)),
+    # the first run (whole look answer weighing one) sat at .23-.32 from text alone at the stage's steps 300-400
+    gates=V4.gates + (Gate("look", (("look_blind", 0.6),), after=300),),
 )
 
 RECIPES = {r.name: r for r in (V5, V4)}
-DEFAULT = "v4"
+SHIPPED = "v5"  # the recipe of weights/dyrate-shapes, demo.train's default

@@ -145,7 +145,7 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def describe(scene: Scene) -> str:
+def scene_description(scene: Scene) -> str:
     n = len(scene.shapes)
     parts = [f"{article(s.color)} {s.color} {s.kind} {'in' if s.position == 'center' else 'at'} the {s.position}"
              for s in scene.shapes]  # row-major reading order: cells are sorted
@@ -225,7 +225,7 @@ def look_answer(scene: Scene, color: str, kind: str) -> str:
     """Look (the description), then reason from it and the question alone; the verdict restates the
     asked thing right before its yes / no, as the existence answer does."""
     present = any(s.color == color and s.kind == kind for s in scene.shapes)
-    return f"{describe(scene)} So {article(color)} {color} {kind}: {'yes' if present else 'no'}."
+    return f"{scene_description(scene)} So {article(color)} {color} {kind}: {'yes' if present else 'no'}."
 
 
 def look_item(scene: Scene, rng: random.Random, form: str = "exist") -> tuple[str, str] | None:
@@ -242,7 +242,7 @@ def look_item(scene: Scene, rng: random.Random, form: str = "exist") -> tuple[st
     if not unique:
         return None
     s = rng.choice(unique)
-    return f"What color is the {s.kind}?{LOOK_SUFFIX}", f"{describe(scene)} So the {s.kind} is {s.color}."
+    return f"What color is the {s.kind}?{LOOK_SUFFIX}", f"{scene_description(scene)} So the {s.kind} is {s.color}."
 
 
 LOOK_SPLIT = " So "  # where the looking part ends and the reasoning part begins
@@ -315,7 +315,7 @@ def eval_set(n_scenes: int, seed: int = TEST_SEED, look: bool = False, look_form
         scene = random_scene(rng)
         for kind, q, a in questions(scene, rng):
             items.append(EvalItem(scene, kind, q, a))
-        items.append(EvalItem(scene, "describe", DESCRIBE_PROMPT, describe(scene)))
+        items.append(EvalItem(scene, "describe", DESCRIBE_PROMPT, scene_description(scene)))
         if look and len(scene.shapes) >= 2:
             item = look_item(scene, look_rng, look_form)
             if item:
@@ -334,7 +334,7 @@ def training_examples(n: int, seed: int = 0, look_form: str = LOOK_FORM):
         scene = random_scene(rng)
         r = rng.random()
         if r < 0.35:
-            out.append((scene, DESCRIBE_PROMPT, describe(scene)))
+            out.append((scene, DESCRIBE_PROMPT, scene_description(scene)))
         elif r < 0.6 and (item := look_item(scene, rng, look_form)):
             out.append((scene, *item))
         else:

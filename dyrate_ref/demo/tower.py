@@ -4,6 +4,7 @@ and a linear probe that tells a tower that cannot see from a decoder that cannot
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,14 @@ def tower_features(model: LlavaForConditionalGeneration, px: torch.Tensor) -> to
 
 
 def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int, lr: float, seed: int,
-                    bf16: bool, show_progress: bool = True, log=None, device="cpu"):
+                    bf16: bool, show_progress: bool = True, log=None, device="cpu", deadline: float | None = None):
     """Stage 1, in the spirit of LLaVA's pretrained CLIP: teach the vision tower alone to say, at every
     patch, which kind and colour of object covers it and which of the 3x3 cells the patch lies in (a
     linear head read off the feature layer, thrown away afterwards). Dense labels make this fast; stage 2
     then only has to teach the decoder to read. The cell target matters: without it the tower is free
     to wash its position embedding out of the features, and the decoder, which sees visual tokens only
-    through RoPE distances that shift with the question's length, then cannot tell where anything is."""
+    through RoPE distances that shift with the question's length, then cannot tell where anything is.
+    deadline: a time.time() at which to stop early (the run's --minutes bound the whole run)."""
     vc = model.config.vision_config
     n_kind, n_color = 1 + len(SHAPES), 1 + len(COLORS)
     head = torch.nn.Linear(vc.hidden_size, n_kind + n_color + 9).to(device)
@@ -82,6 +84,8 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     bar = Progress(steps, "stage 1: vision tower", " steps", after_s=0.0 if show_progress else float("inf"))
     history = []
     for step in range(steps):
+        if deadline is not None and time.time() > deadline:
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(100, max(1, steps // 10)))
         scenes = [random_scene(rng) for _ in range(batch)]

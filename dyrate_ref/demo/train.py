@@ -1,6 +1,6 @@
 """Train the embedded demo model from scratch on generated scenes, with the project's own model code.
 
-  python -m dyrate_ref.demo.train --out weights/dyrate-shapes [--recipe v4] [--seed 0] [--tower DIR] [--device cuda]
+  python -m dyrate_ref.demo.train --out runs/my-demo [--recipe v5] [--seed 0] [--tower DIR] [--device cuda]
 
 Writes a complete llava-hf directory: config.json, model.safetensors (transformers 5.x key layout),
 tokenizer.json / tokenizer_config.json / special_tokens_map.json (a byte-level BPE trained here on the
@@ -20,8 +20,9 @@ The run, in three parts (each in its own module):
 
 float32 by default; --bf16 autocasts matmuls to bfloat16, which pays only on CPUs with AMX or
 AVX512-BF16 and on GPUs. The run is fixed by the recipe and --seed (deterministic on one machine);
---minutes only stops early. The log is written as train_log.partial.txt beside an existing
-train_log.txt and replaces it only when the run finishes.
+--minutes stops it early, stage 1 included. --out must be a new folder: the run writes into a hidden
+folder beside it, named --out only when the run has finished, so an existing model (the shipped one
+included) is never touched and an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import ArgumentParser, UserError, command_main, summary
-from ..files import publish
+from ..files import check_new_folder, write_atomic_dir
 from ..flags import add_device, add_threads, apply_threads
 from ..loading import load_model, read_config, resolve_device, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
@@ -45,8 +46,8 @@ from ..progress import Progress
 from .batches import Batcher, grow, heldout_examples, heldout_exact, row_loss
 from .bpe import save_tokenizer_files, train_bpe
 from .reading import kind_swap_kl, kind_swap_pairs
-from .recipes import CONFIG, DEFAULT, PREPROCESSOR, RECIPES, Recipe
-from .scenes import DESCRIBE_PROMPT, all_questions, describe, questions, random_scene
+from .recipes import CONFIG, PREPROCESSOR, RECIPES, SHIPPED, Recipe
+from .scenes import DESCRIBE_PROMPT, all_questions, questions, scene_description, random_scene
 from .tower import init_weights, pretrain_vision, probe_tower
 
 
@@ -55,14 +56,14 @@ def tokenizer_corpus(recipe: Recipe, seed: int = 123, scenes: int = 3000) -> lis
     texts = []
     for _ in range(scenes):
         s = random_scene(rng)
-        texts.append(describe(s))
+        texts.append(scene_description(s))
         for _, q, a in all_questions(s, rng):
             texts.append(PROMPT_TEMPLATE.format(prompt=q).replace("<image>", "") + " " + a)
     texts.append(PROMPT_TEMPLATE.format(prompt=DESCRIBE_PROMPT).replace("<image>", ""))
     return texts
 
 
-def build(out_dir: str, recipe: Recipe, overrides: dict | None = None):
+def build_model(out_dir: str, recipe: Recipe, overrides: dict | None = None):
     """Tokenizer files, config.json and preprocessor_config.json; -> (tokenizer, LlavaConfig, raw config).
     overrides: {"vision_config": {...}, "text_config": {...}} merged into CONFIG (tests use a tiny one).
     The vocabulary (512: 256 bytes + merges) is large enough that every word of the prompts and answers
@@ -98,9 +99,9 @@ def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):
         name = f"scene{i + 1}.png"
         scene.draw().save(os.path.join(folder, name))
         asked = questions(scene, random.Random(seed + 1 + i))  # its own stream: the scenes stay as they were
-        prompts = [{"prompt": DESCRIBE_PROMPT, "kind": "describe", "answer": describe(scene)}]
+        prompts = [{"prompt": DESCRIBE_PROMPT, "kind": "describe", "answer": scene_description(scene)}]
         prompts += [{"prompt": q, "kind": kind, "answer": a} for kind, q, a in asked]
-        records.append({"file": name, "description": describe(scene), "prompts": prompts,
+        records.append({"file": name, "description": scene_description(scene), "prompts": prompts,
                         "shapes": [[s.color, s.kind, s.position] for s in scene.shapes]})
     with open(os.path.join(folder, "examples.json"), "w") as f:
         json.dump(records, f, indent=2)
@@ -113,29 +114,19 @@ def _log(log, line: str):
 
 
 def go_no_go(recipe: Recipe, stage_name: str, step: int, acc: dict) -> str | None:
-    """The recipe's early signal, from the controlled runs' plateaus (docs/embedded_model.md): at the end
-    of the binding warm-up the answer must depend on the asked kind (kind-swap KL > 1 nat) and colour on
-    3-5 shapes be well above naming a random shape (> .6); in the mixture, from step 1,000 on, colour and
-    position >= .9. -> a "go" / "NO-GO" line for the log, or None where nothing is checked."""
-    if stage_name == "look":  # v5's look stage, from the fine-tuning runs' curves (docs/embedded_model.md)
-        within = step - recipe.start_of("look")
-        if within < 300:
-            return None
-        # the first run (whole look answer weighted as one) sat at .23-.32 from text alone at steps 300-400
-        ok = acc.get("look_blind", 0) >= 0.6
-        return f"go/no-go at look-stage step {within}: {'go' if ok else 'NO-GO'} (look {acc.get('look', 0):.2f}; " \
-               f"from the description's text alone {acc.get('look_blind', 0):.2f} >= .6)"
-    if recipe.name not in ("v4", "v5"):
-        return None
-    if stage_name == "bind":
-        ok = acc["kind_swap_kl"] > 1 and acc.get("color3+", 0) > 0.6
-        return f"go/no-go end of warm-up: {'go' if ok else 'NO-GO'} (kind-swap KL {acc['kind_swap_kl']:.2f} > 1, " \
-               f"colour 3+ shapes {acc.get('color3+', 0):.2f} > .6)"
-    if step >= 1000:
-        ok = min(acc.get("color", 0), acc.get("position", 0)) >= 0.9
-        return f"go/no-go at step {step}: {'go' if ok else 'NO-GO'} (colour {acc.get('color', 0):.2f}, " \
-               f"position {acc.get('position', 0):.2f} >= .9)"
-    return None
+    """The recipe's early signals (Recipe.gates) at stage-2 step `step` (counted from 1), given the
+    held-out figures `acc`. -> a "go" / "NO-GO" line for the log, or None where no window is open."""
+    within = step - recipe.start_of(stage_name)
+    steps = next(s.steps for s in recipe.stages if s.name == stage_name)
+    lines = []
+    for gate in recipe.gates:
+        if gate.stage != stage_name or within < (steps if gate.after is None else gate.after):
+            continue
+        ok = all(acc.get(m, 0) > f if gate.strict else acc.get(m, 0) >= f for m, f in gate.floors)
+        op = ">" if gate.strict else ">="
+        figures = ", ".join(f"{m} {acc.get(m, 0):.2f} {op} {f:g}" for m, f in gate.floors)
+        lines.append(f"go/no-go {gate.what or f'at {stage_name} step {within}'}: {'go' if ok else 'NO-GO'} ({figures})")
+    return "; ".join(lines) or None
 
 
 def new_model(out_dir: str, recipe: Recipe, seed: int, overrides, tower: str | None, init: str | None, device, log):
@@ -153,7 +144,7 @@ def new_model(out_dir: str, recipe: Recipe, seed: int, overrides, tower: str | N
             p.requires_grad_(True)
         _log(log, f"# init from {init}: stage 1 skipped")
         return model, cfg, False
-    _, cfg, _ = build(out_dir, recipe, overrides)
+    _, cfg, _ = build_model(out_dir, recipe, overrides)
     first = recipe.stages[0].layers  # a recipe may start shallower and grow (Stage.layers)
     start_cfg = cfg if first is None else replace(cfg, text_config=replace(cfg.text_config, num_hidden_layers=first))
     model = LlavaForConditionalGeneration(start_cfg)
@@ -193,7 +184,8 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
     write_examples(out_dir)
     model.train()
     if fresh_tower and recipe.vision_steps:
-        pretrain_vision(model, recipe.vision_steps, 64, 2e-3, seed, bf16, show_progress, log, device)
+        pretrain_vision(model, recipe.vision_steps, 64, 2e-3, seed, bf16, show_progress, log, device,
+                        deadline=None if minutes is None else t0 + minutes * 60)
         acc = probe_tower(model, device=device)
         _log(log, f"probe held-out occupied-cell accuracy: kind {acc['kind']:.4f} color {acc['color']:.4f}")
         if show_progress:
@@ -242,7 +234,7 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
             model.train()
             _log(log, f"heldout {step + 1} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "kind_swap_kl")
                  + f" kind_swap_kl {acc['kind_swap_kl']:.2e}")
-            signal = go_no_go(recipe, stage.name, step + 1, acc) if (stage_ends or stage.name != "bind") else None
+            signal = go_no_go(recipe, stage.name, step + 1, acc)
             if signal:
                 _log(log, f"# {signal}")
                 if show_progress:
@@ -262,11 +254,11 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
 
 def run(argv=None) -> int:
     p = ArgumentParser(prog="python -m dyrate_ref.demo.train", description=summary(__doc__))
-    p.add_argument("--out", required=True, help="directory to write (e.g. weights/dyrate-shapes)")
-    p.add_argument("--recipe", default=DEFAULT, choices=sorted(RECIPES),
-                   help=f"the training recipe (default {DEFAULT}, the shipped model's; demo/recipes.py)")
+    p.add_argument("--out", required=True, help="a new folder to write the model into (e.g. runs/my-demo)")
+    p.add_argument("--recipe", default=SHIPPED, choices=sorted(RECIPES),
+                   help=f"the training recipe (default {SHIPPED}, the shipped model's; demo/recipes.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and order (default 0)")
-    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (the whole run)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16 and on GPUs, far slower without")
     add_threads(p)
@@ -286,13 +278,7 @@ def run(argv=None) -> int:
     resolve_device(args.device, auto=False)
     if not args.out.strip():
         raise UserError("--out is empty; give the folder to write the model into")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder to write the model into")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out}: folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
-    if args.tower and os.path.abspath(args.tower) == os.path.abspath(args.out):
-        raise UserError("--tower and --out are the same folder: the new model would replace the tower it starts "
-                            "from; give a new --out")
+    check_new_folder(args.out, "--out")  # an existing model (the shipped one) is never written into
     if args.minutes is not None and not args.minutes > 0:
         raise UserError("--minutes must be a positive number")
     if args.eval_every < 0:
@@ -309,21 +295,19 @@ def run(argv=None) -> int:
         if d:
             read_config(d, flag)  # a missing or broken directory is refused before any work
     apply_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    final = os.path.join(args.out, "train_log.txt")
-    partial = os.path.join(args.out, "train_log.partial.txt")
-    with open(partial, "w") as log:
-        if args.init and os.path.abspath(args.init) == os.path.abspath(args.out) and os.path.exists(final):
-            with open(final) as old:
-                log.write(old.read())
-        log.write(f"# python -m dyrate_ref.demo.train {' '.join(sys.argv[1:] if argv is None else argv)}\n"
-                  f"# recipe {recipe.name}: {recipe.description}\n"
-                  f"# torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}\n"
-                  "# step seconds smoothed_loss | heldout step kind exact-match ... kind_swap_kl\n")
-        _, history, secs = train(args.out, recipe, args.seed, args.minutes, bf16=args.bf16, log=log,
-                                 tower=args.tower, init=args.init, device=args.device, eval_every=args.eval_every,
-                                 from_stage=args.from_stage)
-    publish(partial, final)
+    done = {}
+
+    def write(folder):
+        with open(os.path.join(folder, "train_log.txt"), "w") as log:
+            log.write(f"# python -m dyrate_ref.demo.train {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+                      f"# recipe {recipe.name}: {recipe.description}\n"
+                      f"# torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}\n"
+                      "# step seconds smoothed_loss | heldout step kind exact-match ... kind_swap_kl\n")
+            _, done["history"], done["secs"] = train(folder, recipe, args.seed, args.minutes, bf16=args.bf16, log=log,
+                                                     tower=args.tower, init=args.init, device=args.device,
+                                                     eval_every=args.eval_every, from_stage=args.from_stage)
+    write_atomic_dir(args.out, write)
+    history, secs = done["history"], done["secs"]
     print(f"{len(history)} steps in {secs / 60:.1f} min; final smoothed loss "
           f"{sum(history[-50:]) / len(history[-50:]):.4f}; wrote {args.out}")
     return 0

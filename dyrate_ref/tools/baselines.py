@@ -9,14 +9,15 @@ registry there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from .. import settings
 from ..errors import UserError
-from ..pruning import DEFAULT_LAYER, Method, kept_count, top_k_sorted
-from ..settings import DEFAULT, checked, parse_fraction, parse_int, setting
+from ..pruning import DEFAULT_LAYER, METHODS, Method, kept_count, top_k_sorted
+from ..settings import parse_fraction
 
 
 @dataclass(frozen=True)
@@ -24,15 +25,8 @@ class AttentionMass(Method):
     """Keep the fewest tokens of keep_{t-1} that hold `mass` p of the step's attention to all N visual
     tokens; keep_{t-1} itself when even all of it holds less (what was dropped carried the rest)."""
     name: ClassVar[str] = "mass"
-    layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
-    mass: float = setting(0.9, parse_fraction, "mass p of the step's attention to the image to keep", "p",
-                          aliases=("share",))
-
-    def label(self, weights_dir=""):
-        return f"attention mass K={self.layer} p={self.mass:g}"
-
-    def family(self):
-        return "attention mass"
+    layer: int = DEFAULT_LAYER
+    mass: float = 0.9  # p: the share of the step's attention to the image to keep
 
     def choose(self, t, keep, scores):
         total = scores.sum()
@@ -52,35 +46,16 @@ def random_subset(keep: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return keep[pick].sort().values
 
 
-def _set_by_the_evaluation(text: str):
-    raise ValueError("is set by the evaluation (matched to another row's kept counts), not by a spec; give rate")
-
-
 @dataclass(frozen=True)
 class RandomKeep(Method):
     """Keep a random subset of keep_{t-1}: kept_count(N, rate) tokens from the prefill on, or, with
     `counts`, counts[t] at step t (the last repeating; another row's own counts, matched per item by the
     evaluation). Seeded per item and step, so a subset of the items draws what the whole set would."""
     name: ClassVar[str] = "random"
-    layer: int = setting(DEFAULT_LAYER, parse_int, "pruning layer K", "K")
-    rate: float | None = setting(None, parse_fraction, "rate R: the part of the visual tokens dropped at random",
-                                 "R", aliases=("ratio",))
-    counts: tuple[int, ...] | None = setting(None, _set_by_the_evaluation, "kept count at each step (set by the "
-                                             "evaluation from another row's counts)", "counts", per_item="counts")
-    seed: int = setting(0, parse_int, "seed (the evaluation sets one per item)", "seed", per_item="seed")
-
-    @classmethod
-    def defaults(cls, given, ctx, given_as):
-        if "rate" not in given:
-            raise UserError(f"random keep needs rate=R (the part of the visual tokens it drops), from {given_as}")
-        values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
-        return checked(cls, values, {f.name: given_as if f.name in given else DEFAULT for f in fields(cls)}, ctx)
-
-    def label(self, weights_dir=""):
-        return f"random keep K={self.layer} R={self.rate:g}" if self.rate is not None else super().label()
-
-    def family(self):
-        return "random (fixed count)"
+    layer: int = DEFAULT_LAYER
+    rate: float | None = None  # R: the part of the visual tokens dropped at random
+    counts: tuple[int, ...] | None = None  # set by the evaluation: another row's kept count at each step
+    seed: int = 0  # set by the evaluation: the item's own
 
     def choose(self, t, keep, scores):
         n = scores.numel()
@@ -89,3 +64,28 @@ class RandomKeep(Method):
 
 
 BASELINES = {cls.name: cls for cls in (AttentionMass, RandomKeep)}
+REGISTRY = {**METHODS, **BASELINES}  # what a tool's spec may name
+# The baselines' settings a spec may give (random's counts and seed are set per item by the evaluation).
+PARSE = {**settings.PARSE, "mass": parse_fraction}
+SPEC_FORM = ("NAME[:setting=value...], NAME a method or baseline (" + ", ".join(REGISTRY) + "), the settings its "
+             "own, as generate.py's flags (e.g. fastv:layer=1:rate=0.75, dyrate-schedule:schedule=0.5,0.9, "
+             "dyrate:predictor=FILE:confidence=0.6, random:layer=1:rate=0.75, mass:mass=0.8)")
+
+
+def from_spec(spec: str, ctx, origin=None):
+    """A method or baseline from a spec NAME[:setting=value...] (`evaluate --extra`, the tools' own
+    lists), through the same parsers and defaults as generate.py's flags. -> (method, origins)."""
+    name, *pairs = spec.split(":")
+    if name not in REGISTRY or not all("=" in p for p in pairs):
+        raise UserError(f"{origin or repr(spec)}: use {SPEC_FORM}")
+    origin = origin or settings.Origin("spec", spec)
+    cls = REGISTRY[name]
+    given = settings.parse_settings(cls, dict(p.split("=", 1) for p in pairs), REGISTRY, PARSE, where=f"{origin}: ")
+    if cls is RandomKeep and "rate" not in given:
+        raise UserError(f"random keep needs rate=R (the part of the visual tokens it drops), from {origin}")
+    return settings.make_method(cls, given, ctx, origin)
+
+
+def spec_layers(specs) -> list[int]:
+    """The pruning layers that specs name (layer=K), for a range check before any is built."""
+    return [int(pair.split("=", 1)[1]) for spec in specs for pair in spec.split(":")[1:] if pair.startswith("layer=")]

@@ -33,12 +33,13 @@ from ..cost import vision_flops
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
-from ..generation import Record, decode_one_token, generate, prefill, pruning_layer
+from ..generation import Record, decode_one_token, generate, prefill
 from ..loading import (DEFAULT_WEIGHTS, DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
-from ..pruning import METHODS
-from ..settings import Context, build, check_layers, spec_layers
+from ..pruning import NoPruning
+from ..settings import Context, check_layers
+from .baselines import from_spec, spec_layers
 from ..predictor import shipped_predictor_path
 
 SHAPES = {
@@ -152,14 +153,14 @@ def bench_methods(weights_dir: str, cfg) -> list[tuple[str, object, bool]]:
     L = cfg.text_config.num_hidden_layers
     specs = [("none", "none", False), ("fastv R=0.5", "fastv:layer=2:rate=0.5", True),
              ("fastv R=0.75", "fastv:layer=2:rate=0.75", True), ("fastv R=0.9", "fastv:layer=2:rate=0.9", True),
-             ("vtw K=L/2", f"vtw:layer={L // 2}", False), ("dyrate constant rate 0.5", "dyrate:layer=2:rates=0.5", True),
-             ("dyrate rising", "dyrate:layer=2:rates=0.0,0.25,0.5,0.75,0.9", False)]
+             ("vtw K=L/2", f"vtw:layer={L // 2}", False), ("dyrate constant rate 0.5", "dyrate-schedule:layer=2:schedule=0.5", True),
+             ("dyrate rising", "dyrate-schedule:layer=2:schedule=0.0,0.25,0.5,0.75,0.9", False)]
     check_layers(spec_layers(s for _, s, _ in specs), L, "the benchmarked methods",
                  "give a checkpoint with at least 3 decoder layers")
     ctx = Context(weights_dir, L, cfg)
-    rows = [(label, build(spec, METHODS, ctx)[0], overhead) for label, spec, overhead in specs]
+    rows = [(label, from_spec(spec, ctx)[0], overhead) for label, spec, overhead in specs]
     if shipped_predictor_path(weights_dir):
-        pred, _ = build("dyrate", METHODS, ctx)
+        pred, _ = from_spec("dyrate", ctx)
         rows.append((f"dyrate K={pred.layer} predictor (features + decision each step; may cut)", pred, True))
     return rows
 
@@ -253,15 +254,15 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     token = torch.tensor(7, device=model.lm_head.weight.device)
     rows = []
     for name, method in methods:
-        rec = Record(cfg, pruning_layer(model, method), model.lm_head.weight.element_size())
+        rec = Record(cfg, model.lm_head.weight.element_size())
         _, state = prefill(model, ids, px, method, rec)
-        k = state.keep.numel()
-        variants = {"method": method, "none, same cache": METHODS["none"]()}
+        k = state.kept.numel()
+        variants = {"method": method, "none, same cache": NoPruning()}
         best = {v: float("inf") for v in variants}
         kept_after = None
         for r in range(repeats + 1):  # the first round warms up
             for v, pr in variants.items():
-                st, log = copy.deepcopy(state), Record(cfg, rec.K, rec.element_size)  # the method's K: same layout
+                st, log = copy.deepcopy(state), Record(cfg, rec.element_size)  # the state's K: the method's layout
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(steps):
@@ -270,7 +271,7 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
                 if r:
                     best[v] = min(best[v], (time.perf_counter() - t0) / steps)
                 if v == "method":
-                    kept_after = st.keep.numel()
+                    kept_after = st.kept.numel()
         rows.append(dict(name=name, k=k, kept_after=kept_after, method_ms=best["method"] * 1e3,
                          none_ms=best["none, same cache"] * 1e3))
     return rows

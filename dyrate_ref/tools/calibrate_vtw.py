@@ -18,12 +18,11 @@ import torch
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..flags import add_threads, add_weights, apply_threads
-from ..generation import eviction_masks, forward_no_cache, kl_divergence, reference_answer
+from ..oracle import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import VTW_CALIBRATION
-from ..settings import check_layer
+from ..settings import VTW_CALIBRATION, check_layer
 from .data import data_inputs, read_examples
 
 

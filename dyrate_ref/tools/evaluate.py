@@ -43,7 +43,7 @@ import os
 import queue
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import torch
 
@@ -51,18 +51,19 @@ from ..cost import vision_flops
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..flags import add_weights
-from ..generation import generate, reference_answer
+from ..generation import generate
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_weights
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import DEFAULT_LAYER, METHODS, Method, visual_span
-from ..settings import Context, Origin, build, check_layers, resolve, spec_layers
-from .baselines import BASELINES
+from ..oracle import reference_answer
+from ..pruning import DEFAULT_LAYER, VTW, DyRate, DyRateSchedule, Method, NoPruning, visual_span
+from ..settings import Context, Origin, check_layers, make_method
+from .baselines import SPEC_FORM, RandomKeep, from_spec, spec_layers
 from .data import (MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
                    vocabulary_note)
-from .report import (METRICS, PERCENT, Row, comparison_text, main_comparison, mean_schedule, pareto_points,
+from .report import (METRICS, PERCENT, Row, comparison_text, family, label, main_comparison, mean_schedule, pareto_points,
                      serving_table, summarise, table)
 from .results import Results
 
@@ -80,16 +81,10 @@ MAIN_COMPARISON = dict(ours="DyRate predictor", theirs={"FastV K={K}": {"lm_flop
                        bounds=MATCHED)
 
 
-def registry() -> dict:
-    """What --extra can build: the methods (pruning.METHODS) and the evaluation baselines."""
-    return {**METHODS, **BASELINES}
-
-
 def row(method: Method, spec_name: str, weights_dir: str) -> Row:
-    """A table row: the method's own label and Pareto family (the same for a standard row and an --extra
-    spec of the same method, so a spec repeating a standard row is found, not run twice); a method that
+    """A table row: the method's label and Pareto family (report.label, report.family); a method that
     names no family is drawn under its spec name."""
-    return Row(method.label(weights_dir), method.family() or f"{spec_name} (--extra)", method)
+    return Row(label(method, weights_dir), family(method) or f"{spec_name} (--extra)", method)
 
 
 def standard_specs(quick: bool, K: int, num_layers: int) -> list[str]:
@@ -103,7 +98,7 @@ def standard_specs(quick: bool, K: int, num_layers: int) -> list[str]:
 
 def base_rows(ctx: Context, control: bool = True) -> list[Row]:
     """none, and its blank-image control (the model must answer from the image, not the text)."""
-    none = resolve(METHODS["none"], {}, ctx)[0]
+    none = NoPruning()
     return [row(none, "none", ctx.weights_dir)] + ([Row("none, image blanked (control)", "control", none, blank=True)]
                                                     if control else [])
 
@@ -114,7 +109,7 @@ def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
     (does choosing by attention matter?) and the fixed schedule at its mean kept counts (does choosing
     the rate per picture and step matter?). Without a shipped predictor, K = 2 and no DyRate rows."""
     ctx = Context(weights_dir, cfg.text_config.num_hidden_layers, cfg)
-    dyrate = resolve(METHODS["dyrate"], {}, ctx)[0] if shipped_predictor_path(weights_dir) else None
+    dyrate = make_method(DyRate, {}, ctx)[0] if shipped_predictor_path(weights_dir) else None
     K = dyrate.layer if dyrate else DEFAULT_LAYER
     specs = standard_specs(quick, K, ctx.num_layers)
     check_layers(spec_layers(specs), ctx.num_layers,
@@ -126,35 +121,26 @@ def standard_rows(weights_dir: str, cfg, quick: bool = False) -> list[Row]:
     for c in [own] + ([] if quick else [c for c in SWEEP if abs(c - own) > 1e-9]):
         main = row(replace(dyrate, confidence=c), "dyrate", weights_dir)
         rows += [main, Row(f"random keep, counts of {main.name}", "random (DyRate's counts)",
-                           registry()["random"](K), match=main.name),
+                           RandomKeep(K), match=main.name),
                  Row(f"fixed schedule, mean counts of {main.name}", "fixed schedule (DyRate's mean counts)",
-                     replace(dyrate, predictor=None, confidence=None, rates=(0.0,)), schedule_of=main.name)]
+                     DyRateSchedule(K, (0.0,)), schedule_of=main.name)]
     return rows
 
 
-EXTRA_HELP = ("NAME[:setting=value...], NAME a method or baseline (none, fastv, vtw, dyrate, mass, random, ...), the "
-              "settings its own, as generate.py's flags (e.g. fastv:layer=1:rate=0.75, dyrate:rates=0.5,0.9, "
-              "dyrate:predictor=FILE:confidence=0.6, random:layer=1:rate=0.75, mass:mass=0.8)")
-
-
 def parse_extra(spec: str, ctx: Context) -> Row:
-    """An --extra row: NAME[:setting=value...], built by the same classes, parsers and resolution as
-    generate.py's flags (a setting the method does not have is refused the same way)."""
-    name, *pairs = spec.split(":")
-    known = registry()
-    if name not in known or not all("=" in p for p in pairs):
-        raise UserError(f"--extra {spec!r}: use {EXTRA_HELP}")
-    method, _ = build(spec, known, ctx, Origin("spec", f"--extra {spec}"))
-    return row(method, name, ctx.weights_dir)
+    """An --extra row: NAME[:setting=value...], built by the same parsers and defaults as generate.py's
+    flags (a setting the method does not have is refused the same way)."""
+    method, _ = from_spec(spec, ctx, Origin("spec", f"--extra {spec}"))
+    return row(method, spec.split(":")[0], ctx.weights_dir)
 
 
 def item_method(row: Row, prompt: Item, matched: dict | None) -> Method:
-    """The row's method for one item: each setting its class marks per_item is set here -- "seed" to
-    the item's seed, "counts" to the matched row's kept counts on the same item."""
-    per_item = {"seed": prompt.seed, "counts": None if matched is None else tuple(matched["kept"])}
-    changes = {f.name: per_item[f.metadata["per_item"]] for f in fields(row.method)
-               if f.metadata["per_item"] and per_item[f.metadata["per_item"]] is not None}
-    return replace(row.method, **changes) if changes else row.method
+    """The row's method for one item: random keep draws with the item's seed, and a matched row keeps
+    the matched row's kept counts on the same item."""
+    if not isinstance(row.method, RandomKeep):
+        return row.method
+    counts = row.method.counts if matched is None else tuple(matched["kept"])
+    return replace(row.method, seed=prompt.seed, counts=counts)
 
 
 def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: int, matched=None, bar=None,
@@ -181,7 +167,7 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
         text = processor.decode(gen.tokens)
         flops, kv = gen.record.flops, gen.record.kv_bytes
         rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": text, **p.grades(text),
-               "kept": [int(k.sum()) for k in gen.record.keep_masks], "prefill_flops": flops[0] - vis,
+               "kept": [int(k.sum()) for k in gen.record.kept_masks], "prefill_flops": flops[0] - vis,
                "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
         if none is not None and none[i].get("tokens"):
             # Fed none's answer, a method that chose exactly those tokens walks its own path again: reuse it.
@@ -279,7 +265,7 @@ def evaluate_all(model, processor, items, rows, max_new_tokens: int, workers: in
     rows = list(rows)
     for i, r in enumerate(rows):
         if r.schedule_of:
-            rows[i] = replace(r, method=replace(r.method, rates=mean_schedule(records[r.schedule_of], N)))
+            rows[i] = replace(r, method=replace(r.method, schedule=mean_schedule(records[r.schedule_of], N)))
             records = evaluate_parallel(model, processor, items, [rows[0], rows[i]], max_new_tokens, workers, bar, done,
                                         sink, known=records)
     return rows, records
@@ -325,7 +311,7 @@ def run(argv=None) -> int:
     p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--extra", action="append", default=[], metavar="SPEC",
-                   help=f"add a row (repeatable): {EXTRA_HELP}")
+                   help=f"add a row (repeatable): {SPEC_FORM}")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, one thread each, sharing the items (default 1; 2 on a 2-core machine halves the time)")
     p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
@@ -404,7 +390,7 @@ def run(argv=None) -> int:
         print(comparison_text(comparison) + "\n")
     print(table(results, N, vision, args.bootstrap))
     if not args.only_extra:  # what VTW's own calibration chose for these weights (the rows sweep K)
-        vtw, origins = resolve(METHODS["vtw"], {}, ctx)
+        vtw, origins = make_method(VTW, {}, ctx)
         chose = f"K={vtw.layer}" if origins["layer"].kind != "fallback" else "no layer"
         print(f"\nVTW's calibration for these weights: {chose} ({origins['layer']}); the VTW rows sweep K.")
     keys = [k for k in ("em", "vqa", "verdict", "f1", "cider") if k in results[0][1]][:3]

@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..generation import kl_divergence, reference_answer
+from ..oracle import forward_no_cache, kl_divergence, reference_answer, step_of_rows
 from ..predictor import CUTS, RatePredictor, predictor_features
 from ..progress import Progress
-from ..pruning import apply_cut, keep_mask, visual_scores, visual_span
+from ..pruning import apply_cut, kept_mask, visual_scores, visual_span
 
 
 def step_scores(probs: torch.Tensor, span: tuple[int, int], P: int, T: int) -> torch.Tensor:
@@ -49,8 +49,8 @@ def candidates(keep: torch.Tensor, scores: torch.Tensor, N: int, cuts=CUTS) -> t
     """Step t's own mask under every cut, float [A, N]: 1 on the tokens the cut keeps of keep [M] (nested:
     apply_cut), 0 on those it drops, and 1 on the tokens evicted before: their 0 is an earlier step's
     factor of W, so a later step's loss still reaches the decision that evicted them."""
-    gone = ~keep_mask(keep, N)  # [N]
-    return torch.stack([keep_mask(apply_cut(keep, scores, c), N) | gone for c in cuts]).float()  # [A, N]
+    gone = ~kept_mask(keep, N)  # [N]
+    return torch.stack([kept_mask(apply_cut(keep, scores, c), N) | gone for c in cuts]).float()  # [A, N]
 
 
 def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decisions: list[int] | None = None,
@@ -81,33 +81,24 @@ def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decis
 
 
 def key_weights(input_ids: torch.Tensor, image_token_id: int, W: torch.Tensor) -> torch.Tensor:
-    """W [T, N] -> the float mask [S, S] of layers >= K: 1 everywhere but the visual keys, which a query of
-    step t (prompt rows: step 0; the row of answer token t-1: step t) weighs by W_t. Causality is the
+    """W [T, N] -> the key weights [S, S] of layers >= K: 1 everywhere but the visual keys, which a query of
+    step t weighs by W_t (oracle.step_of_rows says which step a row belongs to). Causality is the
     attention's own default."""
     start, N = visual_span(input_ids, image_token_id)
     P, T = input_ids.numel(), W.shape[0]
     S = P + T - 1
-    step_of_row = torch.clamp(torch.arange(S, device=W.device) - (P - 1), min=0)  # [S]
     ones = torch.ones(S, device=W.device)
-    return torch.cat([ones[:, None].expand(S, start), W[step_of_row], ones[:, None].expand(S, S - start - N)], dim=1)
+    return torch.cat([ones[:, None].expand(S, start), W[step_of_rows(P, T, W.device)],
+                      ones[:, None].expand(S, S - start - N)], dim=1)
 
 
 def relaxed_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, tokens: list[int], W: torch.Tensor,
                    K: int) -> torch.Tensor:
     """The teacher-forced answer's logits [T, V] with layers >= K weighing the visual keys by W [T, N]:
-    forward_no_cache's sequence, with gradients (to W; the model's weights are frozen)."""
-    device = model.lm_head.weight.device
-    input_ids = input_ids.to(device)
-    P = input_ids.numel()
-    seq = torch.cat([input_ids, torch.tensor(tokens[:-1], dtype=torch.long, device=device)])  # [S]
-    pos = torch.arange(seq.numel(), device=device)  # [S]
-    with torch.no_grad():  # layers < K see everything and do not depend on W
-        x = model.embed(seq[None], model.image_features(pixel_values.to(device)))  # [1, S, C]
-        x, _ = model.run_layers(x, pos, None, range(K))
-    mask = key_weights(input_ids, model.config.image_token_index, W.to(device))  # [S, S]
+    the oracle's forward, with gradients to W (the model's weights are frozen)."""
+    weight = key_weights(input_ids, model.config.image_token_index, W.to(model.lm_head.weight.device))  # [S, S]
     L = model.config.text_config.num_hidden_layers
-    x, _ = model.run_layers(x, pos, None, range(K, L), masks={i: mask for i in range(K, L)})
-    return model.logits(x[0, P - 1:]).float()  # [T, V]
+    return forward_no_cache(model, input_ids, pixel_values, tokens, key_weights={i: weight for i in range(K, L)})[0]
 
 
 def prepare(model, processor, examples, K: int, max_new_tokens: int, show_progress: bool = True):

@@ -35,13 +35,14 @@ import torch
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
-from ..generation import generate, kl_divergence, recompute_logits, reference_answer
+from ..generation import generate
+from ..oracle import kl_divergence, recompute_logits, reference_answer
 from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import Method, keep_mask, kept_count, top_k_sorted, visual_scores, visual_span
-from ..settings import check_layer, parse_fraction, parse_int, setting
+from ..pruning import Method, kept_mask, kept_count, top_k_sorted, visual_scores, visual_span
+from ..settings import check_layer
 from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items, vocabulary_note
 from .report import clustered_mean
 
@@ -60,11 +61,10 @@ class CutAt(Method):
     ranked best: the variant that separates *when* a cut is made from *which* tokens a later query
     picks). Not a user method: the tool builds it."""
     name: ClassVar[str] = "cut-at"
-    layer: int = setting(1, parse_int, "pruning layer K", "K")
-    at: int = setting(0, parse_int, "the answer step of the cut", "s")
-    fraction: float = setting(0.5, parse_fraction, "kept fraction of the N visual tokens from step `at` on", "f")
-    chosen: tuple[int, ...] | None = setting(None, parse_indices, "the visual tokens kept from step `at` on "
-                                             "(default: the best of step `at`'s scores)", "chosen")
+    layer: int = 1
+    at: int = 0  # the answer step of the cut
+    fraction: float = 0.5  # kept fraction of the N visual tokens from step `at` on
+    chosen: tuple[int, ...] | None = None  # the visual tokens kept from step `at` on (default: the best by its scores)
 
     def choose(self, t, keep, scores):
         if t != self.at:
@@ -103,7 +103,7 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
             scores = prefill_scores if choice == "prefill" else visual_scores(probs[K - 1][:, :, :P + s], span, "last")
             for f in fractions:
                 kept = top_k_sorted(everything, scores, kept_count(N, 1 - f))
-                rows = torch.stack([keep_mask(everything, N)] * s + [keep_mask(kept, N)] * (T - s))  # [T, N]
+                rows = torch.stack([kept_mask(everything, N)] * s + [kept_mask(kept, N)] * (T - s))  # [T, N]
                 cut = recompute_logits(model, ids, px, tokens, rows, K)  # [T, V]
                 d = kl_divergence(full[s:], cut[s:], torch.float64).clamp_min(0)  # [T - s]
                 top1 = (cut[s:].argmax(-1) == torch.tensor(tokens[s:], device=cut.device)).float()
@@ -139,7 +139,7 @@ def _order(key):
     return (kind != "all", kind, choice != "step", choice, isinstance(s, str), s if isinstance(s, int) else 0, -f)
 
 
-def summarise(records: list[dict]) -> list[dict]:
+def summarise_cuts(records: list[dict]) -> list[dict]:
     """Means over items per (kind, choice, s, f), with the standard error of the answer agreement
     clustered by picture (report.clustered_mean: the questions about one scene are not independent)."""
     groups: dict[tuple, list[dict]] = {}
@@ -160,7 +160,7 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def cut_table(rows: list[dict]) -> str:
     lines = ["| answers | tokens kept by | cut from step s | kept fraction f | items | mean KL at steps >= s (nats) | "
              "top-1 kept % | same answer % (±SE) | score (unpruned) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -303,10 +303,10 @@ def run(argv=None) -> int:
         records += cut_costs(model, proc, it, K, steps, fractions, args.max_new_tokens, choices)
         bar.update(1)
     bar.close()
-    rows = summarise(records)
+    rows = summarise_cuts(records)
     what = args.data or f"{len(items)} held-out scene prompts ({args.split} split)"
     print(f"Cutting the visual tokens to a fraction f from answer step s on (K = {K}), on {what}:\n")
-    print(table(rows))
+    print(cut_table(rows))
     if args.json:
         write_json(args.json, {"weights": os.path.basename(os.path.normpath(args.weights)), "layer": K, "data": what,
                                "rows": rows})

@@ -9,9 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
+import os
+
 from ..cost import depth_matched_layer, serving_schedule
 from ..model import TextConfig
-from ..pruning import Method
+from ..predictor import shipped_predictor_path
+from ..pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning
+from ..settings import describe
+from .baselines import AttentionMass, RandomKeep
 from .data import Item
 from .metrics import CiderD, bootstrap_cider_difference, caption_words
 
@@ -26,6 +31,37 @@ class Row:
     blank: bool = False  # the control: every picture replaced by its empty background
     match: str | None = None  # keep as many tokens at each step as this row did (a method with `counts`)
     schedule_of: str | None = None  # a DyRate schedule: at each step the mean share that row kept there, over all items
+
+
+def label(method: Method, weights_dir: str = "") -> str:
+    """A method's name in a table: the same whether a standard row or an --extra spec made it, so a spec
+    repeating a standard row is found, not run twice. weights_dir: where a shipped predictor lies."""
+    m = method
+    if isinstance(m, NoPruning):
+        return "none"
+    if isinstance(m, FastV):
+        return f"FastV K={m.layer} R={m.rate:g}" + ("" if m.score == "last" else f" score={m.score}")
+    if isinstance(m, VTW):
+        return f"VTW K={m.layer}"
+    if isinstance(m, DyRate):
+        shipped = shipped_predictor_path(weights_dir)
+        own = shipped is not None and os.path.realpath(m.predictor.path) == os.path.realpath(shipped)
+        return f"DyRate K={m.layer} predictor (c={m.confidence:g})" + ("" if own else f" {os.path.basename(m.predictor.path)}")
+    if isinstance(m, DyRateSchedule):
+        rising = all(a <= b for a, b in zip(m.schedule, m.schedule[1:]))
+        return f"DyRate K={m.layer} {'rising' if rising else 'schedule'} {','.join(f'{r:g}' for r in m.schedule)}"
+    if isinstance(m, AttentionMass):
+        return f"attention mass K={m.layer} p={m.mass:g}"
+    if isinstance(m, RandomKeep) and m.rate is not None:
+        return f"random keep K={m.layer} R={m.rate:g}"
+    return describe(m).removeprefix("method ")
+
+
+def family(method: Method) -> str | None:
+    """Which curve of a Pareto figure a method belongs to (None: the caller names it)."""
+    families = {NoPruning: "none", VTW: "VTW", DyRate: "DyRate predictor", DyRateSchedule: "DyRate fixed schedule",
+                AttentionMass: "attention mass", RandomKeep: "random (fixed count)"}
+    return f"FastV K={method.layer}" if isinstance(method, FastV) else families.get(type(method))
 
 
 def paired(a: list[float], b: list[float], clusters: list[str] | None = None) -> tuple[float, float]:

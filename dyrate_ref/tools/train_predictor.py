@@ -40,14 +40,15 @@ import torch.nn.functional as F
 
 from ..errors import ArgumentParser, UserError, command_main, summary
 from ..flags import add_threads, add_weights, apply_threads
-from ..generation import forward_no_cache, generate, recompute_logits
+from ..generation import generate
+from ..oracle import forward_no_cache, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..model import LlavaForConditionalGeneration
 from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features, shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import apply_cut, keep_mask, visual_scores, visual_span
+from ..pruning import apply_cut, kept_mask, visual_scores, visual_span
 from ..settings import check_layer
 from .data import data_inputs, read_examples
 from .predictor_e2e import train_e2e
@@ -90,13 +91,13 @@ def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answe
             cand = apply_cut(prev, scores, CUTS[a])
             if cand.numel() == prev.numel():
                 continue  # cuts nothing more than holding
-            pruned = recompute_logits(model, input_ids, pixels, answer, torch.stack(rows + [keep_mask(cand, N)] * (T - t)), K)
+            pruned = recompute_logits(model, input_ids, pixels, answer, torch.stack(rows + [kept_mask(cand, N)] * (T - t)), K)
             if answer_kept(pruned[t:], answer[t:], lead[t:], margin):
                 label = a
                 break
         choice = label if policy is None else int(policy.decide(policy(f)))
         prev = apply_cut(prev, scores, CUTS[choice])
-        rows.append(keep_mask(prev, N))
+        rows.append(kept_mask(prev, N))
         feats.append(f)
         labels.append(label)
         kept.append(prev.numel())
@@ -150,7 +151,7 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, hidden: int = 0, epoc
     return pred.eval(), history
 
 
-def train(model, processor, examples, K: int, margin: float, rounds: int = 2, hidden: int = 0, epochs: int = 300,
+def train_imitation(model, processor, examples, K: int, margin: float, rounds: int = 2, hidden: int = 0, epochs: int = 300,
           lr: float = 0.05, seed: int = 0, confidence: float = 0.5, max_new_tokens: int = 64, show_progress=True):
     """Round 0 on the oracle's trajectories, then `rounds - 1` rounds on the predictor's own.
     -> (predictor, features, labels, per-round log lines)."""
@@ -266,7 +267,7 @@ def run(argv=None) -> int:
             print(f"note: {args.out} replaced the predictor shipped with {args.weights}; generate.py --method dyrate "
                   "now uses this one (git checkout restores the shipped file)")
         return 0
-    pred, feats, labels, log = train(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
+    pred, feats, labels, log = train_imitation(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
                                      args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)
     pred.confidence = args.confidence  # the stored default (what the held-out figures below decode at)
     for line in log:
