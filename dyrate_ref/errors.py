@@ -46,3 +46,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+
+def parse_first(build_parser, name: str):
+    """A command's flags parsed before its heavy imports, when its module runs as the command (`name` is
+    "__main__"): --help and a flag error then answer at once instead of after importing torch (seconds).
+    A flag error is the usual one line and exit 2; run() parses again (cheap) and does the rest."""
+    if name != "__main__":
+        return
+    try:
+        build_parser().parse_args()
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

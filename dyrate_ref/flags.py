@@ -11,6 +11,11 @@ from .errors import UserError
 # and flag errors answer before torch loads).
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "dyrate-shapes")
 
+# A tool's method spec (evaluate --extra): the registry's names (tools/baselines.REGISTRY; a test checks them).
+SPEC_FORM = ("NAME[:setting=value...], NAME a method or baseline (none, fastv, vtw, dyrate, dyrate-schedule, mass, "
+             "random), the settings its own, as generate.py's flags (e.g. fastv:layer=1:rate=0.75, "
+             "dyrate-schedule:schedule=0.5,0.9, dyrate:predictor=FILE:confidence=0.6, random:layer=1:rate=0.75, "
+             "mass:mass=0.8)")
 DTYPE_HELP = "auto (float32 on the CPU, float16 on CUDA), float32, float16 or bfloat16"
 
 

@@ -10,7 +10,7 @@ Module and parameter names follow Hugging Face's llava-hf checkpoints, so weight
   P prompt tokens      S key/value slots (cache length)      N visual tokens     M kept visual tokens
   E evicted tokens     H heads     Hkv key/value heads       G = H / Hkv         D head dim
   C channels (hidden size)         V vocab    L layers    K the pruning layer (1 <= K <= L-1)
-  F predictor features
+  F predictor features             U the predictor's cuts
 
 The decoder is deliberately run layer by layer from the outside (`run_layers`): the generation loop in
 generation.py runs layers [0, K), reads layer K-1's attention probabilities, decides which visual tokens
@@ -444,15 +444,20 @@ class LlavaForConditionalGeneration(nn.Module):
 
     # --- pixels -> visual tokens ---------------------------------------------------------------------
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, image_size, image_size] -> visual tokens [B, N, C_text]."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the projector reads: pixel_values [B, 3, image_size, image_size] -> the feature layers'
+        tokens [B, N, C_vis * len(vision_feature_layer)]."""
         cfg = self.config
         index = cfg.feature_layers
         states = self.vision_tower.hidden_states(pixel_values.to(self.lm_head.weight.dtype), upto=max(index))
         picked = [states[i] for i in index]  # each [B, 1+N_patches, C_vis]
         if cfg.vision_feature_select_strategy == "default":
             picked = [s[:, 1:] for s in picked]  # drop CLS: [B, N_patches, C_vis]
-        return self.multi_modal_projector(torch.cat(picked, dim=-1))  # [B, N, C_text]
+        return torch.cat(picked, dim=-1)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, image_size, image_size] -> visual tokens [B, N, C_text]."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """input_ids [B, T] -> embeddings [B, T, C] with the <image> placeholders replaced, in order, by

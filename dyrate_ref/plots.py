@@ -118,16 +118,21 @@ def plot_layers(path: str, means: torch.Tensor, sems: torch.Tensor, counts: torc
     save_figure(fig, path)
 
 
+def patch_panel(ax, base: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool, label: str, fontsize: int):
+    """One panel: the picture with the patches keep (bool [N]) drops darkened, titled."""
+    ax.imshow(kept_overlay(base, keep, grid, has_cls), interpolation="nearest")
+    ax.set_title(label, fontsize=fontsize)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_kept_patches(path: str, base: Image.Image, panels: list[tuple[str, torch.Tensor]], grid: int,
                       has_cls: bool, title: str):
     """panels: (label, keep bool [N]) each -> the picture with evicted patches darkened, labelled."""
     plt = require_matplotlib()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
     for ax, (label, keep) in zip(axes[0], panels):
-        ax.imshow(kept_overlay(base, keep, grid, has_cls), interpolation="nearest")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        patch_panel(ax, base, keep, grid, has_cls, label, 9)
     fig.suptitle(title + "\n(evicted patches darkened)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
@@ -159,7 +164,7 @@ def panel_steps(kept: list[int], n: int = 4) -> list[int]:
     shrank (the first ones: where the method cut), the last step, then evenly spaced steps."""
     T = len(kept)
     wanted = [0] + [t for t in range(1, T) if kept[t] < kept[t - 1]][:max(0, n - 2)] + [T - 1]
-    wanted += [round(T * j / n) for j in range(1, n)]
+    wanted += [round((T - 1) * j / n) for j in range(1, n)]
     picks: list[int] = []
     for t in wanted:
         if t not in picks and len(picks) < n:
@@ -204,11 +209,8 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
     top.legend(handles=a + b, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     for j, step in enumerate(picks):
         ax = fig.add_axes([0.08 + j * 0.22, 0.02, 0.19, 0.27])
-        ax.imshow(kept_overlay(base, rec.kept_masks[step].cpu(), grid, has_cls), interpolation="nearest")
-        ax.set_title(f"step {step} ({token_label(words[step], gen.tokens[step], processor)}): {kept[step]}/{N} kept",
-                     fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        patch_panel(ax, base, rec.kept_masks[step].cpu(), grid, has_cls,
+                    f"step {step} ({token_label(words[step], gen.tokens[step], processor)}): {kept[step]}/{N} kept", 8)
     fig.text(0.5, 0.37, labels["patches"], ha="center", fontsize=8)
     save_figure(fig, path)
 
@@ -230,13 +232,19 @@ def plot_pareto(path: str, points: list[dict], title: str):
                 pts = sorted((p for p in here if p["method"] == family), key=lambda p: p["x"])
                 if not pts:
                     continue
-                st = styles.setdefault(family, dict(marker="osD^vP*Xh<>"[len(styles) % 11], color=f"C{len(styles) % 10}"))
+                i = len(styles)  # families whose points coincide (a control at its method's counts) stay visible:
+                # sizes differ and every other family is drawn hollow
+                st = styles.setdefault(family, dict(marker="osD^vP*Xh<>"[i % 11], color=f"C{i % 10}", ms=9 - 2 * (i % 3),
+                                                    mfc="none" if i % 2 else None))
                 h = ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts], yerr=[p.get("yerr", 0) for p in pts],
-                                fmt="-" + st["marker"], color=st["color"], ms=5, lw=1, capsize=2)
+                                fmt="-" + st["marker"], color=st["color"], ms=st["ms"], mfc=st["mfc"] or st["color"],
+                                lw=1, capsize=2)
                 seen.setdefault(family, h)
             ax.set_xlabel(panel, fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_xlim(0, 1.05)
+            if "%" in ylabel:  # a share cannot pass 100 %, whatever ±2 SE says
+                ax.set_ylim(top=min(ax.get_ylim()[1], 101))
             ax.grid(alpha=0.3)
     fig.legend(list(seen.values()), list(seen.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(4, len(seen)), frameon=False)

@@ -16,7 +16,7 @@ picks the compression rate for each step. Everything in this file is dyrate_ref'
 File: safetensors with the layer weights and a metadata header:
   format        "dyrate_ref-predictor-2"
   layer         K, the pruning layer whose input attention (layer K-1) the features read
-  cuts          JSON list of the cut each output stands for (files before this version: "actions")
+  cuts          JSON list of the cut each output stands for
   features      JSON list of feature names, in input order
   hidden        0 for linear, else the MLP's hidden width
   confidence    the default decoding confidence
@@ -87,8 +87,8 @@ class RatePredictor(nn.Module):
         self.confidence = confidence
         self.meta = dict(meta or {})
         self.path = ""
-        F, A = len(FEATURES), len(self.cuts)
-        self.net = nn.Linear(F, A) if hidden == 0 else nn.Sequential(nn.Linear(F, hidden), nn.ReLU(), nn.Linear(hidden, A))
+        F, U = len(FEATURES), len(self.cuts)
+        self.net = nn.Linear(F, U) if hidden == 0 else nn.Sequential(nn.Linear(F, hidden), nn.ReLU(), nn.Linear(hidden, U))
         # Features have different scales (masses in [0, 1], log-quantiles up to ~log N): standardised with
         # the training set's statistics, stored with the weights.
         self.register_buffer("mean", torch.zeros(F))
@@ -99,15 +99,15 @@ class RatePredictor(nn.Module):
         return self.path
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats [..., F] -> logits over the cuts [..., A]."""
+        """feats [..., F] -> logits over the cuts [..., U]."""
         return self.net((feats - self.mean) / self.std)
 
     def decide(self, logits: torch.Tensor, confidence: float | None = None) -> torch.Tensor:
-        """logits [..., A] -> cut index [...]: the largest a with P(label >= a) >= confidence
+        """logits [..., U] -> cut index [...]: the largest a with P(label >= a) >= confidence
         (default: the predictor's own)."""
         confidence = self.confidence if confidence is None else confidence
-        p = logits.float().softmax(-1)  # [..., A]
-        at_least = p.flip(-1).cumsum(-1).flip(-1)  # [..., A]: P(label >= a)
+        p = logits.float().softmax(-1)  # [..., U]
+        at_least = p.flip(-1).cumsum(-1).flip(-1)  # [..., U]: P(label >= a)
         ok = at_least >= confidence - 1e-6  # cut 0 always qualifies (P = 1)
         return (ok * torch.arange(ok.shape[-1], device=ok.device)).amax(-1)
 
@@ -145,7 +145,7 @@ def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
                         "retrain it with python -m dyrate_ref.tools.train_predictor")
     try:
         layer, hidden, confidence = int(meta["layer"]), int(meta["hidden"]), float(meta["confidence"])
-        cuts, names = json.loads(meta.get("cuts", meta.get("actions"))), json.loads(meta["features"])
+        cuts, names = json.loads(meta["cuts"]), json.loads(meta["features"])
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"predictor {path} has a damaged header ({e}); retrain it") from None
     if tuple(names) != FEATURES:

@@ -78,7 +78,12 @@ def open_image(path: str, flag: str = "--image") -> Image.Image:
     """Open and fully decode an image file, turning every way it can be unusable into a UserError that
     names `flag` (the option, or a data file's "image" field)."""
     check_input_file(path, flag, "an image file (PNG, JPEG, ...)")
-    if os.path.getsize(path) == 0:
+    try:  # a file may list 0 bytes and still not be empty (/proc), or exist and refuse to be read
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.strerror or e}); give a readable image file") from None
+    if not first:
         raise UserError(f"{flag} {path} is empty (0 bytes); give a real image file")
     try:
         with warnings.catch_warnings():

@@ -36,17 +36,44 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from .errors import ArgumentParser, UserError, command_main, parse_first, summary
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.trace", description=summary(__doc__))
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
+    c = sub.add_parser("compare", help="compare an oracle trace with a backend's; exit 0 same, 1 different, 2 unreadable",
+                       description="Line two traces up step by step (the oracle's, from generate.py --trace, "
+                                   "ideally with --force-tokens B, and the backend's) and check logits, KL, top-1 and "
+                                   "top-k agreement, kept sets and rates within limits chosen by the backend's "
+                                   "dtype; exit 0 same, 1 different, 2 a file that cannot be read as a trace.")
+    c.add_argument("a", help="the oracle's trace (generate.py --trace, ideally with --force-tokens B)")
+    c.add_argument("b", help="the backend's trace")
+    c.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32",  # LIMITS' keys
+                   help="the backend's precision: picks the limits (default float32)")
+    c.add_argument("--atol", type=float, help="override the max |Δlogit| limit")
+    c.add_argument("--max-kl", type=float, help="override the per-step KL limit (nats)")
+    c.add_argument("--top-k", type=int, default=5, help="k of the top-k overlap (default 5, at most the trace's k)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON (per step and overall)")
+    o = sub.add_parser("from-openai", help="an OpenAI-compatible response with logprobs -> a partial trace")
+    o.add_argument("response", help="the JSON the server returned")
+    o.add_argument("--input-ids-from", metavar="TRACE",
+                   help="a trace of the same prompt (the oracle's) to take input_ids from; not needed when the JSON "
+                        "has prompt_token_ids")
+    o.add_argument("--out", required=True, help="the trace to write")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import ArgumentParser, UserError, command_main, summary
 from .files import check_input_file, check_outputs, write_atomic
 from .oracle import kl_divergence
 
-FORMAT = "dyrate_ref-trace-2"
-# Read too: version 1, whose kept_masks were called visual_keep (and a schedule's setting `rates`).
-RENAMED_KEYS = {"dyrate_ref-trace-1": {"kept_masks": "kept_masks"}}
+FORMAT = "dyrate_ref-trace-2"  # version 1, still read, called kept_masks `visual_keep`
 # The header's keys that describe the run; the others are the method's (written by generate.py).
 RUN_KEYS = {"weights", "dtype", "device", "prompt", "max_new_tokens", "temperature", "top_p", "stop_reason", "seed",
             "forced_from", "dyrate_ref_version", "torch_version", "format"}
@@ -411,23 +438,7 @@ def openai_trace(response: dict, input_ids: torch.Tensor, path: str) -> dict[str
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.trace", description=summary(__doc__))
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
-    c = sub.add_parser("compare", help="compare an oracle trace with a backend's; exit 0 same, 1 different, 2 unreadable")
-    c.add_argument("a", help="the oracle's trace (generate.py --trace, ideally with --force-tokens B)")
-    c.add_argument("b", help="the backend's trace")
-    c.add_argument("--dtype", choices=sorted(LIMITS), default="float32",
-                   help="the backend's precision: picks the limits (default float32)")
-    c.add_argument("--atol", type=float, help="override the max |Δlogit| limit")
-    c.add_argument("--max-kl", type=float, help="override the per-step KL limit (nats)")
-    c.add_argument("--top-k", type=int, default=5, help="k of the top-k overlap (default 5, at most the trace's k)")
-    c.add_argument("--json", action="store_true", help="print the report as JSON (per step and overall)")
-    o = sub.add_parser("from-openai", help="an OpenAI-compatible response with logprobs -> a partial trace")
-    o.add_argument("response", help="the JSON the server returned")
-    o.add_argument("--input-ids-from", metavar="TRACE",
-                   help="a trace of the same prompt (the oracle's) to take input_ids from; not needed when the JSON "
-                        "has prompt_token_ids")
-    o.add_argument("--out", required=True, help="the trace to write")
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cmd == "from-openai":
         check_input_file(args.response, "RESPONSE", "the JSON file the server returned")

@@ -278,3 +278,64 @@ def test_compare_says_when_the_methods_differ_and_when_top_k_is_capped(files, tm
     assert not any("methods differ" in x for x in notes("none.st", "none2.st") + notes("none.st", "plain.st"))
     assert any("over the top 4" in x for x in notes("none.st", "top4.st", "--top-k", "100"))
     assert not any("top-k" in x for x in notes("none.st", "top4.st", "--top-k", "3"))
+
+
+def test_the_backend_docs_worked_example_runs_as_pasted_on_the_embedded_model(tmp_path):
+    """docs/backend.md's three commands, exactly as printed but for /tmp (here the test's own folder):
+    the example backend and generate.py agree on the whole answer (their defaults are the same, 128 new
+    tokens, so the answer ends at EOS, not mid-sentence) and compare says SAME, exit 0."""
+    import re
+    import shlex
+    doc = open(os.path.join(REPO, "docs", "backend.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- embedded-example -->\n```bash\n(.*?)```", doc, re.S).group(1)
+    outputs = []
+    for line in block.strip().splitlines():
+        args = shlex.split(line.replace("/tmp/", f"{tmp_path}/"))
+        assert args[0] == "python"
+        r = subprocess.run([sys.executable] + args[1:], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (line, r.stderr)
+        outputs.append(r)
+    assert outputs[1].stdout.strip().endswith(".")  # a whole answer, not cut at 16 tokens
+    assert "fed every token of --force-tokens" in outputs[1].stderr
+    assert outputs[2].stdout.strip().endswith("SAME")
+    forced = int(re.search(r"\[(\d+) tokens", outputs[1].stderr).group(1))
+    assert f"{forced} steps compared" in outputs[2].stdout
+
+
+def test_the_example_backends_defaults_are_generate_pys():
+    """hf_backend.py's --max-new-tokens and --weights default to generate.py's: 128 and the embedded model."""
+    from dyrate_ref import cli
+    from dyrate_ref.flags import DEFAULT_WEIGHTS
+    ours = cli.build_parser()
+    r = subprocess.run([sys.executable, os.path.join(REPO, "examples", "hf_backend.py"), "--help"], capture_output=True,
+                       text=True, timeout=120)
+    text = " ".join(r.stdout.split())
+    assert "--max-new-tokens" in text and "(default 128, as generate.py)" in text
+    assert "default 128" in ours._option_string_actions["--max-new-tokens"].help
+    assert "(default: the embedded model)" in text and DEFAULT_WEIGHTS in ours._option_string_actions["--weights"].help
+
+
+def test_a_version_1_trace_is_read_with_todays_names(tmp_path):
+    """Trace version 1 called kept_masks `visual_keep`: read_trace gives it today's name (a generate.py
+    trace of version 1 and a backend's trace written to it alike), and `compare` lines it up against a
+    version-2 trace of the same run."""
+    from safetensors.torch import load_file as load, save_file
+    from dyrate_ref.trace import FORMAT
+    assert FORMAT == "dyrate_ref-trace-2"
+    w = str(tmp_path / "w")
+    make_checkpoint(w, hf_config())
+    img = tmp_path / "x.png"
+    noise_image(48, 40, seed=3).save(img)
+    new = tmp_path / "new.safetensors"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), "--weights", w, "--image", str(img),
+                        "--prompt", "hi", "--max-new-tokens", "4", "--method", "fastv", "--rate", "0.5",
+                        "--trace", str(new)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tensors = load(str(new))
+    old = {("visual_keep" if k == "kept_masks" else k): v for k, v in tensors.items()}
+    for header in ({"format": "dyrate_ref-trace-1"}, {}):  # generate.py's version 1, a backend's without a header
+        path = tmp_path / f"old{len(header)}.safetensors"
+        save_file(old, str(path), metadata=header)
+        back = read_trace(str(path))
+        assert "visual_keep" not in back and torch.equal(back["kept_masks"], tensors["kept_masks"])
+        assert compare(read_trace(str(new)), back, LIMITS["float32"]).same

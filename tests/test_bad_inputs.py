@@ -184,7 +184,7 @@ def cases(root):
         "train_predictor": (train_predictor.main, [
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--margin", "-1"], "--margin"),
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--rounds", "0"], "--rounds"),
-            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--confidence", "0"], "--confidence"),
+            (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--confidence", "1.5"], "--confidence 1.5 must lie in [0, 1]"),
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--layer", "0"], "outside 1..3"),
             (["--weights", w, "--data", "scenes:2", "--out", str(root / "p.st"), "--layer", "4"], "outside 1..3"),
             (["--weights", w, "--data", "scenes:2", "--out", os.path.join(w, "model.safetensors")], "would overwrite"),

@@ -122,7 +122,9 @@ def bad_images(root):
     return {"missing": (str(root / "nope.png"), "does not exist"), "directory": (str(root), "directory"),
             "empty": (str(empty), "empty"), "not-an-image": (str(text), "not an image"),
             "truncated": (str(cut), "truncated"), "bomb": (str(bomb), "decompression-bomb"),
-            "bomb-warning": (str(warn), "decompression-bomb"), "_good": (str(good), "")}
+            "bomb-warning": (str(warn), "decompression-bomb"), "_good": (str(good), ""),
+            # the kernel lists 0 bytes for it, yet reading it fails: unreadable, not empty
+            "unreadable": ("/proc/self/mem", "cannot be read")}
 
 
 def check_refused(r, needle, leftovers=()):
@@ -146,7 +148,8 @@ def test_bad_weights(files, case):
     check_refused(r, needle, [trace])
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "empty", "not-an-image", "truncated", "bomb", "bomb-warning"])
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "not-an-image", "truncated", "bomb", "bomb-warning",
+                                  "unreadable"])
 def test_bad_images(files, case):
     root, w, _ = files
     path, needle = bad_images(root)[case]

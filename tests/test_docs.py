@@ -76,7 +76,8 @@ def test_the_v5_figures_in_the_embedded_model_page_are_the_training_logs():
 # field, x100), 0.712<!--evaluation.json:$main_comparison/DyRate predictor/lm_flops_forced--> (a path).
 
 MARK = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*<!--([\w.]+\.json):(.+?)-->")
-MARKED_DOCS = ["docs/evaluation.md", "docs/embedded_model.md", "docs/pruning.md", "docs/benchmarks.md", "README.md"]
+MARKED_DOCS = ["docs/evaluation.md", "docs/embedded_model.md", "docs/pruning.md", "docs/benchmarks.md", "docs/your_data.md",
+               "README.md"]
 
 
 def figure(data: dict, key: str) -> float:

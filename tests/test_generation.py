@@ -78,6 +78,7 @@ def test_the_loop_refuses_a_kept_set_that_breaks_the_contract(tiny):
     cases = {"regrows at step 1": ((half, everything), r"method scripted at step 1: .*already dropped"),
              "regrows one at step 2": ((None, half, tuple(sorted(half + (1,)))),
                                        r"method scripted at step 2: .*already dropped \(\[1\]\)"),
+             "swaps at step 1, same size": ((half, tuple(range(1, N, 2))), r"method scripted at step 1: .*already dropped"),
              "unsorted": ((tuple(reversed(half)),), r"method scripted at step 0: .*not strictly ascending"),
              "repeated": (((0, 0, 2),), r"method scripted at step 0: .*not strictly ascending")}
     for name, (steps, message) in cases.items():

@@ -129,3 +129,63 @@ def test_a_short_run_lowers_the_loss_and_the_file_runs_through_dyrate(setup, tmp
     items[0].picture().save(img)
     assert cli_run(["--weights", d, "--image", str(img), "--prompt", "Describe the image.", "--method", "dyrate",
                     "--predictor", str(out), "--max-new-tokens", "4", "--trace", str(tmp_path / "t.safetensors")]) == 0
+
+
+def test_the_objective_is_the_mean_kl_to_the_unpruned_answer_plus_lam_times_the_mean_kept_share(setup):
+    """loss_of against an independent computation: the cached, evicting loop fed the unpruned answer with
+    the same cuts gives each step's logits and kept set; the objective is mean_t KL(unpruned_t || pruned_t)
+    (not the reverse, not a sum) plus lam x mean_t |kept_t| / N (a share, not a count). lam = 0.7 makes
+    the two terms comparable, so each plausible misreading is off by far more than float error."""
+    from dyrate_ref.oracle import kl_divergence
+    _, model, proc, items = setup
+    one = answer(model, proc, items[1])
+    ids, px, tokens, full, scores = one
+    decisions = tuple([2, 0, 1, 0, 3, 0, 4][:len(tokens)])
+    loss, kl, kept = e2e.loss_of(model, RatePredictor(K), one, K, 0.7, 1.0, list(decisions))
+    run = generate(model, ids, px, len(tokens), FixedCuts(K, decisions), force=tokens)
+    loop = torch.stack(run.record.logits)  # [T, V]
+    N = scores.shape[1]
+    want_kl = float(kl_divergence(full, loop).mean())
+    want_kept = sum(int(m.sum()) for m in run.record.kept_masks) / (len(tokens) * N)
+    assert abs(float(kl) - want_kl) < 1e-4 and abs(float(kept) - want_kept) < 1e-6
+    assert abs(float(loss) - (want_kl + 0.7 * want_kept)) < 1e-4
+    reverse = float(kl_divergence(loop, full).mean())
+    assert abs(reverse - want_kl) > 1e-3 and want_kept > 0.05  # the readings differ by more than the tolerance
+
+
+def test_the_temperature_is_annealed_from_start_to_end_geometrically():
+    assert e2e.temperature(0, 12, 1.0, 0.3) == 1.0
+    assert abs(e2e.temperature(11, 12, 1.0, 0.3) - 0.3) < 1e-12
+    assert abs(e2e.temperature(1, 3, 1.0, 0.25) - 0.5) < 1e-12  # the geometric middle, not the arithmetic 0.625
+    assert e2e.temperature(0, 1, 1.0, 0.3) == 1.0  # one epoch: the start's
+
+
+def test_the_trainer_returns_the_epoch_with_the_lowest_loss_when_it_does_not_fall_monotonically(monkeypatch):
+    """The deterministic loss after each epoch goes 0.6, 0.9, 0.7, 0.8 (before training: 1.0): the returned
+    predictor is the one after the first epoch -- the lowest, not the last, and not the last one lower than
+    the epoch before it (the third); the log says 0.6. The epochs' annealed temperatures are those
+    train_e2e hands loss_of."""
+    data = [(None, None, [1, 2], None, torch.rand(2, 9)), (None, None, [1], None, torch.rand(1, 9))]
+    monkeypatch.setattr(e2e, "prepare", lambda *a, **k: data)
+    taus, states = [], []
+
+    def fake_loss(model, pred, one, K, lam, tau, decisions=None, sample=True):
+        taus.append(tau)
+        loss = (pred.net.weight ** 2).sum() + pred.net.bias.sum()  # moves the weights every step
+        return loss, loss.detach(), loss.detach()
+    losses = iter([1.0, 0.6, 0.9, 0.7, 0.8])
+
+    def fake_greedy(model, pred, data, K, lam):
+        states.append({k: v.clone() for k, v in pred.state_dict().items()})
+        value = next(losses)
+        return value, value, value
+    monkeypatch.setattr(e2e, "loss_of", fake_loss)
+    monkeypatch.setattr(e2e, "greedy_loss", fake_greedy)
+    pred, log, history = e2e.train_e2e(torch.nn.Linear(1, 1), None, [None, None], K, 0.1, epochs=4,
+                                       tau_start=1.0, tau_end=0.125, show_progress=False)
+    assert history == [1.0, 0.6, 0.9, 0.7, 0.8]
+    got = pred.state_dict()
+    same = lambda i: all(torch.equal(got[k], states[i][k]) for k in got)  # noqa: E731
+    assert same(1) and not same(3) and not same(4)  # after the first epoch, not the third nor the last
+    assert "(0.6000)" in log[-1]
+    assert [round(t, 6) for t in taus] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]

@@ -160,3 +160,14 @@ def test_calibrate_vtw_command(env):
     assert res["layer"] == 1 and set(res["mean_kl"]) == {"1", "2", "3"}
     bad = py("-m", "dyrate_ref.tools.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "5")
     assert bad.returncode == 2 and "outside 1..3" in bad.stderr
+
+
+def test_the_run_plot_shows_the_steps_where_the_method_cut():
+    """--plot's patch panels: the prefill, the steps whose kept set shrank (the first ones), the last step,
+    then evenly spaced ones; the README's look example cut at steps 23, 24 and 25 of 26, all shown."""
+    from dyrate_ref.plots import panel_steps
+    kept = [144] * 23 + [36, 27, 20]
+    assert panel_steps(kept) == [0, 23, 24, 25]
+    assert panel_steps([144] * 40) == [0, 10, 20, 39]  # nothing cut: evenly spaced
+    assert panel_steps([72] * 5) == [0, 1, 2, 4] and panel_steps([144]) == [0]
+    assert panel_steps([144] * 10 + [100] * 10 + [50] * 10) == [0, 10, 20, 29]

@@ -525,3 +525,67 @@ def test_trace_compare_notes_two_traces_made_from_different_pictures():
     other = compare({**base, "pixel_values": px}, {**base, "pixel_values": torch.randn(1, 3, 8, 8, generator=g)},
                     LIMITS["float32"])
     assert not other.same and any("different images" in n for n in other.notes)
+
+
+def test_the_cost_is_said_before_the_run_starts(tmp_path, capsys, monkeypatch):
+    """cost_line by hand (26 rows x 18 items at 0.9 s: 468 generations, up to 468 more on none's answers,
+    7.0 to 14.0 minutes; reused records are not counted again), and evaluate says it on stderr, with this
+    run's own counts, before the first row runs."""
+    import json
+    line = report.cost_line(26, 18, 0, 0.9)
+    assert "26 rows x 18 items: 468 generations, and up to 468 more" in line and "7.0 min to 14.0 min" in line
+    assert "18 generations (12 reused from --results), and up to 18 more" in report.cost_line(3, 10, 12, 2.0)
+    assert "about 36 s to 1.2 min" in report.cost_line(3, 10, 12, 2.0)
+    from dyrate_ref.tools import evaluate
+    seen, real = {}, evaluate.evaluate_all
+
+    def spy(*args, **kwargs):
+        seen["before"] = capsys.readouterr().err
+        return real(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "evaluate_all", spy)
+    assert evaluate.run(["--scenes", "1", "--only-extra", "--no-control", "--extra", "fastv",
+                         "--max-new-tokens", "4", "--json", str(tmp_path / "e.json")]) == 0
+    items = json.load(open(tmp_path / "e.json"))["prompts"]
+    said = next(line for line in seen["before"].splitlines() if "rows x" in line)
+    assert said.startswith(f"2 rows x {items} items: {2 * items} generations"), said
+
+
+@pytest.mark.parametrize("L, layers, mapped", [(8, (1, 3, 7), (4, 12, 28)), (5, (1, 2, 4), (6, 13, 26))])
+def test_the_serving_tables_k_column_is_the_depth_mapping_at_the_call_site(L, layers, mapped):
+    """serving_table's "K here → on 7B" column, read off the printed table: K of an L-layer decoder maps to
+    round(K x 32 / L) of 7B's 32 (2 of 5 -> 12.8 -> 13, not floor's 12), worked out by hand; the kept
+    fractions it prints are each row's own (half kept: 0.50)."""
+    from dyrate_ref.pruning import FastV, NoPruning
+    rows = [(report.Row("none", "none", NoPruning()), {})]
+    records = {"none": [{"kept": [10, 10, 10]}] * 5}
+    for K in layers:
+        rows.append((report.Row(f"FastV K={K}", "f", FastV(K, 0.5)), {}))
+        records[f"FastV K={K}"] = [{"kept": [5, 5, 5]}] * 5
+    table = report.serving_table(rows, records, 10, L)
+    cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| FastV")}
+    assert cells == {f"FastV K={K}": f"{K} → {m}" for K, m in zip(layers, mapped)}
+    assert all("| 0.50 / 0.50 / 0.50 |" in line for line in table.splitlines() if line.startswith("| FastV"))
+
+
+def test_a_rows_name_is_the_same_however_the_predictor_path_is_written(tmp_path, monkeypatch):
+    """The shipped predictor named through a relative path, a path with '..' in it, or a symlinked
+    weights folder is still the shipped one: its row has no file name in it; another file's row does."""
+    import shutil
+    from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
+    from dyrate_ref.pruning import DyRate
+    from dyrate_ref.settings import Context, make_method
+    cfg = read_config(DEFAULT_WEIGHTS)
+    ctx = Context(DEFAULT_WEIGHTS, 8, cfg)
+    shipped = os.path.join(DEFAULT_WEIGHTS, "dyrate_predictor.safetensors")
+    monkeypatch.chdir(os.path.dirname(DEFAULT_WEIGHTS))
+    link = tmp_path / "w"
+    os.symlink(DEFAULT_WEIGHTS, link)
+    for written in ("dyrate-shapes/dyrate_predictor.safetensors", "../weights/dyrate-shapes/dyrate_predictor.safetensors",
+                    str(link / "dyrate_predictor.safetensors"), shipped):
+        method, _ = make_method(DyRate, {"predictor": written}, ctx)
+        assert report.label(method, DEFAULT_WEIGHTS) == "DyRate K=3 predictor (c=0.5)", written
+        assert report.label(method, str(link)) == "DyRate K=3 predictor (c=0.5)", written
+    other = tmp_path / "mine.safetensors"
+    shutil.copy(shipped, other)
+    method, _ = make_method(DyRate, {"predictor": str(other)}, ctx)
+    assert report.label(method, DEFAULT_WEIGHTS) == "DyRate K=3 predictor (c=0.5) mine.safetensors"

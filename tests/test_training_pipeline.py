@@ -304,3 +304,23 @@ def test_the_held_out_items_are_the_same_whichever_options_draw_them():
     proc = processor()
     logged = [s.seed for s, *_ in heldout_examples(proc, 5, "color")]
     assert list(dict.fromkeys(logged)) == [int(i.cluster.removeprefix("scene")) for i in few if i.kind == "describe"]
+
+
+@pytest.mark.parametrize("P", [0, 3])
+def test_the_look_rows_blind_mask_at_its_boundary_query(P):
+    """blind_masks at its edges, worked out by hand: image keys at positions 1..3; a row blind from
+    position 6 (the query that predicts " So") has its query at position 5 still see the image and its
+    query at 6 not, while both still see every text key before them; a row that is not blind sees the
+    image from every query; no query sees a key after it. With a shared prefix (P = 3) the row's first
+    query sits at position 3, the same positions hold."""
+    from dyrate_ref.demo.batches import blind_masks
+    T = 9 - P
+    image_at = torch.zeros(P + T, dtype=torch.bool)
+    image_at[1:4] = True
+    mask = blind_masks(image_at, [6, None], T, P, "cpu")  # [2, 1, T, P + T]
+    assert mask.shape == (2, 1, T, P + T)
+    row = lambda r, pos: mask[r, 0, pos - P]  # noqa: E731  (the query at original position `pos`)
+    assert row(0, 5)[1:4].all() and not row(0, 6)[1:4].any() and not row(0, 8)[1:4].any()
+    assert row(0, 6)[0] and row(0, 6)[4:7].all() and not row(0, 6)[7:].any()
+    assert all(row(1, pos)[1:4].all() for pos in range(max(P, 4), 9))
+    assert blind_masks(image_at, [None, None], T, P, "cpu") is None

@@ -118,8 +118,7 @@ def row_loss(model: LlavaForConditionalGeneration, px: torch.Tensor, rows, recip
     dev = model.lm_head.weight.device
     if frozen_tower:  # LLaVA-1.5 keeps its CLIP tower frozen: no graph through it saves ~a third of a step
         with torch.no_grad():
-            vc = model.config.vision_config
-            feats = model.vision_tower.hidden_states(px.to(dev), upto=vc.num_hidden_layers)[-1][:, 1:]
+            feats = model.vision_features(px.to(dev))  # [S, N, C_vis]
         feats = model.multi_modal_projector(feats)  # [S, N, C]
     else:
         feats = model.image_features(px.to(dev))  # [S, N, C]

@@ -15,11 +15,21 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import ArgumentParser, UserError, command_main, summary
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.demo.export", description=summary(__doc__))
+    p.add_argument("--out", required=True, metavar="DIR", help="a new folder: DIR/data.jsonl and DIR/images/")
+    p.add_argument("--scenes", type=int, default=300, help="held-out scenes (default 300, as the evaluation)")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 from ..files import check_new_folder, write_atomic_dir
 from ..progress import Progress
 from .scenes import eval_set
-
 
 def export(out: str, n_scenes: int):
     items = eval_set(n_scenes)
@@ -45,9 +55,7 @@ def export(out: str, n_scenes: int):
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.demo.export", description=summary(__doc__))
-    p.add_argument("--out", required=True, metavar="DIR", help="a new folder: DIR/data.jsonl and DIR/images/")
-    p.add_argument("--scenes", type=int, default=300, help="held-out scenes (default 300, as the evaluation)")
+    p = build_parser()
     args = p.parse_args(argv)
     if args.scenes < 1:
         raise UserError(f"--scenes {args.scenes}: give a positive number of scenes")

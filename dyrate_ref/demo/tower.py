@@ -58,12 +58,6 @@ def patch_cells(vc) -> torch.Tensor:
     return (idx // grid * 3 // grid) * 3 + (idx % grid) * 3 // grid  # [N]
 
 
-def tower_features(model: LlavaForConditionalGeneration, px: torch.Tensor) -> torch.Tensor:
-    """The feature layer's patch tokens, what the projector reads: px [B, 3, H, W] -> [B, N, C_vis]."""
-    vc = model.config.vision_config
-    return model.vision_tower.hidden_states(px, upto=vc.num_hidden_layers)[-1][:, 1:]
-
-
 def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int, lr: float, seed: int,
                     bf16: bool, show_progress: bool = True, log=None, device="cpu", deadline: float | None = None):
     """Stage 1, in the spirit of LLaVA's pretrained CLIP: teach the vision tower alone to say, at every
@@ -93,7 +87,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
         kind, color = zip(*(patch_targets(s, vc.patch_size) for s in scenes))
         kind, color = torch.stack(kind).to(device), torch.stack(color).to(device)  # [B, N] each
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            out = head(tower_features(model, px)).float()  # [B, N, 5 + 7 + 9]
+            out = head(model.vision_features(px)).float()  # [B, N, 5 + 7 + 9]
         k, c = n_kind, n_kind + n_color
         loss = F.cross_entropy(out[..., :k].reshape(-1, k), kind.reshape(-1)) + \
             F.cross_entropy(out[..., k:c].reshape(-1, n_color), color.reshape(-1)) + \
@@ -134,7 +128,7 @@ def probe_tower(model: LlavaForConditionalGeneration, train_scenes: int = 1500, 
         for i in range(0, n, 100):
             scenes = [random_scene(rng) for _ in range(min(100, n - i))]
             px = torch.cat([pixel_values(s.draw(), settings) for s in scenes]).to(device)
-            xs.append(pool @ tower_features(model, px).float())  # [b, 9, C_vis]
+            xs.append(pool @ model.vision_features(px).float())  # [b, 9, C_vis]
             k, c = zip(*(cell_targets(s) for s in scenes))
             ks.append(torch.stack(k))
             cs.append(torch.stack(c))

@@ -34,11 +34,39 @@ import sys
 import time
 from dataclasses import replace
 
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..flags import add_device, add_threads, apply_threads
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.demo.train", description=summary(__doc__))
+    p.add_argument("--out", required=True, help="a new folder to write the model into (e.g. runs/my-demo)")
+    p.add_argument("--recipe", default="v5", choices=("v4", "v5"),  # recipes.RECIPES' names; v5 is recipes.SHIPPED
+                   help="the training recipe (default v5, the shipped model's; demo/recipes.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and order (default 0)")
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (the whole run)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16 and on GPUs, far slower without")
+    add_threads(p)
+    p.add_argument("--tower", default=None, metavar="DIR",
+                   help="take the vision tower of a directory this script wrote (skips stage 1); the tokenizer, "
+                        "projector and decoder start fresh")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="continue from a whole model this script wrote (skips stage 1; the log says so)")
+    p.add_argument("--from-stage", default=None, metavar="NAME",
+                   help="with --init: begin stage 2 at the recipe's stage NAME (e.g. v5's 'look' from the shipped v4)")
+    add_device(p)
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="log held-out per-kind exact match and the kind-swap sensitivity every N stage-2 steps "
+                        "(0: never; default 100)")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 import torch
 
-from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_new_folder, write_atomic_dir
-from ..flags import add_device, add_threads, apply_threads
 from ..loading import load_model, read_config, resolve_device, save_weights
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..processing import PROMPT_TEMPLATE, Processor
@@ -46,10 +74,9 @@ from ..progress import Progress
 from .batches import Batcher, grow, heldout_examples, heldout_exact, row_loss
 from .bpe import save_tokenizer_files, train_bpe
 from .reading import kind_swap_kl, kind_swap_pairs
-from .recipes import CONFIG, PREPROCESSOR, RECIPES, SHIPPED, Recipe
+from .recipes import CONFIG, PREPROCESSOR, RECIPES, Recipe
 from .scenes import DESCRIBE_PROMPT, all_questions, questions, scene_description, random_scene
 from .tower import init_weights, pretrain_vision, probe_tower
-
 
 def tokenizer_corpus(recipe: Recipe, seed: int = 123, scenes: int = 3000) -> list[str]:
     rng = random.Random(seed)
@@ -253,26 +280,7 @@ def train(out_dir: str, recipe: Recipe, seed: int = 0, minutes: float | None = N
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.demo.train", description=summary(__doc__))
-    p.add_argument("--out", required=True, help="a new folder to write the model into (e.g. runs/my-demo)")
-    p.add_argument("--recipe", default=SHIPPED, choices=sorted(RECIPES),
-                   help=f"the training recipe (default {SHIPPED}, the shipped model's; demo/recipes.py)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and order (default 0)")
-    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (the whole run)")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast: faster on CPUs with AMX or AVX512-BF16 and on GPUs, far slower without")
-    add_threads(p)
-    p.add_argument("--tower", default=None, metavar="DIR",
-                   help="take the vision tower of a directory this script wrote (skips stage 1); the tokenizer, "
-                        "projector and decoder start fresh")
-    p.add_argument("--init", default=None, metavar="DIR",
-                   help="continue from a whole model this script wrote (skips stage 1; the log says so)")
-    p.add_argument("--from-stage", default=None, metavar="NAME",
-                   help="with --init: begin stage 2 at the recipe's stage NAME (e.g. v5's 'look' from the shipped v4)")
-    add_device(p)
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="log held-out per-kind exact match and the kind-swap sensitivity every N stage-2 steps "
-                        "(0: never; default 100)")
+    p = build_parser()
     args = p.parse_args(argv)
     recipe = RECIPES[args.recipe]
     resolve_device(args.device, auto=False)

@@ -16,6 +16,7 @@ import torch
 
 from .. import settings
 from ..errors import UserError
+from ..flags import SPEC_FORM
 from ..pruning import DEFAULT_LAYER, METHODS, Method, kept_count, top_k_sorted
 from ..settings import parse_fraction
 
@@ -67,9 +68,6 @@ BASELINES = {cls.name: cls for cls in (AttentionMass, RandomKeep)}
 REGISTRY = {**METHODS, **BASELINES}  # what a tool's spec may name
 # The baselines' settings a spec may give (random's counts and seed are set per item by the evaluation).
 PARSE = {**settings.PARSE, "mass": parse_fraction}
-SPEC_FORM = ("NAME[:setting=value...], NAME a method or baseline (" + ", ".join(REGISTRY) + "), the settings its "
-             "own, as generate.py's flags (e.g. fastv:layer=1:rate=0.75, dyrate-schedule:schedule=0.5,0.9, "
-             "dyrate:predictor=FILE:confidence=0.6, random:layer=1:rate=0.75, mass:mass=0.8)")
 
 
 def from_spec(spec: str, ctx, origin=None):

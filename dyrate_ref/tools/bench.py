@@ -20,21 +20,49 @@ import copy
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 import time
+
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..flags import DEFAULT_WEIGHTS, add_device, add_dtype, add_threads, add_weights, apply_threads
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=summary(__doc__))
+    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead", "threads"],
+                   help="speed (default): time per phase; loading: peak memory while loading; overhead: a pruned "
+                        "decode step against method none on the same cache; threads: generate.py's thread count, "
+                        "idle and busy")
+    add_weights(p, help="checkpoint directory (default: a random one with --shape)")
+    p.add_argument("--shape", default="small", choices=("7b", "small", "tiny"),  # SHAPES' names
+                   help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
+    add_device(p)
+    add_dtype(p)
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="decode steps timed (default 32; threads: the tokens generate.py writes, default 16)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="round-robin repeats; the best is kept (default 3; overhead: 5, its differences are small)")
+    p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
+    add_threads(p)
+    p.add_argument("--json", default=None, metavar="FILE", help="threads: also write the timings as JSON")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
+import resource
+import tempfile
 
 import torch
 from safetensors.torch import save_file
 
 from ..cost import vision_flops
-from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
-from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..generation import Record, decode_one_token, generate, prefill
-from ..loading import (DEFAULT_WEIGHTS, DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
+from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
 from ..pruning import NoPruning
@@ -326,25 +354,7 @@ def device_bandwidth(device: str) -> float | None:
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.bench", description=summary(__doc__))
-    p.add_argument("what", nargs="?", default="speed", choices=["speed", "loading", "overhead", "threads"],
-                   help="speed (default): time per phase; loading: peak memory while loading; overhead: a pruned "
-                        "decode step against method none on the same cache; threads: generate.py's thread count, "
-                        "idle and busy")
-    add_weights(p, help="checkpoint directory (default: a random one with --shape)")
-    p.add_argument("--shape", default="small", choices=sorted(SHAPES),
-                   help="random checkpoint's shapes: tiny, small (default; 576 visual tokens) or 7b")
-    add_device(p)
-    add_dtype(p)
-    p.add_argument("--new-tokens", type=int, default=None,
-                   help="decode steps timed (default 32; threads: the tokens generate.py writes, default 16)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="round-robin repeats; the best is kept (default 3; overhead: 5, its differences are small)")
-    p.add_argument("--prune", action="store_true", help="compare pruning methods instead of HF")
-    add_threads(p)
-    p.add_argument("--json", default=None, metavar="FILE", help="threads: also write the timings as JSON")
-    p.add_argument("--bandwidth", type=float, default=None,
-                   help="memory bandwidth in GB/s for the floor (default: from the CUDA device, if it says)")
+    p = build_parser()
     args = p.parse_args(argv)
     if args.weights is not None:
         args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache

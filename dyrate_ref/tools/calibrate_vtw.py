@@ -13,18 +13,33 @@ from __future__ import annotations
 import math
 import os
 
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..flags import DEFAULT_WEIGHTS, add_threads, add_weights, apply_threads
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.calibrate_vtw", description=summary(__doc__))
+    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    add_threads(p)
+    p.add_argument("--eta", type=float, default=0.003, help="mean KL budget in nats (VTW's default 0.003)")
+    p.add_argument("--min-layer", type=int, default=5, help="first candidate K (VTW's default 5)")
+    p.add_argument("--data", default="scenes:32", help="JSONL of {image, prompt, answer} or scenes:N (default scenes:32)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest unpruned answer used (default 48)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 import torch
 
-from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
-from ..flags import add_threads, add_weights, apply_threads
 from ..oracle import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..processing import Processor
 from ..progress import Progress
 from ..settings import VTW_CALIBRATION, check_layer
 from .data import data_inputs, read_examples
-
 
 def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tokens: int = 48,
                       show_progress: bool = True) -> dict[int, float]:
@@ -56,14 +71,7 @@ def choose_layer(kls: dict[int, float], eta: float) -> int | None:
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.calibrate_vtw", description=summary(__doc__))
-    add_weights(p, required=True)
-    add_threads(p)
-    p.add_argument("--eta", type=float, default=0.003, help="mean KL budget in nats (VTW's default 0.003)")
-    p.add_argument("--min-layer", type=int, default=5, help="first candidate K (VTW's default 5)")
-    p.add_argument("--data", default="scenes:32", help="JSONL of {image, prompt, answer} or scenes:N (default scenes:32)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="longest unpruned answer used (default 48)")
-    p.add_argument("--out", help="also write the result as JSON here")
+    p = build_parser()
     args = p.parse_args(argv)
     apply_threads(args.threads)
     if args.weights is not None:

@@ -38,21 +38,47 @@ continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out s
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
 import sys
 import time
 from dataclasses import replace
 
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..flags import DEFAULT_WEIGHTS, SPEC_FORM, add_weights
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=summary(__doc__))
+    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--data", metavar="FILE.jsonl",
+                   help="evaluate on this file's items (image, prompt, references and/or answer per line) instead of scenes")
+    p.add_argument("--results", metavar="FILE.jsonl",
+                   help="keep every item's output here as it is made; run again to continue an interrupted evaluation")
+    p.add_argument("--quick", action="store_true", help="a few scenes only (what the tests run)")
+    p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; --quick: 4)")
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="scene split: test (default; the reported tables) or validation (disjoint: choose K, c on it)")
+    p.add_argument("--max-new-tokens", type=int, default=80, help="longest answer generated (default 80)")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for CIDEr-D's standard error (default 200)")
+    p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--extra", action="append", default=[], metavar="SPEC",
+                   help=f"add a row (repeatable): {SPEC_FORM}")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, one thread each, sharing the items (default 1; 2 on a 2-core machine halves the time)")
+    p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
+    p.add_argument("--no-control", action="store_true", help="with --only-extra: skip the blank-image control too")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 import torch
 
 from ..cost import vision_flops
-from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
-from ..flags import add_weights
 from ..generation import generate
-from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_weights
+from ..loading import load_model, read_config, resolve_weights
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
@@ -60,17 +86,18 @@ from ..progress import Progress
 from ..oracle import reference_answer
 from ..pruning import DEFAULT_LAYER, VTW, DyRate, DyRateSchedule, Method, NoPruning, visual_span
 from ..settings import Context, Origin, check_layers, make_method
-from .baselines import SPEC_FORM, RandomKeep, from_spec, spec_layers
+from .baselines import RandomKeep, from_spec, spec_layers
 from .data import (MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
                    vocabulary_note)
-from .report import (METRICS, PERCENT, Row, comparison_text, family, label, main_comparison, mean_schedule, pareto_points,
+from .report import (METRICS, PERCENT, Row, comparison_text, cost_line, family, label, main_comparison, mean_schedule, pareto_points,
                      serving_table, summarise, table)
 from .results import Results
+from .workers import run_forked
 
 FASTV_RATES = (0.1, 0.25, 0.5, 0.75, 0.9)  # FastV's front
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)  # DyRate's front: the predictor's decoding confidence c
-# The comparison declared before the test run (issue #40; docs/evaluation.md says which choices came after
-# seeing test results): at matched accuracy -- every one of these scores at most its bound below none's --
+# The comparison declared before the test run (docs/evaluation.md says which choices came after seeing
+# test results): at matched accuracy -- every one of these scores at most its bound below none's --
 # DyRate's cheapest row against FastV's at the same K and against the fixed schedule at DyRate's own mean
 # counts, by LM FLOPs and mean KV bytes counted on none's answer tokens. Targets: against FastV, LM FLOPs
 # <= 0.8x and mean KV <= 0.6x; against the schedule, cheaper beyond 2 SE (does the adaptive rate pay?).
@@ -202,58 +229,14 @@ def evaluate_rows(model, processor, prompts, rows: list[Row], max_new_tokens: in
     return records
 
 
-class _Counter:
-    """A progress bar's update() for a worker process: counts into a shared integer."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def update(self, n=1):
-        with self.value.get_lock():
-            self.value.value += n
-
-
 def evaluate_parallel(model, processor, items, rows, max_new_tokens: int, workers: int, bar, done=None,
                       sink=None, known=None) -> dict[str, list[dict]]:
-    """evaluate_rows over `workers` forked processes, one thread each, each taking every workers-th item;
-    the records are put back in item order. (Fork shares the loaded model; nothing is pickled but the
-    records.)"""
+    """evaluate_rows over `workers` forked processes, each taking every workers-th item (workers.py)."""
     known = known or {}
     if workers <= 1:
         return evaluate_rows(model, processor, items, rows, max_new_tokens, bar, done, sink, known)
-    ctx = multiprocessing.get_context("fork")
-    count, results = ctx.Value("i", 0), ctx.Queue()
-
-    def work(w):
-        torch.set_num_threads(1)
-        mine = {name: recs[w::workers] for name, recs in known.items()}
-        results.put((w, evaluate_rows(model, processor, items[w::workers], rows, max_new_tokens, _Counter(count),
-                                      done, sink, mine)))
-
-    procs = [ctx.Process(target=work, args=(w,)) for w in range(workers)]
-    for p in procs:
-        p.start()
-    shards, shown = {}, 0
-    while len(shards) < workers:
-        try:
-            w, recs = results.get(timeout=1.0)
-            shards[w] = recs
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                raise RuntimeError("an evaluation worker failed; run with --workers 1 to see why")
-        if bar:
-            bar.update(count.value - shown)
-        shown = count.value
-    for p in procs:
-        p.join()
-    merged = dict(known)
-    for row in rows:
-        if row.name in known:
-            continue
-        merged[row.name] = [None] * len(items)
-        for w, recs in shards.items():
-            merged[row.name][w::workers] = recs[row.name]
-    return merged
+    return run_forked(lambda w, counter, mine: evaluate_rows(model, processor, items[w::workers], rows, max_new_tokens,
+                                                             counter, done, sink, mine), len(items), workers, bar, known)
 
 
 def evaluate_all(model, processor, items, rows, max_new_tokens: int, workers: int, bar, done=None, sink=None):
@@ -296,26 +279,7 @@ def attention_over_generation(model, processor, prompts, max_items: int = 40, mi
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.evaluate", description=summary(__doc__))
-    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--data", metavar="FILE.jsonl",
-                   help="evaluate on this file's items (image, prompt, references and/or answer per line) instead of scenes")
-    p.add_argument("--results", metavar="FILE.jsonl",
-                   help="keep every item's output here as it is made; run again to continue an interrupted evaluation")
-    p.add_argument("--quick", action="store_true", help="a few scenes only (what the tests run)")
-    p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; --quick: 4)")
-    p.add_argument("--split", default="test", choices=("test", "validation"),
-                   help="scene split: test (default; the reported tables) or validation (disjoint: choose K, c on it)")
-    p.add_argument("--max-new-tokens", type=int, default=80, help="longest answer generated (default 80)")
-    p.add_argument("--bootstrap", type=int, default=200, help="resamples for CIDEr-D's standard error (default 200)")
-    p.add_argument("--plot", metavar="DIR", help="also write pareto.png (and, on scenes, attention_over_generation.png) into DIR")
-    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    p.add_argument("--extra", action="append", default=[], metavar="SPEC",
-                   help=f"add a row (repeatable): {SPEC_FORM}")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes, one thread each, sharing the items (default 1; 2 on a 2-core machine halves the time)")
-    p.add_argument("--only-extra", action="store_true", help="skip the standard rows except none and the control")
-    p.add_argument("--no-control", action="store_true", help="with --only-extra: skip the blank-image control too")
+    p = build_parser()
     args = p.parse_args(argv)
     if args.weights is not None:
         args.weights = resolve_weights(args.weights)  # a folder, or a hub id found in the local cache
@@ -379,6 +343,12 @@ def run(argv=None) -> int:
                          "predictor rows (train one with python -m dyrate_ref.tools.train_predictor, or add --extra "
                          "dyrate:predictor=FILE)\n")
     model = load_model(args.weights, config=cfg)
+    reused = len(done or {})
+    if reused < len(prompts) * len(rows):  # one generation timed, for the estimate said before the run
+        t0 = time.perf_counter()
+        generate(model, proc.input_ids(prompts[0].prompt), proc.pixel_values(prompts[0].picture()), args.max_new_tokens,
+                 stop_ids=proc.stop_ids)
+        sys.stderr.write(cost_line(len(rows), len(prompts), reused, time.perf_counter() - t0) + "\n")
     bar = Progress(len(prompts) * len(rows), "evaluating", " prompts")
     N, vision = model.config.num_image_tokens, vision_flops(model.config)
     rows, records = evaluate_all(model, proc, prompts, rows, args.max_new_tokens, args.workers, bar, done, sink)
@@ -387,7 +357,7 @@ def run(argv=None) -> int:
     results = [(row, summarise(records[row.name], base, prompts, args.bootstrap)) for row in rows]
     comparison = main_comparison(results, records, prompts, **MAIN_COMPARISON)
     if comparison is not None or not args.data:
-        print(comparison_text(comparison) + "\n")
+        print(comparison_text(comparison, declared=not args.data and args.split == "test") + "\n")
     print(table(results, N, vision, args.bootstrap))
     if not args.only_extra:  # what VTW's own calibration chose for these weights (the rows sweep K)
         vtw, origins = make_method(VTW, {}, ctx)

@@ -10,7 +10,7 @@ One answer, teacher-forced on the unpruned model's own greedy answer, is one for
     features_t   = predictor_features(scores_t, keep_{t-1}, t)     scores_t: layer K-1's attention of step
                                                                    t's query (layers < K never evict, so
                                                                    it is the unpruned run's)
-    y_t    [A]   = straight-through Gumbel-softmax of the predictor's logits (a hard one-hot sample
+    y_t    [U]   = straight-through Gumbel-softmax of the predictor's logits (a hard one-hot sample
                    forward, the soft sample's gradient backward)
     m_t    [N]   = sum_a y_t[a] * mask of cut a                   cut a's nested top-k set of keep_{t-1};
                                                                    1 on the tokens evicted earlier
@@ -46,11 +46,11 @@ def step_scores(probs: torch.Tensor, span: tuple[int, int], P: int, T: int) -> t
 
 
 def candidates(keep: torch.Tensor, scores: torch.Tensor, N: int, cuts=CUTS) -> torch.Tensor:
-    """Step t's own mask under every cut, float [A, N]: 1 on the tokens the cut keeps of keep [M] (nested:
+    """Step t's own mask under every cut, float [U, N]: 1 on the tokens the cut keeps of keep [M] (nested:
     apply_cut), 0 on those it drops, and 1 on the tokens evicted before: their 0 is an earlier step's
     factor of W, so a later step's loss still reaches the decision that evicted them."""
     gone = ~kept_mask(keep, N)  # [N]
-    return torch.stack([kept_mask(apply_cut(keep, scores, c), N) | gone for c in cuts]).float()  # [A, N]
+    return torch.stack([kept_mask(apply_cut(keep, scores, c), N) | gone for c in cuts]).float()  # [U, N]
 
 
 def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decisions: list[int] | None = None,
@@ -64,13 +64,13 @@ def relaxed_weights(pred: RatePredictor, scores: torch.Tensor, tau: float, decis
     W = torch.ones(N, device=scores.device)
     weights, masks, keeps = [], [], []
     for t in range(T):
-        logits = pred(predictor_features(scores[t], keep, t))  # [A]
+        logits = pred(predictor_features(scores[t], keep, t))  # [U]
         if decisions is None and sample:
-            y = F.gumbel_softmax(logits, tau=tau, hard=hard)  # [A]: one-hot forward, soft gradient
+            y = F.gumbel_softmax(logits, tau=tau, hard=hard)  # [U]: one-hot forward, soft gradient
         else:
             a = int(logits.argmax()) if decisions is None else decisions[t]
             y = F.one_hot(torch.tensor(a), len(pred.cuts)).float().to(scores.device)
-        cand = candidates(keep, scores[t], N, pred.cuts)  # [A, N]
+        cand = candidates(keep, scores[t], N, pred.cuts)  # [U, N]
         m = y @ cand  # [N]: step t's own mask
         W = W * m  # [N]: times every earlier step's
         keep = apply_cut(keep, scores[t], pred.cuts[int(y.argmax())])  # [M_t]: the sampled cut's set

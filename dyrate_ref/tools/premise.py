@@ -30,14 +30,44 @@ import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..flags import DEFAULT_WEIGHTS, add_device, add_dtype, add_threads, add_weights, apply_threads
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.premise", description=summary(__doc__))
+    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--data", metavar="FILE.jsonl", help="the items (image, prompt, optional answer) instead of scenes")
+    p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 40), their questions, "
+                                                            "descriptions and look-then-reason answers")
+    p.add_argument("--split", default="validation", choices=("validation", "test"),
+                   help="scene split (default validation: the premise decides which answers the declared comparison "
+                        "is made on, a choice made before the test run; test: for the demo model's targets)")
+    p.add_argument("--kinds", metavar="KIND,...", help="only these scene answer kinds (e.g. look, describe, color)")
+    p.add_argument("--layer", type=int, default=1, help="K: layers < K keep every token, the cut acts on layers >= K "
+                                                         "(default 1)")
+    p.add_argument("--steps", default="0,1,2,4,8,16", help="answer steps s to cut from (default 0,1,2,4,8,16)")
+    p.add_argument("--fractions", default="0.5,0.25,0.1,0", help="kept fractions f (default 0.5,0.25,0.1,0)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
+    add_device(p)
+    add_dtype(p)
+    add_threads(p)
+    p.add_argument("--choice", default="step,prefill",
+                   help="which query picks the kept tokens: step (step s's), prefill (the prefill's), or both "
+                        "(default step,prefill)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw it")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 import torch
 
-from ..errors import ArgumentParser, UserError, command_main, summary
 from ..files import check_outputs, checkpoint_inputs, write_json
-from ..flags import add_device, add_dtype, add_threads, add_weights, apply_threads
 from ..generation import generate
 from ..oracle import kl_divergence, recompute_logits, reference_answer
-from ..loading import DEFAULT_WEIGHTS, load_model, read_config, resolve_device, resolve_dtype, resolve_weights
+from ..loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
 from ..progress import Progress
@@ -45,7 +75,6 @@ from ..pruning import Method, kept_mask, kept_count, top_k_sorted, visual_scores
 from ..settings import check_layer
 from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items, vocabulary_note
 from .report import clustered_mean
-
 
 def parse_indices(text: str) -> tuple[int, ...]:
     try:
@@ -231,28 +260,7 @@ def parse_list(text: str, flag: str, kind):
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.premise", description=summary(__doc__))
-    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--data", metavar="FILE.jsonl", help="the items (image, prompt, optional answer) instead of scenes")
-    p.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 40), their questions, "
-                                                            "descriptions and look-then-reason answers")
-    p.add_argument("--split", default="validation", choices=("validation", "test"),
-                   help="scene split (default validation: the premise decides which answers the declared comparison "
-                        "is made on, a choice made before the test run; test: for the demo model's targets)")
-    p.add_argument("--kinds", metavar="KIND,...", help="only these scene answer kinds (e.g. look, describe, color)")
-    p.add_argument("--layer", type=int, default=1, help="K: layers < K keep every token, the cut acts on layers >= K "
-                                                         "(default 1)")
-    p.add_argument("--steps", default="0,1,2,4,8,16", help="answer steps s to cut from (default 0,1,2,4,8,16)")
-    p.add_argument("--fractions", default="0.5,0.25,0.1,0", help="kept fractions f (default 0.5,0.25,0.1,0)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
-    add_device(p)
-    add_dtype(p)
-    add_threads(p)
-    p.add_argument("--choice", default="step,prefill",
-                   help="which query picks the kept tokens: step (step s's), prefill (the prefill's), or both "
-                        "(default step,prefill)")
-    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw it")
+    p = build_parser()
     args = p.parse_args(argv)
     apply_threads(args.threads)
     if args.weights is not None:

@@ -64,6 +64,17 @@ def family(method: Method) -> str | None:
     return f"FastV K={method.layer}" if isinstance(method, FastV) else families.get(type(method))
 
 
+def cost_line(rows: int, items: int, reused: int, seconds: float) -> str:
+    """What an evaluation is about to cost, said before it starts: rows x items generations (less the
+    records reused from --results), and each pruned row's run on none's answer where its own differs (up
+    to as many again); the time from one generation measured on this machine."""
+    runs = max(0, rows * items - reused)
+    span = lambda s: f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"  # noqa: E731
+    return (f"{rows} rows x {items} items: {runs} generations" + (f" ({reused} reused from --results)" if reused else "")
+            + f", and up to {runs} more on none's answers: about {span(runs * seconds)} to {span(2 * runs * seconds)} "
+            f"at {seconds:.2f} s a generation (one measured here). Fewer rows: --only-extra --extra SPEC")
+
+
 def paired(a: list[float], b: list[float], clusters: list[str] | None = None) -> tuple[float, float]:
     """Mean of b - a over the same items under two methods, and its standard error, clustered: items
     that share a picture (several questions about one scene) are not independent, so the deviations are
@@ -270,8 +281,9 @@ def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[
     return out
 
 
-def comparison_text(c: dict | None) -> str:
-    """The declared comparison, in words, printed before the tables."""
+def comparison_text(c: dict | None, declared: bool = True) -> str:
+    """The comparison, in words, printed before the tables; `declared`: the one declared before the test
+    run (the scene world's test split), not the same rule applied to a user's data."""
     if c is None:
         return "Main comparison: no costs counted on none's answers here (a data file's items); nothing to compare."
     if not c["rows"]:
@@ -279,7 +291,7 @@ def comparison_text(c: dict | None) -> str:
     names = {"em": "exact match", "f1": "describe object-F1", "verdict": "look-then-reason verdict"}
     bound = ", ".join(f"{names.get(k, k)} within {100 * v:g} points" if k != "f1" else f"{names[k]} within {v:g}"
                       for k, v in c["bounds"].items())
-    lines = [f"Main comparison (declared before the test run): at matched accuracy ({bound} of none's), "
+    lines = [f"Main comparison{' (declared before the test run)' if declared else ''}: at matched accuracy ({bound} of none's), "
              f"{c['ours']}'s cheapest row against each opponent's at the same K, by LM FLOPs and mean KV bytes "
              f"counted on none's answer tokens ({c['items']} items)."]
     row = c[c["ours"]]

@@ -35,11 +35,49 @@ import math
 import os
 import time
 
+from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..flags import DEFAULT_WEIGHTS, add_threads, add_weights, apply_threads
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dyrate_ref.tools.train_predictor", description=summary(__doc__))
+    add_weights(p, DEFAULT_WEIGHTS, help="checkpoint directory (default: the embedded demo model)")
+    add_threads(p)
+    p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N (only the images and "
+                                                 "prompts are used: labels come from the model's own answers)")
+    p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
+    p.add_argument("--objective", default="imitation", choices=("imitation", "e2e"),
+                   help="imitation (default): labels from the answer-preservation oracle, then DAgger; e2e: the "
+                        "language model's KL plus --lam times the kept share, through a relaxed cut "
+                        "(tools/predictor_e2e.py)")
+    p.add_argument("--lam", type=float, default=0.1,
+                   help="e2e: weight of the mean kept share in the loss, in nats (larger prunes more; default 0.1)")
+    p.add_argument("--tau", default="1.0,0.3", metavar="START,END",
+                   help="e2e: Gumbel-softmax temperature, annealed geometrically over the epochs (default 1.0,0.3)")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="nats of lead every answer token must keep (capped at its unpruned lead; default 1.0)")
+    p.add_argument("--rounds", type=int, default=2, help="1 = oracle trajectories only; each more round adds the "
+                                                         "predictor's own (default 2)")
+    p.add_argument("--confidence", type=float, default=0.7,
+                   help="decoding confidence stored as the file's default, in [0, 1]; closer to 1 keeps more (default 0.7)")
+    p.add_argument("--rollout-confidence", type=float, default=None,
+                   help="confidence the DAgger rounds decode at (default: --confidence)")
+    p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
+    p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="imitation: full-batch Adam epochs (default 300); e2e: passes over the answers (default 12)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.05; e2e 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples and the fit (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
+    p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
+    return p
+
+
+parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
+
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArgumentParser, UserError, command_main, summary
-from ..flags import add_threads, add_weights, apply_threads
 from ..generation import generate
 from ..oracle import forward_no_cache, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
@@ -52,7 +90,6 @@ from ..pruning import apply_cut, kept_mask, visual_scores, visual_span
 from ..settings import check_layer
 from .data import data_inputs, read_examples
 from .predictor_e2e import train_e2e
-
 
 def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, margin: float) -> bool:
     """Is every answer token still the top choice of logits [T', V], by at least min(margin, lead)?
@@ -181,35 +218,7 @@ def label_accuracy(pred: RatePredictor, feats: torch.Tensor, labels: torch.Tenso
 
 
 def run(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dyrate_ref.tools.train_predictor", description=summary(__doc__))
-    add_weights(p, required=True)
-    add_threads(p)
-    p.add_argument("--data", required=True, help="JSONL of {image, prompt, answer}, or scenes:N (only the images and "
-                                                 "prompts are used: labels come from the model's own answers)")
-    p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
-    p.add_argument("--objective", default="imitation", choices=("imitation", "e2e"),
-                   help="imitation (default): labels from the answer-preservation oracle, then DAgger; e2e: the "
-                        "language model's KL plus --lam times the kept share, through a relaxed cut "
-                        "(tools/predictor_e2e.py)")
-    p.add_argument("--lam", type=float, default=0.1,
-                   help="e2e: weight of the mean kept share in the loss, in nats (larger prunes more; default 0.1)")
-    p.add_argument("--tau", default="1.0,0.3", metavar="START,END",
-                   help="e2e: Gumbel-softmax temperature, annealed geometrically over the epochs (default 1.0,0.3)")
-    p.add_argument("--margin", type=float, default=1.0,
-                   help="nats of lead every answer token must keep (capped at its unpruned lead; default 1.0)")
-    p.add_argument("--rounds", type=int, default=2, help="1 = oracle trajectories only; each more round adds the "
-                                                         "predictor's own (default 2)")
-    p.add_argument("--confidence", type=float, default=0.7, help="decoding confidence stored as the default (0.5..1)")
-    p.add_argument("--rollout-confidence", type=float, default=None,
-                   help="confidence the DAgger rounds decode at (default: --confidence)")
-    p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
-    p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="imitation: full-batch Adam epochs (default 300); e2e: passes over the answers (default 12)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.05; e2e 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the examples and the fit (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer labelled (default 64)")
-    p.add_argument("--heldout", default=None, help="held-out examples for label accuracy (JSONL or scenes:N)")
+    p = build_parser()
     args = p.parse_args(argv)
     apply_threads(args.threads)
     if args.weights is not None:
@@ -218,11 +227,11 @@ def run(argv=None) -> int:
         raise UserError(f"--margin {args.margin} must be a number >= 0")
     if args.rounds < 1:
         raise UserError(f"--rounds {args.rounds} must be at least 1")
-    if not 0.0 < args.confidence <= 1.0:
-        raise UserError(f"--confidence {args.confidence} must lie in (0, 1]")
+    if not 0.0 <= args.confidence <= 1.0:
+        raise UserError(f"--confidence {args.confidence} must lie in [0, 1]")
     rollout = args.confidence if args.rollout_confidence is None else args.rollout_confidence
-    if not 0.0 < rollout <= 1.0:
-        raise UserError(f"--rollout-confidence {rollout} must lie in (0, 1]")
+    if not 0.0 <= rollout <= 1.0:
+        raise UserError(f"--rollout-confidence {rollout} must lie in [0, 1]")
     e2e = args.objective == "e2e"
     args.epochs = (12 if e2e else 300) if args.epochs is None else args.epochs
     args.lr = (0.01 if e2e else 0.05) if args.lr is None else args.lr
