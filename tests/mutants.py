@@ -397,7 +397,7 @@ MUTANTS = [
            (("acc.get(m, 0) > f if gate.strict else", "acc.get(m, 0) >= f if gate.strict else"),), ("tests/test_demo.py",),
            where="go_no_go"),
     Mutant("train-into-existing-folder", "demo.train accepts an existing model folder as --out", "dyrate_ref/demo/train.py",
-           (('check_new_folder(args.out, "--out")', 'args.out = args.out'),), ("tests/test_bad_inputs.py",), where="run"),
+           (('check_new_folder(args.out, "--out")', 'args.out = args.out'),), ("tests/test_no_overwrite.py",), where="run"),
     Mutant("minutes-stage-2-only", "--minutes does not reach stage 1", "dyrate_ref/demo/train.py",
            (("deadline=None if minutes is None else t0 + minutes * 60", "deadline=None"),), ("tests/test_no_overwrite.py",),
            where="train"),
