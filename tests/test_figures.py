@@ -40,3 +40,13 @@ def test_each_figure_is_shown_with_the_command_that_draws_it():
         assert "python -m dyrate_ref.tools.figures --out docs" in text[at - 600:at + 600], png
     for png in ("attention_mass.png", "kept_patches.png"):
         assert os.path.getmtime(os.path.join(DOCS, png)) >= os.path.getmtime(os.path.join(DOCS, png[:-4] + ".json")) - 5
+
+
+def test_the_figures_are_never_written_into_the_weights_they_read():
+    from dyrate_ref.errors import UserError
+    from dyrate_ref.loading import DEFAULT_WEIGHTS
+    before = sorted(os.listdir(DEFAULT_WEIGHTS))
+    for out in (DEFAULT_WEIGHTS, os.path.join(DEFAULT_WEIGHTS, "examples")):
+        with pytest.raises(UserError, match="would overwrite a file of the --weights folder"):
+            figures.run(["--out", out])
+    assert sorted(os.listdir(DEFAULT_WEIGHTS)) == before

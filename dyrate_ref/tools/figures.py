@@ -85,8 +85,11 @@ def run(argv=None) -> int:
     args = p.parse_args(argv)
     if not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is not a folder; give an existing folder (docs)")
-    from ..files import write_json
+    from ..files import check_outputs, checkpoint_inputs, write_json
     from ..plots import require_matplotlib
+    names = [f"{name}.{ext}" for name in ("attention_mass", "kept_patches") for ext in ("json", "png")]
+    check_outputs([("--out", os.path.join(args.out, name)) for name in names],  # never over a file the run reads
+                  checkpoint_inputs(DEFAULT_WEIGHTS) + [("the example picture", os.path.join(DEFAULT_WEIGHTS, "examples"))])
     require_matplotlib()
     for name, data in figure_data().items():
         write_json(os.path.join(args.out, f"{name}.json"), data)
