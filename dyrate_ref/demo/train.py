@@ -75,7 +75,7 @@ from .batches import Batcher, grow, heldout_examples, heldout_exact, row_loss
 from .bpe import save_tokenizer_files, train_bpe
 from .reading import kind_swap_kl, kind_swap_pairs
 from .recipes import CONFIG, PREPROCESSOR, RECIPES, Recipe
-from .scenes import DESCRIBE_PROMPT, all_questions, questions, scene_description, random_scene
+from .scenes import DESCRIBE_PROMPT, all_questions, questions, random_scene, scene_description
 from .tower import init_weights, pretrain_vision, probe_tower
 
 def tokenizer_corpus(recipe: Recipe, seed: int = 123, scenes: int = 3000) -> list[str]:

@@ -20,8 +20,10 @@ import copy
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
@@ -53,9 +55,6 @@ def build_parser() -> ArgumentParser:
 
 parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
 
-import resource
-import tempfile
-
 import torch
 from safetensors.torch import save_file
 
@@ -65,10 +64,10 @@ from ..generation import Record, decode_one_token, generate, prefill
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
 from ..model import LlavaConfig, LlavaForConditionalGeneration
+from ..predictor import shipped_predictor_path
 from ..pruning import NoPruning
 from ..settings import Context, check_layers
 from .baselines import from_spec, spec_layers
-from ..predictor import shipped_predictor_path
 
 SHAPES = {
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

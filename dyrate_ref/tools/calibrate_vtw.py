@@ -34,8 +34,8 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 import torch
 
 from ..files import check_outputs, checkpoint_inputs, write_json
-from ..oracle import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
+from ..oracle import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..processing import Processor
 from ..progress import Progress
 from ..settings import VTW_CALIBRATION, check_layer

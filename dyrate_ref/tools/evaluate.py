@@ -79,11 +79,11 @@ from ..cost import vision_flops
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..generation import generate
 from ..loading import load_model, read_config, resolve_weights
+from ..oracle import reference_answer
 from ..plots import plot_layers, plot_pareto, require_matplotlib
 from ..predictor import shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
-from ..oracle import reference_answer
 from ..pruning import DEFAULT_LAYER, VTW, DyRate, DyRateSchedule, Method, NoPruning, visual_span
 from ..settings import Context, Origin, check_layers, make_method
 from .baselines import RandomKeep, from_spec, spec_layers

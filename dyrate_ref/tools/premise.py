@@ -66,8 +66,8 @@ import torch
 
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import generate
-from ..oracle import kl_divergence, recompute_logits, reference_answer
 from ..loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights
+from ..oracle import kl_divergence, recompute_logits, reference_answer
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
 from ..progress import Progress

@@ -78,11 +78,11 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 import torch
 import torch.nn.functional as F
 
-from ..generation import generate
-from ..oracle import forward_no_cache, recompute_logits
 from ..files import check_outputs, checkpoint_inputs
+from ..generation import generate
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..model import LlavaForConditionalGeneration
+from ..oracle import forward_no_cache, recompute_logits
 from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features, shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
