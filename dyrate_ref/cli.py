@@ -46,8 +46,9 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
                    "vtw_calibration.json, else L/2; dyrate the predictor's own)")
     g.add_argument("--rate", metavar="R", help="fastv: the part of the visual tokens dropped at the prefill, "
                    "in [0, 1] (default 0.5)")
-    g.add_argument("--score", help="fastv: rank the visual tokens by the prompt's 'last' query (default) or the "
-                   "'mean' of its queries after the image")
+    g.add_argument("--score", help="fastv, dyrate-schedule: rank the visual tokens by the step's 'last' query "
+                   "(default), the 'mean' of the question's text queries at the prefill, or (dyrate-schedule) the "
+                   "'accumulated' mean of those and the answer's queries so far; dyrate: the predictor's own")
     g.add_argument("--predictor", metavar="FILE", help="dyrate: predictor file (default: the one shipped with the "
                    "weights, dyrate_predictor.safetensors)")
     g.add_argument("--confidence", metavar="C", help="dyrate: the predictor's decoding confidence in [0, 1] "
@@ -183,8 +184,8 @@ def run(argv=None, prog: str = "generate.py") -> int:
         sys.stdout.flush()
 
     t0 = time.time()
-    gen = generate(model, input_ids, pixels, max_new, method,
-                   Sampling(args.temperature, top_p, args.seed), processor.stop_ids, on_token=show, force=force)
+    gen = generate(model, input_ids, pixels, max_new, method, Sampling(args.temperature, top_p, args.seed),
+                   processor.stop_ids, on_token=show, force=force, text=processor.text_rows(input_ids))
     sys.stdout.write("\n")
     sys.stdout.flush()
     dt = time.time() - t0

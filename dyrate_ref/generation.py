@@ -16,7 +16,7 @@ import torch
 
 from .cost import kv_bytes, step_flops, vision_flops
 from .model import KVCache, LlavaConfig, LlavaForConditionalGeneration
-from .pruning import Method, NoPruning, kept_mask, visual_scores, visual_span
+from .pruning import Method, NoPruning, kept_mask, query_scores, visual_span
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,12 @@ class State:
     method's layer, or L on a shallower decoder: then nothing is pruned)."""
     cache: KVCache
     span: tuple[int, int]  # (start, N) of the visual tokens in the prompt
+    text: tuple[int, int]  # [first, end) rows of the question's text in the prompt (the "mean" score's queries)
     K: int
     kept: torch.Tensor  # kept visual indices [M], ascending
     next_pos: int  # original position id of the next token to feed
+    seen: torch.Tensor  # [N] fp32: the question's text queries' and the answer's queries' scores so far, summed
+    seen_rows: int = 0  # how many queries `seen` sums
     t: int = 0  # the step counter: 0 is the prefill
 
 
@@ -97,8 +100,12 @@ def step(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tenso
     x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)  # probs [1, H, T, S]
     # Layers below K never evict, so there slot s holds position s and the image span indexes the keys.
     assert state.cache.length(K - 1) == state.next_pos + (t > 0), "a layer below K has lost slots"
-    last = visual_scores(probs, state.span)  # [N]: the step's last query (the trace's attention mass)
-    kept = method.choose(t, state.kept, method.scores(probs, state.span, t, last))  # [M_t]
+    rows = query_scores(probs, state.span)  # [T, N]: each fed query's attention over the image
+    last = rows[-1]  # [N]: the step's last query (the trace's attention mass)
+    asked = rows[state.text[0]:state.text[1]] if t == 0 else rows  # the question's text, then each answer query
+    state.seen = state.seen + asked.sum(0)  # [N]
+    state.seen_rows += asked.shape[0]
+    kept = method.choose(t, state.kept, method.scores(t, last, state.seen / state.seen_rows))  # [M_t]
     check_kept(method, t, state.kept, kept)
     if kept.numel() < state.kept.numel():
         gone = start + state.kept[~torch.isin(state.kept, kept)]  # original positions [E]
@@ -119,21 +126,26 @@ def step(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tenso
     return logits
 
 
-def start_state(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, method: Method) -> State:
-    """A fresh State for the prompt input_ids [P] (on the model's device)."""
+def start_state(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, method: Method,
+                text: tuple[int, int] | None = None) -> State:
+    """A fresh State for the prompt input_ids [P] (on the model's device). text: the question's rows
+    (Processor.text_rows); None: every row after the image."""
     span = visual_span(input_ids, model.config.image_token_index)
-    L = model.config.text_config.num_hidden_layers
-    return State(KVCache(L), span, min(method.layer, L), torch.arange(span[1], device=input_ids.device),
-                 input_ids.numel())
+    L, P = model.config.text_config.num_hidden_layers, input_ids.numel()
+    text = text or (sum(span), P)
+    assert sum(span) <= text[0] < text[1] <= P, f"text rows {text} are not after the image in a {P}-token prompt"
+    device = input_ids.device
+    return State(KVCache(L), span, text, min(method.layer, L), torch.arange(span[1], device=device), P,
+                 torch.zeros(span[1], device=device))
 
 
 @torch.no_grad()
 def prefill(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-            method: Method, rec: Record):
+            method: Method, rec: Record, text: tuple[int, int] | None = None):
     """Step 0: the prompt input_ids [P] with its image. -> (logits of the last position [V], State)."""
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
-    state = start_state(model, input_ids, method)
+    state = start_state(model, input_ids, method, text)
     x = model.embed(input_ids[None], model.image_features(pixel_values.to(device)))  # [1, P, C]
     return step(model, x, torch.arange(input_ids.numel(), device=device), state, method, rec), state
 
@@ -173,10 +185,13 @@ class Generation:
 @torch.no_grad()
 def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
              max_new_tokens: int = 64, method: Method = NoPruning(), sampling: Sampling = Sampling(),
-             stop_ids=(), on_token=None, force: list[int] | None = None) -> Generation:
+             stop_ids=(), on_token=None, force: list[int] | None = None,
+             text: tuple[int, int] | None = None) -> Generation:
     """Prefill, then sample and decode until a stop id or max_new_tokens. on_token(id) is called as each
     token is chosen (the CLI prints there, so the answer streams). `force`: feed these tokens instead of
-    sampling (teacher forcing, for calibration and evaluation); generation stops after them."""
+    sampling (teacher forcing, for calibration and evaluation); generation stops after them. `text`: the
+    rows of the question in the prompt (Processor.text_rows), which the "mean" and "accumulated" scores
+    average over; None: every row after the image."""
     device = model.lm_head.weight.device
     generator = None
     if sampling.seed is not None:
@@ -184,7 +199,7 @@ def generate(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixe
     if force is not None:
         max_new_tokens = len(force)
     rec = Record(model.config, model.lm_head.weight.element_size())
-    logits, state = prefill(model, input_ids, pixel_values, method, rec)
+    logits, state = prefill(model, input_ids, pixel_values, method, rec, text)
     tokens: list[int] = []
     while True:
         if force is not None:

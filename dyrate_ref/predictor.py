@@ -20,6 +20,8 @@ File: safetensors with the layer weights and a metadata header:
   features      JSON list of feature names, in input order
   hidden        0 for linear, else the MLP's hidden width
   confidence    the default decoding confidence
+  score         the attention score its features read: last, mean or accumulated (pruning.SCORES);
+                absent in files written before the score was a setting, which read "last"
   model         fingerprint of the config.json it was trained on (the file is refused for other models)
   trained_on    the weights directory's name; training settings (margin, rounds, seed, examples, ...)
 """
@@ -79,9 +81,11 @@ def model_fingerprint(cfg) -> str:
 
 
 class RatePredictor(nn.Module):
-    def __init__(self, layer: int, cuts=CUTS, hidden: int = 0, confidence: float = 0.5, meta: dict | None = None):
+    def __init__(self, layer: int, cuts=CUTS, hidden: int = 0, confidence: float = 0.5, meta: dict | None = None,
+                 score: str = "last"):
         super().__init__()
         self.layer = layer
+        self.score = score  # the rule its features were computed with (pruning.SCORES); DyRate uses the same
         self.cuts = tuple(cuts)
         self.hidden = hidden
         self.confidence = confidence
@@ -121,7 +125,7 @@ class RatePredictor(nn.Module):
         meta = {**{k: str(v) for k, v in {**self.meta, **settings}.items()},  # what it was trained with ...
                 "format": FORMAT, "layer": str(self.layer), "cuts": json.dumps(list(self.cuts)),  # ... and
                 "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden),  # what it is now, which wins
-                "confidence": str(self.confidence), "model": model_fingerprint(cfg)}
+                "confidence": str(self.confidence), "score": self.score, "model": model_fingerprint(cfg)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -153,7 +157,10 @@ def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
     if meta.get("model") != model_fingerprint(cfg):
         raise UserError(f"predictor {path} was trained for another model ({meta.get('trained_on', '?')}), not "
                         f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.tools.train_predictor")
-    pred = RatePredictor(layer, cuts, hidden, confidence, {k: v for k, v in meta.items()})
+    score = meta.get("score", "last")
+    if score not in ("last", "mean", "accumulated"):
+        raise UserError(f"predictor {path} has a damaged header (score {score!r}); retrain it")
+    pred = RatePredictor(layer, cuts, hidden, confidence, {k: v for k, v in meta.items()}, score)
     try:
         pred.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

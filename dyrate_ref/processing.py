@@ -216,6 +216,19 @@ class Processor:
         ids = ids[:at] + [self.image_token_id] * N + ids[at + 1:]
         return torch.tensor(ids, dtype=torch.long)  # [P]
 
+    def text_rows(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        """[first, end): the rows of input_ids [P] (from input_ids(prompt)) that hold the question's own
+        text after the image: what the "mean" and "accumulated" scores average over (pruning.SCORES). The
+        template's tokens ("USER:", the newline after <image>, " ASSISTANT:") are the ids the prompt shares
+        with the template filled with nothing, from the front and from the back. A prompt with no text
+        after the image gets every row after it."""
+        ids, empty = input_ids.tolist(), self.input_ids("").tolist()
+        front = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
+        back = next((i for i, (a, b) in enumerate(zip(ids[::-1], empty[::-1])) if a != b), 0)
+        after_image = len(ids) - ids[::-1].index(self.image_token_id)
+        first, end = max(front, after_image), len(ids) - back
+        return (first, end) if first < end else (after_image, len(ids))
+
     def unknown_characters(self, text: str) -> list[str]:
         """The characters of `text` the vocabulary has no token for: each one is spelt out byte by byte
         (byte-level BPE's single-byte pieces, or sentencepiece's <0x..> byte fallback), so a model trained

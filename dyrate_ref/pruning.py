@@ -8,8 +8,10 @@ Shared semantics (docs/pruning.md says the same):
   only to kept visual tokens; dropped ones leave the KV cache of layers >= K and never come back, so
   kept_t ⊆ kept_{t-1} (the loop checks it). In the prefill every prompt position in layers >= K sees
   only kept_0.
-- Scores: layer K-1's attention probabilities of step t's query over the visual tokens, averaged over
-  heads. Position ids keep their original values after eviction.
+- Scores: layer K-1's attention probabilities over the visual tokens, averaged over heads, of step t's
+  query (score "last"), of the question's text queries at the prefill ("mean"), or of those and every
+  answer query so far ("accumulated"): SCORES below. Position ids keep their original values after
+  eviction.
 
 One word per quantity, in code, trace and docs:
 - kept: the kept visual indices [M], ascending; a kept mask is the same set as a bool [N] (a row of the
@@ -24,8 +26,8 @@ One word per quantity, in code, trace and docs:
 A method is one small frozen dataclass whose fields are its settings, with
 
     choose(t, kept, scores) -> kept_t       the decision of step t
-    scores(probs, span, t, last) -> [N]     what it decides on (default: `last`, the step's last query's
-                                            scores, which the loop computes once)
+    scores(t, last, accumulated) -> [N]     what it decides on, from the two scores the loop keeps
+                                            (default: `last`; a method with a `score` setting: scored)
 
 METHODS maps names to classes; nothing outside it dispatches on a method's name. How flags become a
 method (defaults read from files beside the weights) is settings.py; how a table names it, the tools'.
@@ -62,18 +64,48 @@ def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]
     return start, n
 
 
-def visual_scores(attn_probs: torch.Tensor, span: tuple[int, int], query: str = "last") -> torch.Tensor:
-    """Importance of each visual token: attention probabilities [1, H, T, S] of one layer whose slot s
-    holds position s (a layer below K: nothing evicted) -> [N] fp32, averaged over heads and queries.
-
-    query "last": the step's last query (FastV's public code; the only query of a decode step).
-    query "mean": every prompt query after the image (the text part of the prompt); prefill only. FastV's
-    paper averages over all tokens; averaging over the text after the image is dyrate_ref's variant.
-    """
+def query_scores(attn_probs: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """Each query's attention over the visual tokens: probabilities [1, H, T, S] of one layer whose slot s
+    holds position s (a layer below K: nothing evicted) -> [T, N] fp32, averaged over heads."""
     start, n = span
-    p = attn_probs[0, :, :, start:start + n].float()  # [H, T, N]
-    rows = p[:, -1:] if query == "last" else p[:, start + n:]  # [H, 1, N] or [H, T_after, N]
-    return rows.mean(dim=(0, 1))  # [N]
+    return attn_probs[0, :, :, start:start + n].float().mean(0)  # [T, N]
+
+
+def visual_scores(attn_probs: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """The last query's scores [N] (FastV's public code; the only query of a decode step)."""
+    return query_scores(attn_probs[:, :, -1:], span)[0]  # [N]
+
+
+# What a method decides on, chosen like K (docs/pruning.md, "the score"):
+#   last         the step's own query: the prompt's last token at step 0, the token fed at step t after.
+#   mean         at step 0 the mean over the question's text queries (not the image, not the template
+#                around it: `text`, the rows the Processor says); after, the step's own query.
+#   accumulated  the mean over the question's text queries and every answer query so far (step t >= 1
+#                adds the query of answer token t-1). dyrate_ref's reconstruction of "the attention
+#                distribution" a rate is read from; equal to mean at step 0.
+SCORES = ("last", "mean", "accumulated")
+
+
+def scored(score: str, t: int, last: torch.Tensor, accumulated: torch.Tensor) -> torch.Tensor:
+    """Step t's scores [N] under the rule `score`, from the two the loop keeps: the step's last query's
+    and the running mean over the text and answer queries (at step 0: the text queries' mean)."""
+    return accumulated if score == "accumulated" or (score == "mean" and t == 0) else last
+
+
+def step_scores(rows: torch.Tensor, text: tuple[int, int], P: int, T: int, score: str) -> torch.Tensor:
+    """The same scores for every step of an answer at once, from one unpruned forward of the prompt and
+    its T answer tokens (the training tools): rows [S, N] are query_scores of that forward, row s the
+    query at position s; step t's own query is row P-1+t. -> [T, N], row t = what the loop's step t sees."""
+    first, end = text
+    own = rows[P - 1:P - 1 + T]  # [T, N]
+    seen = rows[first:end].sum(0) + torch.cat([rows.new_zeros(1, rows.shape[1]), rows[P:P - 1 + T]]).cumsum(0)
+    accumulated = seen / (end - first + torch.arange(T, device=rows.device)[:, None])  # [T, N]
+    return torch.stack([scored(score, t, own[t], accumulated[t]) for t in range(T)])  # [T, N]
+
+
+def check_score(score: str, allowed=SCORES):
+    if score not in allowed:
+        raise ValueError(f"score {score!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def kept_count(n: int, rate: float) -> int:
@@ -114,11 +146,12 @@ class Method:
     has a pruning layer K, `layer`: the decode loop splits the decoder there."""
     name: ClassVar[str]
     layer: int
+    score: ClassVar[str] = "last"  # the rule of a method without a score setting (VTW, none)
 
-    def scores(self, probs: torch.Tensor, span: tuple[int, int], t: int, last: torch.Tensor) -> torch.Tensor:
-        """What step t decides on. probs: layer K-1's attention [1, H, T, S]; last: the step's last
-        query's scores over the visual tokens (visual_scores(probs, span, "last")). -> [N]."""
-        return last
+    def scores(self, t: int, last: torch.Tensor, accumulated: torch.Tensor) -> torch.Tensor:
+        """What step t decides on: last, the step's last query's scores [N], or accumulated, the mean over
+        the question's text queries and the answer's queries so far [N] (scored). -> [N]."""
+        return scored(self.score, t, last, accumulated)
 
     def choose(self, t: int, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """kept_{t-1} [M] and step t's scores [N] -> kept_t, a subset of kept (ascending)."""
@@ -139,18 +172,22 @@ def check_fraction(name: str, value: float):
 class DyRate(Method):
     """DyRate (arXiv 2501.14204): the predictor reads step t's attention and chooses the step's cut, the
     share of what is still kept to drop (predictor.py), decoding at `confidence` (closer to 1 keeps
-    more); the survivors are the highest-scoring tokens of kept_{t-1}. K is the predictor's own layer,
-    since its features read that layer's attention. (Keep rules: our reconstruction.)"""
+    more); the survivors are the highest-scoring tokens of kept_{t-1}. K and the score are the
+    predictor's own, since its features read that layer's attention under that rule. (Keep rules: our
+    reconstruction.)"""
     name: ClassVar[str] = "dyrate"
     layer: int
     predictor: RatePredictor
     confidence: float
+    score: str = "last"
 
     def __post_init__(self):
         if not isinstance(self.predictor, RatePredictor):
             raise ValueError("DyRate needs its predictor (predictor.load_predictor); a fixed schedule is DyRateSchedule")
         if self.layer != self.predictor.layer:
             raise ValueError(f"layer {self.layer} differs from the predictor's K={self.predictor.layer}")
+        if self.score != self.predictor.score:
+            raise ValueError(f"score {self.score!r} differs from the predictor's ({self.predictor.score!r})")
         check_fraction("confidence", self.confidence)
 
     def choose(self, t, kept, scores):
@@ -170,8 +207,10 @@ class DyRateSchedule(Method):
     name: ClassVar[str] = "dyrate-schedule"
     layer: int
     schedule: tuple[float, ...]
+    score: str = "last"
 
     def __post_init__(self):
+        check_score(self.score)
         if not self.schedule:
             raise ValueError("a schedule needs at least one rate")
         for r in self.schedule:
@@ -186,8 +225,9 @@ class DyRateSchedule(Method):
 class FastV(Method):
     """FastV (Chen et al., 2024): at the prefill, keep the visual tokens layer K-1 attends to most,
     kept_count(N, R) of them, for the whole answer. score "last": the prompt's last query (FastV's
-    public code); "mean": the mean over the prompt's queries after the image (FastV's paper averages
-    over all tokens; the text after the image is dyrate_ref's variant)."""
+    public code); "mean": the mean over the question's text queries (FastV's paper averages over all
+    tokens; the question's text alone is dyrate_ref's variant). It decides at the prefill only, where
+    "accumulated" is "mean"."""
     name: ClassVar[str] = "fastv"
     layer: int = DEFAULT_LAYER
     rate: float = 0.5
@@ -195,11 +235,7 @@ class FastV(Method):
 
     def __post_init__(self):
         check_fraction("rate", self.rate)
-        if self.score not in ("last", "mean"):
-            raise ValueError(f"score {self.score!r} is not 'last' or 'mean'")
-
-    def scores(self, probs, span, t, last):
-        return visual_scores(probs, span, "mean") if t == 0 and self.score == "mean" else last
+        check_score(self.score, ("last", "mean"))
 
     def choose(self, t, kept, scores):
         if t > 0:

@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 
 from .errors import UserError
 from .predictor import load_predictor, shipped_predictor_path
-from .pruning import DEFAULT_LAYER, DyRate, DyRateSchedule, VTW
+from .pruning import DEFAULT_LAYER, SCORES, DyRate, DyRateSchedule, VTW
 
 # ----------------------------------------------------------------------------------------------------
 # Parsers: text -> value, or ValueError saying what is wrong (parse_settings names the flag).
@@ -48,8 +48,8 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def parse_score(text: str) -> str:
-    if text not in ("last", "mean"):
-        raise ValueError("is not 'last' or 'mean'")
+    if text not in SCORES:
+        raise ValueError(f"is not one of {', '.join(SCORES)}")
     return text
 
 
@@ -167,6 +167,11 @@ def make_method(cls, given: dict, ctx: Context, given_as: Origin = FLAG):
         origins.setdefault("layer", Origin("file", "predictor file"))
         if "confidence" not in values:
             values["confidence"], origins["confidence"] = pred.confidence, Origin("file", "predictor file")
+        if values.setdefault("score", pred.score) != pred.score:
+            label = given_label("score", given_as)
+            raise UserError(f"{label} {values['score']} differs from the predictor's score ({pred.score}), which its "
+                            f"features were trained on; leave {label.split(' ')[0]} out or train a predictor with it")
+        origins.setdefault("score", Origin("file", "predictor file"))
     elif cls is VTW and "layer" not in values:
         K, why = vtw_calibrated_layer(ctx.weights_dir, ctx.num_layers)
         values["layer"], origins["layer"] = ((ctx.num_layers // 2, Origin("fallback", f"L/2, {why}")) if K is None
@@ -182,7 +187,10 @@ def make_method(cls, given: dict, ctx: Context, given_as: Origin = FLAG):
             values[f.name], origins[f.name] = f.default, DEFAULT
     if "layer" in values:
         check_layer(values["layer"], ctx.num_layers, given_label("layer", origins["layer"]))
-    return cls(**values), origins
+    try:
+        return cls(**values), origins
+    except ValueError as e:  # a combination no single parser sees (fastv's score=accumulated)
+        raise UserError(f"method {cls.name}: {e}") from None
 
 
 # VTW's withdrawal layer chosen for a checkpoint, kept beside its weights

@@ -50,6 +50,8 @@ PRUNE_TESTS = ("tests/test_pruning.py",)
 CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli_habits.py", "tests/test_cli.py")
 TEETH_TESTS = ("tests/test_teeth.py",)
 REPORT_TESTS = ("tests/test_report.py",)
+SCORE_TESTS = ("tests/test_scores.py",)
+LOCATION_TESTS = ("tests/test_attention_location.py",)
 PIPELINE_TESTS = ("tests/test_training_pipeline.py",)
 PATH_TESTS = ("tests/test_user_paths.py",)
 
@@ -144,8 +146,28 @@ MUTANTS = [
            (("return self.weight * x.to(dtype)", "return (self.weight * x).to(dtype)"),), TEETH_TESTS, where="RMSNorm.forward"),
     Mutant("no-resize-ignored", "do_resize: false resizes anyway", "dyrate_ref/processing.py",
            (("    if s.do_resize:\n", "    if True:\n"),), TEETH_TESTS, where="pixel_values"),
-    Mutant("fastv-mean-rows", "FastV's mean score averages the image's own rows too", "dyrate_ref/pruning.py",
-           (('else p[:, start + n:]', 'else p[:, start:]'),), TEETH_TESTS, where="visual_scores"),
+    Mutant("predictor-score-not-stored", "train_predictor labels by --score but the file says last",
+           "dyrate_ref/tools/train_predictor.py", (("rollout, args.max_new_tokens, score=args.score)", "rollout, args.max_new_tokens)"),),
+           ("tests/test_pruning_cli.py",), where="run"),
+    Mutant("mean-score-template-rows", "the mean score averages every row after the image, the template's too",
+           "dyrate_ref/generation.py", (("rows[state.text[0]:state.text[1]] if t == 0", "rows[sum(state.span):] if t == 0"),),
+           SCORE_TESTS, where="step"),
+    Mutant("text-rows-from-image", "the question's rows start right after the image (the template's newline in)",
+           "dyrate_ref/processing.py", (("first, end = max(front, after_image), len(ids) - back",
+                                         "first, end = after_image, len(ids) - back"),), SCORE_TESTS, where="Processor.text_rows"),
+    Mutant("accumulated-count", "the accumulated mean divides by one query too many", "dyrate_ref/pruning.py",
+           (("(end - first + torch.arange(T, device=rows.device)[:, None])",
+             "(end - first + 1 + torch.arange(T, device=rows.device)[:, None])"),), SCORE_TESTS, where="step_scores"),
+    Mutant("mean-score-every-step", "the mean score stays the running mean after the prefill", "dyrate_ref/pruning.py",
+           (('(score == "mean" and t == 0)', '(score == "mean")'),), SCORE_TESTS, where="scored"),
+    Mutant("choice-per-family", "each FastV K and score chosen apart, not FastV's one best", "dyrate_ref/tools/report.py",
+           (('return "FastV" if family_name.startswith("FastV") else family_name', "return family_name"),),
+           REPORT_TESTS, where="method_kind"),
+    Mutant("step0-cut-counts-all", "an item counted as cut at step 0 when it kept every token", "dyrate_ref/tools/report.py",
+           (("sum(x[0] < N for x in v)", "sum(x[0] <= N for x in v)"),), REPORT_TESTS, where="step0_table"),
+    Mutant("location-area-any-pixel-asked", "the asked shape found by kind alone, the colour ignored", "dyrate_ref/demo/world.py",
+           (("s.kind == kind and colour in (None, s.color)", "s.kind == kind"),), LOCATION_TESTS,
+           where="SceneWorld.patch_regions"),
     Mutant("quantile-end", "the predictor's f-quantile read from the wrong end", "dyrate_ref/predictor.py",
            (("sorted_p[min(N - 1, int(round((1 - f) * N, 6)))]", "sorted_p[min(N - 1, int(round(f * N, 6)))]"),),
            TEETH_TESTS + ("tests/test_predictor.py",), where="predictor_features"),
@@ -175,7 +197,7 @@ MUTANTS = [
            "dyrate_ref/tools/report.py",
            (("if key in r and (kind is None or items[i].kind == kind)]", "if key in r]"),), REPORT_TESTS, where="summarise"),
     Mutant("forced-with-own-answer", "every item's forced costs counted on none's answer to the first item",
-           "dyrate_ref/tools/evaluate.py", (('force=none[i]["tokens"]).record', "force=none[0][\"tokens\"]).record"),),
+           "dyrate_ref/tools/evaluate.py", (('force=none[i]["tokens"], text=text).record', "force=none[0][\"tokens\"], text=text).record"),),
            REPORT_TESTS, where="run_method"),
     Mutant("prefill-flops-with-vision", "the LM prefill FLOPs include the vision tower", "dyrate_ref/tools/evaluate.py",
            (('"prefill_flops": flops[0] - vis,', '"prefill_flops": flops[0],'),), REPORT_TESTS, where="run_method"),
@@ -235,7 +257,10 @@ MUTANTS = [
     Mutant("comparison-ignores-accuracy", "the main comparison picks the cheapest row whatever its accuracy",
            "dyrate_ref/tools/report.py", (("ok = [r for r in rows if within(r, bounds)]", "ok = list(rows)"),), REPORT_TESTS, where="cheapest"),
     Mutant("comparison-any-layer", "the opponent's cheapest row taken at any K, not at DyRate's",
-           "dyrate_ref/tools/report.py", (('if mine is None or c["layer"] == mine["layer"]', "if True"),), REPORT_TESTS, where="main_comparison"),
+           "dyrate_ref/tools/report.py", (('if not same_k or c["layer"] == mine["layer"]', "if True"),), REPORT_TESTS, where="main_comparison"),
+    Mutant("comparison-own-k-ignored", "a family that names its own K compared at DyRate's K all the same",
+           "dyrate_ref/tools/report.py", (('("{K}" in pattern or "K=" not in pattern)', "True"),), REPORT_TESTS,
+           where="main_comparison"),
     Mutant("comparison-not-beyond-2se", "a target met by any saving, however small against its standard error",
            "dyrate_ref/tools/report.py", (("ratio <= targets[cost] and d < -2 * se", "ratio <= targets[cost] and d < 0"),),
            REPORT_TESTS, where="main_comparison"),
@@ -249,8 +274,8 @@ MUTANTS = [
            "dyrate_ref/tools/report.py", (("for k, bound in bounds.items() if", "for k, bound in list(bounds.items())[:1] if"),),
            REPORT_TESTS, where="within"),
     Mutant("rollout-confidence-ignored", "the DAgger rounds decode at the stored confidence, not --rollout-confidence",
-           "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)",
-                                                    "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens)"),),
+           "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens,",
+                                                    "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens,"),),
            ("tests/test_tool_inputs.py",), where="run"),
     Mutant("e2e-mask-not-cumulative", "the end-to-end route weighs step t's keys by step t's own mask, not by the "
            "product of every earlier step's (an evicted token would come back)",

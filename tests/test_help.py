@@ -11,7 +11,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["dyrate_ref", "dyrate_ref.trace", "dyrate_ref.tools.evaluate", "dyrate_ref.tools.premise",
             "dyrate_ref.tools.bench", "dyrate_ref.tools.calibrate_vtw", "dyrate_ref.tools.train_predictor",
-            "dyrate_ref.tools.figures", "dyrate_ref.demo.train", "dyrate_ref.demo.export"]
+            "dyrate_ref.tools.figures", "dyrate_ref.tools.attention_location", "dyrate_ref.demo.train",
+            "dyrate_ref.demo.export"]
 
 
 def imported(args) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -13,7 +13,7 @@ from dyrate_ref.oracle import recompute_logits, reference_answer
 from dyrate_ref.loading import load_model
 from dyrate_ref.predictor import CUTS, RatePredictor
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import Method, apply_cut, visual_span
+from dyrate_ref.pruning import Method, apply_cut, query_scores, step_scores, visual_span
 from dyrate_ref.tools import predictor_e2e as e2e
 from dyrate_ref.tools.data import Item
 from helpers import hf_config, make_checkpoint, noise_image
@@ -46,7 +46,8 @@ def setup(tmp_path_factory):
 def answer(model, proc, item, T=7):
     ids, px = proc.input_ids(item.prompt), proc.pixel_values(item.picture())
     tokens, full, probs = reference_answer(model, ids, px, T, probs_of=(K - 1,))
-    scores = e2e.step_scores(probs[K - 1], visual_span(ids, model.config.image_token_index), ids.numel(), len(tokens))
+    rows = query_scores(probs[K - 1], visual_span(ids, model.config.image_token_index))  # [S, N]
+    scores = step_scores(rows, proc.text_rows(ids), ids.numel(), len(tokens), "last")
     return ids, px, tokens, full, scores
 
 

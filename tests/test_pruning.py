@@ -166,7 +166,7 @@ def test_keep_functions_by_hand():
     probs = torch.zeros(1, 2, 3, 6)
     probs[0, 0, -1, 1:4] = torch.tensor([0.2, 0.4, 0.1])
     probs[0, 1, -1, 1:4] = torch.tensor([0.0, 0.2, 0.3])
-    assert torch.allclose(visual_scores(probs, (1, 3), "last"), torch.tensor([0.1, 0.3, 0.2]))
+    assert torch.allclose(visual_scores(probs, (1, 3)), torch.tensor([0.1, 0.3, 0.2]))
 
 
 @pytest.mark.parametrize("name", ["none", "fastv-last", "dyrate-rising", "vtw"])

@@ -64,6 +64,25 @@ def test_trainer_reports_and_writes_a_loadable_predictor(env):
     assert all(bool((keep[i + 1] <= keep[i]).all()) for i in range(T - 1))  # nested
 
 
+def test_a_predictor_trained_on_a_score_decides_on_it(env):
+    """train_predictor --score accumulated: the file says so; generate.py's DyRate takes the score from it
+    (the trace says where from) and refuses another. (That the loop and the trainer compute the same
+    scores: tests/test_scores.py.)"""
+    root, w, img, pred, _, _, data = env
+    acc = str(root / "acc.safetensors")
+    r = py("-m", "dyrate_ref.tools.train_predictor", "--weights", w, "--data", data, "--out", acc, "--epochs", "30",
+           "--max-new-tokens", "4", "--score", "accumulated")
+    assert r.returncode == 0, r.stderr
+    assert safe_open(acc, "pt").metadata()["score"] == "accumulated"
+    assert safe_open(pred, "pt").metadata()["score"] == "last"
+    r = gen(w, img, "--method", "dyrate", "--predictor", acc, "--trace", str(root / "acc_trace.safetensors"))
+    assert r.returncode == 0, r.stderr
+    meta = safe_open(str(root / "acc_trace.safetensors"), "pt").metadata()
+    assert (meta["score"], meta["score_from"]) == ("accumulated", "predictor file")
+    r = gen(w, img, "--method", "dyrate", "--predictor", acc, "--score", "last")
+    assert r.returncode == 2 and "differs from the predictor's score (accumulated)" in r.stderr
+
+
 BAD = {
     "unknown-method": (["--method", "magic"], "unknown --method"),
     "ratio-high": (["--method", "fastv", "--rate", "1.5"], "outside [0, 1]"),
@@ -78,7 +97,8 @@ BAD = {
     "schedule-with-fastv": (["--method", "fastv", "--schedule", "0.5"], "does not apply"),
     "layer-with-none": (["--layer", "2"], "does not apply"),
     "score-with-vtw": (["--method", "vtw", "--score", "mean"], "does not apply"),
-    "score-unknown": (["--method", "fastv", "--score", "median"], "'last' or 'mean'"),
+    "score-unknown": (["--method", "fastv", "--score", "median"], "is not one of last, mean, accumulated"),
+    "score-fastv-accumulated": (["--method", "fastv", "--score", "accumulated"], "method fastv: score 'accumulated' is not one of 'last', 'mean'"),
     "schedule-with-dyrate": (["--method", "dyrate", "--schedule", "0.5", "--predictor", "x"], "belongs to dyrate-schedule"),
     "old-rates-flag": (["--method", "dyrate-schedule", "--rates", "0.5"], "--rates is now --schedule"),
     "old-ratio-flag": (["--method", "fastv", "--ratio", "0.5"], "--ratio is now --rate"),

@@ -132,6 +132,9 @@ def test_the_main_comparison_by_hand():
         assert sched["costs"][cost]["difference"] == pytest.approx(-0.0025)
         assert sched["costs"][cost]["se"] == pytest.approx(math.sqrt(1.5 * (0.005 ** 2 + 0.1025 ** 2 + 0.1075 ** 2) / 16))
     assert fastv["target_met"] and not sched["target_met"]
+    # a family that names its own K (FastV's validated K, declared) is taken at that K, not at ours'
+    own = report.main_comparison(results, records, items, "DyRate predictor", {"FastV K=1": {"lm_flops": 0.8}}, BOUNDS)
+    assert own["against"]["FastV K=1"]["row"]["method"] == "fv1"
     text = report.comparison_text(c)
     assert "LM FLOPs is 0.500x" in text and "met" in text and "not met" in text
     # FastV R=0.5 losing two points too: no FastV row at K=2 within the bounds, nothing compared against it
@@ -187,6 +190,43 @@ def test_the_validation_choice_by_hand():
             row("c", 0.0, -0.05, 0.7, 0.5), row("d", -0.01, -0.01, 0.95, 0.8), row("e", 0.0, 0.0, 0.6, 0.5, -0.03)]
     assert report.validation_choice(rows, BOUNDS)["method"] == "d"
     assert report.validation_choice(rows[:1] + rows[2:4], BOUNDS) is None
+
+
+def test_validation_picks_each_methods_own_best_not_a_common_k():
+    """A constructed validation table: FastV is cheapest within the bounds at K=2 with the mean score
+    (its K=3 rows lose accuracy), DyRate at K=3 (its cheaper K=1 row loses 5 points), VTW nowhere. Each
+    method gets its own K and score; a rule that took one K for all, or one best row overall, fails."""
+    def row(name, family, flops, kv, em=0.0):
+        return {"method": name, "family": family, "em_delta": em, "lm_flops_forced": flops, "kv_mean_forced": kv}
+    rows = [row("none", "none", 1, 1),
+            row("FastV K=3 R=0.5", "FastV K=3", 0.60, 0.6, em=-0.13),
+            row("FastV K=3 R=0.1", "FastV K=3", 0.95, 0.9),
+            row("FastV K=2 R=0.25 score=mean", "FastV K=2 score=mean", 0.80, 0.8),
+            row("FastV K=2 R=0.5 score=mean", "FastV K=2 score=mean", 0.65, 0.7, em=-0.009),
+            row("DyRate K=1 predictor (c=0.5)", "DyRate predictor", 0.50, 0.4, em=-0.05),
+            row("DyRate K=3 predictor (c=0.5)", "DyRate predictor", 0.97, 0.5),
+            row("VTW K=4", "VTW", 0.55, 0.5, em=-0.3)]
+    choices = report.validation_choices(rows, BOUNDS)
+    assert {k: v and v["method"] for k, v in choices.items()} == {
+        "FastV": "FastV K=2 R=0.5 score=mean", "DyRate predictor": "DyRate K=3 predictor (c=0.5)", "VTW": None}
+    assert report.validation_choice(rows, BOUNDS)["method"] == "FastV K=2 R=0.5 score=mean"  # one best overall
+
+
+def test_step0_table_by_shapes_and_kind():
+    """Mean kept count at step 0 and at the last step, and the share of items cut at step 0, grouped by
+    the picture's number of shapes and by question kind; items without a scene left out."""
+    from types import SimpleNamespace as NS
+    scene = lambda n: NS(shapes=tuple(range(n)))  # noqa: E731
+    items = [Item(f"i{k}", "q", kind, 0, f"c{k}", scene=scene(n)) for k, (kind, n) in
+             enumerate([("count", 1), ("color", 1), ("count", 5), ("describe", 5)])] + [Item("f", "q", "answer", 0, "f")]
+    records = [{"kept": [100, 90]}, {"kept": [144, 144, 50]}, {"kept": [144]}, {"kept": [120, 10]}, {"kept": [1]}]
+    t = report.step0_table(records, items, 144)
+    assert t["by_shapes"] == {1: {"items": 2, "kept0": 122.0, "kept_last": 70.0, "cut0": 0.5},
+                              5: {"items": 2, "kept0": 132.0, "kept_last": 77.0, "cut0": 0.5}}
+    assert t["by_kind"]["count"] == {"items": 2, "kept0": 122.0, "kept_last": 117.0, "cut0": 0.5}
+    assert set(t["by_kind"]) == {"count", "color", "describe"}
+    text = report.step0_text(t, "DyRate")
+    assert "| 1 | 2 | 122.0 | 50.0 | 70.0 |" in text and "| describe | 1 | 120.0 | 100.0 | 10.0 |" in text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,7 +412,7 @@ def test_dagger_rounds_aggregate_every_round_s_steps(tiny, monkeypatch):
     model, proc, img = tiny
     rounds = []
 
-    def fake_label_all(model, answered, K, margin, policy=None, show_progress=True, what=""):
+    def fake_label_all(model, answered, K, margin, policy=None, show_progress=True, what="", score="last"):
         r = len(rounds)
         rounds.append(policy is not None)
         f = torch.full((3 + r, len(FEATURES)), float(r))  # round r: 3 + r steps whose features are r

@@ -35,13 +35,20 @@ def test_metadata_holds_only_the_methods_own_settings():
     dyrate, origins = make_method(DyRate, {}, ctx())
     assert {k: (o.kind, str(o)) for k, o in origins.items()} == {
         "layer": ("file", "predictor file"), "confidence": ("file", "predictor file"),
-        "predictor": ("file", "shipped with the weights")}
+        "score": ("file", "predictor file"), "predictor": ("file", "shipped with the weights")}
+    assert dyrate.score == dyrate.predictor.score
+    other = {"last": "mean"}.get(dyrate.score, "last")
+    with pytest.raises(UserError, match=f"--score {other} differs from the predictor's score"):
+        make_method(DyRate, {"score": other}, ctx())
+    with pytest.raises(UserError, match="method fastv: score 'accumulated'"):
+        make_method(FastV, {"score": "accumulated"}, ctx())
     fallback = make_method(VTW, {}, Context("/nonexistent", 8))[1]["layer"]  # no calibration file: L/2, said so
     assert (fallback.kind, str(fallback)) == ("fallback", "L/2, no vtw_calibration.json")
     assert dyrate.layer == dyrate.predictor.layer and dyrate.confidence == dyrate.predictor.confidence
     schedule, origins = make_method(DyRateSchedule, {"schedule": (0.1, 0.5)}, ctx())
     assert metadata(schedule, origins) == {"method": "dyrate-schedule", "layer": "2", "layer_from": "default",
-                                           "schedule": "0.1,0.5", "schedule_from": "flag"}
+                                           "schedule": "0.1,0.5", "schedule_from": "flag", "score": "last",
+                                           "score_from": "default"}
 
 
 def test_settings_are_checked_once_with_one_message():

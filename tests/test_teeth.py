@@ -24,7 +24,7 @@ from PIL import Image
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model
 from dyrate_ref.processing import ImageSettings, Processor, pixel_values
-from dyrate_ref.pruning import FastV, visual_span
+from dyrate_ref.pruning import visual_span
 from dyrate_ref.trace import LIMITS, compare, write_trace
 from helpers import hf_config, make_checkpoint, noise_image
 
@@ -155,28 +155,7 @@ def test_preprocessing_branches_equal_transformers(settings, size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# FastV's mean score
-
-
-def test_fastv_mean_score_values_equal_transformers_attention(tmp_path):
-    """score=mean averages layer K-1's attention over the prompt queries after the image (and over
-    heads). The values, not just the top-k set, against transformers' eager attention."""
-    from transformers import LlavaForConditionalGeneration as HF
-    d = str(tmp_path / "w")
-    make_checkpoint(d, hf_config(text=dict(num_hidden_layers=4)))
-    model, hf = load_model(d), HF.from_pretrained(d, attn_implementation="eager").eval()
-    proc = Processor(d, model.config)
-    ids, px = proc.input_ids("What is shown in the picture here?"), proc.pixel_values(noise_image(48, 40, seed=4))
-    start, N = visual_span(ids, model.config.image_token_index)
-    with torch.no_grad():
-        x = model.embed(ids[None], model.image_features(px))  # [1, P, C]
-        _, probs = model.run_layers(x, torch.arange(ids.numel()), None, range(2), probs_of=1)
-        att = hf(input_ids=ids[None], pixel_values=px, output_attentions=True).attentions[1][0]  # [H, P, P]
-    got = FastV(2, 0.5, "mean").scores(probs, (start, N), 0, None)
-    want = att[:, start + N:, start:start + N].float().mean(dim=(0, 1))  # every query row after the image
-    assert torch.allclose(got, want, atol=1e-6)
-    not_want = att[:, start:, start:start + N].float().mean(dim=(0, 1))  # rows from the image on: another thing
-    assert (got - not_want).abs().max() > 1e-4
+# FastV's mean score: tests/test_scores.py
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,7 +230,7 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     P, span = ids.numel(), visual_span(ids, model.config.image_token_index)
     prev = torch.arange(span[1])
     for t in range(len(gen.tokens)):
-        scores = visual_scores(probs[K - 1][:, :, :P + t], span, "last")
+        scores = visual_scores(probs[K - 1][:, :, :P + t], span)
         x = (predictor_features(scores, prev, t) - w["mean"]) / w["std"]
         logits = w["net.weight"] @ x + w["net.bias"]
         p = logits.softmax(0).tolist()

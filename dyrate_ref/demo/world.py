@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from .reading import kind_swap_kl, kind_swap_pairs
-from .scenes import LOOK_SPLIT, TEST_SEED, VALIDATION_SEED, EvalItem, Scene, eval_set, look_verdict, object_f1, \
-    training_examples
+from .scenes import COLORS, LOOK_SPLIT, SHAPES, TEST_SEED, VALIDATION_SEED, EvalItem, Scene, eval_set, look_verdict, \
+    object_f1, object_map, training_examples
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,26 @@ class SceneWorld:
     def kind_swap(self, model, processor, n_scenes: int) -> float:
         """Does the model read the question? The kind-swap KL over n_scenes held-out scenes (reading.py)."""
         return kind_swap_kl(model, processor, kind_swap_pairs(n_scenes))
+
+    def shape_count(self, scene: Scene) -> int:
+        """How many shapes the picture holds (1-5)."""
+        return len(scene.shapes)
+
+    def patch_regions(self, scene: Scene, prompt: str, side: int, cover: float = 0.0):
+        """Which of the side x side image patches (row-major, the visual tokens' order) lie on a shape:
+        -> (on a shape bool [N], on the asked shape bool [N] or None). A patch is on a shape when more than
+        `cover` of its pixels are (default: any pixel); the asked shape is the one shape the prompt names by kind (and colour,
+        if it names one), None for questions about no single shape (count, describe, an absent one)."""
+        import torch
+        ids = torch.tensor(list(object_map(scene).resize((side * 8, side * 8), Image.NEAREST).getdata()))
+        ids = ids.view(side, 8, side, 8).permute(0, 2, 1, 3).reshape(side * side, 64)  # [N, pixels of a patch]
+        words = prompt.lower().rstrip("?. ").replace("?", "").split()
+        kind = next((k for k in SHAPES if k in words), None)
+        colour = next((c for c in COLORS if c in words), None)
+        named = [i for i, s in enumerate(scene.shapes) if s.kind == kind and colour in (None, s.color)]
+        on_shape = (ids > 0).float().mean(1) > cover  # [N]
+        asked = (ids == named[0] + 1).float().mean(1) > cover if len(named) == 1 else None
+        return on_shape, asked
 
     def random_shape_colour(self, scene: Scene, prompt: str) -> float:
         """For a colour question about one shape: the chance that a random shape of the scene has the

@@ -90,7 +90,7 @@ from .baselines import RandomKeep, from_spec, spec_layers
 from .data import (MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
                    vocabulary_note)
 from .report import (METRICS, PERCENT, Row, comparison_text, cost_line, family, label, main_comparison, mean_schedule, pareto_points,
-                     serving_table, summarise, table)
+                     serving_table, step0_table, step0_text, summarise, table, validation_choices)
 from .results import Results
 from .workers import run_forked
 
@@ -189,18 +189,19 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
         ids, px = processor.input_ids(p.prompt), processor.pixel_values(p.picture(row.blank))
         method = item_method(row, p, matched[i] if matched is not None else None)
         t0 = time.perf_counter()
-        gen = generate(model, ids, px, max_new_tokens, method, stop_ids=processor.stop_ids)
+        text = processor.text_rows(ids)  # the question's rows: the "mean" and "accumulated" scores' queries
+        gen = generate(model, ids, px, max_new_tokens, method, stop_ids=processor.stop_ids, text=text)
         seconds = time.perf_counter() - t0
-        text = processor.decode(gen.tokens)
+        answer = processor.decode(gen.tokens)
         flops, kv = gen.record.flops, gen.record.kv_bytes
-        rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": text, **p.grades(text),
+        rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": answer, **p.grades(answer),
                "kept": [int(k.sum()) for k in gen.record.kept_masks], "prefill_flops": flops[0] - vis,
                "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
         if none is not None and none[i].get("tokens"):
             # Fed none's answer, a method that chose exactly those tokens walks its own path again: reuse it.
             same = gen.tokens == none[i]["tokens"]
             forced = gen.record if same else generate(model, ids, px, max_new_tokens, method,
-                                                      force=none[i]["tokens"]).record
+                                                      force=none[i]["tokens"], text=text).record
             f_flops, f_kv = forced.flops, forced.kv_bytes
             rec.update(forced_prefill_flops=f_flops[0] - vis, forced_decode_flops=sum(f_flops[1:]),
                        forced_kv_peak=max(f_kv), forced_kv_mean=sum(f_kv) / len(f_kv))
@@ -359,6 +360,22 @@ def run(argv=None) -> int:
     if comparison is not None or not args.data:
         print(comparison_text(comparison, declared=not args.data and args.split == "test") + "\n")
     print(table(results, N, vision, args.bootstrap))
+    json_rows = [{"method": row.name, "family": row.family, **s} for row, s in results]
+    choices = validation_choices(json_rows, MATCHED) if args.split == "validation" and not args.data else None
+    if choices:
+        print("\nEach method's own best on the validation split (report.validation_choices: the cheapest row by LM "
+              "FLOPs, then mean KV, on none's answer tokens, within the matched-accuracy bounds, over all of that "
+              "method's rows, whatever their K and score):")
+        for kind, chosen in choices.items():
+            print(f"  {kind}: " + ("no row within the bounds" if chosen is None else
+                                   f"{chosen['method']}: LM FLOPs {chosen['lm_flops_forced']:.3f}, mean KV "
+                                   f"{chosen['kv_mean_forced']:.3f} of none's"))
+    # Where DyRate cuts at the prefill, per picture: the declared comparison's DyRate row, else the validated one.
+    dyrate_row = ((comparison or {}).get(MAIN_COMPARISON["ours"]) or (choices or {}).get(MAIN_COMPARISON["ours"]))
+    step0 = None
+    if dyrate_row and not args.data:
+        step0 = step0_table(records[dyrate_row["method"]], prompts, N)
+        print("\n" + step0_text(step0, dyrate_row["method"]))
     if not args.only_extra:  # what VTW's own calibration chose for these weights (the rows sweep K)
         vtw, origins = make_method(VTW, {}, ctx)
         chose = f"K={vtw.layer}" if origins["layer"].kind != "fallback" else "no layer"
@@ -377,9 +394,13 @@ def run(argv=None) -> int:
               f"names a random shape of the scene (which would score {100 * guess:.1f} % on these colour questions)")
     if args.json:
         figures = {"data": data_name, "prompts": len(prompts), "weights": os.path.basename(os.path.normpath(args.weights)),
-                   "rows": [{"method": row.name, "family": row.family, **s} for row, s in results]}
+                   "rows": json_rows}
         if comparison is not None:
             figures["main_comparison"] = comparison
+        if choices:
+            figures["validation_choices"] = choices
+        if step0:
+            figures["step0"] = step0
         if swap is not None:
             figures["kind_swap_kl"] = swap
             figures["random_shape_colour"] = random_shape_colour(prompts)

@@ -36,13 +36,7 @@ import torch.nn.functional as F
 from ..oracle import forward_no_cache, kl_divergence, reference_answer, step_of_rows
 from ..predictor import CUTS, RatePredictor, predictor_features
 from ..progress import Progress
-from ..pruning import apply_cut, kept_mask, visual_scores, visual_span
-
-
-def step_scores(probs: torch.Tensor, span: tuple[int, int], P: int, T: int) -> torch.Tensor:
-    """Layer K-1's unpruned attention probs [1, H, S, S] -> every step's scores [T, N] (step t's query
-    is row P-1+t: the prompt's last token, then answer token t-1)."""
-    return torch.stack([visual_scores(probs[:, :, :P + t], span, "last") for t in range(T)])  # [T, N]
+from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
 
 
 def candidates(keep: torch.Tensor, scores: torch.Tensor, N: int, cuts=CUTS) -> torch.Tensor:
@@ -101,15 +95,17 @@ def relaxed_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, t
     return forward_no_cache(model, input_ids, pixel_values, tokens, key_weights={i: weight for i in range(K, L)})[0]
 
 
-def prepare(model, processor, examples, K: int, max_new_tokens: int, show_progress: bool = True):
-    """Per example: (input_ids, pixels, the unpruned greedy answer, its logits [T, V], scores [T, N])."""
+def prepare(model, processor, examples, K: int, max_new_tokens: int, show_progress: bool = True, score: str = "last"):
+    """Per example: (input_ids, pixels, the unpruned greedy answer, its logits [T, V], scores [T, N] under
+    the rule `score`, step t's row what the loop's step t sees: pruning.step_scores)."""
     out = []
     bar = Progress(len(examples), "unpruned answers", " examples") if show_progress else None
     for ex in examples:
         ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.picture())
         tokens, full, probs = reference_answer(model, ids, px, max_new_tokens, processor.stop_ids, probs_of=(K - 1,))
         span = visual_span(ids, model.config.image_token_index)
-        out.append((ids, px, tokens, full, step_scores(probs[K - 1].cpu(), span, ids.numel(), len(tokens))))
+        rows = query_scores(probs[K - 1].cpu(), span)  # [S, N]
+        out.append((ids, px, tokens, full, step_scores(rows, processor.text_rows(ids), ids.numel(), len(tokens), score)))
         if bar:
             bar.update(1)
     if bar:
@@ -153,14 +149,14 @@ KEEP_PRIOR = 2.0  # the initial logit of "cut nothing" over the others (a recons
 
 def train_e2e(model, processor, examples, K: int, lam: float, epochs: int = 12, lr: float = 0.01, seed: int = 0,
               tau_start: float = 1.0, tau_end: float = 0.3, confidence: float = 0.5, max_new_tokens: int = 64,
-              show_progress: bool = True):
+              show_progress: bool = True, score: str = "last"):
     """Adam on the predictor alone, one answer per step, `epochs` passes over the examples; the epoch whose
     predictor has the lowest deterministic loss (greedy_loss) on the training answers is kept. -> (predictor,
     log lines, that loss before training and after each epoch)."""
     freeze(model)
-    data = prepare(model, processor, examples, K, max_new_tokens, show_progress)
+    data = prepare(model, processor, examples, K, max_new_tokens, show_progress, score)
     torch.manual_seed(seed)
-    pred = RatePredictor(K, CUTS, 0, confidence)
+    pred = RatePredictor(K, CUTS, 0, confidence, score=score)
     feats = torch.stack([predictor_features(s[t], torch.arange(s.shape[1]), t) for *_, s in data
                          for t in range(s.shape[0])])  # the unpruned path's features: the standardisation
     pred.mean.copy_(feats.mean(0))

@@ -121,7 +121,7 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
     text = processor.decode(tokens)
     base_score = item.grade(text)
     out = []
-    prefill_scores = visual_scores(probs[K - 1][:, :, :P], span, "last")  # the prefill's query: row P-1
+    prefill_scores = visual_scores(probs[K - 1][:, :, :P], span)  # the prefill's query: row P-1
     everything = torch.arange(N, device=full.device)
     cuts = [(s, s) for s in steps if s < T]  # (the step recorded, the step cut from)
     after = look_end(processor, tokens) if item.kind == "look" else None
@@ -129,7 +129,7 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
         cuts.append((AFTER_LOOK, after))
     for choice in choices:
         for label, s in cuts:
-            scores = prefill_scores if choice == "prefill" else visual_scores(probs[K - 1][:, :, :P + s], span, "last")
+            scores = prefill_scores if choice == "prefill" else visual_scores(probs[K - 1][:, :, :P + s], span)
             for f in fractions:
                 kept = top_k_sorted(everything, scores, kept_count(N, 1 - f))
                 rows = torch.stack([kept_mask(everything, N)] * s + [kept_mask(kept, N)] * (T - s))  # [T, N]

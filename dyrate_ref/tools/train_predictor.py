@@ -63,6 +63,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rollout-confidence", type=float, default=None,
                    help="confidence the DAgger rounds decode at (default: --confidence)")
     p.add_argument("--layer", type=int, default=2, help="pruning layer K (default 2)")
+    p.add_argument("--score", default="last", choices=("last", "mean", "accumulated"),
+                   help="the attention score the predictor reads and cuts by: the step's 'last' query (default), "
+                        "the question's 'mean' at the prefill, or the 'accumulated' mean of the question's and the "
+                        "answer's queries so far; stored in the file")
     p.add_argument("--hidden", type=int, default=0, help="0: linear (default); >0: MLP hidden width")
     p.add_argument("--epochs", type=int, default=None,
                    help="imitation: full-batch Adam epochs (default 300); e2e: passes over the answers (default 12)")
@@ -86,7 +90,7 @@ from ..oracle import forward_no_cache, recompute_logits
 from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features, shipped_predictor_path
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import apply_cut, kept_mask, visual_scores, visual_span
+from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
 from ..settings import check_layer
 from .data import data_inputs, read_examples
 from .predictor_e2e import train_e2e
@@ -103,17 +107,21 @@ def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, mar
 
 @torch.no_grad()
 def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answer: list[int], K: int,
-                  margin: float, policy: RatePredictor | None = None):
+                  margin: float, policy: RatePredictor | None = None, text: tuple[int, int] | None = None,
+                  score: str = "last"):
     """-> (features [T, F], labels [T] (indices into CUTS), kept counts [T] on the followed path).
 
     The path follows the labels (policy None: the oracle) or the policy's own decisions, which is how
-    later rounds see the states the predictor itself reaches."""
+    later rounds see the states the predictor itself reaches. text: the question's rows
+    (Processor.text_rows; None: every row after the image); score: the rule the features and cuts read
+    (pruning.SCORES), the same the loop's step computes."""
     T, N = len(answer), model.config.num_image_tokens
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     span = visual_span(input_ids, model.config.image_token_index)
     full, probs = forward_no_cache(model, input_ids, pixels, answer, probs_of=(K - 1,))  # [T, V]
-    probs, P = probs[K - 1], input_ids.numel()
+    P = input_ids.numel()
+    scores_of = step_scores(query_scores(probs[K - 1], span), text or (sum(span), P), P, T, score)  # [T, N]
     top2 = full.topk(2, dim=1).values  # [T, 2]
     lead = top2[:, 0] - top2[:, 1]  # [T]
 
@@ -121,7 +129,7 @@ def label_example(model: LlavaForConditionalGeneration, input_ids, pixels, answe
     prev = torch.arange(N, device=device)
 
     for t in range(T):
-        scores = visual_scores(probs[:, :, :P + t], span, "last")  # query row P-1+t: [N]
+        scores = scores_of[t]  # [N]
         f = predictor_features(scores, prev, t)
         label = 0
         for a in range(len(CUTS) - 1, 0, -1):  # largest cut first
@@ -146,15 +154,17 @@ def greedy_answers(model, processor: Processor, examples, max_new_tokens: int):
     out = []
     for ex in examples:
         ids, px = processor.input_ids(ex.prompt), processor.pixel_values(ex.picture())
-        out.append((ids, px, generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids).tokens))
+        text = processor.text_rows(ids)
+        out.append((ids, px, generate(model, ids, px, max_new_tokens, stop_ids=processor.stop_ids).tokens, text))
     return out
 
 
-def label_all(model, answered, K: int, margin: float, policy=None, show_progress: bool = True, what: str = ""):
+def label_all(model, answered, K: int, margin: float, policy=None, show_progress: bool = True, what: str = "",
+              score: str = "last"):
     bar = Progress(len(answered), f"labelling steps{what}", " examples") if show_progress else None
     feats, labels, kept = [], [], []
-    for ids, px, tokens in answered:
-        f, y, k = label_example(model, ids, px, tokens, K, margin, policy)
+    for ids, px, tokens, text in answered:
+        f, y, k = label_example(model, ids, px, tokens, K, margin, policy, text, score)
         feats.append(f)
         labels.append(y)
         kept.append(k)
@@ -166,10 +176,10 @@ def label_all(model, answered, K: int, margin: float, policy=None, show_progress
 
 
 def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, hidden: int = 0, epochs: int = 300, lr: float = 0.05,
-        seed: int = 0, confidence: float = 0.5, show_progress: bool = True):
+        seed: int = 0, confidence: float = 0.5, show_progress: bool = True, score: str = "last"):
     """Cross-entropy on the labels, full batch, Adam. -> (RatePredictor, loss per epoch)."""
     torch.manual_seed(seed)
-    pred = RatePredictor(K, CUTS, hidden, confidence)
+    pred = RatePredictor(K, CUTS, hidden, confidence, score=score)
     pred.mean.copy_(feats.mean(0))
     pred.std.copy_(feats.std(0).clamp_min(1e-3) if feats.shape[0] > 1 else torch.ones(feats.shape[1]))
     opt = torch.optim.Adam(pred.net.parameters(), lr=lr)
@@ -189,17 +199,18 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, K: int, hidden: int = 0, epoc
 
 
 def train_imitation(model, processor, examples, K: int, margin: float, rounds: int = 2, hidden: int = 0, epochs: int = 300,
-          lr: float = 0.05, seed: int = 0, confidence: float = 0.5, max_new_tokens: int = 64, show_progress=True):
+          lr: float = 0.05, seed: int = 0, confidence: float = 0.5, max_new_tokens: int = 64, show_progress=True,
+          score: str = "last"):
     """Round 0 on the oracle's trajectories, then `rounds - 1` rounds on the predictor's own.
     -> (predictor, features, labels, per-round log lines)."""
     answered = greedy_answers(model, processor, examples, max_new_tokens)
-    feats, labels, _ = label_all(model, answered, K, margin, None, show_progress, " (round 0, oracle path)")
-    pred, history = fit(feats, labels, K, hidden, epochs, lr, seed, confidence, show_progress)
+    feats, labels, _ = label_all(model, answered, K, margin, None, show_progress, " (round 0, oracle path)", score)
+    pred, history = fit(feats, labels, K, hidden, epochs, lr, seed, confidence, show_progress, score)
     log = [f"round 0: {labels.numel()} steps, loss {history[0]:.3f} -> {history[-1]:.3f}"]
     for r in range(1, rounds):
-        f, y, k = label_all(model, answered, K, margin, pred, show_progress, f" (round {r}, predictor's path)")
+        f, y, k = label_all(model, answered, K, margin, pred, show_progress, f" (round {r}, predictor's path)", score)
         feats, labels = torch.cat([feats, f]), torch.cat([labels, y])
-        pred, history = fit(feats, labels, K, hidden, epochs, lr, seed, confidence, show_progress)
+        pred, history = fit(feats, labels, K, hidden, epochs, lr, seed, confidence, show_progress, score)
         log.append(f"round {r}: +{y.numel()} steps on the predictor's own path (mean kept {k.float().mean():.1f}), "
                    f"loss {history[0]:.3f} -> {history[-1]:.3f}")
     return pred, feats, labels, log
@@ -264,7 +275,7 @@ def run(argv=None) -> int:
             raise UserError("--hidden works with the imitation objective; the e2e predictor is linear")
         t0 = time.perf_counter()
         pred, log, _ = train_e2e(model, proc, examples, args.layer, args.lam, args.epochs, args.lr, args.seed, tau_start,
-                                 tau_end, args.confidence, args.max_new_tokens)
+                                 tau_end, args.confidence, args.max_new_tokens, score=args.score)
         minutes = (time.perf_counter() - t0) / 60
         for line in log:
             print(line)
@@ -277,7 +288,7 @@ def run(argv=None) -> int:
                   "now uses this one (git checkout restores the shipped file)")
         return 0
     pred, feats, labels, log = train_imitation(model, proc, examples, args.layer, args.margin, args.rounds, args.hidden,
-                                     args.epochs, args.lr, args.seed, rollout, args.max_new_tokens)
+                                     args.epochs, args.lr, args.seed, rollout, args.max_new_tokens, score=args.score)
     pred.confidence = args.confidence  # the stored default (what the held-out figures below decode at)
     for line in log:
         print(line)
@@ -287,7 +298,7 @@ def run(argv=None) -> int:
                     epochs=args.epochs, lr=args.lr, data=args.data, rollout_confidence=rollout)
     if heldout:
         answered = greedy_answers(model, proc, heldout, args.max_new_tokens)
-        f, y, k_oracle = label_all(model, answered, args.layer, args.margin, None, True, " (held out)")
+        f, y, k_oracle = label_all(model, answered, args.layer, args.margin, None, True, " (held out)", args.score)
         h = label_accuracy(pred, f, y)
         print(f"held-out label accuracy ({len(heldout)} examples, {y.numel()} steps on the oracle path): "
               + ", ".join(f"{k} {v:.3f}" for k, v in h.items()))
