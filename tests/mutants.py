@@ -163,6 +163,8 @@ MUTANTS = [
     Mutant("choice-per-family", "each FastV K and score chosen apart, not FastV's one best", "dyrate_ref/tools/report.py",
            (('return "FastV" if family_name.startswith("FastV") else family_name', "return family_name"),),
            REPORT_TESTS, where="method_kind"),
+    Mutant("random-beaten-at-1se", "better than random taken beyond one SE, not two", "dyrate_ref/tools/report.py",
+           (('"better": bool(d > 2 * se)', '"better": bool(d > se)'),), REPORT_TESTS, where="better_than"),
     Mutant("step0-cut-counts-all", "an item counted as cut at step 0 when it kept every token", "dyrate_ref/tools/report.py",
            (("sum(x[0] < N for x in v)", "sum(x[0] <= N for x in v)"),), REPORT_TESTS, where="step0_table"),
     Mutant("location-area-any-pixel-asked", "the asked shape found by kind alone, the colour ignored", "dyrate_ref/demo/world.py",

@@ -42,6 +42,11 @@ def test_shares_and_concentration_by_hand():
     want = -sum(x * math.log(x) for x in p.tolist() if x > 0) / math.log(10)
     assert top == pytest.approx(0.5) and entropy == pytest.approx(want)  # top 10 % of 10 tokens: one
     assert al.concentration(torch.full((20,), 0.05)) == pytest.approx((0.1, 1.0))
+    # R = 0.1 of 10 tokens drops the lowest one; R = 0.5 the lowest five
+    assert al.dropped_on_shapes(p, shapes) == 0.0  # a zero on the background
+    assert al.dropped_on_shapes(torch.tensor([0.01] + [0.11] * 9), shapes) == 1.0  # token 0, on a shape
+    q = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.09, 0.06, 0.05, 0.03, 0.015, 0.005])  # drops 5..9
+    assert al.dropped_on_shapes(q, torch.arange(10).ge(4) & torch.arange(10).le(8), 0.5) == pytest.approx(0.8)
     t = al.layer_means([{q: [{"top10": 0.5, "entropy": 0.9, "shapes": (0.6, 0.2)}] for q in al.QUERIES},
                   {q: [{"top10": 0.3, "entropy": 0.7, "shapes": (0.2, 0.2), "asked": (0.1, 0.05)}] for q in al.QUERIES}], 1)
     row = t["queries"]["last"][0]
@@ -64,6 +69,7 @@ def test_the_docs_table_is_what_the_shipped_weights_compute():
     for q in al.QUERIES:
         for a, b in zip(shipped["queries"][q], now["queries"][q]):
             assert a["top10"] == pytest.approx(b["top10"], abs=1e-5)
+            assert a["dropped_on_shapes"] == pytest.approx(b["dropped_on_shapes"], abs=1e-9)
             for region in al.REGIONS:
                 assert a[region]["share"] == pytest.approx(b[region]["share"], abs=1e-5)
                 assert a[region]["area"] == pytest.approx(b[region]["area"], abs=1e-9)

@@ -212,6 +212,24 @@ def test_validation_picks_each_methods_own_best_not_a_common_k():
     assert report.validation_choice(rows, BOUNDS)["method"] == "FastV K=2 R=0.5 score=mean"  # one best overall
 
 
+def test_better_than_random_by_hand():
+    """Ours minus the control, item by item, SE clustered by picture: exact match d = [1, 0, 1, 0] over
+    pictures p1, p1, p2, p3: mean 0.5, deviations summed per picture 0, .5, -.5, SE sqrt(3/2 * .5) / 4 =
+    0.217: beyond 2 SE. F1 on two items only, d = [.1, -.1]: mean 0, not better."""
+    items = [Item(f"i{k}", "q", "color", 0, c) for k, c in enumerate(["p1", "p1", "p2", "p3"])]
+    ours = [{"em": 1.0}, {"em": 1.0, "f1": 0.5}, {"em": 1.0, "f1": 0.3}, {"em": 0.0}]
+    control = [{"em": 0.0}, {"em": 1.0, "f1": 0.4}, {"em": 0.0, "f1": 0.4}, {"em": 0.0}]
+    got = report.better_than(ours, control, items)
+    assert got["em"]["difference"] == pytest.approx(0.5) and got["em"]["se"] == pytest.approx(math.sqrt(0.75) / 4)
+    assert got["em"]["better"] and not got["f1"]["better"] and got["f1"]["items"] == 2 and "verdict" not in got
+    worse = report.better_than(control, ours, items)
+    assert not worse["em"]["better"] and worse["em"]["difference"] == pytest.approx(-0.5)
+    # between one and two SE is not better: d = [1, 1, 0, 0] on four pictures, mean .5, SE sqrt(4/3) / 4 = .289
+    four = [Item(f"j{k}", "q", "look", 0, f"q{k}") for k in range(4)]
+    near = report.better_than([{"verdict": v} for v in (1.0, 1.0, 0.0, 0.0)], [{"verdict": 0.0}] * 4, four)
+    assert near["verdict"]["se"] == pytest.approx(math.sqrt(4 / 3) / 4) and not near["verdict"]["better"]
+
+
 def test_step0_table_by_shapes_and_kind():
     """Mean kept count at step 0 and at the last step, and the share of items cut at step 0, grouped by
     the picture's number of shapes and by question kind; items without a scene left out."""

@@ -9,7 +9,8 @@ tokens, averaged over heads and normalised to a share of the query's attention o
 prompt's last query (score "last") and the mean over the question's text queries (score "mean";
 pruning.SCORES). On the scene world it reports each query's share on the shapes' patches, on the asked
 shape's and on the background, beside the share of the patches each covers (their area): a share above
-its area means the layer looks there more than a uniform glance would. On any data (a user's JSONL, no
+its area means the layer looks there more than a uniform glance would; and where the tokens FastV at
+R = 0.1 would drop by that query lie (on shapes, against the shapes' area: a random drop's share). On any data (a user's JSONL, no
 ground truth) it reports how concentrated the attention is: the share on its top 10 % of tokens and its
 entropy over log N (1: spread evenly). The figure plots the table, drawn from the JSON it writes.
 """
@@ -24,6 +25,7 @@ from ..flags import DEFAULT_WEIGHTS, add_threads, add_weights, apply_threads
 
 QUERIES = ("last", "mean")
 REGIONS = ("shapes", "asked", "background")
+DROP_RATE = 0.1  # what FastV at R = 0.1 would drop: where those tokens lie
 
 
 def build_parser() -> ArgumentParser:
@@ -49,7 +51,7 @@ from ..loading import load_model, resolve_weights, weight_inputs
 from ..oracle import forward_no_cache
 from ..processing import Processor
 from ..progress import Progress
-from ..pruning import query_scores, visual_span
+from ..pruning import kept_count, query_scores, visual_span
 from .data import WORLD, data_inputs, read_items, scene_items
 
 
@@ -69,6 +71,13 @@ def locate(p: torch.Tensor, regions: dict) -> dict:
             if mask is not None}
 
 
+def dropped_on_shapes(p: torch.Tensor, shapes: torch.Tensor, rate: float = DROP_RATE) -> float:
+    """The share of the tokens FastV at rate R would drop by this score -- the N - kept_count(N, R)
+    lowest -- that lie on a shape (a random choice: the shapes' area)."""
+    n = p.numel()
+    return float(shapes[p.sort().indices[:n - kept_count(n, rate)]].float().mean())
+
+
 @torch.no_grad()
 def item_layers(model, processor: Processor, item, side: int) -> dict:
     """One item's prefill, every layer: {query: [per layer {"top10", "entropy", region: (share, area)}]}."""
@@ -86,7 +95,10 @@ def item_layers(model, processor: Processor, item, side: int) -> dict:
         for q, s in (("last", rows[-1]), ("mean", rows[first:end].mean(0))):
             p = s / s.sum().clamp_min(1e-12)  # [N]: the share of this query's image attention
             top, entropy = concentration(p)
-            out[q].append({"top10": top, "entropy": entropy, **locate(p, regions)})
+            row = {"top10": top, "entropy": entropy, **locate(p, regions)}
+            if regions:
+                row["dropped_on_shapes"] = dropped_on_shapes(p, regions["shapes"])
+            out[q].append(row)
     return out
 
 
@@ -98,7 +110,7 @@ def layer_means(per_item: list[dict], L: int) -> dict:
         rows = []
         for layer in range(L):
             at = [it[q][layer] for it in per_item]
-            row = {k: sum(a[k] for a in at) / len(at) for k in ("top10", "entropy")}
+            row = {k: sum(a[k] for a in at) / len(at) for k in ("top10", "entropy", "dropped_on_shapes") if k in at[0]}
             for region in REGIONS:
                 has = [a[region] for a in at if region in a]
                 if has:
@@ -126,7 +138,8 @@ def location_text(t: dict) -> str:
     lines = []
     located = any("shapes" in r for r in t["queries"]["last"])
     head = "| query | layer | top 10 % share | entropy / log N |" + (
-        " on shapes (area) | ratio | on the asked shape (area) | ratio | on background (area) | ratio |" if located else "")
+        " on shapes (area) | ratio | on the asked shape (area) | ratio | on background (area) | ratio |"
+        f" R = {DROP_RATE:g} would drop, share on shapes |" if located else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for q in QUERIES:
         for layer, r in enumerate(t["queries"][q]):
@@ -135,6 +148,7 @@ def location_text(t: dict) -> str:
                 for region in REGIONS:
                     v = r.get(region)
                     cells += [f"{v['share']:.3f} ({v['area']:.3f})", f"{v['ratio']:.2f}"] if v else ["", ""]
+                cells.append(f"{r['dropped_on_shapes']:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -324,6 +324,22 @@ def main_comparison(results: list[tuple[Row, dict]], records: dict, items: list[
                                        "met": None if cost not in targets else bool(ratio <= targets[cost] and d < -2 * se)}
             side["target_met"] = all(c["met"] for c in side["costs"].values() if c["met"] is not None)
         out["against"][family] = side
+    control = f"random keep, counts of {mine['method']}" if mine else None
+    if control in records:  # which tokens: ours against random ones at our own counts, item by item
+        out["random"] = {"row": control, "scores": better_than(records[mine["method"]], records[control], items)}
+    return out
+
+
+def better_than(records: list[dict], control: list[dict], items: list[Item], keys=("em", "f1", "verdict")) -> dict:
+    """Does a method's choice of tokens beat a control's at the same counts (random keep at its counts)?
+    Per score: the paired, picture-clustered difference method - control over the items that have it,
+    and whether it lies beyond 2 SE. -> {key: {"difference", "se", "items", "better"}}."""
+    out = {}
+    for key in keys:
+        idx = [i for i, r in enumerate(records) if key in r]
+        if idx:
+            d, se = paired([control[i][key] for i in idx], [records[i][key] for i in idx], [items[i].cluster for i in idx])
+            out[key] = {"difference": d, "se": se, "items": len(idx), "better": bool(d > 2 * se)}
     return out
 
 
@@ -353,6 +369,12 @@ def comparison_text(c: dict | None, declared: bool = True) -> str:
                       + ("met" if x["met"] else "not met"))
             lines.append(f"    {c['ours']}'s {what} is {x['ratio']:.3f}x; paired difference {x['difference']:+.3f} "
                          f"± {x['se']:.3f} of none's{target}")
+    if "random" in c:
+        scores = c["random"]["scores"]
+        lines.append(f"  which tokens, against {c['random']['row']} (paired, {c['ours']} minus random; target: better "
+                     "beyond 2 SE on at least one): " + "; ".join(
+                         f"{names.get(k, k)} {x['difference']:+.3f} ± {x['se']:.3f} ({'better' if x['better'] else 'not better'})"
+                         for k, x in scores.items()))
     return "\n".join(lines)
 
 
