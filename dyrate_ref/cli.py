@@ -184,8 +184,9 @@ def run(argv=None, prog: str = "generate.py") -> int:
         sys.stdout.flush()
 
     t0 = time.time()
+    text = processor.text_rows(input_ids)  # the question's rows: the "mean" and "accumulated" scores' queries
     gen = generate(model, input_ids, pixels, max_new, method, Sampling(args.temperature, top_p, args.seed),
-                   processor.stop_ids, on_token=show, force=force, text=processor.text_rows(input_ids))
+                   processor.stop_ids, on_token=show, force=force, text=text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     dt = time.time() - t0
@@ -200,7 +201,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
 
     # 3. Outputs, each written whole or not at all.
     meta = dict(weights=os.path.abspath(weights), dtype=str(dtype).split(".")[-1], device=device.type,
-                prompt=args.prompt, **metadata(method, origins), max_new_tokens=max_new, temperature=args.temperature, top_p=top_p, stop_reason=stop,
+                prompt=args.prompt, text_rows=f"{text[0]},{text[1]}", **metadata(method, origins), max_new_tokens=max_new, temperature=args.temperature, top_p=top_p, stop_reason=stop,
                 seed="" if args.seed is None else args.seed,
                 forced_from="" if force is None else os.path.abspath(args.force_tokens),
                 dyrate_ref_version=__version__, torch_version=torch.__version__)

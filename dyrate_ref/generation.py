@@ -102,9 +102,9 @@ def step(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tenso
     assert state.cache.length(K - 1) == state.next_pos + (t > 0), "a layer below K has lost slots"
     rows = query_scores(probs, state.span)  # [T, N]: each fed query's attention over the image
     last = rows[-1]  # [N]: the step's last query (the trace's attention mass)
-    asked = rows[state.text[0]:state.text[1]] if t == 0 else rows  # the question's text, then each answer query
-    state.seen = state.seen + asked.sum(0)  # [N]
-    state.seen_rows += asked.shape[0]
+    queries = rows[state.text[0]:state.text[1]] if t == 0 else rows  # the question's text, then each answer token
+    state.seen = state.seen + queries.sum(0)  # [N]
+    state.seen_rows += queries.shape[0]
     kept = method.choose(t, state.kept, method.scores(t, last, state.seen / state.seen_rows))  # [M_t]
     check_kept(method, t, state.kept, kept)
     if kept.numel() < state.kept.numel():

@@ -13,7 +13,8 @@ Tensors (T generated tokens, P prompt tokens, N visual tokens, V vocabulary, k t
   kv_bytes       int64   [T]          bytes held by the KV cache after step t
 generate.py writes all but the top-k pair; a backend needs only input_ids, tokens and either logits or
 topk_ids + topk_logprobs; kept_masks and rates when it prunes. Metadata (strings): weights, dtype,
-device, prompt, method and its settings (layer, rate, score, predictor, confidence, schedule: those it
+device, prompt, text_rows ("first,end": the question's rows in input_ids, which the "mean" and
+"accumulated" scores average over), method and its settings (layer, rate, score, predictor, confidence, schedule: those it
 has, each with <setting>_from, where its value came from), max_new_tokens, temperature, top_p, seed,
 stop_reason, forced_from, dyrate_ref_version, torch_version, format.
 
@@ -75,7 +76,7 @@ from .oracle import kl_divergence
 
 FORMAT = "dyrate_ref-trace-2"  # version 1, still read, called kept_masks `visual_keep`
 # The header's keys that describe the run; the others are the method's (written by generate.py).
-RUN_KEYS = {"weights", "dtype", "device", "prompt", "max_new_tokens", "temperature", "top_p", "stop_reason", "seed",
+RUN_KEYS = {"weights", "dtype", "device", "prompt", "text_rows", "max_new_tokens", "temperature", "top_p", "stop_reason", "seed",
             "forced_from", "dyrate_ref_version", "torch_version", "format"}
 REQUIRED = ("input_ids", "tokens")
 

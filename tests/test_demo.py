@@ -516,13 +516,15 @@ def test_evaluate_quick_has_every_row(tmp_path):
     (Accuracy is not asserted here: 4 scenes say little; the targets are the test above.)"""
     out = tmp_path / "eval.json"
     figs = tmp_path / "figures"  # not there yet: evaluate makes it
-    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--json", str(out), "--plot",
-                        str(figs)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.evaluate", "--quick", "--split", "validation", "--json",
+                        str(out), "--plot", str(figs)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
     for name in ("| none |", "| none, image blanked (control) |", "| FastV K=", "| VTW K=", "| DyRate K=",
-                 "| random keep, counts of DyRate", "| fixed schedule, mean counts of DyRate", "Main comparison"):
+                 "| random keep, counts of DyRate", "| fixed schedule, mean counts of DyRate", "Main comparison",
+                 "Each method's own best on the validation split", "  FastV: ", "  DyRate predictor: "):
         assert name in r.stdout, name
     figures = json.loads(out.read_text())
+    assert set(figures["validation_choices"]) >= {"FastV", "DyRate predictor", "VTW"}
     none = figures["rows"][0]
     assert none["method"] == "none" and none["em_delta"] == 0.0 and none["lm_flops"] == 1.0
     assert (figs / "pareto.png").stat().st_size > 1000 and (figs / "attention_over_generation.png").exists()

@@ -166,9 +166,16 @@ def test_a_standard_row_and_the_extra_spec_of_the_same_method_have_one_name():
     ctx = Context(DEFAULT_WEIGHTS, cfg.text_config.num_hidden_layers, cfg)
     rows = evaluate.standard_rows(DEFAULT_WEIGHTS, cfg)
     standard, families = {r.name: r.method for r in rows}, {r.name: r.family for r in rows}
-    K = next(r.method.layer for r in rows if r.family == "DyRate predictor")  # every family at the predictor's K
-    assert all(r.method.layer == K for r in rows if r.family.startswith(("FastV", "DyRate", "random", "fixed")))
-    for spec, name in ((f"fastv:layer={K}:rate=0.75", f"FastV K={K} R=0.75"), (f"fastv:layer={K}:rate=0.1", f"FastV K={K} R=0.1"),
+    K = next(r.method.layer for r in rows if r.family == "DyRate predictor")  # DyRate's controls at its K
+    assert all(r.method.layer == K for r in rows if r.family.startswith(("DyRate", "random", "fixed")))
+    fk, fs = evaluate.FASTV_BEST["layer"], evaluate.FASTV_BEST["score"]  # FastV at its own validated K and score
+    fastv = [r.method for r in rows if r.family.startswith("FastV")]
+    assert len(fastv) == len(evaluate.FASTV_RATES) and all((m.layer, m.score) == (fk, fs) for m in fastv)
+    score = next(r.method.score for r in rows if r.family == "DyRate predictor")  # the schedule chooses as DyRate does
+    assert all(r.method.score == score for r in rows if r.family.startswith("fixed"))
+    spec_s, name_s = ("", "") if fs == "last" else (f":score={fs}", f" score={fs}")
+    for spec, name in ((f"fastv:layer={fk}:rate=0.75{spec_s}", f"FastV K={fk} R=0.75{name_s}"),
+                       (f"fastv:layer={fk}:rate=0.1{spec_s}", f"FastV K={fk} R=0.1{name_s}"),
                        ("vtw:layer=4", "VTW K=4"), ("vtw:layer=7", "VTW K=7"),
                        ("dyrate:confidence=0.5", f"DyRate K={K} predictor (c=0.5)")):
         row = evaluate.parse_extra(spec, ctx)

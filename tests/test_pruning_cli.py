@@ -79,6 +79,11 @@ def test_a_predictor_trained_on_a_score_decides_on_it(env):
     assert r.returncode == 0, r.stderr
     meta = safe_open(str(root / "acc_trace.safetensors"), "pt").metadata()
     assert (meta["score"], meta["score_from"]) == ("accumulated", "predictor file")
+    ids = load_file(str(root / "acc_trace.safetensors"))["input_ids"]  # the rows a backend averages over, recorded
+    first, end = map(int, meta["text_rows"].split(","))
+    from dyrate_ref.processing import Processor
+    from dyrate_ref.loading import read_config
+    assert Processor(w, read_config(w)).decode(ids[first:end].tolist()).strip() == "Describe it."
     r = gen(w, img, "--method", "dyrate", "--predictor", acc, "--score", "last")
     assert r.returncode == 2 and "differs from the predictor's score (accumulated)" in r.stderr
 

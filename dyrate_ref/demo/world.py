@@ -56,8 +56,9 @@ class SceneWorld:
         -> (on a shape bool [N], on the asked shape bool [N] or None). A patch is on a shape when more than
         `cover` of its pixels are (default: any pixel); the asked shape is the one shape the prompt names by kind (and colour,
         if it names one), None for questions about no single shape (count, describe, an absent one)."""
+        import numpy as np
         import torch
-        ids = torch.tensor(list(object_map(scene).resize((side * 8, side * 8), Image.NEAREST).getdata()))
+        ids = torch.from_numpy(np.asarray(object_map(scene).resize((side * 8, side * 8), Image.NEAREST))).long()
         ids = ids.view(side, 8, side, 8).permute(0, 2, 1, 3).reshape(side * side, 64)  # [N, pixels of a patch]
         words = prompt.lower().rstrip("?. ").replace("?", "").split()
         kind = next((k for k in SHAPES if k in words), None)
