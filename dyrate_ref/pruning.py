@@ -179,13 +179,15 @@ class DyRate(Method):
     layer: int
     predictor: RatePredictor
     confidence: float
-    score: str = "last"
+    score: str = ""  # "": the predictor's own (the only one its features fit)
 
     def __post_init__(self):
         if not isinstance(self.predictor, RatePredictor):
             raise ValueError("DyRate needs its predictor (predictor.load_predictor); a fixed schedule is DyRateSchedule")
         if self.layer != self.predictor.layer:
             raise ValueError(f"layer {self.layer} differs from the predictor's K={self.predictor.layer}")
+        if not self.score:  # filled in once, so that the value (and the trace) says which score it used
+            object.__setattr__(self, "score", self.predictor.score)
         if self.score != self.predictor.score:
             raise ValueError(f"score {self.score!r} differs from the predictor's ({self.predictor.score!r})")
         check_fraction("confidence", self.confidence)

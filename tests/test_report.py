@@ -638,12 +638,14 @@ def test_a_rows_name_is_the_same_however_the_predictor_path_is_written(tmp_path,
     monkeypatch.chdir(os.path.dirname(DEFAULT_WEIGHTS))
     link = tmp_path / "w"
     os.symlink(DEFAULT_WEIGHTS, link)
+    own = make_method(DyRate, {}, ctx)[0]
+    want = f"DyRate K={own.layer} predictor (c={own.confidence:g})"  # the shipped file's own K and c
     for written in ("dyrate-shapes/dyrate_predictor.safetensors", "../weights/dyrate-shapes/dyrate_predictor.safetensors",
                     str(link / "dyrate_predictor.safetensors"), shipped):
         method, _ = make_method(DyRate, {"predictor": written}, ctx)
-        assert report.label(method, DEFAULT_WEIGHTS) == "DyRate K=3 predictor (c=0.5)", written
-        assert report.label(method, str(link)) == "DyRate K=3 predictor (c=0.5)", written
+        assert report.label(method, DEFAULT_WEIGHTS) == want, written
+        assert report.label(method, str(link)) == want, written
     other = tmp_path / "mine.safetensors"
     shutil.copy(shipped, other)
     method, _ = make_method(DyRate, {"predictor": str(other)}, ctx)
-    assert report.label(method, DEFAULT_WEIGHTS) == "DyRate K=3 predictor (c=0.5) mine.safetensors"
+    assert report.label(method, DEFAULT_WEIGHTS) == want + " mine.safetensors"

@@ -55,8 +55,9 @@ def test_settings_are_checked_once_with_one_message():
     for cls, given in ((FastV, {"layer": 8}), (VTW, {"layer": 0}), (DyRateSchedule, {"layer": 9, "schedule": (0.5,)})):
         with pytest.raises(UserError, match=r"--layer \d is outside 1\.\.7 \(the model has 8 layers\)"):
             make_method(cls, given, ctx())
-    with pytest.raises(UserError, match="differs from the predictor's K=3"):
-        make_method(DyRate, {"layer": 2}, ctx())
+    K = make_method(DyRate, {}, ctx())[0].layer  # the shipped predictor's
+    with pytest.raises(UserError, match=f"differs from the predictor's K={K}"):
+        make_method(DyRate, {"layer": K % 7 + 1}, ctx())
     with pytest.raises(UserError, match="dyrate-schedule needs --schedule"):
         make_method(DyRateSchedule, {}, ctx())
     with pytest.raises(UserError, match="ships no dyrate_predictor.safetensors"):
