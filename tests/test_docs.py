@@ -129,13 +129,15 @@ def prose(doc: str) -> list[str]:
 def test_evaluation_md_quotes_no_unmarked_measurement_and_its_tables_are_the_tools_printout():
     """docs/evaluation.md: every figure in its prose with three or more decimals (settings such as R = 0.25
     have fewer), or a percentage with a decimal, carries its source mark; every table row is a line the tool printed (evaluation.txt,
-    validation.txt, premise.txt, targets.txt)."""
+    validation.txt, premise.txt, targets.txt, look_after.txt, and this round's evaluation_best.txt, validation_best.txt,
+    attention_location.txt)."""
     unmarked = [m.group(0) for line in prose("docs/evaluation.md")
                 for m in re.finditer(r"[-+]?\d+\.\d{3,}(?!\d|\s*<!--)|[-+]?\d+\.\d\s?%", line)
                 if not re.match(r"\s*<!--", line[m.end():]) and "<!--" not in m.group(0)]
     assert not unmarked, unmarked
     printed = "".join(open(os.path.join(REPO, "docs", f), encoding="utf-8").read()
-                      for f in ("evaluation.txt", "validation.txt", "premise.txt", "targets.txt", "look_after.txt"))
+                      for f in ("evaluation.txt", "validation.txt", "premise.txt", "targets.txt", "look_after.txt",
+                                "evaluation_best.txt", "validation_best.txt", "attention_location.txt"))
     rows = [line.rstrip("\n") for line in open(os.path.join(REPO, "docs", "evaluation.md"), encoding="utf-8")
             if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| answers")]
     missing = [r for r in rows if r not in printed]
