@@ -194,17 +194,16 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     """On scene 3, every step's cut of the shipped predictor, recomputed from its file with plain
     arithmetic (standardise, the linear layer, P(label >= a) >= confidence), equals what generate did:
     on the model's own description, and on a constructed look-then-reason trajectory (the scene's true
-    description, then "So the star is green.", teacher-forced), where the rate must rise after the
-    prefill -- the looking part is where DyRate's premise says the picture can go. (On descriptions it
-    rises too: this predictor does not tell the two apart; docs/evaluation.md says so.)"""
+    description, then "So the star is green.", teacher-forced). The scores are the predictor's own rule's
+    (its file's `score`), over the question's rows. What the shipped predictor does with them, as
+    docs/evaluation.md says: it cuts at the prefill, where the FLOPs are."""
     import json
     from safetensors import safe_open
     from safetensors.torch import load_file
     from dyrate_ref.predictor import CUTS, predictor_features
-    from dyrate_ref.pruning import DyRate, kept_count, visual_scores
+    from dyrate_ref.pruning import DyRate, kept_count, query_scores, step_scores
     from dyrate_ref.settings import Context, make_method
     from dyrate_ref.oracle import forward_no_cache
-    from dyrate_ref.tools.report import first_rise
     model = load_model(DEFAULT_WEIGHTS)
     proc = Processor(DEFAULT_WEIGHTS, model.config)
     method, _ = make_method(DyRate, {}, Context(DEFAULT_WEIGHTS, 8, model.config))
@@ -216,21 +215,22 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     img = Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png")
     if kind == "describe":
         ids, px = proc.input_ids("Describe the image."), proc.pixel_values(img)
-        gen = generate(model, ids, px, 40, method, stop_ids=proc.stop_ids)
+        gen = generate(model, ids, px, 40, method, stop_ids=proc.stop_ids, text=proc.text_rows(ids))
     else:
         examples = json.load(open(f"{DEFAULT_WEIGHTS}/examples/examples.json"))
         truth = next(e["description"] for e in examples if e["file"] == "scene3.png")
         assert "a green star" in truth  # so the answer below is the true one
         answer = proc.answer_ids(truth + " So the star is green.")
         ids, px = proc.input_ids("What color is the star? Look first."), proc.pixel_values(img)
-        gen = generate(model, ids, px, len(answer), method, force=answer)
+        gen = generate(model, ids, px, len(answer), method, force=answer, text=proc.text_rows(ids))
     kept = [int(k.sum()) for k in gen.record.kept_masks]
     # Layers < K are never pruned: the no-cache forward gives every step's scores.
     _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=(K - 1,))
     P, span = ids.numel(), visual_span(ids, model.config.image_token_index)
     prev = torch.arange(span[1])
+    every = step_scores(query_scores(probs[K - 1], span), proc.text_rows(ids), P, len(gen.tokens), meta.get("score", "last"))
     for t in range(len(gen.tokens)):
-        scores = visual_scores(probs[K - 1][:, :, :P + t], span)
+        scores = every[t]  # [N]
         x = (predictor_features(scores, prev, t) - w["mean"]) / w["std"]
         logits = w["net.weight"] @ x + w["net.bias"]
         p = logits.softmax(0).tolist()
@@ -239,8 +239,7 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
         assert kept[t] == m, (t, kept, a)
         order = sorted(prev.tolist(), key=lambda i: -float(scores[i]))
         prev = torch.tensor(sorted(order[:m]), dtype=torch.long)
-    if kind == "look":
-        assert first_rise(kept) is not None and kept[-1] < kept[0], kept
+    assert kept[0] < span[1], kept
 
 
 # ----------------------------------------------------------------------------------------------------
