@@ -132,6 +132,11 @@ def test_the_main_comparison_by_hand():
         assert sched["costs"][cost]["difference"] == pytest.approx(-0.0025)
         assert sched["costs"][cost]["se"] == pytest.approx(math.sqrt(1.5 * (0.005 ** 2 + 0.1025 ** 2 + 0.1075 ** 2) / 16))
     assert fastv["target_met"] and not sched["target_met"]
+    # which tokens: every DyRate row that has a random control at its counts, paired, in or out of the bounds
+    records["random keep, counts of dy6"] = [rec(e) for e in (0.0, 0.0, 1.0, 0.0)]  # dy6's em: 1 on every item
+    c2 = report.main_comparison(results, records, items, "DyRate predictor", THEIRS, BOUNDS)
+    assert set(c2["random"]) == {"dy6"} and c2["random"]["dy6"]["em"]["difference"] == pytest.approx(0.75)
+    assert "dy6 minus random keep at its own counts" in report.comparison_text(c2)
     # a family that names its own K (FastV's validated K, declared) is taken at that K, not at ours'
     own = report.main_comparison(results, records, items, "DyRate predictor", {"FastV K=1": {"lm_flops": 0.8}}, BOUNDS)
     assert own["against"]["FastV K=1"]["row"]["method"] == "fv1"

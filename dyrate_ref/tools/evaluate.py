@@ -378,8 +378,11 @@ def run(argv=None) -> int:
             print(f"  {kind}: " + ("no row within the bounds" if chosen is None else
                                    f"{chosen['method']}: LM FLOPs {chosen['lm_flops_forced']:.3f}, mean KV "
                                    f"{chosen['kv_mean_forced']:.3f} of none's"))
-    # Where DyRate cuts at the prefill, per picture: the declared comparison's DyRate row, else the validated one.
-    dyrate_row = ((comparison or {}).get(MAIN_COMPARISON["ours"]) or (choices or {}).get(MAIN_COMPARISON["ours"]))
+    # Where DyRate cuts at the prefill, per picture: the declared comparison's DyRate row, else the validated
+    # one, else the first (the shipped predictor at its own c).
+    ours = [r for r in json_rows if r["family"] == MAIN_COMPARISON["ours"]]
+    dyrate_row = ((comparison or {}).get(MAIN_COMPARISON["ours"]) or (choices or {}).get(MAIN_COMPARISON["ours"])
+                  or (ours[0] if ours else None))
     step0 = None
     if dyrate_row and not args.data:
         step0 = step0_table(records[dyrate_row["method"]], prompts, N)
