@@ -131,7 +131,7 @@ def cases(root):
             (["--data", str(root / "data.jsonl"), "--weights", w], "line 1"),
             (["--weights", "/nonexistent"], "nonexistent"),
             (["--weights", w2], "a 2-layer decoder does not have"),
-            (["--weights", w, "--extra", "fastv:layer=2:rate=0.5"], "two rows are both 'FastV K=2 R=0.5'"),
+            (["--weights", w, "--extra", "fastv:layer=2:rate=0.5:score=mean"], "two rows are both 'FastV K=2 R=0.5 score=mean'"),
             (["--weights", w, "--extra", f"dyrate:predictor={folder}"], "is a folder; give a predictor file"),
         ]),
         "trace compare": (trace.main, [
