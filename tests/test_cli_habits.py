@@ -98,7 +98,7 @@ def test_summary_names_every_methods_settings(files):
     assert "method fastv K=2 R=0.25 score=last (K, score: default; R: flag)" in line, line
     line = summary(run("--image", img, "--prompt", "hi", "--weights", w, "--method", "dyrate-schedule", "--schedule", "0.2,0.4",
                        "--max-new-tokens", "2"))
-    assert "method dyrate-schedule K=2 schedule=0.2,0.4 (K: default; schedule: flag)" in line, line
+    assert "method dyrate-schedule K=2 schedule=0.2,0.4 score=last (K, score: default; schedule: flag)" in line, line
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

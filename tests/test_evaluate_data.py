@@ -147,9 +147,9 @@ def test_extra_rows_parse_into_the_settings_they_name():
     row = evaluate.parse_extra("dyrate:confidence=0.6", ctx)  # the shipped predictor at another confidence
     assert row.method.confidence == 0.6 and row.method.layer == row.method.predictor.layer
     L = cfg.text_config.num_hidden_layers
-    for bad, why in (("fastv:2", "use NAME"), ("fastv:score=median", "'last' or 'mean'"), ("nope", "use NAME"),
+    for bad, why in (("fastv:2", "use NAME"), ("fastv:score=median", "not one of last, mean, accumulated"), ("nope", "use NAME"),
                      (f"fastv:layer={L}", f"outside 1..{L - 1}"), ("fastv:rate=2", "outside [0, 1]"),
-                     ("vtw:rate=0.5", "does not apply"), ("dyrate:layer=2", "differs from the predictor"),
+                     ("vtw:rate=0.5", "does not apply"), (f"dyrate:layer={row.method.layer % (L - 1) + 1}", "differs from the predictor"),
                      ("random:layer=0:rate=0.5", "outside 1.."), ("mass:mass=x", "not a number"),
                      ("random:layer=1", "needs rate"), ("random:counts=3:rate=0.5", "not given"), ("fastv:ratio=0.5", "ratio is now rate")):
         with pytest.raises(UserError, match="--extra") as e:
