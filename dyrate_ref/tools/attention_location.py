@@ -17,7 +17,6 @@ entropy over log N (1: spread evenly). The figure plots the table, drawn from th
 
 from __future__ import annotations
 
-import json
 import math
 
 from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
@@ -46,7 +45,7 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 
 import torch
 
-from ..files import check_outputs, checkpoint_inputs, write_atomic
+from ..files import check_outputs, checkpoint_inputs, write_atomic, write_json
 from ..loading import load_model, resolve_weights, weight_inputs
 from ..oracle import forward_no_cache
 from ..processing import Processor
@@ -205,7 +204,7 @@ def run(argv=None) -> int:
     t["source"] = args.data or f"{args.split} scenes:{args.scenes}"
     print(location_text(t))
     if args.json:
-        write_atomic(args.json, lambda tmp: json.dump(t, open(tmp, "w"), indent=1))
+        write_json(args.json, t)
     if args.plot:
         draw_location(t, args.plot)
     return 0
