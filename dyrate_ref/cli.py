@@ -1,6 +1,6 @@
 """`python generate.py --image x.jpg --prompt "..."`: answer a question about a picture, streaming.
 
-Every problem with the user's input becomes one line on stderr and exit status 2 (errors.UserError),
+Every problem with the user's input becomes one line on stderr and exit status 2 (commands.UserError),
 checked as early as possible: flags and paths before any weights are read, and no output file is
 written unless the whole run succeeded.
 """
@@ -13,8 +13,7 @@ import sys
 import time
 
 # Only what parsing the flags needs is imported here: --help and a flag error answer before torch loads.
-from .errors import ArgumentParser, UserError, command_main
-from .flags import DEFAULT_WEIGHTS, add_device, add_dtype, add_threads, add_weights
+from .commands import DEFAULT_WEIGHTS, DTYPE_HELP, ArgumentParser, UserError, command_main
 
 SMALL_MODEL = 100_000_000  # bytes of weights below which generate.py runs on one CPU thread by default
 
@@ -24,10 +23,10 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
                       "optionally pruning visual tokens with FastV, VTW or DyRate.")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help='question; may contain one "<image>" to place the image')
-    add_weights(p, help=f"llava-hf checkpoint directory (default: the embedded {DEFAULT_WEIGHTS})")
+    p.add_argument("--weights", help=f"llava-hf checkpoint directory (default: the embedded {DEFAULT_WEIGHTS})")
     p.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many tokens (default 128)")
-    add_device(p, "auto", "auto (CUDA when present), cpu or cuda")
-    add_dtype(p)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (with --temperature > 0)")
@@ -35,8 +34,9 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
     p.add_argument("--force-tokens", metavar="TRACE",
                    help="feed the tokens of another trace (a backend's) instead of choosing them, recording this "
                         "model's own logits, kept sets and costs at every step: the oracle for `trace compare`")
-    add_threads(p, "CPU threads for torch (default: 1 for weights under 100 MB, like the embedded model's, "
-                   "where more threads gain nothing; torch's default, one per core, for larger ones)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for weights under "
+                   "100 MB, like the embedded model's, where more threads gain nothing; torch's default, one per core, "
+                   "for larger ones)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="draw visual attention and kept patches per step")
     g = p.add_argument_group("visual-token pruning (each setting applies to the methods its help names)")
     g.add_argument("--method", default="none",
@@ -92,7 +92,7 @@ def run(argv=None, prog: str = "generate.py") -> int:
 
     from . import __version__
     from .files import check_outputs, checkpoint_inputs
-    from .flags import apply_threads
+    from .commands import apply_threads
     from .generation import Sampling, generate
     from .loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights, weight_files
     from .plots import plot_run, require_matplotlib

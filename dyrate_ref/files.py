@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import UserError
+from .commands import UserError
 
 
 def write_atomic(path: str, write):

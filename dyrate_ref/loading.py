@@ -8,20 +8,22 @@ second copy of the checkpoint), so peak memory stays close to the checkpoint's o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+from dataclasses import fields
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UserError
-from .files import write_atomic
-from .flags import DEFAULT_WEIGHTS  # noqa: F401  (re-exported: the embedded model every command defaults to)
-from .model import LlavaConfig, LlavaForConditionalGeneration
-from .progress import Progress
+from .commands import Progress, UserError
+from .files import check_input_file, write_atomic
+from .commands import DEFAULT_WEIGHTS  # noqa: F401  (re-exported: the embedded model every command defaults to)
+from .model import ACTIVATIONS, LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from .predictor import FEATURES, RatePredictor
 
 # checkpoint key prefix -> model.py prefix. The first matching prefix wins, so the longer, more specific
 # prefixes come first.
@@ -117,6 +119,36 @@ def resolve_weights(spec: str, flag: str = "--weights") -> str:
                     "the checkpoint's folder")
 
 
+def config_from_dict(d: dict) -> LlavaConfig:
+    """Read a llava-hf config.json (any transformers version) into the dataclasses."""
+    vision = d.get("vision_config")
+    vision = VisionConfig(**LLAVA_DEFAULT_VISION) if vision is None else _pick(VisionConfig, vision)
+    text = dict(d.get("text_config") or {})
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if "rope_theta" in rope and "rope_theta" not in text:
+        text["rope_theta"] = rope["rope_theta"]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} is not supported (LLaVA-1.5 uses plain RoPE)")
+    if "tie_word_embeddings" in d and "tie_word_embeddings" not in text:
+        text["tie_word_embeddings"] = d["tie_word_embeddings"]
+    top = _pick(LlavaConfig, {k: v for k, v in d.items() if k not in ("vision_config", "text_config")})
+    text = _pick(TextConfig, text)
+    for act in (vision.hidden_act, text.hidden_act, top.projector_hidden_act):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported (known: {', '.join(ACTIVATIONS)})")
+    layer = top.vision_feature_layer
+    layer = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
+    return LlavaConfig(**{**{f.name: getattr(top, f.name) for f in fields(LlavaConfig)},
+                          "vision_config": vision, "text_config": text,
+                          "vision_feature_layer": layer})
+
+
+def _pick(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def read_config(weights_dir: str, flag: str = "--weights") -> LlavaConfig:
     """The checkpoint's config.json; `flag` names the option that gave the folder in every refusal."""
     if not os.path.exists(weights_dir):
@@ -134,7 +166,7 @@ def read_config(weights_dir: str, flag: str = "--weights") -> LlavaConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{path} does not hold a JSON object; restore the checkpoint's config.json")
     try:
-        return LlavaConfig.from_dict(raw)
+        return config_from_dict(raw)
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} does not describe a LLaVA model this code can run: {e}") from None
 
@@ -283,3 +315,77 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# DyRate's predictor file (predictor.py holds the predictor itself): safetensors with the layer weights
+# and a metadata header:
+#   format        "dyrate_ref-predictor-2"
+#   layer         K, the pruning layer whose input attention (layer K-1) the features read
+#   cuts          JSON list of the cut each output stands for
+#   features      JSON list of feature names, in input order
+#   hidden        0 for linear, else the MLP's hidden width
+#   confidence    the default decoding confidence
+#   score         the attention score its features read: last, mean or accumulated (pruning.SCORES);
+#                 absent in files written before the score was a setting, which read "last"
+#   model         fingerprint of the config.json it was trained on (the file is refused for other models)
+#   trained_on    the weights directory's name; training settings (margin, rounds, seed, examples, ...)
+
+PREDICTOR_FORMAT = "dyrate_ref-predictor-2"
+SHIPPED_PREDICTOR = "dyrate_predictor.safetensors"  # beside the weights: the one DyRate uses by default
+
+
+def model_fingerprint(cfg) -> str:
+    """Which model a predictor belongs to: a hash of the architecture (not of the weights, which would
+    mean reading them all)."""
+    return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+
+
+def save_predictor(pred: RatePredictor, path: str, cfg, **settings):
+    """Write a predictor file (the header above), whole or not at all: its settings, what it was trained
+    with (`settings`, its `meta`), and the fingerprint of the model it belongs to."""
+    meta = {**{k: str(v) for k, v in {**pred.meta, **settings}.items()},  # what it was trained with ...
+            "format": PREDICTOR_FORMAT, "layer": str(pred.layer), "cuts": json.dumps(list(pred.cuts)),  # ... and
+            "features": json.dumps(list(FEATURES)), "hidden": str(pred.hidden),  # what it is now, which wins
+            "confidence": str(pred.confidence), "score": pred.score, "model": model_fingerprint(cfg)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in pred.state_dict().items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def shipped_predictor_path(weights_dir: str) -> str | None:
+    p = os.path.join(weights_dir, SHIPPED_PREDICTOR)
+    return p if os.path.isfile(p) else None
+
+
+def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
+    """Read a predictor file and check that it fits this model; every problem is a UserError."""
+    check_input_file(path, "predictor file", "a predictor file (.safetensors) that train_predictor wrote")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"predictor file {path} is not a readable safetensors file ({e}); retrain or re-copy it") from None
+    if meta.get("format") != PREDICTOR_FORMAT:
+        raise UserError(f"{path} is not a dyrate_ref predictor of this version (format {meta.get('format')!r}); "
+                        "retrain it with python -m dyrate_ref.tools.train_predictor")
+    try:
+        layer, hidden, confidence = int(meta["layer"]), int(meta["hidden"]), float(meta["confidence"])
+        cuts, names = json.loads(meta["cuts"]), json.loads(meta["features"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"predictor {path} has a damaged header ({e}); retrain it") from None
+    if tuple(names) != FEATURES:
+        raise UserError(f"predictor {path} was trained on other features ({len(names)}); retrain it with this version")
+    if meta.get("model") != model_fingerprint(cfg):
+        raise UserError(f"predictor {path} was trained for another model ({meta.get('trained_on', '?')}), not "
+                        f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.tools.train_predictor")
+    score = meta.get("score", "last")
+    if score not in ("last", "mean", "accumulated"):
+        raise UserError(f"predictor {path} has a damaged header (score {score!r}); retrain it")
+    pred = RatePredictor(layer, cuts, hidden, confidence, {k: v for k, v in meta.items()}, score)
+    try:
+        pred.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"predictor {path} does not match its own header ({str(e).splitlines()[0]}); retrain it") from None
+    pred.path = os.path.abspath(path)
+    return pred.eval()

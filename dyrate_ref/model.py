@@ -19,7 +19,7 @@ to keep, evicts the rest from the cache, and runs layers [K, L). Nothing in here
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ from torch import nn
 
 # ----------------------------------------------------------------------------------------------------
 # Configs. Field names and defaults are Hugging Face's (CLIPVisionConfig, LlamaConfig, LlavaConfig), so
-# a config.json that leaves a field out means what it means to transformers.
+# a config.json that leaves a field out means what it means to transformers (loading.config_from_dict
+# reads one).
 
 
 @dataclass(frozen=True)
@@ -92,27 +93,6 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     multimodal_projector_bias: bool = True
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LlavaConfig":
-        """Read a llava-hf config.json (any transformers version) into the dataclasses."""
-        vision = d.get("vision_config")
-        vision = VisionConfig(**LLAVA_DEFAULT_VISION) if vision is None else _pick(VisionConfig, vision)
-        text = dict(d.get("text_config") or {})
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        if "rope_theta" in rope and "rope_theta" not in text:
-            text["rope_theta"] = rope["rope_theta"]
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope type {rope_type!r} is not supported (LLaVA-1.5 uses plain RoPE)")
-        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text:
-            text["tie_word_embeddings"] = d["tie_word_embeddings"]
-        top = _pick(cls, {k: v for k, v in d.items() if k not in ("vision_config", "text_config")})
-        layer = top.vision_feature_layer
-        layer = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
-        return cls(**{**{f.name: getattr(top, f.name) for f in fields(cls)},
-                      "vision_config": vision, "text_config": _pick(TextConfig, text),
-                      "vision_feature_layer": layer})
-
     @property
     def feature_layers(self) -> tuple[int, ...]:
         """vision_feature_layer as indices into the tower's hidden states (0 = embeddings); negative ones
@@ -127,11 +107,6 @@ class LlavaConfig:
         return self.vision_config.num_patches + extra
 
 
-def _pick(cls, d: dict):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
-
-
 # ----------------------------------------------------------------------------------------------------
 # Small pieces.
 
@@ -140,12 +115,6 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's original approximation
     "silu": F.silu,
 }
-
-
-def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported (known: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
 
 
 class RMSNorm(nn.Module):
@@ -209,7 +178,7 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = activation(cfg.hidden_act)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -277,7 +246,7 @@ class LlavaMultiModalProjector(nn.Module):
         super().__init__()
         C = cfg.text_config.hidden_size
         self.linear_1 = nn.Linear(vision_width, C, bias=cfg.multimodal_projector_bias)
-        self.act = activation(cfg.projector_hidden_act)
+        self.act = ACTIVATIONS[cfg.projector_hidden_act]
         self.linear_2 = nn.Linear(C, C, bias=cfg.multimodal_projector_bias)
 
     def forward(self, x):
@@ -398,7 +367,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
-        self.act = activation(cfg.hidden_act)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

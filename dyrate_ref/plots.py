@@ -4,12 +4,9 @@
                        attention on the image and the kept count; below, the picture at a few steps
                        with the evicted patches darkened
   plot_mass            one curve of the attention mass on the image over an answer (the tutorial's figure)
-  plot_layers          the mass per decoder layer over the answer, mean over many answers with a
-                       95 % confidence band (evaluate --plot)
   plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
-  plot_pareto          accuracy against cost, one line per family through its settings (evaluate --plot)
 
-Every figure has a title, labelled axes with units, and its legend outside the data. Files are written
+The evaluation's charts are tools/charts.py. Every figure has a title, labelled axes with units, and its legend outside the data. Files are written
 whole or not at all (files.write_atomic).
 """
 
@@ -22,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .commands import UserError
 from .files import write_atomic
 
 INSTALL_HINT = 'pip install -e ".[plots]"  (matplotlib)'
@@ -85,36 +82,6 @@ def plot_mass(path: str, mass: list[float], tokens: list[str], title: str, layer
     ax.set_xticklabels([repr(s)[1:-1] for s in tokens], rotation=90, fontsize=7)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-def plot_layers(path: str, means: torch.Tensor, sems: torch.Tensor, counts: torch.Tensor, title: str):
-    """means, sems [L, T]: per layer, mean attention mass on the image at answer position t and its standard error;
-    counts [T]: answers long enough to have position t. One panel per layer, with a 95 % band."""
-    plt = require_matplotlib()
-    L, T = means.shape
-    cols = 4 if L > 4 else L
-    rows = (L + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharex=True, sharey=True, squeeze=False)
-    t = torch.arange(T)
-    for i in range(rows * cols):
-        ax = axes[i // cols][i % cols]
-        if i >= L:
-            ax.axis("off")
-            continue
-        m, s = means[i], sems[i]
-        ax.fill_between(t, (m - 1.96 * s).clamp_min(0), m + 1.96 * s, alpha=0.25, lw=0)
-        ax.plot(t, m, lw=1.5)
-        ax.set_title(f"layer {i}", fontsize=10)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        if i % cols == 0:
-            ax.set_ylabel("mass on image")
-        if i // cols == rows - 1:
-            ax.set_xlabel("answer position t")
-    fig.suptitle(f"{title}\n(mean over {int(counts[0])} held-out descriptions; band: 95 % confidence; "
-                 f"positions reached by ≥ {int(counts[-1])} answers)", fontsize=10)
-    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -212,43 +179,4 @@ def plot_run(path: str, pixel_values: torch.Tensor, processor, gen, method, step
         patch_panel(ax, base, rec.kept_masks[step].cpu(), grid, has_cls,
                     f"step {step} ({token_label(words[step], gen.tokens[step], processor)}): {kept[step]}/{N} kept", 8)
     fig.text(0.5, 0.37, labels["patches"], ha="center", fontsize=8)
-    save_figure(fig, path)
-
-
-def plot_pareto(path: str, points: list[dict], title: str):
-    """points: {panel (the cost axis), ylabel (the accuracy axis), method (the family), label, x (cost
-    relative to none), y (accuracy), yerr}; one panel per (accuracy, cost), one line per family through
-    its settings in order of cost, error bars of yerr (the caller's: ±2 SE)."""
-    plt = require_matplotlib()
-    order = lambda key: list(dict.fromkeys(p[key] for p in points))  # noqa: E731
-    rows, cols = order("ylabel"), order("panel")
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.6 * len(cols), 3.6 * len(rows)), squeeze=False)
-    styles, seen = {}, {}
-    for r, ylabel in enumerate(rows):
-        for c, panel in enumerate(cols):
-            ax = axes[r][c]
-            here = [p for p in points if p["panel"] == panel and p["ylabel"] == ylabel]
-            for family in order("method"):
-                pts = sorted((p for p in here if p["method"] == family), key=lambda p: p["x"])
-                if not pts:
-                    continue
-                i = len(styles)  # families whose points coincide (a control at its method's counts) stay visible:
-                # sizes differ and every other family is drawn hollow
-                st = styles.setdefault(family, dict(marker="osD^vP*Xh<>"[i % 11], color=f"C{i % 10}", ms=9 - 2 * (i % 3),
-                                                    mfc="none" if i % 2 else None))
-                h = ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts], yerr=[p.get("yerr", 0) for p in pts],
-                                fmt="-" + st["marker"], color=st["color"], ms=st["ms"], mfc=st["mfc"] or st["color"],
-                                lw=1, capsize=2)
-                seen.setdefault(family, h)
-            ax.set_xlabel(panel, fontsize=8)
-            ax.set_ylabel(ylabel, fontsize=8)
-            ax.set_xlim(0, 1.05)
-            if "%" in ylabel:  # a share cannot pass 100 %, whatever ±2 SE says
-                ax.set_ylim(top=min(ax.get_ylim()[1], 101))
-            ax.grid(alpha=0.3)
-    fig.legend(list(seen.values()), list(seen.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(4, len(seen)), frameon=False)
-    fig.suptitle(title + "\n(one line per family through its settings; error bars: ±2 standard errors, clustered by picture)",
-                 fontsize=10)
-    fig.tight_layout()
     save_figure(fig, path)

@@ -13,36 +13,17 @@ picks the compression rate for each step. Everything in this file is dyrate_ref'
   confidence 0.5 is the median; closer to 1 keeps more. Over-pruning cannot be undone (kept sets only
   shrink), under-pruning only costs a little compute, hence the asymmetry.
 
-File: safetensors with the layer weights and a metadata header:
-  format        "dyrate_ref-predictor-2"
-  layer         K, the pruning layer whose input attention (layer K-1) the features read
-  cuts          JSON list of the cut each output stands for
-  features      JSON list of feature names, in input order
-  hidden        0 for linear, else the MLP's hidden width
-  confidence    the default decoding confidence
-  score         the attention score its features read: last, mean or accumulated (pruning.SCORES);
-                absent in files written before the score was a setting, which read "last"
-  model         fingerprint of the config.json it was trained on (the file is refused for other models)
-  trained_on    the weights directory's name; training settings (margin, rounds, seed, examples, ...)
+Its file (safetensors, the layer weights and a metadata header) is read and written by loading.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UserError
-from .files import check_input_file, write_atomic
 
-FORMAT = "dyrate_ref-predictor-2"
-SHIPPED_NAME = "dyrate_predictor.safetensors"
 CUTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the share of the still-kept visual tokens a step drops
 FEATURES = (
     "visual_mass",  # share of the query's attention that goes to visual tokens at all
@@ -72,12 +53,6 @@ def predictor_features(scores: torch.Tensor, prev_keep: torch.Tensor, t: int) ->
     kept_mass = p[prev_keep].sum()
     step = torch.tensor([prev_keep.numel() / N, float(t == 0), math.log1p(t)], device=scores.device)
     return torch.cat([torch.stack([mass, entropy, *top, *q, qmax, kept_mass]), step]).float()  # [F]
-
-
-def model_fingerprint(cfg) -> str:
-    """Which model a predictor belongs to: a hash of the architecture (not of the weights, which would
-    mean reading them all)."""
-    return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
 
 
 class RatePredictor(nn.Module):
@@ -120,50 +95,3 @@ class RatePredictor(nn.Module):
         """The step's cut: the share of the still-kept tokens to drop (a host sync: the keep size
         depends on it)."""
         return self.cuts[int(self.decide(self.forward(feats.to(self.mean.device)), confidence))]
-
-    def save(self, path: str, cfg, **settings):
-        meta = {**{k: str(v) for k, v in {**self.meta, **settings}.items()},  # what it was trained with ...
-                "format": FORMAT, "layer": str(self.layer), "cuts": json.dumps(list(self.cuts)),  # ... and
-                "features": json.dumps(list(FEATURES)), "hidden": str(self.hidden),  # what it is now, which wins
-                "confidence": str(self.confidence), "score": self.score, "model": model_fingerprint(cfg)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def shipped_predictor_path(weights_dir: str) -> str | None:
-    p = os.path.join(weights_dir, SHIPPED_NAME)
-    return p if os.path.isfile(p) else None
-
-
-def load_predictor(path: str, cfg, weights_dir: str = "") -> RatePredictor:
-    """Read a predictor file and check that it fits this model; every problem is a UserError."""
-    check_input_file(path, "predictor file", "a predictor file (.safetensors) that train_predictor wrote")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"predictor file {path} is not a readable safetensors file ({e}); retrain or re-copy it") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a dyrate_ref predictor of this version (format {meta.get('format')!r}); "
-                        "retrain it with python -m dyrate_ref.tools.train_predictor")
-    try:
-        layer, hidden, confidence = int(meta["layer"]), int(meta["hidden"]), float(meta["confidence"])
-        cuts, names = json.loads(meta["cuts"]), json.loads(meta["features"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"predictor {path} has a damaged header ({e}); retrain it") from None
-    if tuple(names) != FEATURES:
-        raise UserError(f"predictor {path} was trained on other features ({len(names)}); retrain it with this version")
-    if meta.get("model") != model_fingerprint(cfg):
-        raise UserError(f"predictor {path} was trained for another model ({meta.get('trained_on', '?')}), not "
-                        f"{weights_dir or 'these weights'}; train one with python -m dyrate_ref.tools.train_predictor")
-    score = meta.get("score", "last")
-    if score not in ("last", "mean", "accumulated"):
-        raise UserError(f"predictor {path} has a damaged header (score {score!r}); retrain it")
-    pred = RatePredictor(layer, cuts, hidden, confidence, {k: v for k, v in meta.items()}, score)
-    try:
-        pred.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"predictor {path} does not match its own header ({str(e).splitlines()[0]}); retrain it") from None
-    pred.path = os.path.abspath(path)
-    return pred.eval()

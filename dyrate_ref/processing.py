@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
-from .errors import UserError
+from .commands import UserError
 from .files import check_input_file
 from .model import LlavaConfig
 

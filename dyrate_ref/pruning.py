@@ -183,7 +183,7 @@ class DyRate(Method):
 
     def __post_init__(self):
         if not isinstance(self.predictor, RatePredictor):
-            raise ValueError("DyRate needs its predictor (predictor.load_predictor); a fixed schedule is DyRateSchedule")
+            raise ValueError("DyRate needs its predictor (loading.load_predictor); a fixed schedule is DyRateSchedule")
         if self.layer != self.predictor.layer:
             raise ValueError(f"layer {self.layer} differs from the predictor's K={self.predictor.layer}")
         if not self.score:  # filled in once, so that the value (and the trace) says which score it used

@@ -12,8 +12,8 @@ import json
 import os
 from dataclasses import MISSING, dataclass, fields
 
-from .errors import UserError
-from .predictor import load_predictor, shipped_predictor_path
+from .commands import UserError
+from .loading import load_predictor, shipped_predictor_path
 from .pruning import DEFAULT_LAYER, SCORES, DyRate, DyRateSchedule, VTW
 
 # ----------------------------------------------------------------------------------------------------

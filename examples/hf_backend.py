@@ -12,7 +12,7 @@ a serving engine returns them), kept_masks and rates.
         [--topk K] [--image-offset 1]
     python generate.py --weights DIR --image IMG --prompt TEXT --method fastv \\
         --force-tokens backend.safetensors --trace oracle.safetensors
-    python -m dyrate_ref.trace compare oracle.safetensors backend.safetensors
+    python -m dyrate_ref.tools.trace compare oracle.safetensors backend.safetensors
 
 --image-offset 1 is a deliberate bug: the kept set is chosen right, but the masks that apply it in
 layers >= K are placed one position too late (the off-by-one of a hard-coded image offset, as in
@@ -33,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dyrate_ref.errors import ArgumentParser, UserError, command_main, summary  # noqa: E402  (exit 2 and one line on bad input)
+from dyrate_ref.commands import ArgumentParser, UserError, command_main, summary  # noqa: E402  (exit 2 and one line on bad input)
 from dyrate_ref.files import check_outputs, checkpoint_inputs  # noqa: E402  (never overwrite an input)
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config  # noqa: E402
 from dyrate_ref.processing import Processor, open_image  # noqa: E402

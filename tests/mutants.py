@@ -47,13 +47,14 @@ class Mutant:
 
 MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
 PRUNE_TESTS = ("tests/test_pruning.py",)
-CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli_habits.py", "tests/test_cli.py")
-TEETH_TESTS = ("tests/test_teeth.py",)
+CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli.py")
+SERVING_TESTS = ("tests/test_serving.py",)
 REPORT_TESTS = ("tests/test_report.py",)
 SCORE_TESTS = ("tests/test_scores.py",)
 LOCATION_TESTS = ("tests/test_attention_location.py",)
 PIPELINE_TESTS = ("tests/test_training_pipeline.py",)
-PATH_TESTS = ("tests/test_user_paths.py",)
+PATH_TESTS = ("tests/test_commands.py",)
+FIGURE_TESTS = ("tests/test_figures.py",)
 
 MUTANTS = [
     # The model
@@ -79,11 +80,11 @@ MUTANTS = [
     # Processing
     Mutant("resample-bilinear", "images resized bilinearly instead of with the checkpoint's resample",
            "dyrate_ref/processing.py", (("img.resize((w, h), resample=s.resample)", "img.resize((w, h), resample=Image.Resampling.BILINEAR)"),),
-           ("tests/test_preprocessing.py",), where="pixel_values"),
+           ("tests/test_processing.py",), where="pixel_values"),
     Mutant("crop-left", "center crop taken from the left edge", "dyrate_ref/processing.py",
-           (("top, left = (H - ch) // 2, (W - cw) // 2", "top, left = (H - ch) // 2, 0"),), ("tests/test_preprocessing.py",), where="center_crop"),
+           (("top, left = (H - ch) // 2, (W - cw) // 2", "top, left = (H - ch) // 2, 0"),), ("tests/test_processing.py",), where="center_crop"),
     Mutant("normalise-order", "mean subtracted after dividing by std", "dyrate_ref/processing.py",
-           (("x = (x - mean) / std", "x = x / std - mean"),), ("tests/test_preprocessing.py",), where="pixel_values"),
+           (("x = (x - mean) / std", "x = x / std - mean"),), ("tests/test_processing.py",), where="pixel_values"),
     # Pruning
     Mutant("span-offset", "dropped positions off by one (the image offset bug FastV's public code had)",
            "dyrate_ref/generation.py", (("gone = start + state.kept[", "gone = start + 1 + state.kept["),),
@@ -134,18 +135,18 @@ MUTANTS = [
            (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, 1.0, args.seed)"),), CLI_TESTS, where="run"),
     Mutant("seed-ignored", "--seed accepted and ignored", "dyrate_ref/cli.py",
            (("Sampling(args.temperature, top_p, args.seed)", "Sampling(args.temperature, top_p, None)"),), CLI_TESTS, where="run"),
-    # Round 2 (tests/test_teeth.py and the newcomer issue's tests): what an oracle's users rely on
-    Mutant("kl-reversed", "trace compare reports KL(backend || oracle), not KL(oracle || backend)", "dyrate_ref/trace.py",
+    # Round 2 (the newcomer issue's tests, and what an oracle's users rely on)
+    Mutant("kl-reversed", "trace compare reports KL(backend || oracle), not KL(oracle || backend)", "dyrate_ref/tools/trace.py",
            (('kl = kl_divergence(ra["logits"], rb["logits"], torch.float64)', 'kl = kl_divergence(rb["logits"], ra["logits"], torch.float64)'),),
-           TEETH_TESTS, where="compare"),
-    Mutant("prefix-is-same", "a backend that stopped early (its tokens a prefix) passes", "dyrate_ref/trace.py",
-           (("tokens_ok = first is None and ta.numel() == tb.numel()", "tokens_ok = first is None"),), TEETH_TESTS, where="compare"),
-    Mutant("iou-over-oracle", "kept-set IoU divides by the oracle's kept count, not the union", "dyrate_ref/trace.py",
-           (("inter / union.clamp(min=1)", "inter / ka.sum(1).float().clamp(min=1)"),), TEETH_TESTS, where="compare"),
+           ("tests/test_backend.py",), where="compare"),
+    Mutant("prefix-is-same", "a backend that stopped early (its tokens a prefix) passes", "dyrate_ref/tools/trace.py",
+           (("tokens_ok = first is None and ta.numel() == tb.numel()", "tokens_ok = first is None"),), ("tests/test_backend.py",), where="compare"),
+    Mutant("iou-over-oracle", "kept-set IoU divides by the oracle's kept count, not the union", "dyrate_ref/tools/trace.py",
+           (("inter / union.clamp(min=1)", "inter / ka.sum(1).float().clamp(min=1)"),), ("tests/test_backend.py",), where="compare"),
     Mutant("rmsnorm-order", "RMSNorm multiplies by its weight before casting back (not HF's order)", "dyrate_ref/model.py",
-           (("return self.weight * x.to(dtype)", "return (self.weight * x).to(dtype)"),), TEETH_TESTS, where="RMSNorm.forward"),
+           (("return self.weight * x.to(dtype)", "return (self.weight * x).to(dtype)"),), ("tests/test_parity.py",), where="RMSNorm.forward"),
     Mutant("no-resize-ignored", "do_resize: false resizes anyway", "dyrate_ref/processing.py",
-           (("    if s.do_resize:\n", "    if True:\n"),), TEETH_TESTS, where="pixel_values"),
+           (("    if s.do_resize:\n", "    if True:\n"),), ("tests/test_processing.py",), where="pixel_values"),
     Mutant("predictor-score-not-stored", "train_predictor labels by --score but the file says last",
            "dyrate_ref/tools/train_predictor.py", (("rollout, args.max_new_tokens, score=args.score)", "rollout, args.max_new_tokens)"),),
            ("tests/test_pruning_cli.py",), where="run"),
@@ -172,15 +173,15 @@ MUTANTS = [
            where="SceneWorld.patch_regions"),
     Mutant("quantile-end", "the predictor's f-quantile read from the wrong end", "dyrate_ref/predictor.py",
            (("sorted_p[min(N - 1, int(round((1 - f) * N, 6)))]", "sorted_p[min(N - 1, int(round(f * N, 6)))]"),),
-           TEETH_TESTS + ("tests/test_predictor.py",), where="predictor_features"),
+           ("tests/test_predictor.py",), where="predictor_features"),
     Mutant("topk-share-floor", "the predictor's top-p% shares count floor(p·N) tokens", "dyrate_ref/predictor.py",
-           (("cum[max(1, math.ceil(f * N)) - 1]", "cum[max(1, math.floor(f * N)) - 1]"),), TEETH_TESTS, where="predictor_features"),
-    Mutant("serving-heads-for-kv-heads", "serving KV bytes count attention heads, not key/value heads", "dyrate_ref/cost.py",
+           (("cum[max(1, math.ceil(f * N)) - 1]", "cum[max(1, math.floor(f * N)) - 1]"),), ("tests/test_predictor.py",), where="predictor_features"),
+    Mutant("serving-heads-for-kv-heads", "serving KV bytes count attention heads, not key/value heads", "dyrate_ref/tools/serving.py",
            (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size",
-             "    return 2 * slots * tc.num_attention_heads * tc.head_dim * element_size"),), TEETH_TESTS, where="serving_kv_bytes"),
+             "    return 2 * slots * tc.num_attention_heads * tc.head_dim * element_size"),), SERVING_TESTS, where="serving_kv_bytes"),
     Mutant("template-newline", "the prompt template ends its question with a newline", "dyrate_ref/processing.py",
            (('PROMPT_TEMPLATE = "USER: <image>\\n{prompt} ASSISTANT:"', 'PROMPT_TEMPLATE = "USER: <image>\\n{prompt}\\nASSISTANT:"'),),
-           TEETH_TESTS, where="PROMPT_TEMPLATE"),
+           ("tests/test_processing.py",), where="PROMPT_TEMPLATE"),
     Mutant("layer-mismatch-ignored", "--layer that differs from the predictor's is silently replaced", "dyrate_ref/settings.py",
            (('if values.setdefault("layer", pred.layer) != pred.layer:', 'values["layer"] = pred.layer\n        if False:'),),
            ("tests/test_settings.py", "tests/test_pruning_cli.py"), where="make_method"),
@@ -190,7 +191,7 @@ MUTANTS = [
            where="DyRate.choose"),
     Mutant("vtw-origin-lies", "a calibration that found no layer is reported as a missing file", "dyrate_ref/settings.py",
            (('return None, f"{VTW_CALIBRATION} found no layer within its eta"', 'return None, f"no {VTW_CALIBRATION}"'),),
-           ("tests/test_cli_habits.py",), where="vtw_calibrated_layer"),
+           ("tests/test_cli.py",), where="vtw_calibrated_layer"),
     # The measuring tools (tests/test_report.py works each figure out by hand)
     Mutant("se-unclustered", "the paired SE treats the questions about one picture as independent",
            "dyrate_ref/tools/report.py", (("clusters = clusters or [str(i) for i in range(n)]",
@@ -207,19 +208,19 @@ MUTANTS = [
            "dyrate_ref/tools/report.py", (('"lm_flops_forced": f_lm / lm_base', '"lm_flops_forced": f_lm / lm'),),
            REPORT_TESTS, where="costs"),
     Mutant("depth-truncated", "K mapped by depth is truncated, not rounded (3 of 7 -> 13 of 32, not 14)",
-           "dyrate_ref/cost.py", (("math.floor(K * L_to / L_from + 0.5)", "math.floor(K * L_to / L_from)"),),
-           REPORT_TESTS, where="depth_matched_layer"),
+           "dyrate_ref/tools/serving.py", (("math.floor(K * L_to / L_from + 0.5)", "math.floor(K * L_to / L_from)"),),
+           SERVING_TESTS, where="depth_matched_layer"),
     Mutant("kept-schedule-over-all", "a step's kept fraction averaged over every answer, also those that ended",
            "dyrate_ref/tools/report.py", (("/ N / sum(len(r[\"kept\"]) > t for r in records)", "/ N / len(records)"),),
            REPORT_TESTS, where="kept_schedule"),
-    Mutant("batch-from-mean", "the largest batch set by the cache's mean, not its peak", "dyrate_ref/cost.py",
+    Mutant("batch-from-mean", "the largest batch set by the cache's mean, not its peak", "dyrate_ref/tools/serving.py",
            (('"max_batch": int((gpu_bytes - weight_bytes) // peak)', '"max_batch": int((gpu_bytes - weight_bytes) // mean)'),),
-           REPORT_TESTS, where="serving_schedule"),
-    Mutant("openai-topk-worst-first", "a server's top-k kept worst first", "dyrate_ref/trace.py",
+           SERVING_TESTS, where="serving_schedule"),
+    Mutant("openai-topk-worst-first", "a server's top-k kept worst first", "dyrate_ref/tools/trace.py",
            (("best = sorted(top.items(), key=lambda kv: -kv[1])[:k]", "best = sorted(top.items(), key=lambda kv: kv[1])[:k]"),),
            REPORT_TESTS, where="openai_trace"),
     Mutant("openai-chosen-dropped", "the chosen token's own log-prob left out when it is outside the top-k",
-           "dyrate_ref/trace.py", (('tops[-1].setdefault(tokens[-1], _logprob(_field(entry, "logprob", where), where))',
+           "dyrate_ref/tools/trace.py", (('tops[-1].setdefault(tokens[-1], _logprob(_field(entry, "logprob", where), where))',
                                     '_logprob(_field(entry, "logprob", where), where)'),), REPORT_TESTS, where="openai_trace"),
     Mutant("limit-before-eos", "an answer ending on its last allowed token reported as cut at the limit",
            "dyrate_ref/generation.py",
@@ -355,10 +356,10 @@ MUTANTS = [
     Mutant("trace-weights-as-typed", "the trace records --weights as typed (relative to a folder it does not name)",
            "dyrate_ref/cli.py", (("weights=os.path.abspath(weights)", "weights=weights"),), PATH_TESTS, where="run"),
     Mutant("progress-mb-rate-unscaled", "the byte rate printed in bytes per second under an MB/s label",
-           "dyrate_ref/progress.py", (("self.done / self.scale / elapsed", "self.done / elapsed"),), PATH_TESTS,
+           "dyrate_ref/commands.py", (("self.done / self.scale / elapsed", "self.done / elapsed"),), PATH_TESTS,
            where="Progress.line"),
     Mutant("hours-total-minutes", "a duration over an hour shows the total minutes after the hours (1h100m)",
-           "dyrate_ref/progress.py", (("{seconds % 3600 // 60:02d}m", "{seconds // 60:02d}m"),), PATH_TESTS,
+           "dyrate_ref/commands.py", (("{seconds % 3600 // 60:02d}m", "{seconds // 60:02d}m"),), PATH_TESTS,
            where="_duration"),
     Mutant("predictor-rollout-unresolved", "a predictor trained at the default rollout confidence records None",
            "dyrate_ref/tools/train_predictor.py", (("rollout_confidence=rollout)", "rollout_confidence=args.rollout_confidence)"),),
@@ -437,6 +438,20 @@ MUTANTS = [
     Mutant("trace-v1-unread", "a version-1 trace's kept masks are no longer found", "dyrate_ref/trace.py",
            (('if "visual_keep" in tensors and meta.get("format") != FORMAT:', 'if False:'),), ("tests/test_backend.py",),
            where="read_trace"),
+    # The figures' data against the current weights (issue: a figure cannot outlive its model)
+    Mutant("pareto-includes-control", "the Pareto figure draws the blank-image control as a method",
+           "dyrate_ref/tools/report.py", (('if s["family"] == "control" or key not in s:', 'if key not in s:'),),
+           REPORT_TESTS, where="pareto_points"),
+    Mutant("pareto-own-costs", "the Pareto figure places rows at their own answers' costs, not none's",
+           "dyrate_ref/tools/report.py", (('s.get("lm_flops_forced", s["lm_flops"])', 's["lm_flops"]'),),
+           REPORT_TESTS, where="pareto_points"),
+    Mutant("attention-over-generation-rows-shifted", "each answer's attention read one query late",
+           "dyrate_ref/tools/data.py", (("probs[i][0, :, P - 1:, start:start + N]", "probs[i][0, :, P:, start:start + N]"),),
+           FIGURE_TESTS, where="attention_over_generation"),
+    Mutant("premise-kl-from-step-zero", "a cut from step s is charged the KL of the steps before it too",
+           "dyrate_ref/tools/premise.py", (("d = kl_divergence(full[s:], cut[s:], torch.float64).clamp_min(0)",
+                                            "d = kl_divergence(full, cut, torch.float64).clamp_min(0)"),),
+           FIGURE_TESTS, where="cut_costs"),
 ]
 
 

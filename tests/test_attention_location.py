@@ -57,7 +57,7 @@ def test_shares_and_concentration_by_hand():
 def test_the_docs_table_is_what_the_shipped_weights_compute():
     """docs/attention_location.json (what docs/attention_location.png draws) recomputed on the same
     scenes with the current weights."""
-    from dyrate_ref.flags import DEFAULT_WEIGHTS
+    from dyrate_ref.commands import DEFAULT_WEIGHTS
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
     from dyrate_ref.tools.data import scene_items

@@ -3,6 +3,7 @@ comparison and its limits per dtype, top-k-only traces from a serving engine, an
 with transformers as the backend under test, including a deliberately broken one."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor, open_image
 from dyrate_ref.pruning import FastV, NoPruning, DyRateSchedule
-from dyrate_ref.trace import LIMITS, compare, read_trace, report_text, trace_tensors, write_trace
+from dyrate_ref.tools.trace import LIMITS, compare, report_text
+from dyrate_ref.trace import read_trace, trace_tensors, write_trace
 from helpers import hf_config, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,7 +166,7 @@ def test_an_openai_response_becomes_a_partial_trace(files, tmp_path):
     oracle_path = tmp_path / "oracle.st"
     write_trace(str(oracle_path), ours, {"method": "none"})
     out = tmp_path / "backend.st"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dyrate_ref.trace", *a], capture_output=True, text=True, cwd=REPO)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dyrate_ref.tools.trace", *a], capture_output=True, text=True, cwd=REPO)  # noqa: E731
     r = run("from-openai", str(path), "--input-ids-from", str(oracle_path), "--out", str(out))
     assert r.returncode == 0, r.stderr
     b = read_trace(str(out))
@@ -268,7 +270,7 @@ def test_compare_says_when_the_methods_differ_and_when_top_k_is_capped(files, tm
     write_trace(str(tmp_path / "top4.st"), to_topk(ours, 4), {"source": "a server"})
 
     def notes(a, b, *extra):
-        r = subprocess.run([sys.executable, "-m", "dyrate_ref.trace", "compare", str(tmp_path / a), str(tmp_path / b),
+        r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.trace", "compare", str(tmp_path / a), str(tmp_path / b),
                             *extra], capture_output=True, text=True, cwd=REPO)
         assert r.returncode in (0, 1), r.stderr
         return [x for x in r.stdout.splitlines() if x.startswith("note:")]
@@ -305,7 +307,7 @@ def test_the_backend_docs_worked_example_runs_as_pasted_on_the_embedded_model(tm
 def test_the_example_backends_defaults_are_generate_pys():
     """hf_backend.py's --max-new-tokens and --weights default to generate.py's: 128 and the embedded model."""
     from dyrate_ref import cli
-    from dyrate_ref.flags import DEFAULT_WEIGHTS
+    from dyrate_ref.commands import DEFAULT_WEIGHTS
     ours = cli.build_parser()
     r = subprocess.run([sys.executable, os.path.join(REPO, "examples", "hf_backend.py"), "--help"], capture_output=True,
                        text=True, timeout=120)
@@ -339,3 +341,71 @@ def test_a_version_1_trace_is_read_with_todays_names(tmp_path):
         back = read_trace(str(path))
         assert "visual_keep" not in back and torch.equal(back["kept_masks"], tensors["kept_masks"])
         assert compare(read_trace(str(new)), back, LIMITS["float32"]).same
+
+
+def _trace(tokens, logits, ids=None):
+    ids = torch.arange(6) if ids is None else ids
+    return {"input_ids": ids, "tokens": torch.tensor(tokens), "logits": torch.tensor(logits, dtype=torch.float32)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# trace compare
+
+
+def test_compare_reports_kl_of_oracle_to_backend_not_the_reverse():
+    """Asymmetric distributions: KL(P || Q) and KL(Q || P) differ by far more than rounding; the report
+    and the per-step limit use KL(oracle || backend), as documented."""
+    p = [2.0, 0.0, -4.0]  # the oracle's logits
+    q = [2.0, -1.0, 1.0]  # the backend's: puts mass where the oracle has almost none
+    lp, lq = torch.tensor(p, dtype=torch.float64).log_softmax(0), torch.tensor(q, dtype=torch.float64).log_softmax(0)
+    forward = float((lp.exp() * (lp - lq)).sum())
+    reverse = float((lq.exp() * (lq - lp)).sum())
+    assert abs(forward - reverse) > 0.1
+    r = compare(_trace([0], [p]), _trace([0], [q]), LIMITS["float32"])
+    assert r.steps[0]["kl"] == pytest.approx(forward, rel=1e-9)
+    assert r.checks["max_kl"]["value"] == pytest.approx(forward, rel=1e-9)
+    # A limit between the two: only the documented direction decides.
+    limits = LIMITS["float32"].__class__(**{**LIMITS["float32"].__dict__, "atol": 10.0, "max_kl": (forward + reverse) / 2,
+                                            "mean_kl": 10.0, "min_top1": 0.0, "min_topk": 0.0})
+    assert compare(_trace([0], [p]), _trace([0], [q]), limits).same == (forward < reverse)
+
+
+def test_a_backend_that_stopped_early_is_different():
+    logits = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    oracle = _trace([0, 1, 2], logits)
+    early = _trace([0, 1], logits[:2])  # a prefix: every compared step agrees exactly
+    r = compare(oracle, early, LIMITS["float32"])
+    assert not r.same and not r.checks["tokens"]["ok"]
+    assert not compare(early, oracle, LIMITS["float32"]).same
+
+
+def test_compare_json_values_equal_an_independent_computation(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    T, V, N = 5, 11, 6
+    a_logits, b_logits = torch.randn(T, V, generator=g), torch.randn(T, V, generator=g)
+    tokens = a_logits.argmax(-1)
+    keep_a, keep_b = torch.rand(T, N, generator=g) > 0.4, torch.rand(T, N, generator=g) > 0.4
+    rates_a, rates_b = torch.rand(T, generator=g), torch.rand(T, generator=g)
+    a = {"input_ids": torch.arange(7), "tokens": tokens, "logits": a_logits, "kept_masks": keep_a, "rates": rates_a}
+    b = {"input_ids": torch.arange(7), "tokens": tokens, "logits": b_logits, "kept_masks": keep_b, "rates": rates_b}
+    for name, t in (("a", a), ("b", b)):
+        write_trace(str(tmp_path / f"{name}.st"), t, {})
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.trace", "compare", str(tmp_path / "a.st"), str(tmp_path / "b.st"),
+                        "--json", "--top-k", "3"], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    report = json.loads(r.stdout)
+    for t, step in enumerate(report["steps"]):
+        pa, pb = a_logits[t].double().softmax(0), b_logits[t].double().softmax(0)
+        assert step["kl"] == pytest.approx(float(sum(x * math.log(x / y) for x, y in zip(pa.tolist(), pb.tolist()))),
+                                           rel=1e-9, abs=1e-12)
+        assert step["delta"] == pytest.approx(max(abs(x - y) for x, y in zip(a_logits[t].tolist(), b_logits[t].tolist())))
+        assert step["top1"] == (int(a_logits[t].argmax()) == int(b_logits[t].argmax()))
+        top_a = set(sorted(range(V), key=lambda i: -float(a_logits[t, i]))[:3])
+        top_b = set(sorted(range(V), key=lambda i: -float(b_logits[t, i]))[:3])
+        assert step["topk_overlap"] == pytest.approx(len(top_a & top_b) / 3)
+        sa, sb = set(keep_a[t].nonzero().flatten().tolist()), set(keep_b[t].nonzero().flatten().tolist())
+        assert step["keep_iou"] == pytest.approx(len(sa & sb) / len(sa | sb) if sa | sb else 1.0)
+        assert (step["kept_oracle"], step["kept_backend"]) == (len(sa), len(sb))
+        assert step["rate_delta"] == pytest.approx(abs(float(rates_a[t]) - float(rates_b[t])), abs=1e-7)
+    assert report["checks"]["max_kl"]["value"] == pytest.approx(max(s["kl"] for s in report["steps"]))
+    assert report["checks"]["mean_kl"]["value"] == pytest.approx(sum(s["kl"] for s in report["steps"]) / T)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dyrate_ref import cli, trace
+from dyrate_ref import cli
+from dyrate_ref.tools import trace
 from dyrate_ref.demo import export as demo_export
 from dyrate_ref.demo import train as demo_train
 from dyrate_ref.tools import bench, calibrate_vtw, evaluate, premise, train_predictor

@@ -194,8 +194,8 @@ def test_a_stage_draws_what_it_declares():
     from dyrate_ref.demo.batches import Batcher
     from dyrate_ref.demo.recipes import V4
     from dyrate_ref.processing import Processor
-    from dyrate_ref.model import LlavaConfig
-    cfg = LlavaConfig.from_dict(json.load(open(os.path.join(DEFAULT_WEIGHTS, "config.json"))))
+    from dyrate_ref.loading import config_from_dict
+    cfg = config_from_dict(json.load(open(os.path.join(DEFAULT_WEIGHTS, "config.json"))))
     b = Batcher(Processor(DEFAULT_WEIGHTS, cfg), V4, seed=3)
     bind = V4.stage("bind")
     for _ in range(20):

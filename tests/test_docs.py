@@ -34,12 +34,14 @@ def test_each_files_line_count_in_the_readme_is_near_the_tree():
 
 
 def test_the_readme_totals_are_near_the_tree():
-    sentence = (r"About ([\d,]+) lines of core library code, ([\d,]+) more for the demo world and the measuring tools, "
-                r"([\d,]+) of tests")
+    sentence = (r"About ([\d,]+) lines of core library code \(the reader's core — model, generation, pruning, predictor "
+                r"— about ([\d,]+)\), ([\d,]+) more for the demo world and the measuring tools, ([\d,]+) of tests")
     m = re.search(sentence.replace(" ", r"\s+"), readme())
     assert m, "the README's line-count sentence changed: update this test with it"
-    core, demo_tools, tests = (int(g.replace(",", "")) for g in m.groups())
+    core, reader, demo_tools, tests = (int(g.replace(",", "")) for g in m.groups())
     assert near(core, lines("dyrate_ref/*.py")), (core, lines("dyrate_ref/*.py"))
+    actual = sum(lines(f"dyrate_ref/{name}.py") for name in ("model", "generation", "pruning", "predictor"))
+    assert near(reader, actual), (reader, actual)
     actual = lines("dyrate_ref/demo/*.py") + lines("dyrate_ref/tools/*.py")
     assert near(demo_tools, actual), (demo_tools, actual)
     assert near(tests, lines("tests/*.py")), (tests, lines("tests/*.py"))
@@ -142,3 +144,11 @@ def test_evaluation_md_quotes_no_unmarked_measurement_and_its_tables_are_the_too
             if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| answers")]
     missing = [r for r in rows if r not in printed]
     assert not missing, missing[:3]
+
+
+def test_your_data_pages_table_is_the_tools_printout():
+    """docs/your_data.md's table rows are lines of the evaluation it shows (cider_evaluation.txt)."""
+    printed = open(os.path.join(REPO, "docs", "cider_evaluation.txt"), encoding="utf-8").read().splitlines()
+    rows = [line.rstrip("\n") for line in open(os.path.join(REPO, "docs", "your_data.md"), encoding="utf-8")
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert rows and all(r in printed for r in rows), [r for r in rows if r not in printed][:3]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dyrate_ref.demo.export import export
-from dyrate_ref.errors import UserError
+from dyrate_ref.commands import UserError
 from dyrate_ref.tools import evaluate
 from dyrate_ref.tools.data import read_items
 

@@ -1,4 +1,4 @@
-"""Every command answers --help and a flag error before importing torch (errors.parse_first), and the
+"""Every command answers --help and a flag error before importing torch (commands.parse_first), and the
 flag values written out for that (choices, the spec form) are the registries' own."""
 
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["dyrate_ref", "dyrate_ref.trace", "dyrate_ref.tools.evaluate", "dyrate_ref.tools.premise",
+COMMANDS = ["dyrate_ref", "dyrate_ref.tools.trace", "dyrate_ref.tools.evaluate", "dyrate_ref.tools.premise",
             "dyrate_ref.tools.bench", "dyrate_ref.tools.calibrate_vtw", "dyrate_ref.tools.train_predictor",
             "dyrate_ref.tools.figures", "dyrate_ref.tools.attention_location", "dyrate_ref.demo.train",
             "dyrate_ref.demo.export"]
@@ -46,9 +46,9 @@ def test_the_import_check_sees_torch_where_it_is_imported():
 
 def test_the_written_out_choices_are_the_registries():
     from dyrate_ref.demo import recipes, train
-    from dyrate_ref.flags import SPEC_FORM
+    from dyrate_ref.commands import SPEC_FORM
     from dyrate_ref.tools import baselines, bench
-    from dyrate_ref import trace
+    from dyrate_ref.tools import trace
     choices = lambda parser, flag: tuple(parser._option_string_actions[flag].choices)  # noqa: E731
     assert choices(train.build_parser(), "--recipe") == tuple(sorted(recipes.RECIPES))
     assert train.build_parser().get_default("recipe") == recipes.SHIPPED

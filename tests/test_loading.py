@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dyrate_ref.errors import UserError
-from dyrate_ref.loading import load_model, read_config, rename_key
-from dyrate_ref.model import LlavaConfig
+from dyrate_ref.commands import UserError
+from dyrate_ref.loading import config_from_dict, load_model, read_config, rename_key
 from helpers import hf_config, make_checkpoint
 
 # The public llava-hf/llava-1.5-7b-hf config.json (transformers 4.x era), as published.
@@ -31,7 +30,7 @@ PUBLIC_7B = {
 
 
 def test_public_7b_config_gets_hf_defaults():
-    cfg = LlavaConfig.from_dict(PUBLIC_7B)
+    cfg = config_from_dict(PUBLIC_7B)
     t, v = cfg.text_config, cfg.vision_config
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size) == (4096, 32, 32, 11008)
     assert t.num_key_value_heads == 32 and t.head_dim == 128 and t.rope_theta == 10000.0 and t.rms_norm_eps == 1e-5
@@ -40,12 +39,16 @@ def test_public_7b_config_gets_hf_defaults():
 
 
 def test_both_rope_spellings_and_missing_vision_config():
-    a = LlavaConfig.from_dict({"text_config": {"rope_theta": 5e5}})
-    b = LlavaConfig.from_dict({"text_config": {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}})
+    a = config_from_dict({"text_config": {"rope_theta": 5e5}})
+    b = config_from_dict({"text_config": {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}})
     assert a.text_config.rope_theta == b.text_config.rope_theta == 5e5
     assert a.vision_config.num_patches == 576  # no vision_config: LLaVA-1.5's CLIP-L/336, as transformers
     with pytest.raises(ValueError, match="rope type"):
-        LlavaConfig.from_dict({"text_config": {"rope_parameters": {"rope_theta": 1.0, "rope_type": "llama3"}}})
+        config_from_dict({"text_config": {"rope_parameters": {"rope_theta": 1.0, "rope_type": "llama3"}}})
+    for where in ({"projector_hidden_act": "relu6"}, {"text_config": {"hidden_act": "relu6"}},
+                  {"vision_config": {"hidden_act": "relu6"}}):  # refused when read, not deep in the model
+        with pytest.raises(ValueError, match="activation 'relu6' is not supported"):
+            config_from_dict(where)
 
 
 @pytest.mark.parametrize("key,want", [

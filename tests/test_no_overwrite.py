@@ -68,7 +68,7 @@ def test_trace_over_the_forced_trace_is_refused(files):
     refused(gen("--image", img, "--prompt", "hi", "--weights", w, "--force-tokens", bk, "--trace", bk),
             "--force-tokens trace")
     assert digest(bk) == before
-    r = subprocess.run([sys.executable, "-m", "dyrate_ref.trace", "compare", str(bk), str(bk)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "dyrate_ref.tools.trace", "compare", str(bk), str(bk)], capture_output=True,
                        text=True, timeout=60)
     refused(r, "same file")
 

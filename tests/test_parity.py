@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dyrate_ref.generation import generate
-from dyrate_ref.loading import load_model
+from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model
 from dyrate_ref.processing import Processor
 from helpers import hf_config, hf_processor, make_checkpoint
 
@@ -88,3 +88,31 @@ def test_logits_and_greedy_tokens_match_hf(case):
     ours = torch.stack(gen.record.logits)  # [T, V]
     assert (ours - hf_logits).abs().max().item() <= ATOL
     assert len(set(gen.tokens)) > 1, "a degenerate model (one repeated token) would make this test weak"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Low precision on the CPU
+
+
+def test_bfloat16_logits_equal_transformers_bfloat16_on_the_cpu():
+    """The demo model in bfloat16, ours against transformers' eager bfloat16, on the CPU where CI runs.
+    Measured gap today: 0.0 (the same operations in the same order). Tolerance 0.02 logits: well under
+    the ~0.1 that one reordered operation inside a norm (a mutant) moves them by, and far above the 0.0
+    measured."""
+    from transformers import LlavaForConditionalGeneration as HF
+    from helpers import hf_processor
+    model = load_model(DEFAULT_WEIGHTS, dtype=torch.bfloat16)
+    proc = Processor(DEFAULT_WEIGHTS, model.config)
+    img = Image.open(f"{DEFAULT_WEIGHTS}/examples/scene2.png")
+    ids, px = proc.input_ids("Describe the image."), proc.pixel_values(img)
+    hf = HF.from_pretrained(DEFAULT_WEIGHTS, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ours = model(ids[None], px.to(torch.bfloat16))[0].float()  # [P, V]
+        theirs = hf(input_ids=ids[None], pixel_values=px.to(torch.bfloat16)).logits[0].float()
+    # the inputs are transformers' own: its processor makes the same ids and pixels from the same picture
+    hf_inputs = hf_processor(DEFAULT_WEIGHTS, model.config)(images=img, text=proc.prompt_text("Describe the image."),
+                                                            return_tensors="pt")
+    assert hf_inputs["input_ids"][0].tolist() == ids.tolist()
+    assert torch.allclose(hf_inputs["pixel_values"], px, atol=1e-6)
+    gap = (ours - theirs).abs().max().item()
+    assert gap <= 0.02, gap

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dyrate_ref.errors import UserError
+from dyrate_ref.commands import UserError
 from dyrate_ref.generation import generate
-from dyrate_ref.loading import load_model
-from dyrate_ref.predictor import CUTS, FEATURES, RatePredictor, load_predictor, predictor_features
+from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model, load_predictor, save_predictor
+from dyrate_ref.predictor import CUTS, FEATURES, RatePredictor, predictor_features
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import DyRate, apply_cut
+from dyrate_ref.pruning import DyRate, apply_cut, visual_span
 from dyrate_ref.tools.baselines import AttentionMass, random_subset
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.tools.data import Item
@@ -139,7 +139,7 @@ def test_file_roundtrip_and_refusals(setup, tmp_path):
     y = torch.arange(20) % len(CUTS)
     pred, _ = fit(f, y, 2, hidden=8, epochs=20, confidence=0.8, show_progress=False)
     path = str(tmp_path / "p.safetensors")
-    pred.save(path, model.config, trained_on="tiny", margin=0.5)
+    save_predictor(pred, path, model.config, trained_on="tiny", margin=0.5)
     back = load_predictor(path, model.config)
     assert back.layer == 2 and back.hidden == 8 and back.meta["margin"] == "0.5" and back.meta["trained_on"] == "tiny"
     assert back.confidence == 0.8 and back.cuts == CUTS
@@ -190,3 +190,91 @@ def test_vtw_calibration_rule(setup):
     best = min(kl, key=kl.get)
     assert choose_layer(kl, kl[best]) <= best
     assert choose_layer({5: 0.01, 6: 0.002, 7: 0.001}, 0.003) == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# FastV's mean score: tests/test_scores.py
+
+
+# ----------------------------------------------------------------------------------------------------
+# The predictor
+
+
+@pytest.mark.parametrize("N, tops, quantiles", [
+    (20, (1, 2, 5, 10), (10, 2, 0)),  # (1 - 0.9)·20 is 1.9999999999999996 in floating point: still index 2
+    (22, (2, 3, 6, 11), (11, 2, 0)),  # 0.05·22 = 1.1: the top 5 % share counts ceil(1.1) = 2 tokens
+])
+def test_predictor_features_by_hand(N, tops, quantiles):
+    """N distinct scores 1..N: every feature by hand, on sizes that tell a quantile's ends apart and
+    where p·N is not a whole number. The top-p share counts ceil(p·N) tokens; the f-quantile of the
+    normalised scores is the floor((1-f)·N)-th largest (0-based)."""
+    from dyrate_ref.predictor import FEATURES, predictor_features
+    total = N * (N + 1) / 2
+    scores = torch.tensor([float(i + 1) for i in range(N)]) / (2 * total)  # visual mass 0.5
+    keep = torch.tensor([0, 5, N - 1])
+    f = dict(zip(FEATURES, predictor_features(scores, keep, 7).tolist()))
+    p = [(i + 1) / total for i in range(N)]
+    desc = sorted(p, reverse=True)
+    assert f["visual_mass"] == pytest.approx(0.5)
+    assert f["entropy"] == pytest.approx(-sum(x * math.log(x) for x in p) / math.log(N), rel=1e-5)
+    for name, k in zip(("top5_mass", "top10_mass", "top25_mass", "top50_mass"), tops):
+        assert f[name] == pytest.approx(sum(desc[:k]), rel=1e-5), name
+    for name, i in zip(("q50", "q90", "q99"), quantiles):
+        assert f[name] == pytest.approx(math.log1p(N * desc[i]), rel=1e-5), name
+    assert f["qmax"] == pytest.approx(math.log1p(N * desc[0]), rel=1e-5)
+    assert f["kept_mass"] == pytest.approx(p[0] + p[5] + p[N - 1], rel=1e-5)
+    assert f["kept_fraction"] == pytest.approx(3 / N)
+    assert f["is_prefill"] == 0.0 and f["log_step"] == pytest.approx(math.log(8))
+
+
+@pytest.mark.parametrize("kind", ["describe", "look"])
+def test_shipped_predictor_decisions_recomputed_by_hand(kind):
+    """On scene 3, every step's cut of the shipped predictor, recomputed from its file with plain
+    arithmetic (standardise, the linear layer, P(label >= a) >= confidence), equals what generate did:
+    on the model's own description, and on a constructed look-then-reason trajectory (the scene's true
+    description, then "So the star is green.", teacher-forced). The scores are the predictor's own rule's
+    (its file's `score`), over the question's rows. What the shipped predictor does with them, as
+    docs/evaluation.md says: it cuts at the prefill, where the FLOPs are."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from dyrate_ref.predictor import CUTS, predictor_features
+    from dyrate_ref.pruning import DyRate, kept_count, query_scores, step_scores
+    from dyrate_ref.settings import Context, make_method
+    from dyrate_ref.oracle import forward_no_cache
+    model = load_model(DEFAULT_WEIGHTS)
+    proc = Processor(DEFAULT_WEIGHTS, model.config)
+    method, _ = make_method(DyRate, {}, Context(DEFAULT_WEIGHTS, 8, model.config))
+    path = method.predictor.path
+    w = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    c, K = float(meta["confidence"]), int(meta["layer"])
+    img = Image.open(f"{DEFAULT_WEIGHTS}/examples/scene3.png")
+    if kind == "describe":
+        ids, px = proc.input_ids("Describe the image."), proc.pixel_values(img)
+        gen = generate(model, ids, px, 40, method, stop_ids=proc.stop_ids, text=proc.text_rows(ids))
+    else:
+        examples = json.load(open(f"{DEFAULT_WEIGHTS}/examples/examples.json"))
+        truth = next(e["description"] for e in examples if e["file"] == "scene3.png")
+        assert "a green star" in truth  # so the answer below is the true one
+        answer = proc.answer_ids(truth + " So the star is green.")
+        ids, px = proc.input_ids("What color is the star? Look first."), proc.pixel_values(img)
+        gen = generate(model, ids, px, len(answer), method, force=answer, text=proc.text_rows(ids))
+    kept = [int(k.sum()) for k in gen.record.kept_masks]
+    # Layers < K are never pruned: the no-cache forward gives every step's scores.
+    _, probs = forward_no_cache(model, ids, px, gen.tokens, probs_of=(K - 1,))
+    P, span = ids.numel(), visual_span(ids, model.config.image_token_index)
+    prev = torch.arange(span[1])
+    every = step_scores(query_scores(probs[K - 1], span), proc.text_rows(ids), P, len(gen.tokens), meta.get("score", "last"))
+    for t in range(len(gen.tokens)):
+        scores = every[t]  # [N]
+        x = (predictor_features(scores, prev, t) - w["mean"]) / w["std"]
+        logits = w["net.weight"] @ x + w["net.bias"]
+        p = logits.softmax(0).tolist()
+        a = max(i for i in range(len(CUTS)) if sum(p[i:]) >= c - 1e-6)
+        m = kept_count(prev.numel(), CUTS[a])
+        assert kept[t] == m, (t, kept, a)
+        order = sorted(prev.tolist(), key=lambda i: -float(scores[i]))
+        prev = torch.tensor(sorted(order[:m]), dtype=torch.long)
+    assert kept[0] < span[1], kept

@@ -11,6 +11,7 @@ import torch
 from dyrate_ref.generation import generate
 from dyrate_ref.oracle import recompute_logits, reference_answer
 from dyrate_ref.loading import load_model
+from dyrate_ref.loading import save_predictor
 from dyrate_ref.predictor import CUTS, RatePredictor
 from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import Method, apply_cut, query_scores, step_scores, visual_span
@@ -125,7 +126,7 @@ def test_a_short_run_lowers_the_loss_and_the_file_runs_through_dyrate(setup, tmp
     data = e2e.prepare(model, proc, items, K, 6, show_progress=False)
     assert e2e.greedy_loss(model, pred, data, K, 1.0)[0] == pytest.approx(min(history))  # the best epoch's predictor
     out = tmp_path / "p.safetensors"
-    pred.save(str(out), model.config, objective="e2e", lam=1.0)
+    save_predictor(pred, str(out), model.config, objective="e2e", lam=1.0)
     img = tmp_path / "x.png"
     items[0].picture().save(img)
     assert cli_run(["--weights", d, "--image", str(img), "--prompt", "Describe the image.", "--method", "dyrate",

@@ -106,7 +106,7 @@ def test_the_command_writes_its_table_and_refuses_bad_grids(setup, tmp_path, cap
     assert {(r["kind"], r["choice"], r["step"], r["fraction"]) for r in rows} >= {
         ("all", "step", 0, 0.5), ("answer", "prefill", 0, 0.5)}
     assert "| all | step s's query | 0 | 0.5 |" in capsys.readouterr().out
-    from dyrate_ref.errors import UserError
+    from dyrate_ref.commands import UserError
     for bad in (["--steps", "0,x"], ["--fractions", "1.5"], ["--layer", "4"], ["--scenes", "0"], ["--choice", "last"]):
         with pytest.raises(UserError):
             premise.run(["--weights", d, "--data", str(data), *bad] if bad[0] != "--scenes" else ["--weights", d, *bad])

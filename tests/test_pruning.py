@@ -197,18 +197,3 @@ def test_flops_match_flop_counter_and_kv_bytes_match_tensors(tiny, name):
         want = K * (P + t) * per_slot + (L - K) * (P - (N - kept) + t) * per_slot
         assert kv == want
     assert rec.kv_bytes[-1] == sum(x.numel() * x.element_size() for x in state.cache.k + state.cache.v)
-
-
-def test_serving_arithmetic_by_hand():
-    """LLaVA-1.5-7B (32 layers, 32 kv heads of 128, fp16): 0.5 MiB of KV per token in every layer."""
-    from dyrate_ref.cost import serving, serving_kv_bytes
-    from dyrate_ref.model import TextConfig
-    tc = TextConfig()  # HF's defaults are Llama-7B's shapes
-    per_token = 2 * 32 * 32 * 128 * 2  # k and v, 32 layers, 32 heads x 128, 2 bytes
-    assert serving_kv_bytes(tc, 2, 576, 616, 0, 1.0) == 616 * per_token
-    # half the visual tokens gone from 30 of 32 layers: 288 slots fewer in each of them
-    assert serving_kv_bytes(tc, 2, 576, 616, 10, 0.5) == (626 * 32 - 288 * 30) * per_token / 32 * 1
-    s = serving(tc, 2, 576, 616, 20, 1.0, weight_bytes=14e9, gpu_bytes=80e9, batch=64)
-    assert s["bytes_per_step"] == 14e9 + 64 * 626 * per_token
-    assert s["max_batch"] == int((80e9 - 14e9) // (636 * per_token))
-    assert serving(tc, 2, 576, 616, 20, 0.0, 14e9, 80e9, 64)["max_batch"] > s["max_batch"]

@@ -135,10 +135,10 @@ def test_trace_compare_same_and_different(env):
     assert gen(w, img, "--trace", a).returncode == 0
     assert gen(w, img, "--trace", b).returncode == 0
     assert gen(w, img, "--method", "fastv", "--rate", "0.75", "--trace", c).returncode == 0
-    same = py("-m", "dyrate_ref.trace", "compare", a, b)
+    same = py("-m", "dyrate_ref.tools.trace", "compare", a, b)
     assert same.returncode == 0 and "SAME" in same.stdout
     assert safe_open(c, "pt").metadata()["rate"] == "0.75"
-    diff = py("-m", "dyrate_ref.trace", "compare", a, c)
+    diff = py("-m", "dyrate_ref.tools.trace", "compare", a, c)
     assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
     assert "kept sets differ" in diff.stdout and "max |Δlogit|" in diff.stdout and "first bad step: 0" in diff.stdout
     # a backend off by a little: within a loose atol it passes, within the default it does not
@@ -147,8 +147,8 @@ def test_trace_compare_same_and_different(env):
     from safetensors.torch import save_file
     d = str(root / "d.safetensors")
     save_file(t, d)
-    assert py("-m", "dyrate_ref.trace", "compare", a, d).returncode == 1
-    assert py("-m", "dyrate_ref.trace", "compare", a, d, "--atol", "1e-2").returncode == 0
+    assert py("-m", "dyrate_ref.tools.trace", "compare", a, d).returncode == 1
+    assert py("-m", "dyrate_ref.tools.trace", "compare", a, d, "--atol", "1e-2").returncode == 0
 
 
 def test_plot_is_written(env):

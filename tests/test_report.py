@@ -344,17 +344,6 @@ def test_the_shipped_predictor_has_the_layer_and_confidence_chosen_on_validation
     assert meta["score"] in chosen  # its file name (e2e_k2_mean...) says the score it was trained on
 
 
-# ----------------------------------------------------------------------------------------------------
-# The serving table: K mapped by depth, the kept schedule over the items that reach a step, the peak.
-
-def test_depth_matched_layer_by_hand_at_two_depths():
-    from dyrate_ref.cost import depth_matched_layer
-    assert depth_matched_layer(1, 8, 32) == 4 and depth_matched_layer(7, 8, 32) == 28  # 1/8 and 7/8 of 32
-    assert depth_matched_layer(3, 7, 32) == 14  # 3/7 of 32 = 13.71: rounded, not truncated
-    assert depth_matched_layer(2, 6, 32) == 11  # 10.67 -> 11
-    assert depth_matched_layer(1, 64, 32) == 1 and depth_matched_layer(8, 8, 32) == 31  # kept inside 1..L-1
-
-
 def test_the_kept_schedule_averages_each_step_over_the_answers_that_reach_it():
     recs = [{"kept": [10, 8, 6]}, {"kept": [10]}, {"kept": [6, 4]}]
     # N = 10: step 0 over 3 answers (10+10+6)/30; step 1 over 2 (8+4)/20; step 2 over 1: 6/10
@@ -372,23 +361,11 @@ def test_the_kept_schedule_ends_where_too_few_answers_reach():
     assert report.kept_schedule(recs, 10, min_answers=1) == pytest.approx([1.0, 1 / 3, 1 / 3, 1 / 3] + [1.0] * 6)
 
 
-def test_the_serving_batch_comes_from_the_cache_peak_not_its_mean():
-    from dyrate_ref.cost import serving_kv_bytes, serving_schedule
-    from dyrate_ref.model import TextConfig
-    tc = TextConfig()
-    # a schedule that prunes late: the cache is largest early, so the peak is at a step with all kept
-    s = serving_schedule(tc, 4, 576, 616, [1.0, 1.0, 0.1], 8, 14e9, 80e9, 1)
-    peak = max(serving_kv_bytes(tc, 4, 576, 616, t, 1.0 if t < 2 else 0.1) for t in range(8))
-    mean = sum(serving_kv_bytes(tc, 4, 576, 616, t, 1.0 if t < 2 else 0.1) for t in range(8)) / 8
-    assert s["kv_peak"] == peak and s["kv_mean"] == pytest.approx(mean)
-    assert s["max_batch"] == int((80e9 - 14e9) // peak) < int((80e9 - 14e9) // mean)
-
-
 # ----------------------------------------------------------------------------------------------------
 # trace from-openai: the top-k's order and what it keeps.
 
 def test_an_openai_top_k_is_sorted_best_first_and_keeps_the_chosen_token():
-    from dyrate_ref.trace import openai_trace
+    from dyrate_ref.tools.trace import openai_trace
     lp = {"content": [
         # listed out of order; the chosen token (7) is not among them: it is added with its own log-prob
         {"token": "token_id:7", "logprob": -2.0, "top_logprobs": [
@@ -492,7 +469,7 @@ def test_object_f1_counts_a_repeated_shape_once():
 
 
 def test_an_output_beside_an_input_folder_with_a_common_prefix_is_not_inside_it(tmp_path):
-    from dyrate_ref.errors import UserError
+    from dyrate_ref.commands import UserError
     from dyrate_ref.files import check_outputs
     (tmp_path / "w").mkdir()
     (tmp_path / "w2").mkdir()
@@ -581,7 +558,7 @@ def test_the_random_shape_baseline_by_hand():
 def test_trace_compare_notes_two_traces_made_from_different_pictures():
     """input_ids are equal for any two pictures of one size: the pixels tell them apart (a bfloat16 copy
     of the same pixels still counts as the same picture)."""
-    from dyrate_ref.trace import LIMITS, compare
+    from dyrate_ref.tools.trace import LIMITS, compare
     g = torch.Generator().manual_seed(0)
     px = torch.randn(1, 3, 8, 8, generator=g)
     base = {"input_ids": torch.arange(6), "tokens": torch.tensor([1, 2]), "logits": torch.randn(2, 10, generator=g)}
@@ -656,3 +633,24 @@ def test_a_rows_name_is_the_same_however_the_predictor_path_is_written(tmp_path,
     shutil.copy(shipped, other)
     method, _ = make_method(DyRate, {"predictor": str(other)}, ctx)
     assert report.label(method, DEFAULT_WEIGHTS) == want + " mine.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Pareto figure's points, from the JSON's rows (what evaluate --plot draws, and what the JSON keeps).
+
+
+def test_pareto_points_from_json_rows_by_hand():
+    """Per accuracy key and cost panel, one point per row but the control: x the cost on none's answer
+    tokens where the row has it (else its own), y and ±2 SE on the key's scale, under the row's family."""
+    rows = [{"method": "none", "family": "none", "em": 0.9, "em_se": 0.0, "lm_flops": 1.0, "kv_mean": 1.0},
+            {"method": "none, image blanked (control)", "family": "control", "em": 0.2, "em_se": 0.05,
+             "lm_flops": 1.0, "kv_mean": 1.0},
+            {"method": "FastV K=2 R=0.5", "family": "FastV K=2", "em": 0.85, "em_se": 0.01, "lm_flops": 0.6,
+             "lm_flops_forced": 0.64, "kv_mean": 0.7, "kv_mean_forced": 0.66}]
+    points = report.pareto_points(rows, ["em"], {"em": 100}, {"em": "exact match %"})
+    assert [p["label"] for p in points] == ["none", "none", "FastV K=2 R=0.5", "FastV K=2 R=0.5"]
+    fastv = [p for p in points if p["label"] == "FastV K=2 R=0.5"]
+    assert [p["x"] for p in fastv] == [0.64, 0.66]  # on none's answer tokens, not its own
+    assert all(p["y"] == pytest.approx(85.0) and p["yerr"] == pytest.approx(2.0) and p["method"] == "FastV K=2"
+               and p["ylabel"] == "exact match %" for p in fastv)
+    assert {p["panel"].split(" ")[0] for p in points} == {"LM", "mean"}

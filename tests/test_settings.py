@@ -9,7 +9,7 @@ from typing import ClassVar
 import pytest
 
 from dyrate_ref import cli, pruning
-from dyrate_ref.errors import UserError
+from dyrate_ref.commands import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config
 from dyrate_ref.predictor import RatePredictor
 from dyrate_ref.pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning

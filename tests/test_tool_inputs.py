@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dyrate_ref.errors import UserError
+from dyrate_ref.commands import UserError
 from dyrate_ref.loading import DEFAULT_WEIGHTS, read_config, resolve_weights
 from helpers import hf_config, hub_cache, make_checkpoint, noise_image
 

@@ -164,3 +164,19 @@ def test_every_layout_loads_to_transformers_logits(tmp_path, layout, shards):
         want = hf.eval()(input_ids=full, pixel_values=px).logits[0, ids.numel() - 1:]  # [3, V]
     got = torch.stack(gen.record.logits)
     assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_a_failure_while_writing_leaves_no_partial_file_and_the_old_one_untouched(tmp_path, monkeypatch):
+    import dyrate_ref.trace as trace_module
+    target = tmp_path / "t.safetensors"
+    target.write_bytes(b"the user's file")
+
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a trace")
+        raise OSError("disk full")
+    monkeypatch.setattr(trace_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trace_module.write_trace(str(target), {"tokens": torch.zeros(2, dtype=torch.long)}, {"prompt": "x"})
+    assert target.read_bytes() == b"the user's file"
+    assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]

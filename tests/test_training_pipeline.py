@@ -23,9 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def processor():
-    from dyrate_ref.model import LlavaConfig
+    from dyrate_ref.loading import config_from_dict
     from dyrate_ref.processing import Processor
-    cfg = LlavaConfig.from_dict(json.load(open(os.path.join(DEFAULT_WEIGHTS, "config.json"))))
+    cfg = config_from_dict(json.load(open(os.path.join(DEFAULT_WEIGHTS, "config.json"))))
     return Processor(DEFAULT_WEIGHTS, cfg)
 
 

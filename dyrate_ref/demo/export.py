@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
+from ..commands import ArgumentParser, Progress, UserError, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -28,7 +28,6 @@ def build_parser() -> ArgumentParser:
 parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
 
 from ..files import check_new_folder, write_atomic_dir
-from ..progress import Progress
 from .scenes import eval_set
 
 def export(out: str, n_scenes: int):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..model import LlavaForConditionalGeneration
 from ..processing import ImageSettings, pixel_values
-from ..progress import Progress
+from ..commands import Progress
 from .recipes import PREPROCESSOR, lr_at
 from .scenes import COLORS, SHAPES, SIZE, object_map, random_scene
 

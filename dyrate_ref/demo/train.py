@@ -34,8 +34,7 @@ import sys
 import time
 from dataclasses import replace
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import add_device, add_threads, apply_threads
+from ..commands import ArgumentParser, Progress, UserError, add_device, add_threads, apply_threads, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -67,10 +66,9 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 import torch
 
 from ..files import check_new_folder, write_atomic_dir
-from ..loading import load_model, read_config, resolve_device, save_weights
-from ..model import LlavaConfig, LlavaForConditionalGeneration
+from ..loading import config_from_dict, load_model, read_config, resolve_device, save_weights
+from ..model import LlavaForConditionalGeneration
 from ..processing import PROMPT_TEMPLATE, Processor
-from ..progress import Progress
 from .batches import Batcher, grow, heldout_examples, heldout_exact, row_loss
 from .bpe import save_tokenizer_files, train_bpe
 from .reading import kind_swap_kl, kind_swap_pairs
@@ -110,7 +108,7 @@ def build_model(out_dir: str, recipe: Recipe, overrides: dict | None = None):
         json.dump(raw, f, indent=2)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump(PREPROCESSOR, f, indent=2)
-    return tok, LlavaConfig.from_dict(raw), raw
+    return tok, config_from_dict(raw), raw
 
 
 def write_examples(out_dir: str, n: int = 4, seed: int = 424_242):

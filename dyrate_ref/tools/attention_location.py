@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import DEFAULT_WEIGHTS, add_threads, add_weights, apply_threads
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads, command_main, parse_first, summary
 
 QUERIES = ("last", "mean")
 REGIONS = ("shapes", "asked", "background")
@@ -49,7 +48,6 @@ from ..files import check_outputs, checkpoint_inputs, write_atomic, write_json
 from ..loading import load_model, resolve_weights, weight_inputs
 from ..oracle import forward_no_cache
 from ..processing import Processor
-from ..progress import Progress
 from ..pruning import kept_count, query_scores, visual_span
 from .data import WORLD, data_inputs, read_items, scene_items
 

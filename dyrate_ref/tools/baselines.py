@@ -15,8 +15,7 @@ from typing import ClassVar
 import torch
 
 from .. import settings
-from ..errors import UserError
-from ..flags import SPEC_FORM
+from ..commands import SPEC_FORM, UserError
 from ..pruning import DEFAULT_LAYER, METHODS, Method, kept_count, top_k_sorted
 from ..settings import parse_fraction
 

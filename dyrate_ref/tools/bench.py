@@ -26,8 +26,7 @@ import sys
 import tempfile
 import time
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import DEFAULT_WEIGHTS, add_device, add_dtype, add_threads, add_weights, apply_threads
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, UserError, add_device, add_dtype, add_threads, add_weights, apply_threads, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -63,8 +62,8 @@ from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import Record, decode_one_token, generate, prefill
 from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
                        weight_files)
-from ..model import LlavaConfig, LlavaForConditionalGeneration
-from ..predictor import shipped_predictor_path
+from ..loading import config_from_dict, shipped_predictor_path
+from ..model import LlavaForConditionalGeneration
 from ..pruning import NoPruning
 from ..settings import Context, check_layers
 from .baselines import from_spec, spec_layers
@@ -98,7 +97,7 @@ def write_random_checkpoint(out_dir: str, shape: str, dtype=torch.float32, seed:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(LlavaConfig.from_dict(raw))
+        model = LlavaForConditionalGeneration(config_from_dict(raw))
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in model.named_parameters():

@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import DEFAULT_WEIGHTS, add_threads, add_weights, apply_threads
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -37,7 +36,6 @@ from ..files import check_outputs, checkpoint_inputs, write_json
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..oracle import eviction_masks, forward_no_cache, kl_divergence, reference_answer
 from ..processing import Processor
-from ..progress import Progress
 from ..settings import VTW_CALIBRATION, check_layer
 from .data import data_inputs, read_examples
 

@@ -23,12 +23,15 @@ import os
 import zlib
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 from ..demo.world import scene_world
-from ..errors import UserError
+from ..commands import UserError
 from ..files import check_input_file
+from ..oracle import reference_answer
 from ..processing import open_image
+from ..pruning import visual_span
 from .metrics import exact_match, vqa_accuracy
 
 # The tools' one door to the demo's scene world, opened here once (tests/test_layout.py keeps it so).
@@ -220,6 +223,34 @@ def kind_swap(model, processor, n_scenes: int) -> float:
     """Does the model read the question? The mean symmetric KL of the answer word when only the asked
     shape kind changes, on the same picture (demo/reading.py), over n_scenes held-out scenes."""
     return WORLD.kind_swap(model, processor, n_scenes)
+
+
+def attention_over_generation(model, processor, prompts, max_items: int = 40, min_count: int = 5,
+                              witnesses: int = 2) -> dict:
+    """Share of attention from generated token t to the visual tokens, per layer, over the model's own
+    unpruned descriptions (teacher-forced, one no-cache forward each). -> the figure's data: means and
+    standard errors [L][T] and counts [T], for the positions at least min_count answers reach, and the
+    first `witnesses` answers' own shares [L][T_i] (tests/test_figures.py recomputes them)."""
+    L = model.config.text_config.num_hidden_layers
+    described = [i for i in prompts if i.kind == "describe"][:max_items]
+    per_answer = []  # [L, T_i] each
+    for p in described:
+        ids, px = processor.input_ids(p.prompt), processor.pixel_values(p.picture())
+        start, N = visual_span(ids, model.config.image_token_index)
+        P = ids.numel()
+        _, _, probs = reference_answer(model, ids, px, 80, processor.stop_ids, probs_of=range(L))  # {layer: [1, H, S, S]}
+        per_answer.append(torch.stack([probs[i][0, :, P - 1:, start:start + N].sum(-1).mean(0) for i in range(L)]))
+    T = max(a.shape[1] for a in per_answer)
+    counts = torch.tensor([sum(a.shape[1] > t for a in per_answer) for t in range(T)])
+    T = int((counts >= min(min_count, len(per_answer))).sum())
+    means, sems = torch.zeros(L, T), torch.zeros(L, T)
+    for t in range(T):
+        x = torch.stack([a[:, t] for a in per_answer if a.shape[1] > t], 1)  # [L, n_t]
+        means[:, t] = x.mean(1)
+        sems[:, t] = x.std(1) / x.shape[1] ** 0.5 if x.shape[1] > 1 else 0.0
+    rounded = lambda x: [[round(v, 6) for v in row] for row in x.tolist()]  # noqa: E731
+    return {"answers": len(per_answer), "means": rounded(means), "sems": rounded(sems), "counts": counts[:T].tolist(),
+            "witnesses": [{"id": p.id, "mass": rounded(a)} for p, a in zip(described[:witnesses], per_answer)]}
 
 
 def random_shape_colour(items: list[Item]) -> float:

@@ -24,9 +24,10 @@ Cost table, relative to none: kept visual tokens, language-model FLOPs
 tower + projector is the same for every method and stated once), KV-cache bytes (peak and mean over the
 answer's steps) and wall-clock.
 
---plot DIR writes pareto.png (exact match, verdict and object-F1 against LM FLOPs and against mean KV
-bytes, counted on none's answer tokens; one line per family, ±2 clustered SE) and attention_over_generation.png (the share of attention each generated token gives to the
-image, per decoder layer, over the held-out descriptions: the observation DyRate builds on).
+--plot DIR writes pareto.png (each accuracy against LM FLOPs and mean KV bytes on none's answer tokens, one line
+per family, ±2 clustered SE; drawn from the --json rows) and attention_over_generation.json/.png (per decoder
+layer, the share of attention each generated token of the held-out descriptions gives to the image).
+--json keeps, beside the aggregates, every row's records of the first WITNESSES items (a test recomputes them).
 
 Your own data: --data FILE.jsonl (the format is in tools/data.py: image, prompt, and references and/or
 answer per line) runs the same rows on the file's items and scores captions by CIDEr-D (its difference
@@ -38,13 +39,13 @@ continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out s
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import replace
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import DEFAULT_WEIGHTS, SPEC_FORM, add_weights
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, SPEC_FORM, UserError, add_weights, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -79,15 +80,14 @@ from ..cost import vision_flops
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..generation import generate
 from ..loading import load_model, read_config, resolve_weights
-from ..oracle import reference_answer
-from ..plots import plot_layers, plot_pareto, require_matplotlib
-from ..predictor import shipped_predictor_path
+from ..plots import require_matplotlib
+from ..loading import shipped_predictor_path
 from ..processing import Processor
-from ..progress import Progress
-from ..pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning, visual_span
+from ..pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning
 from ..settings import Context, Origin, check_layers, make_method
 from .baselines import RandomKeep, from_spec, spec_layers
-from .data import (MAX_SCENES, Item, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
+from .charts import plot_layers, plot_pareto
+from .data import (MAX_SCENES, Item, attention_over_generation, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
                    vocabulary_note)
 from .report import (METRICS, PERCENT, Row, comparison_text, cost_line, family, label, main_comparison, mean_schedule, pareto_points,
                      serving_table, step0_table, step0_text, summarise, table, validation_choices)
@@ -107,6 +107,7 @@ SWEEP = (0.3, 0.5, 0.7)  # DyRate's front: the predictor's decoding confidence c
 # against FastV, LM FLOPs <= 0.8x and mean KV <= 0.6x; against the schedule, cheaper beyond 2 SE (does
 # the adaptive rate pay?); against random, better beyond 2 SE on one of the scores (does its choice pay?).
 MATCHED = {"em": 0.01, "f1": 0.01, "verdict": 0.02}
+WITNESSES = 2  # items whose per-item records the JSON keeps (witnesses())
 FASTV_BEST = dict(layer=2, score="mean")
 MAIN_COMPARISON = dict(ours="DyRate predictor",
                        theirs={family(FastV(**FASTV_BEST)): {"lm_flops": 0.8, "kv_mean": 0.6},
@@ -263,28 +264,11 @@ def evaluate_all(model, processor, items, rows, max_new_tokens: int, workers: in
     return rows, records
 
 
-@torch.no_grad()
-def attention_over_generation(model, processor, prompts, max_items: int = 40, min_count: int = 5):
-    """Share of attention from generated token t to the visual tokens, per layer, over the model's own
-    unpruned descriptions (teacher-forced, one no-cache forward each). -> means, standard errors [L, T]
-    and counts [T], for the positions at least min_count answers reach."""
-    L = model.config.text_config.num_hidden_layers
-    per_answer = []  # [L, T_i] each
-    for p in [i for i in prompts if i.kind == "describe"][:max_items]:
-        ids, px = processor.input_ids(p.prompt), processor.pixel_values(p.picture())
-        start, N = visual_span(ids, model.config.image_token_index)
-        P = ids.numel()
-        _, _, probs = reference_answer(model, ids, px, 80, processor.stop_ids, probs_of=range(L))  # {layer: [1, H, S, S]}
-        per_answer.append(torch.stack([probs[i][0, :, P - 1:, start:start + N].sum(-1).mean(0) for i in range(L)]))
-    T = max(a.shape[1] for a in per_answer)
-    counts = torch.tensor([sum(a.shape[1] > t for a in per_answer) for t in range(T)])
-    T = int((counts >= min(min_count, len(per_answer))).sum())
-    means, sems = torch.zeros(L, T), torch.zeros(L, T)
-    for t in range(T):
-        x = torch.stack([a[:, t] for a in per_answer if a.shape[1] > t], 1)  # [L, n_t]
-        means[:, t] = x.mean(1)
-        sems[:, t] = x.std(1) / x.shape[1] ** 0.5 if x.shape[1] > 1 else 0.0
-    return means, sems, counts[:T]
+def witnesses(records: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every row's records of the first WITNESSES items, kept in the JSON beside the aggregates so that a
+    test can recompute them from the current weights (tests/test_figures.py): the figures drawn from the
+    JSON cannot outlive their model. Wall-clock is left out (it is not a property of the weights)."""
+    return {name: [{k: v for k, v in r.items() if k != "seconds"} for r in rs[:WITNESSES]] for name, rs in records.items()}
 
 
 def run(argv=None) -> int:
@@ -368,7 +352,8 @@ def run(argv=None) -> int:
     if comparison is not None or not args.data:
         print(comparison_text(comparison, declared=not args.data and args.split == "test") + "\n")
     print(table(results, N, vision, args.bootstrap))
-    json_rows = [{"method": row.name, "family": row.family, **s} for row, s in results]
+    json_rows = [{"method": row.name, "family": row.family, **s,
+                  **({"schedule": list(row.method.schedule)} if row.schedule_of else {})} for row, s in results]
     choices = validation_choices(json_rows, MATCHED) if args.split == "validation" and not args.data else None
     if choices:
         print("\nEach method's own best on the validation split (report.validation_choices: the cheapest row by LM "
@@ -415,17 +400,21 @@ def run(argv=None) -> int:
         if swap is not None:
             figures["kind_swap_kl"] = swap
             figures["random_shape_colour"] = random_shape_colour(prompts)
-        write_json(args.json, figures)
-    if args.plot:
+        write_json(args.json, {**figures, "max_new_tokens": args.max_new_tokens, "extra": args.extra,
+                               "only_extra": args.only_extra, "no_control": args.no_control,
+                               "witnesses": witnesses(records)})
+    if args.plot:  # each figure drawn from the data it writes beside it (the Pareto points: the JSON's rows)
         os.makedirs(args.plot, exist_ok=True)
-        plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(results, keys, scale, ylabels),
+        plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(json_rows, keys, scale, ylabels),
                     f"Accuracy against cost on {what}")
     if args.plot and not args.data:
-        means, sems, counts = attention_over_generation(model, proc, prompts)
-        out = os.path.join(args.plot, "attention_over_generation.png")
-        plot_layers(out, means, sems, counts, "Share of attention that each generated token gives to the image, per layer")
+        out = os.path.join(args.plot, "attention_over_generation")
+        write_json(out + ".json", attention_over_generation(model, proc, prompts, witnesses=WITNESSES))
+        data = json.load(open(out + ".json", encoding="utf-8"))  # the picture is what the file says
+        plot_layers(out + ".png", data, "Share of attention that each generated token gives to the image, per layer")
+        means = torch.tensor(data["means"])
         first, last = means[:, :3].mean(1), means[:, -5:].mean(1)
-        print(f"\nwrote {out}; attention mass on the image, first 3 answer tokens -> last 5 (positions with >= 5 answers), per layer: "
+        print(f"\nwrote {out}.png; attention mass on the image, first 3 answer tokens -> last 5 (positions with >= 5 answers), per layer: "
               + ", ".join(f"L{i} {a:.3f}->{b:.3f}" for i, (a, b) in enumerate(zip(first.tolist(), last.tolist()))))
     return 0
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import ArgumentParser, UserError, command_main, summary
-from ..flags import DEFAULT_WEIGHTS
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, UserError, command_main, summary
 
 EXAMPLE = 2  # the tutorial's picture: examples.json's third entry
 PROMPT = "Describe the image."

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..oracle import forward_no_cache, kl_divergence, reference_answer, step_of_rows
 from ..predictor import CUTS, RatePredictor, predictor_features
-from ..progress import Progress
+from ..commands import Progress
 from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
 
 

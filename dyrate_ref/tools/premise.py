@@ -30,8 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import DEFAULT_WEIGHTS, add_device, add_dtype, add_threads, add_weights, apply_threads
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_device, add_dtype, add_threads, add_weights, apply_threads, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -70,7 +69,6 @@ from ..loading import load_model, read_config, resolve_device, resolve_dtype, re
 from ..oracle import kl_divergence, recompute_logits, reference_answer
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
-from ..progress import Progress
 from ..pruning import Method, kept_mask, kept_count, top_k_sorted, visual_scores, visual_span
 from ..settings import check_layer
 from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items, vocabulary_note
@@ -104,6 +102,9 @@ class CutAt(Method):
 
 
 CHOICES = ("step", "prefill")  # which query picks the tokens a cut keeps
+# The JSON keeps the records of the first WITNESSES items beside the table, so that a test can recompute
+# them from the current weights (tests/test_figures.py): premise.png cannot outlive its model.
+WITNESSES = 2
 
 
 @torch.no_grad()
@@ -139,7 +140,8 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
                 method = CutAt(K, s, f, tuple(kept.tolist()) if choice == "prefill" else None)
                 free = generate(model, ids, px, max_new_tokens, method, stop_ids=processor.stop_ids)
                 ftext = processor.decode(free.tokens)
-                out.append({"kind": item.kind, "cluster": item.cluster, "choice": choice, "step": label, "fraction": f,
+                out.append({"id": item.id, "kind": item.kind, "cluster": item.cluster, "choice": choice, "step": label,
+                            "fraction": f,
                             "kl": float(d.mean()), "top1": float(top1.mean()),
                             "same_answer": float(free.tokens == tokens), "score": item.grade(ftext),
                             "base_score": base_score})
@@ -312,12 +314,14 @@ def run(argv=None) -> int:
         bar.update(1)
     bar.close()
     rows = summarise_cuts(records)
+    witnesses = [r for r in records if r["id"] in {it.id for it in items[:WITNESSES]}]
     what = args.data or f"{len(items)} held-out scene prompts ({args.split} split)"
     print(f"Cutting the visual tokens to a fraction f from answer step s on (K = {K}), on {what}:\n")
     print(cut_table(rows))
     if args.json:
         write_json(args.json, {"weights": os.path.basename(os.path.normpath(args.weights)), "layer": K, "data": what,
-                               "rows": rows})
+                               "steps": steps, "fractions": fractions, "choices": choices,
+                               "max_new_tokens": args.max_new_tokens, "rows": rows, "witnesses": witnesses})
     if args.plot:
         plot(args.plot, rows, f"Do later answer tokens need the image less? Cuts from step s, K = {K}, {what}")
     return 0

@@ -11,9 +11,9 @@ import torch
 
 import os
 
-from ..cost import depth_matched_layer, serving_schedule
+from .serving import depth_matched_layer, serving_schedule
 from ..model import TextConfig
-from ..predictor import shipped_predictor_path
+from ..loading import shipped_predictor_path
 from ..pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning
 from ..settings import describe
 from .baselines import AttentionMass, RandomKeep
@@ -378,7 +378,7 @@ def comparison_text(c: dict | None, declared: bool = True) -> str:
     return "\n".join(lines)
 
 
-# LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (cost.serving): 7.06 B parameters,
+# LLaVA-1.5-7B at float16 on an 80 GB GPU, for the serving arithmetic (tools/serving.py): 7.06 B parameters,
 # 576 visual tokens in a prompt of ~616, a 64-token answer.
 SERVE_7B = dict(N=576, P=616, T=64, weight_bytes=7.06e9 * 2, gpu_bytes=80e9)
 
@@ -402,7 +402,7 @@ def mean_schedule(records: list[dict], N: int) -> tuple[float, ...]:
 
 
 def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int) -> str:
-    """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model (cost.serving_schedule)
+    """What each method would buy a server at LLaVA-1.5-7B's shapes: an analytic model (serving.serving_schedule)
     fed with the kept fraction each method reached here at every answer step, K mapped by depth."""
     tc, c = TextConfig(), SERVE_7B  # TextConfig's defaults are Llama-7B's shapes
     L7 = tc.num_hidden_layers
@@ -429,18 +429,18 @@ def serving_table(results: list[tuple[Row, dict]], records: dict, N: int, L: int
             "from the cache's peak.\n\n" + "\n".join(lines))
 
 
-def pareto_points(results: list[tuple[Row, dict]], keys: list[str], scale: dict, ylabels: dict) -> list[dict]:
-    """The Pareto figure's points: for each accuracy key (a row of panels) and each cost (a column: LM
-    FLOPs and mean KV bytes, counted on none's answer tokens), every row but the control, under its
-    family (one line per family), with ±2 clustered standard errors."""
+def pareto_points(rows: list[dict], keys: list[str], scale: dict, ylabels: dict) -> list[dict]:
+    """The Pareto figure's points, from the JSON's rows: for each accuracy key (a row of panels) and each
+    cost (a column: LM FLOPs and mean KV bytes, counted on none's answer tokens), every row but the
+    control, under its family (one line per family), with ±2 clustered standard errors."""
     points = []
     for key in keys:
-        for row, s in results:
-            if row.blank or key not in s:
+        for s in rows:
+            if s["family"] == "control" or key not in s:
                 continue
             for panel, x in (("LM FLOPs relative to none (on none's answer tokens)", s.get("lm_flops_forced", s["lm_flops"])),
                              ("mean KV-cache bytes relative to none (on none's answer tokens)",
                               s.get("kv_mean_forced", s["kv_mean"]))):
-                points.append({"panel": panel, "method": row.family, "label": row.name, "x": x,
+                points.append({"panel": panel, "method": s["family"], "label": s["method"], "x": x,
                                "y": scale[key] * s[key], "yerr": 2 * scale[key] * s[key + "_se"], "ylabel": ylabels[key]})
     return points

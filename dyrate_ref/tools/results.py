@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import UserError
+from ..commands import UserError
 
 
 class Results:

@@ -35,8 +35,7 @@ import math
 import os
 import time
 
-from ..errors import ArgumentParser, UserError, command_main, parse_first, summary
-from ..flags import DEFAULT_WEIGHTS, add_threads, add_weights, apply_threads
+from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads, command_main, parse_first, summary
 
 
 def build_parser() -> ArgumentParser:
@@ -87,9 +86,9 @@ from ..generation import generate
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
 from ..model import LlavaForConditionalGeneration
 from ..oracle import forward_no_cache, recompute_logits
-from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features, shipped_predictor_path
+from ..loading import save_predictor, shipped_predictor_path
+from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
-from ..progress import Progress
 from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
 from ..settings import check_layer
 from .data import data_inputs, read_examples
@@ -279,7 +278,7 @@ def run(argv=None) -> int:
         minutes = (time.perf_counter() - t0) / 60
         for line in log:
             print(line)
-        pred.save(args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), objective="e2e",
+        save_predictor(pred, args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), objective="e2e",
                   lam=args.lam, tau=args.tau, epochs=args.epochs, lr=args.lr, seed=args.seed, examples=len(examples),
                   data=args.data, minutes=round(minutes, 2))
         print(f"trained end to end on {len(examples)} examples in {minutes:.1f} min; wrote {args.out}")
@@ -307,7 +306,7 @@ def run(argv=None) -> int:
               f"on the held-out examples, every greedy answer unchanged")
         settings.update(heldout=args.heldout, heldout_accuracy=round(h["argmax_accuracy"], 4),
                         heldout_over_prune=round(h["over_prune"], 4))
-    pred.save(args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), **settings)
+    save_predictor(pred, args.out, model.config, trained_on=os.path.basename(os.path.normpath(args.weights)), **settings)
     mean_cut = torch.tensor([CUTS[i] for i in labels]).mean()
     print(f"{len(labels)} steps from {len(examples)} examples; mean label cut {mean_cut:.3f}; "
           f"{len(FEATURES)} features; wrote {args.out}")

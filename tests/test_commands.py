@@ -1,7 +1,8 @@
-"""Paths and files as users give them: relative --weights from another working directory for every
-command that takes it, a relative folder that looks like a hub id, a hub cache without refs/main, the
-identity a resumable results file keeps under relative paths, the progress line's rate and long
-durations, and what a predictor file records when every flag is left at its default."""
+"""What every command shares (commands.py), as users meet it: paths and files as they give them (relative
+--weights from another working directory for every command that takes it, a relative folder that looks
+like a hub id, a hub cache without refs/main, the identity a resumable results file keeps under relative
+paths, what a predictor file records when every flag is left at its default), and the progress line (whole
+units, into a pipe or a log, its rate and long durations)."""
 
 import json
 import os
@@ -112,7 +113,7 @@ def test_the_progress_line_in_mb_per_second_and_over_an_hour(capsys, monkeypatch
     """Bytes: 120 of 500 MB after 8 s is 15.0 MB/s, and 380 MB left at that rate is 25.33 s: "ETA 25s".
     Units: 1 of 100 after 61 s leaves 99 x 61 = 6,039 s: "ETA 1h40m" (1 h 40 min 39 s, minutes not
     rounded up); after 3,725 s the elapsed time reads "1h02m"."""
-    from dyrate_ref import progress
+    from dyrate_ref import commands as progress
     clock = [0.0]
     monkeypatch.setattr(progress.time, "time", lambda: clock[0])
     bar = progress.Progress(500e6, "loading weights", bytes_=True, after_s=0.0)
@@ -172,3 +173,47 @@ def test_bench_threads_refuses_a_json_over_what_it_reads(work):
     for target in (picture, "../work/ckpt/config.json"):
         r = run(work / "elsewhere", "-m", "dyrate_ref.tools.bench", "threads", "--weights", "../work/ckpt", "--json", target)
         assert r.returncode == 2 and "would overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_progress_counts_whole_units(capsys):
+    from dyrate_ref.commands import Progress
+    bar = Progress(18, "evaluating", " prompts", after_s=0.0)
+    bar.update(2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "2/18 prompts" in err and "2.0" not in err
+
+
+def test_progress_into_a_pipe_is_one_final_line_in_mb(capsys):
+    """Into a pipe or a log file the bar does not redraw itself with carriage returns: one line when the
+    job ends; and a 29 MB load is counted in MB, not as 0.0/0.0 GB."""
+    from dyrate_ref.commands import Progress
+    bar = Progress(29e6, "loading weights", bytes_=True, after_s=0.0)
+    for _ in range(29):
+        bar.update(1e6)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 1, repr(err)
+    assert "29.0/29.0 MB" in err, err
+    big = Progress(3e9, "x", bytes_=True, after_s=0.0)
+    big.update(1.5e9)
+    big.close()
+    assert "1.5/3.0 GB" in capsys.readouterr().err
+
+
+def test_progress_into_a_log_writes_a_line_every_few_seconds_with_rate_and_eta(capsys, monkeypatch):
+    """A 50-minute job piped into a log must not be silent until it ends: a line every every_s seconds
+    (count, rate, time left), then the final one."""
+    from dyrate_ref import commands as progress
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    bar = progress.Progress(100, "evaluating", " prompts", after_s=0.0, every_s=10.0)
+    for _ in range(40):  # 40 prompts, one every 1.5 s: 60 s
+        clock[0] += 1.5
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert "\r" not in "".join(lines) and 6 <= len(lines) <= 7, lines  # every 10 s of 60, and the final one
+    assert "7/100 prompts" in lines[0] and "0.67 prompts/s" in lines[0], lines[0]  # 7 done at 10.5 s
+    assert "ETA 2m20s" in lines[0], lines[0]  # 93 left at 1.5 s each
+    assert lines[-1].startswith("evaluating [############") and "40/100 prompts 1m00s" in lines[-1]
