@@ -3,6 +3,7 @@ those files hold what the current weights compute (recomputed here), so a figure
 
 import json
 import os
+import re
 
 import pytest
 
@@ -176,3 +177,34 @@ def test_the_premise_witnesses_are_what_the_current_weights_compute(shipped):
     assert len(now) == len(data["witnesses"])
     for stored, fresh in zip(data["witnesses"], now):
         assert_records_equal(stored, fresh, f"premise.json: {fresh['id']} {fresh['choice']} {fresh['step']}")
+
+
+def sections(text: str) -> list[str]:
+    """A markdown text cut at its headings (outside code blocks)."""
+    out, code = [[]], False
+    for line in text.splitlines():
+        code = code != line.startswith("```")
+        if line.startswith("#") and not code:
+            out.append([])
+        out[-1].append(line)
+    return ["\n".join(s) for s in out]
+
+
+def test_every_figure_shown_has_the_command_that_draws_it_in_its_section():
+    """Each picture of docs/ that a page shows or links stands in a section that also gives the command
+    that draws it (its tool, run as a module), so a reader can make it again."""
+    tools = {"attention_mass.png": "dyrate_ref.tools.figures", "kept_patches.png": "dyrate_ref.tools.figures",
+             "attention_location.png": "dyrate_ref.tools.attention_location",
+             "pareto_best.png": "dyrate_ref.tools.evaluate", "attention_over_generation.png": "dyrate_ref.tools.evaluate",
+             "premise.png": "dyrate_ref.tools.premise", "cider_pareto.png": "dyrate_ref.tools.evaluate"}
+    assert set(tools) == set(FIGURES)
+    root = os.path.dirname(DOCS)
+    pages = [os.path.join(root, "README.md"), os.path.join(root, "tutorial.md")] + [
+        os.path.join(DOCS, f) for f in sorted(os.listdir(DOCS)) if f.endswith(".md")]
+    shown = set()
+    for page in pages:
+        for section in sections(open(page, encoding="utf-8").read()):
+            for png in re.findall(r"\]\((?:docs/)?([\w.]+\.png)\)", section):
+                shown.add(png)
+                assert f"python -m {tools[png]}" in section, (os.path.basename(page), png)
+    assert shown == set(FIGURES), set(FIGURES) - shown
