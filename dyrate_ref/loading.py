@@ -22,7 +22,8 @@ from torch import nn
 from .commands import Progress, UserError
 from .files import check_input_file, write_atomic
 from .commands import DEFAULT_WEIGHTS  # noqa: F401  (re-exported: the embedded model every command defaults to)
-from .model import ACTIVATIONS, LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig, VisionConfig
+from .model import (ACTIVATIONS, LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
+                    VisionConfig)
 from .predictor import FEATURES, RatePredictor
 
 # checkpoint key prefix -> model.py prefix. The first matching prefix wins, so the longer, more specific

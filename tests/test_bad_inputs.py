@@ -11,10 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from dyrate_ref import cli
-from dyrate_ref.tools import trace
-from dyrate_ref.demo import export as demo_export
-from dyrate_ref.demo import train as demo_train
-from dyrate_ref.tools import bench, calibrate_vtw, evaluate, premise, train_predictor
+from dyrate_ref.tools import bench, calibrate_vtw, evaluate, premise, trace, train_predictor
+from dyrate_ref.demo import export as demo_export, train as demo_train
 from helpers import hf_config, make_checkpoint
 
 

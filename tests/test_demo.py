@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from dyrate_ref.loading import DEFAULT_WEIGHTS
-from dyrate_ref.demo.scenes import (scene_description, COLORS, NUMBERS, POSITIONS, SIZE, eval_set, object_f1, parse_description,
-                               questions, random_scene)
+from dyrate_ref.demo.scenes import (scene_description, COLORS, NUMBERS, POSITIONS, SIZE, eval_set, object_f1,
+                                    parse_description, questions, random_scene)
 from helpers import TINY, tiny_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

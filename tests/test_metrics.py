@@ -6,8 +6,8 @@ import math
 import pytest
 from pycocoevalcap.cider.cider_scorer import CiderScorer  # the [test] extra installs it
 
-from dyrate_ref.tools.metrics import (CiderD, bootstrap_cider_difference, caption_words, exact_match,
-                                      normalise_answer, vqa_accuracy)
+from dyrate_ref.tools.metrics import (CiderD, bootstrap_cider_difference, caption_words, exact_match, normalise_answer,
+                                      vqa_accuracy)
 
 
 def toolkit(candidates: list[str], references: list[list[str]]) -> tuple[float, list[float]]:

@@ -10,8 +10,7 @@ import torch
 
 from dyrate_ref.generation import generate
 from dyrate_ref.oracle import recompute_logits, reference_answer
-from dyrate_ref.loading import load_model
-from dyrate_ref.loading import save_predictor
+from dyrate_ref.loading import load_model, save_predictor
 from dyrate_ref.predictor import CUTS, RatePredictor
 from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import Method, apply_cut, query_scores, step_scores, visual_span

@@ -34,7 +34,8 @@ import sys
 import time
 from dataclasses import replace
 
-from ..commands import ArgumentParser, Progress, UserError, add_device, add_threads, apply_threads, command_main, parse_first, summary
+from ..commands import (ArgumentParser, Progress, UserError, add_device, add_threads, apply_threads, command_main,
+                        parse_first, summary)
 
 
 def build_parser() -> ArgumentParser:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 
-from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads, command_main, parse_first, summary
+from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads,
+                        command_main, parse_first, summary)
 
 QUERIES = ("last", "mean")
 REGIONS = ("shapes", "asked", "background")

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 
-from ..commands import ArgumentParser, DEFAULT_WEIGHTS, UserError, add_device, add_dtype, add_threads, add_weights, apply_threads, command_main, parse_first, summary
+from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, UserError, add_device, add_dtype, add_threads, add_weights,
+                        apply_threads, command_main, parse_first, summary)
 
 
 def build_parser() -> ArgumentParser:
@@ -60,9 +61,8 @@ from safetensors.torch import save_file
 from ..cost import vision_flops
 from ..files import check_outputs, checkpoint_inputs, write_json
 from ..generation import Record, decode_one_token, generate, prefill
-from ..loading import (DTYPES, checkpoint_key, load_model, read_config, resolve_device, resolve_dtype, resolve_weights,
-                       weight_files)
-from ..loading import config_from_dict, shipped_predictor_path
+from ..loading import (DTYPES, checkpoint_key, config_from_dict, load_model, read_config, resolve_device, resolve_dtype,
+                       resolve_weights, shipped_predictor_path, weight_files)
 from ..model import LlavaForConditionalGeneration
 from ..pruning import NoPruning
 from ..settings import Context, check_layers

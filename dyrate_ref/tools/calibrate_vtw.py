@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 
-from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads, command_main, parse_first, summary
+from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads,
+                        command_main, parse_first, summary)
 
 
 def build_parser() -> ArgumentParser:

@@ -3,14 +3,13 @@
   python -m dyrate_ref.tools.evaluate [--weights DIR] [--quick] [--scenes N] [--plot DIR] [--json FILE]
   python -m dyrate_ref.tools.evaluate --data FILE.jsonl [--results OUT.jsonl] [--weights DIR] ...
 
-One row per method and setting (standard_rows()), every family at the shipped predictor's layer K so
-that each is a front, not a point: none and a control with every picture blanked (the model must answer
-from the image, not the text); FastV at R = 0.1, 0.25, 0.5, 0.75, 0.9; VTW at every K of the decoder's
-second half (its own calibration's choice is printed); DyRate with the shipped predictor over a sweep of
-its decoding confidence c, each c with two controls: random tokens at its kept counts on the same item
-(does choosing by attention matter?) and the fixed schedule at its mean kept count per step (does
-choosing the rate per picture matter?). The declared comparison (MAIN_COMPARISON) is printed first.
---split validation runs them on scenes disjoint from the reported test split, to choose settings on.
+One row per method and setting (standard_rows()), each family a front: none and a control with every
+picture blanked (the model must answer from the image, not the text); FastV over FASTV_RATES at the K and
+score its validation chose; VTW at L/2 and L-1; DyRate with the shipped predictor over its confidence c
+(SWEEP), each c with two controls: random tokens at its kept counts on the same item (does choosing by
+attention matter?) and the fixed schedule at its mean kept count per step (does choosing the rate per
+picture matter?). The declared comparison (MAIN_COMPARISON) is printed first. --split validation runs
+them on scenes disjoint from the reported test split, to choose settings on.
 
 Accuracy table: exact match overall and per question kind, description object-F1 ((colour, shape,
 position) triples) and CIDEr-D, each method's paired difference from none with its standard error
@@ -19,15 +18,14 @@ exactly none's. Costs are counted twice: on each method's own answers, and on no
 to the method (a method whose answers collapse would otherwise look cheap). The kind-swap sensitivity
 (demo/reading.py: does the model read the question?) follows the table.
 
-Cost table, relative to none: kept visual tokens, language-model FLOPs
-(FastV's way of counting: decoder matmuls over every step, split into prefill and decode; the vision
-tower + projector is the same for every method and stated once), KV-cache bytes (peak and mean over the
-answer's steps) and wall-clock.
+Cost table, relative to none: kept visual tokens, language-model FLOPs (FastV's way of counting: decoder
+matmuls over every step, split into prefill and decode; the vision tower + projector is the same for every
+method and stated once), KV-cache bytes (peak and mean over the answer's steps) and wall-clock.
 
---plot DIR writes pareto.png (each accuracy against LM FLOPs and mean KV bytes on none's answer tokens, one line
-per family, ±2 clustered SE; drawn from the --json rows) and attention_over_generation.json/.png (per decoder
-layer, the share of attention each generated token of the held-out descriptions gives to the image).
---json keeps, beside the aggregates, every row's records of the first WITNESSES items (a test recomputes them).
+--plot DIR writes pareto.png (accuracy against LM FLOPs and mean KV bytes on none's answer tokens, one line
+per family, ±2 clustered SE, from the --json rows) and attention_over_generation.json/.png (per layer, the
+share of attention each token of the held-out descriptions gives to the image). --json keeps, beside the
+aggregates, every row's records of the first WITNESSES items (tests/test_figures.py recomputes them).
 
 Your own data: --data FILE.jsonl (the format is in tools/data.py: image, prompt, and references and/or
 answer per line) runs the same rows on the file's items and scores captions by CIDEr-D (its difference
@@ -45,7 +43,8 @@ import sys
 import time
 from dataclasses import replace
 
-from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, SPEC_FORM, UserError, add_weights, command_main, parse_first, summary
+from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, Progress, SPEC_FORM, UserError, add_weights, command_main,
+                        parse_first, summary)
 
 
 def build_parser() -> ArgumentParser:
@@ -79,18 +78,17 @@ import torch
 from ..cost import vision_flops
 from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
 from ..generation import generate
-from ..loading import load_model, read_config, resolve_weights
+from ..loading import load_model, read_config, resolve_weights, shipped_predictor_path
 from ..plots import require_matplotlib
-from ..loading import shipped_predictor_path
 from ..processing import Processor
 from ..pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning
 from ..settings import Context, Origin, check_layers, make_method
 from .baselines import RandomKeep, from_spec, spec_layers
 from .charts import plot_layers, plot_pareto
-from .data import (MAX_SCENES, Item, attention_over_generation, check_fits, data_inputs, kind_swap, random_shape_colour, read_items, scene_items,
-                   vocabulary_note)
-from .report import (METRICS, PERCENT, Row, comparison_text, cost_line, family, label, main_comparison, mean_schedule, pareto_points,
-                     serving_table, step0_table, step0_text, summarise, table, validation_choices)
+from .data import (MAX_SCENES, Item, attention_over_generation, check_fits, data_inputs, kind_swap, random_shape_colour,
+                   read_items, scene_items, vocabulary_note)
+from .report import (METRICS, PERCENT, Row, comparison_text, cost_line, family, label, main_comparison, mean_schedule,
+                     pareto_points, serving_table, step0_table, step0_text, summarise, table, validation_choices, witnesses)
 from .results import Results
 from .workers import run_forked
 
@@ -107,7 +105,7 @@ SWEEP = (0.3, 0.5, 0.7)  # DyRate's front: the predictor's decoding confidence c
 # against FastV, LM FLOPs <= 0.8x and mean KV <= 0.6x; against the schedule, cheaper beyond 2 SE (does
 # the adaptive rate pay?); against random, better beyond 2 SE on one of the scores (does its choice pay?).
 MATCHED = {"em": 0.01, "f1": 0.01, "verdict": 0.02}
-WITNESSES = 2  # items whose per-item records the JSON keeps (witnesses())
+WITNESSES = 2  # items whose per-item records the JSON keeps (report.witnesses)
 FASTV_BEST = dict(layer=2, score="mean")
 MAIN_COMPARISON = dict(ours="DyRate predictor",
                        theirs={family(FastV(**FASTV_BEST)): {"lm_flops": 0.8, "kv_mean": 0.6},
@@ -264,13 +262,6 @@ def evaluate_all(model, processor, items, rows, max_new_tokens: int, workers: in
     return rows, records
 
 
-def witnesses(records: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Every row's records of the first WITNESSES items, kept in the JSON beside the aggregates so that a
-    test can recompute them from the current weights (tests/test_figures.py): the figures drawn from the
-    JSON cannot outlive their model. Wall-clock is left out (it is not a property of the weights)."""
-    return {name: [{k: v for k, v in r.items() if k != "seconds"} for r in rs[:WITNESSES]] for name, rs in records.items()}
-
-
 def run(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -402,7 +393,7 @@ def run(argv=None) -> int:
             figures["random_shape_colour"] = random_shape_colour(prompts)
         write_json(args.json, {**figures, "max_new_tokens": args.max_new_tokens, "extra": args.extra,
                                "only_extra": args.only_extra, "no_control": args.no_control,
-                               "witnesses": witnesses(records)})
+                               "witnesses": witnesses(records, WITNESSES)})
     if args.plot:  # each figure drawn from the data it writes beside it (the Pareto points: the JSON's rows)
         os.makedirs(args.plot, exist_ok=True)
         plot_pareto(os.path.join(args.plot, "pareto.png"), pareto_points(json_rows, keys, scale, ylabels),
@@ -410,7 +401,8 @@ def run(argv=None) -> int:
     if args.plot and not args.data:
         out = os.path.join(args.plot, "attention_over_generation")
         write_json(out + ".json", attention_over_generation(model, proc, prompts, witnesses=WITNESSES))
-        data = json.load(open(out + ".json", encoding="utf-8"))  # the picture is what the file says
+        with open(out + ".json", encoding="utf-8") as f:  # the picture is what the file says
+            data = json.load(f)
         plot_layers(out + ".png", data, "Share of attention that each generated token gives to the image, per layer")
         means = torch.tensor(data["means"])
         first, last = means[:, :3].mean(1), means[:, -5:].mean(1)

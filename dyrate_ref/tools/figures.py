@@ -23,6 +23,11 @@ SCHEDULE = (0.5, 0.6, 0.7, 0.8, 0.9)
 STEPS = (0, 2, 4)  # the kept-patch panels
 
 
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def figure_data(weights: str = DEFAULT_WEIGHTS) -> dict:
     """-> {"attention_mass": {...}, "kept_patches": {...}}: what the two figures plot, from `weights`."""
     from PIL import Image
@@ -33,7 +38,7 @@ def figure_data(weights: str = DEFAULT_WEIGHTS) -> dict:
     from ..pruning import DyRateSchedule, NoPruning
     model = load_model(weights)
     processor = Processor(weights, model.config)
-    example = json.load(open(os.path.join(weights, "examples", "examples.json")))[EXAMPLE]
+    example = read_json(os.path.join(weights, "examples", "examples.json"))[EXAMPLE]
     pixels = processor.pixel_values(Image.open(os.path.join(weights, "examples", example["file"])))
     ids = processor.input_ids(PROMPT)
     none = generate(model, ids, pixels, 80, NoPruning(), stop_ids=processor.stop_ids)
@@ -57,10 +62,10 @@ def draw(out: str, weights: str = DEFAULT_WEIGHTS):
     from ..loading import read_config
     from ..plots import image_from_pixels, plot_kept_patches, plot_mass
     from ..processing import Processor
-    mass = json.load(open(os.path.join(out, "attention_mass.json")))
+    mass = read_json(os.path.join(out, "attention_mass.json"))
     plot_mass(os.path.join(out, "attention_mass.png"), mass["mass"], mass["words"],
               f"Layer {mass['layer']}'s attention mass on the image while describing {mass['file']}", mass["layer"])
-    kept = json.load(open(os.path.join(out, "kept_patches.json")))
+    kept = read_json(os.path.join(out, "kept_patches.json"))
     cfg = read_config(weights)
     processor = Processor(weights, cfg)
     base = image_from_pixels(processor.pixel_values(Image.open(os.path.join(weights, "examples", kept["file"]))),

@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_device, add_dtype, add_threads, add_weights, apply_threads, command_main, parse_first, summary
+from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_device, add_dtype, add_threads,
+                        add_weights, apply_threads, command_main, parse_first, summary)
 
 
 def build_parser() -> ArgumentParser:

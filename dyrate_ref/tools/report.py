@@ -444,3 +444,10 @@ def pareto_points(rows: list[dict], keys: list[str], scale: dict, ylabels: dict)
                 points.append({"panel": panel, "method": s["family"], "label": s["method"], "x": x,
                                "y": scale[key] * s[key], "yerr": 2 * scale[key] * s[key + "_se"], "ylabel": ylabels[key]})
     return points
+
+
+def witnesses(records: dict[str, list[dict]], n: int) -> dict[str, list[dict]]:
+    """Every row's records of the first n items, kept in the evaluation's JSON beside the aggregates so
+    that a test can recompute them from the current weights (tests/test_figures.py): the figures drawn from
+    the JSON cannot outlive their model. Wall-clock is left out (not a property of the weights)."""
+    return {name: [{k: v for k, v in r.items() if k != "seconds"} for r in rs[:n]] for name, rs in records.items()}

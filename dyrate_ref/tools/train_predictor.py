@@ -35,7 +35,8 @@ import math
 import os
 import time
 
-from ..commands import ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads, command_main, parse_first, summary
+from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, Progress, UserError, add_threads, add_weights, apply_threads,
+                        command_main, parse_first, summary)
 
 
 def build_parser() -> ArgumentParser:
@@ -83,10 +84,9 @@ import torch.nn.functional as F
 
 from ..files import check_outputs, checkpoint_inputs
 from ..generation import generate
-from ..loading import load_model, read_config, resolve_weights, weight_inputs
+from ..loading import load_model, read_config, resolve_weights, save_predictor, shipped_predictor_path, weight_inputs
 from ..model import LlavaForConditionalGeneration
 from ..oracle import forward_no_cache, recompute_logits
-from ..loading import save_predictor, shipped_predictor_path
 from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
 from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
