@@ -7,6 +7,7 @@ written unless the whole run succeeded.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -55,8 +56,8 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
                    "(default: the predictor file's; closer to 1 keeps more)")
     g.add_argument("--schedule", metavar="R0,R1,...", help="dyrate-schedule: the rate dropped by each step, in "
                    "[0, 1], the last repeating (e.g. 0,0.5,0.9)")
-    for old, new in (("--ratio", "--rate"), ("--rates", "--schedule")):  # renamed: refused with the new name
-        g.add_argument(old, dest=old[2:], help=f"renamed {new}")
+    for old in ("--ratio", "--rates"):  # renamed (--rate, --schedule): refused with the new name, not shown
+        g.add_argument(old, dest=old[2:], help=argparse.SUPPRESS)
     return p
 
 
