@@ -6,8 +6,8 @@
   plot_mass            one curve of the attention mass on the image over an answer (the tutorial's figure)
   plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
 
-The evaluation's charts are tools/charts.py. Every figure has a title, labelled axes with units, and its legend outside the data. Files are written
-whole or not at all (files.write_atomic).
+The evaluation's charts are tools/charts.py. Every figure has a title, labelled axes with units, and its
+legend outside the data. Files are written whole or not at all (files.write_atomic).
 """
 
 from __future__ import annotations
