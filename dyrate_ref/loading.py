@@ -19,9 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .commands import Progress, UserError
+from .commands import DEFAULT_WEIGHTS, Progress, UserError  # noqa: F401  (DEFAULT_WEIGHTS re-exported)
 from .files import check_input_file, write_atomic
-from .commands import DEFAULT_WEIGHTS  # noqa: F401  (re-exported: the embedded model every command defaults to)
 from .model import (ACTIVATIONS, LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
                     VisionConfig)
 from .predictor import FEATURES, RatePredictor
