@@ -98,9 +98,7 @@ def evaluation_rows(data: dict, weights: str):
     from dyrate_ref.tools import evaluate
     cfg = read_config(weights)
     ctx = Context(weights, cfg.text_config.num_hidden_layers, cfg)
-    rows = (evaluate.base_rows(ctx, control=not data["no_control"]) if data["only_extra"]
-            else evaluate.standard_rows(weights, cfg))
-    rows += [evaluate.parse_extra(spec, ctx) for spec in data["extra"]]
+    rows = evaluate.table_rows(ctx, data["extra"], data["only_extra"], data["no_control"])
     schedules = {r["method"]: tuple(r["schedule"]) for r in data["rows"] if "schedule" in r}
     return [replace(r, method=replace(r.method, schedule=schedules[r.name])) if r.schedule_of else r for r in rows]
 

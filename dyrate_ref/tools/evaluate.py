@@ -3,20 +3,19 @@
   python -m dyrate_ref.tools.evaluate [--weights DIR] [--quick] [--scenes N] [--plot DIR] [--json FILE]
   python -m dyrate_ref.tools.evaluate --data FILE.jsonl [--results OUT.jsonl] [--weights DIR] ...
 
-One row per method and setting (standard_rows()), each family a front: none and a control with every
-picture blanked (the model must answer from the image, not the text); FastV over FASTV_RATES at the K and
-score its validation chose; VTW at L/2 and L-1; DyRate with the shipped predictor over its confidence c
-(SWEEP), each c with two controls: random tokens at its kept counts on the same item (does choosing by
-attention matter?) and the fixed schedule at its mean kept count per step (does choosing the rate per
-picture matter?). The declared comparison (MAIN_COMPARISON) is printed first. --split validation runs
-them on scenes disjoint from the reported test split, to choose settings on.
+One row per method and setting (standard_rows()), each family a front: none and a control with every picture
+blanked (the model must answer from the image, not the text); FastV over FASTV_RATES at the K and score its
+validation chose; VTW at L/2 and L-1; DyRate with the shipped predictor over its confidence c (SWEEP), each c
+with two controls: random tokens at its kept counts on the same item (does choosing by attention matter?) and
+the fixed schedule at its mean kept count per step (does choosing the rate per picture matter?). The declared
+comparison (MAIN_COMPARISON) comes first. --split validation: disjoint scenes.
 
-Accuracy table: exact match overall and per question kind, description object-F1 ((colour, shape,
-position) triples) and CIDEr-D, each method's paired difference from none with its standard error
-clustered by picture (the questions about one scene are not independent), and how often the answer is
-exactly none's. Costs are counted twice: on each method's own answers, and on none's answer tokens fed
-to the method (a method whose answers collapse would otherwise look cheap). The kind-swap sensitivity
-(demo/reading.py: does the model read the question?) follows the table.
+Accuracy table: exact match overall and per question kind, description object-F1 ((colour, shape, position)
+triples) and CIDEr-D, each method's paired difference from none with its standard error clustered by picture
+(the questions about one scene are not independent), and how often the answer is exactly none's. Costs are
+counted twice: on each method's own answers, and on none's answer tokens fed to the method (a method whose
+answers collapse would otherwise look cheap). The kind-swap sensitivity (demo/reading.py: does the model read
+the question?) follows the table.
 
 Cost table, relative to none: kept visual tokens, language-model FLOPs (FastV's way of counting: decoder
 matmuls over every step, split into prefill and decode; the vision tower + projector is the same for every
@@ -27,12 +26,11 @@ per family, ±2 clustered SE, from the --json rows) and attention_over_generatio
 share of attention each token of the held-out descriptions gives to the image). --json keeps, beside the
 aggregates, every row's records of the first WITNESSES items (tests/test_figures.py recomputes them).
 
-Your own data: --data FILE.jsonl (the format is in tools/data.py: image, prompt, and references and/or
-answer per line) runs the same rows on the file's items and scores captions by CIDEr-D (its difference
-from none with a paired-bootstrap standard error over the items) and answers by exact match and, where the line has the
-human `answers`, VQA soft accuracy (tools/metrics.py). --results FILE.jsonl keeps every item's output
-as a JSON line as soon as it is made; run the same command again after an interruption and it
-continues where it stopped. `python -m dyrate_ref.demo.export` writes held-out scenes as such a file.
+Your own data: --data FILE.jsonl (the format is in tools/data.py: image, prompt, and references and/or answer
+per line) runs the same rows on the file's items and scores captions by CIDEr-D (its difference from none with
+a paired-bootstrap standard error over the items) and answers by exact match and, where the line has the human
+`answers`, VQA soft accuracy (tools/metrics.py). --results FILE.jsonl keeps every item's output as a JSON line
+as it is made; the same command again continues an interrupted run (demo.export writes scenes as such a file).
 """
 
 from __future__ import annotations
@@ -168,6 +166,13 @@ def parse_extra(spec: str, ctx: Context) -> Row:
     return row(method, spec.split(":")[0], ctx.weights_dir)
 
 
+def table_rows(ctx: Context, extra: list[str], only_extra=False, no_control=False, quick=False) -> list[Row]:
+    """The rows a run's flags ask for (the JSON records the flags: tests/test_figures.py rebuilds the rows)."""
+    extra_rows = [parse_extra(spec, ctx) for spec in extra]  # a bad spec is refused before anything else
+    rows = base_rows(ctx, not no_control) if only_extra else standard_rows(ctx.weights_dir, ctx.config, quick)
+    return rows + extra_rows
+
+
 def item_method(row: Row, prompt: Item, matched: dict | None) -> Method:
     """The row's method for one item: random keep draws with the item's seed, and a matched row keeps
     the matched row's kept counts on the same item."""
@@ -297,12 +302,7 @@ def run(argv=None) -> int:
                          "reference included. Add captions of more images to score by it.\n")
     cfg = read_config(args.weights)
     ctx = Context(args.weights, cfg.text_config.num_hidden_layers, cfg)
-    extra = [parse_extra(spec, ctx) for spec in args.extra]
-    if args.only_extra:
-        rows = base_rows(ctx, control=not args.no_control)
-    else:
-        rows = standard_rows(args.weights, cfg, args.quick)
-    rows += extra
+    rows = table_rows(ctx, args.extra, args.only_extra, args.no_control, args.quick)
     names = [r.name for r in rows]
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
