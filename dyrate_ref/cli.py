@@ -14,9 +14,12 @@ import sys
 import time
 
 # Only what parsing the flags needs is imported here: --help and a flag error answer before torch loads.
-from .commands import DEFAULT_WEIGHTS, DTYPE_HELP, ArgumentParser, UserError, command_main
+from .commands import DEFAULT_WEIGHTS, DTYPE_HELP, ArgumentParser, UserError, exits
 
-SMALL_MODEL = 100_000_000  # bytes of weights below which generate.py runs on one CPU thread by default
+# generate.py's one thread rule: without --threads, weights under this many bytes run on one CPU thread
+# (measured on the embedded model, README 'Using it': more threads gain nothing there and lose much on a
+# busy machine); larger ones keep torch's default, one thread per core.
+SMALL_MODEL = 100_000_000
 
 
 def build_parser(prog: str = "generate.py") -> ArgumentParser:
@@ -64,30 +67,13 @@ def build_parser(prog: str = "generate.py") -> ArgumentParser:
 METHOD_FLAGS = ("layer", "rate", "score", "predictor", "confidence", "schedule", "ratio", "rates")
 
 
-def method_settings(args):
-    """The method's class and the settings its flags give, parsed (no file read yet). -> (cls, {setting:
-    value}); a flag of another method, or a value out of range, is a UserError naming the flag."""
-    from .pruning import METHODS
-    from .settings import parse_settings
-    if args.method not in METHODS:
-        raise UserError(f"unknown --method {args.method!r}; use one of {', '.join(METHODS)}")
-    cls = METHODS[args.method]
-    return cls, parse_settings(cls, {n: getattr(args, n) for n in METHOD_FLAGS if getattr(args, n) is not None}, METHODS)
-
-
-def default_threads(weight_bytes: int) -> int | None:
-    """generate.py's CPU threads without --threads: one for weights under 100 MB (measured on the
-    embedded model, README 'Using it': threads gain nothing there and lose much on a busy machine),
-    else None (torch's default, one per core)."""
-    return 1 if weight_bytes < SMALL_MODEL else None
-
-
 STOP_TEXT = {"eos": "stopped at the end of the answer (EOS)", "max_new_tokens": "stopped at --max-new-tokens",
-             "context": "stopped: the model's context is full",
-             "forced": "fed every token of --force-tokens"}
+             "context": "stopped: the model's context is full", "forced": "fed every token of --force-tokens"}
 
 
-def run(argv=None, prog: str = "generate.py") -> int:
+def run(argv=None, prog: str = "generate.py"):
+    """The command, from its flags (argv; None: sys.argv) to the streamed answer, the summary line and
+    the outputs. generate.py runs it inside commands.exits(), as main() does."""
     args = build_parser(prog).parse_args(argv)
     import torch
 
@@ -98,7 +84,8 @@ def run(argv=None, prog: str = "generate.py") -> int:
     from .loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights, weight_files
     from .plots import plot_run, require_matplotlib
     from .processing import Processor, StreamingDecoder, open_image
-    from .settings import Context, describe, make_method, metadata
+    from .pruning import METHODS
+    from .settings import Context, describe, make_method, metadata, parse_settings
     from .trace import read_trace, trace_tensors, write_trace
 
     # 1. Everything that can be checked without reading weights. A flag that would have no effect, or
@@ -137,17 +124,19 @@ def run(argv=None, prog: str = "generate.py") -> int:
     check_outputs([("--trace", args.trace), ("--plot", args.plot)],
                   [("the --image", args.image), *checkpoint_inputs(weights), ("the --force-tokens trace", args.force_tokens)]
                   + [("the --predictor file", args.predictor)])
-    if args.plot is not None and not args.plot.lower().endswith(".png"):
-        raise UserError(f"--plot {args.plot} must end in .png")
     if args.plot is not None:
+        if not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot {args.plot} must end in .png")
         require_matplotlib()  # says how to install it, before any work
-    cls, given = method_settings(args)  # method-level checks before the slow part
+    if args.method not in METHODS:
+        raise UserError(f"unknown --method {args.method!r}; use one of {', '.join(METHODS)}")
+    cls = METHODS[args.method]  # its flags parsed now; the files it reads come after the cheap checks
+    given = parse_settings(cls, {n: getattr(args, n) for n in METHOD_FLAGS if getattr(args, n) is not None}, METHODS)
     image = open_image(args.image)
     cfg = read_config(weights)
-    if args.threads is None and device.type == "cpu":
-        size = sum(map(os.path.getsize, weight_files(weights)))
-        if default_threads(size) is not None:
-            torch.set_num_threads(default_threads(size))
+    small = sum(map(os.path.getsize, weight_files(weights))) < SMALL_MODEL
+    if args.threads is None and device.type == "cpu" and small:
+        torch.set_num_threads(1)  # the thread rule: see SMALL_MODEL
     processor = Processor(weights, cfg)
     input_ids = processor.input_ids(args.prompt)  # [P]
     unknown = processor.unknown_characters(args.prompt)
@@ -176,7 +165,6 @@ def run(argv=None, prog: str = "generate.py") -> int:
 
     # 2. The slow part.
     model = load_model(weights, dtype=dtype, device=device, config=cfg)
-    method.to(device)
     pixels = processor.pixel_values(image)  # [1, 3, H, W]
     decoder = StreamingDecoder(processor)
 
@@ -210,8 +198,9 @@ def run(argv=None, prog: str = "generate.py") -> int:
         write_trace(args.trace, trace_tensors(input_ids, pixels, gen.tokens, gen.record), meta)
     if args.plot:
         plot_run(args.plot, pixels, processor, gen, method)
-    return 0
 
 
 def main(argv=None, prog: str = "generate.py"):
-    command_main(lambda a: run(a, prog), argv)
+    """generate.py's two lines as a function (python -m dyrate_ref, the tests)."""
+    with exits():
+        run(argv, prog)

@@ -1,9 +1,6 @@
 """What every command shares: the one exception type for problems the user can fix and the one wrapper
-that turns it into an exit, the parser whose usage errors are one line, the flags several commands
-share, and the progress bar.
-
-Every command (generate.py and each `python -m dyrate_ref....` tool) runs through `command_main`: a
-UserError becomes one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+that turns it into an exit (generate.py runs inside `exits()`, each tool through `command_main`), the
+parser whose usage errors are one line, the flags several commands share, and the progress bar.
 """
 
 from __future__ import annotations
@@ -13,26 +10,36 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 
 
 class UserError(Exception):
     """Something the user gave us is wrong; the message says what and what to do."""
 
 
-def command_main(run, argv=None):
-    """Call run(argv) -> exit code (None means 0) and exit with it; UserError -> 'error: ...', exit 2."""
+@contextmanager
+def exits():
+    """The body of a command: a UserError becomes 'error: ...' on stderr and exit status 2, Ctrl-C exit
+    130, a reader that went away (`... | head`) a quiet exit 141; anything else is a bug and keeps its
+    traceback."""
     try:
-        code = run(argv) or 0
+        yield
     except UserError as e:
         sys.stdout.flush()
         sys.stderr.write(f"error: {e}\n")
-        code = 2
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        code = 130
-    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other tools do
+        sys.exit(130)
+    except BrokenPipeError:  # stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141
+        sys.exit(141)
+
+
+def command_main(run, argv=None):
+    """A tool's main: run(argv) -> exit code (None means 0) inside exits(), then exit with the code."""
+    with exits():
+        code = run(argv) or 0
     sys.exit(code)
 
 

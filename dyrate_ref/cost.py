@@ -58,3 +58,16 @@ def kv_bytes(tc: TextConfig, K: int, step, element_size: int) -> int:
     L = tc.num_hidden_layers
     slots = K * step.keys_low + (L - K) * step.keys_high
     return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size
+
+
+def flops_per_step(record) -> list[int]:
+    """Matmul FLOPs of each step of a generation.Record; step 0 includes the vision tower and projector."""
+    out = [step_flops(record.config.text_config, s.K, s) for s in record.shapes]
+    if out:
+        out[0] += vision_flops(record.config)
+    return out
+
+
+def kv_bytes_per_step(record) -> list[int]:
+    """Bytes the KV cache holds after each step of a generation.Record."""
+    return [kv_bytes(record.config.text_config, s.K, s, record.element_size) for s in record.shapes]

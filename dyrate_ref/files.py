@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 
 from .commands import UserError
@@ -19,7 +17,7 @@ def write_atomic(path: str, write):
     os.close(fd)
     try:
         write(tmp)
-        _usual_mode(tmp, 0o666)
+        usual_mode(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -27,13 +25,7 @@ def write_atomic(path: str, write):
         raise
 
 
-def publish(partial: str, final: str):
-    """A file a long job writes as it goes (a training log, readable while it runs) takes its final name
-    only once the job has finished: an interrupted run leaves the earlier `final` as it was."""
-    os.replace(partial, final)
-
-
-def _usual_mode(path: str, base: int):
+def usual_mode(path: str, base: int):
     """The mode any program's new file (0o666) or folder (0o777) gets: less the umask (which can only be
     read by setting it)."""
     umask = os.umask(0)
@@ -41,42 +33,20 @@ def _usual_mode(path: str, base: int):
     os.chmod(path, base & ~umask)
 
 
-def write_json(path: str, obj):
-    """JSON, indented for a reader, written whole or not at all."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    write_atomic(path, write)
-
-
-def write_atomic_dir(path: str, write):
-    """Call write(tmp_dir) on a new folder beside `path`, then rename it to `path`, which must not exist:
-    a failure leaves no partial folder. The folder gets the usual mode (0777 less the umask)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.normpath(path)) + "-", suffix=".tmp", dir=folder)
-    try:
-        write(tmp)
-        _usual_mode(tmp, 0o777)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------
 # Checking output paths before any work: every command's outputs go through these, so a mistake is one
 # line and exit 2 before anything slow runs, and nothing the user gave us is ever overwritten.
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, top]) == top
 
 
 def _same_file(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _inside(path: str, folder: str) -> bool:
-    real, top = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([real, top]) == top
 
 
 def check_outputs(outputs, inputs=()):
@@ -90,7 +60,7 @@ def check_outputs(outputs, inputs=()):
             raise UserError(f"{flag} is empty; give a file name")
         if os.path.isdir(path):
             raise UserError(f"{flag} {path} is a directory; give a file name")
-        _check_parent(path, flag)
+        check_parent(path, flag)
         for what, source in inputs:
             if source is None:
                 continue
@@ -123,16 +93,7 @@ def checkpoint_inputs(weights_dir: str, files: list[str] | None = None, flag: st
     return [(f"a file the {flag} folder gives the model ({os.path.basename(f)})", f) for f in files]
 
 
-def check_new_folder(path: str, flag: str):
-    """A folder a command will create (whole, write_atomic_dir): it must not exist yet, its parent must."""
-    if not path.strip():
-        raise UserError(f"{flag} is empty; give the name of a new folder")
-    if os.path.exists(path):
-        raise UserError(f"{flag} {path} already exists; give a new folder name (nothing is overwritten)")
-    _check_parent(path, flag)
-
-
-def _check_parent(path: str, flag: str):
+def check_parent(path: str, flag: str):
     """The folder an output goes into exists and is writable."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -4,8 +4,8 @@ The loop owns all state (State): the KV cache, the step counter t, the next posi
 no longer the cache length), the pruning layer K and the kept visual tokens. A step feeds the prompt
 with its image (t = 0, the prefill) or one token, and reads top to bottom in `step`: layers below K,
 the method's decision checked, the dropped visual tokens leave, layers from K on, the record. Costs
-(FLOPs, KV bytes) are not counted here: each step records its shape and cost.py derives them. The
-no-cache oracle that checks this loop is oracle.py.
+(FLOPs, KV bytes) are not counted here: each step records its shape and cost.py derives them
+(flops_per_step, kv_bytes_per_step). The no-cache oracle that checks this loop is oracle.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cost import kv_bytes, step_flops, vision_flops
 from .model import KVCache, LlavaConfig, LlavaForConditionalGeneration
 from .pruning import Method, NoPruning, kept_mask, query_scores, visual_span
 
@@ -54,7 +53,8 @@ class StepShape:
 
 @dataclass
 class Record:
-    """Per step t, lists of length T that become the trace."""
+    """Per step t, lists of length T that become the trace (cost.py derives FLOPs and KV bytes from the
+    shapes)."""
     config: LlavaConfig
     element_size: int  # bytes per cached key/value number
     logits: list = field(default_factory=list)  # [V] fp32 each, on the model's device
@@ -62,19 +62,6 @@ class Record:
     rates: list = field(default_factory=list)  # float each: r_t = 1 - |kept_t| / N, the share dropped by step t
     visual_mass: list = field(default_factory=list)  # 0-d each: layer K-1's last query's attention on the image
     shapes: list = field(default_factory=list)  # StepShape each
-
-    @property
-    def flops(self) -> list[int]:
-        """Matmul FLOPs per step; step 0 includes the vision tower and projector."""
-        out = [step_flops(self.config.text_config, s.K, s) for s in self.shapes]
-        if out:
-            out[0] += vision_flops(self.config)
-        return out
-
-    @property
-    def kv_bytes(self) -> list[int]:
-        """Bytes the KV cache holds after each step."""
-        return [kv_bytes(self.config.text_config, s.K, s, self.element_size) for s in self.shapes]
 
 
 def check_kept(method: Method, t: int, before: torch.Tensor, after: torch.Tensor):
@@ -94,12 +81,14 @@ def step(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tenso
          rec: Record) -> torch.Tensor:
     """Step t = state.t on the rows it feeds: x [1, T, C] at original positions pos [T] (the prompt at
     t = 0, one token after). -> logits [V] fp32."""
-    t, K, (start, N) = state.t, state.K, state.span
-    L = model.config.text_config.num_hidden_layers
+    t, K, (start, N), cache = state.t, state.K, state.span, state.cache
+    layers, L = model.model.layers, len(model.model.layers)
     rows_low = pos.numel()
-    x, probs = model.run_layers(x, pos, state.cache, range(0, K), probs_of=K - 1)  # probs [1, H, T, S]
+    cos, sin = model.rope(pos)  # [T, D] each
+    for i in range(K):  # below K every token stays; layer K-1's attention is what the method reads
+        x, probs = layers[i](x, cos, sin, pos, cache, i, want_probs=(i == K - 1))  # probs [1, H, T, S]
     # Layers below K never evict, so there slot s holds position s and the image span indexes the keys.
-    assert state.cache.length(K - 1) == state.next_pos + (t > 0), "a layer below K has lost slots"
+    assert cache.length(K - 1) == state.next_pos + (t > 0), "a layer below K has lost slots"
     rows = query_scores(probs, state.span)  # [T, N]: each fed query's attention over the image
     last = rows[-1]  # [N]: the step's last query (the trace's attention mass)
     queries = rows[state.text[0]:state.text[1]] if t == 0 else rows  # the question's text, then each answer token
@@ -111,43 +100,37 @@ def step(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tenso
         gone = start + state.kept[~torch.isin(state.kept, kept)]  # original positions [E]
         if t == 0:  # the prompt's dropped rows leave before layers >= K cache anything
             rows = torch.isin(pos, gone, invert=True)  # [T]
-            x, pos = x[:, rows], pos[rows]  # [1, T - E, C], [T - E]
+            x, pos, cos, sin = x[:, rows], pos[rows], cos[rows], sin[rows]  # [1, T - E, C], [T - E], [T - E, D]
         else:  # a decode step feeds no visual row: the dropped slots leave layers >= K
-            state.cache.evict(range(K, L), gone)
+            cache.evict(range(K, L), gone)
     state.kept = kept
-    x, _ = model.run_layers(x, pos, state.cache, range(K, L))
+    for i in range(K, L):
+        x, _ = layers[i](x, cos, sin, pos, cache, i)
     logits = model.logits(x[:, -1])[0].float()  # [V]
     rec.logits.append(logits)
     rec.kept_masks.append(kept_mask(kept, N))
     rec.rates.append(1 - kept.numel() / N)
     rec.visual_mass.append(last.sum())
-    keys_high = state.cache.length(K) if K < L else 0  # layers >= K share one slot layout
-    rec.shapes.append(StepShape(K, rows_low, state.cache.length(0), pos.numel(), keys_high))
+    keys_high = cache.length(K) if K < L else 0  # layers >= K share one slot layout
+    rec.shapes.append(StepShape(K, rows_low, cache.length(0), pos.numel(), keys_high))
     return logits
-
-
-def start_state(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, method: Method,
-                text: tuple[int, int] | None = None) -> State:
-    """A fresh State for the prompt input_ids [P] (on the model's device). text: the question's rows
-    (Processor.text_rows); None: every row after the image."""
-    span = visual_span(input_ids, model.config.image_token_index)
-    L, P = model.config.text_config.num_hidden_layers, input_ids.numel()
-    text = text or (sum(span), P)
-    assert sum(span) <= text[0] < text[1] <= P, f"text rows {text} are not after the image in a {P}-token prompt"
-    device = input_ids.device
-    return State(KVCache(L), span, text, min(method.layer, L), torch.arange(span[1], device=device), P,
-                 torch.zeros(span[1], device=device))
 
 
 @torch.no_grad()
 def prefill(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, pixel_values: torch.Tensor,
             method: Method, rec: Record, text: tuple[int, int] | None = None):
-    """Step 0: the prompt input_ids [P] with its image. -> (logits of the last position [V], State)."""
+    """Step 0: the prompt input_ids [P] with its image. text: the question's rows (Processor.text_rows);
+    None: every row after the image. -> (logits of the last position [V], a fresh State)."""
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
-    state = start_state(model, input_ids, method, text)
+    P, L = input_ids.numel(), len(model.model.layers)
+    start, N = visual_span(input_ids, model.config.image_token_index)
+    text = text or (start + N, P)
+    assert start + N <= text[0] < text[1] <= P, f"text rows {text} are not after the image in a {P}-token prompt"
+    state = State(KVCache(L), (start, N), text, min(method.layer, L), torch.arange(N, device=device), P,
+                  torch.zeros(N, device=device))
     x = model.embed(input_ids[None], model.image_features(pixel_values.to(device)))  # [1, P, C]
-    return step(model, x, torch.arange(input_ids.numel(), device=device), state, method, rec), state
+    return step(model, x, torch.arange(P, device=device), state, method, rec), state
 
 
 @torch.no_grad()

@@ -16,11 +16,11 @@ from dataclasses import fields
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .commands import DEFAULT_WEIGHTS, Progress, UserError  # noqa: F401  (DEFAULT_WEIGHTS re-exported)
-from .files import check_input_file, write_atomic
+from .files import check_input_file
 from .model import (ACTIVATIONS, LLAVA_DEFAULT_VISION, LlavaConfig, LlavaForConditionalGeneration, TextConfig,
                     VisionConfig)
 from .predictor import FEATURES, RatePredictor
@@ -64,13 +64,6 @@ def checkpoint_key(name: str) -> str:
     """model.py parameter name -> the key transformers 5.x's save_pretrained writes (layout c): the
     language model's names gain a "language_model." prefix, the rest are already the same."""
     return "language_model." + name if name.startswith(("model.", "lm_head.")) else name
-
-
-def save_weights(model: nn.Module, out_dir: str, dtype: torch.dtype = torch.float32):
-    """model.safetensors in transformers 5.x's layout (what train_demo ships and bench writes), whole
-    or not at all."""
-    state = {checkpoint_key(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
-    write_atomic(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,17 +332,6 @@ def model_fingerprint(cfg) -> str:
     """Which model a predictor belongs to: a hash of the architecture (not of the weights, which would
     mean reading them all)."""
     return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
-
-
-def save_predictor(pred: RatePredictor, path: str, cfg, **settings):
-    """Write a predictor file (the header above), whole or not at all: its settings, what it was trained
-    with (`settings`, its `meta`), and the fingerprint of the model it belongs to."""
-    meta = {**{k: str(v) for k, v in {**pred.meta, **settings}.items()},  # what it was trained with ...
-            "format": PREDICTOR_FORMAT, "layer": str(pred.layer), "cuts": json.dumps(list(pred.cuts)),  # ... and
-            "features": json.dumps(list(FEATURES)), "hidden": str(pred.hidden),  # what it is now, which wins
-            "confidence": str(pred.confidence), "score": pred.score, "model": model_fingerprint(cfg)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in pred.state_dict().items()}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def shipped_predictor_path(weights_dir: str) -> str | None:

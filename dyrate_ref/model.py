@@ -12,9 +12,9 @@ Module and parameter names follow Hugging Face's llava-hf checkpoints, so weight
   C channels (hidden size)         V vocab    L layers    K the pruning layer (1 <= K <= L-1)
   F predictor features             U the predictor's cuts
 
-The decoder is deliberately run layer by layer from the outside (`run_layers`): the generation loop in
-generation.py runs layers [0, K), reads layer K-1's attention probabilities, decides which visual tokens
-to keep, evicts the rest from the cache, and runs layers [K, L). Nothing in here knows about pruning.
+The decoder is deliberately run layer by layer from the outside: the generation loop in generation.py
+runs layers [0, K), reads layer K-1's attention probabilities, decides which visual tokens to keep,
+evicts the rest from the cache, and runs layers [K, L). Nothing in here knows about pruning.
 """
 
 from __future__ import annotations
@@ -131,18 +131,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin for rotate-half RoPE at the given (original) positions. positions: [T] -> [T, D] each.
-
-    Computed in fp32 from the positions themselves, not sliced from a table, because after pruning
-    the positions in the cache are not 0..S-1.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat([angles, angles], dim=-1)  # [T, D]  (HF layout: the two halves repeat)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # [..., D/2] each
     return torch.cat([-x2, x1], dim=-1)  # [..., D]
@@ -230,16 +218,6 @@ class CLIPVisionTower(nn.Module):
         # loading stays strict (every tensor of the checkpoint has a home).
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def hidden_states(self, pixel_values: torch.Tensor, upto: int) -> list[torch.Tensor]:
-        """HF's `hidden_states` tuple, computed only as far as needed: entry 0 is the input to the
-        first encoder layer (after pre_layrnorm), entry i the output of layer i. Each [B, 1+N, C]."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))  # [B, 1+N, C]
-        states = [x]
-        for layer in self.encoder.layers[:upto]:
-            x = layer(x)
-            states.append(x)
-        return states
-
 
 class LlavaMultiModalProjector(nn.Module):
     def __init__(self, cfg: LlavaConfig, vision_width: int):
@@ -284,15 +262,12 @@ class KVCache:
 
     def evict(self, layers, positions: torch.Tensor):
         """In each of `layers`, drop for good the slots that hold the given original positions [E] (the
-        tensors really shrink, so later steps read less). A layer that holds nothing yet is skipped. The
-        layers must share one slot layout, as layers >= K do: the slots are found once, not per layer."""
-        filled = [layer for layer in layers if self.k[layer] is not None]
-        if not filled:
-            return
-        S = self.pos[filled[0]].shape
-        slots = torch.isin(self.pos[filled[0]], positions, invert=True).nonzero().squeeze(1)  # [S_kept]
-        for layer in filled:
-            assert self.pos[layer].shape == S, "evict: layers with different slot layouts"
+        tensors really shrink, so later steps read less). The layers must share one slot layout, as layers
+        >= K do: the slots are found once, not per layer."""
+        layout = self.pos[layers[0]]  # [S]
+        slots = torch.isin(layout, positions, invert=True).nonzero().squeeze(1)  # [S_kept]
+        for layer in layers:
+            assert self.pos[layer].shape == layout.shape, "evict: layers with different slot layouts"
             self.k[layer] = self.k[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.v[layer] = self.v[layer].index_select(2, slots)  # [B, Hkv, S_kept, D]
             self.pos[layer] = self.pos[layer].index_select(0, slots)  # [S_kept]
@@ -415,11 +390,15 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the projector reads: pixel_values [B, 3, image_size, image_size] -> the feature layers'
-        tokens [B, N, C_vis * len(vision_feature_layer)]."""
-        cfg = self.config
-        index = cfg.feature_layers
-        states = self.vision_tower.hidden_states(pixel_values.to(self.lm_head.weight.dtype), upto=max(index))
-        picked = [states[i] for i in index]  # each [B, 1+N_patches, C_vis]
+        tokens [B, N, C_vis * len(vision_feature_layer)]. states is HF's `hidden_states` tuple, computed
+        only as far as needed: entry 0 the input to the first encoder layer, entry i layer i's output."""
+        cfg, tower = self.config, self.vision_tower
+        x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.lm_head.weight.dtype)))  # [B, 1+N, C_vis]
+        states = [x]
+        for layer in tower.encoder.layers[:max(cfg.feature_layers)]:
+            x = layer(x)
+            states.append(x)
+        picked = [states[i] for i in cfg.feature_layers]  # each [B, 1+N_patches, C_vis]
         if cfg.vision_feature_select_strategy == "default":
             picked = [s[:, 1:] for s in picked]  # drop CLS: [B, N_patches, C_vis]
         return torch.cat(picked, dim=-1)
@@ -442,24 +421,19 @@ class LlavaForConditionalGeneration(nn.Module):
         x[is_image] = image_features.reshape(-1, x.shape[-1]).to(x.dtype)  # row-major: image b, token n
         return x
 
-    # --- the decoder, run in slices ------------------------------------------------------------------
+    # --- the decoder, run layer by layer by its callers ------------------------------------------------
 
-    def run_layers(self, x, pos, cache: KVCache | None, layers: range, masks=None, key_weights=None,
-                   probs_of: int | None = None):
-        """Run decoder layers `layers` on hidden states x [B, T, C] of tokens at original positions
-        pos [T]. masks: optional {layer: bool [..., T, S]} replacing the causal-by-position default;
-        key_weights: optional {layer: float [..., T, S]} (LlamaAttention.forward says what each does).
-        Returns x [B, T, C] and layer `probs_of`'s attention probabilities [B, H, T, S] (or None)."""
+    def rope(self, pos: torch.Tensor):
+        """cos, sin for rotate-half RoPE at original positions pos [T] -> [T, D] each, in the model's dtype;
+        every decoder layer of one forward shares them. Computed in fp32 from the positions themselves,
+        not sliced from a table, because after pruning the positions in the cache are not 0..S-1."""
         tc = self.config.text_config
-        cos, sin = rope_cos_sin(pos, tc.head_dim, tc.rope_theta, x.dtype)  # [T, D] each
-        probs = None
-        for i in layers:
-            mask = None if masks is None else masks.get(i)
-            weight = None if key_weights is None else key_weights.get(i)
-            x, p = self.model.layers[i](x, cos, sin, pos, cache, i, mask, weight, want_probs=(i == probs_of))
-            if p is not None:
-                probs = p
-        return x, probs
+        D = tc.head_dim
+        inv_freq = 1.0 / (tc.rope_theta ** (torch.arange(0, D, 2, device=pos.device).float() / D))  # [D/2]
+        angles = pos.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat([angles, angles], dim=-1)  # [T, D]  (HF layout: the two halves repeat)
+        dtype = self.lm_head.weight.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden [B, T, C] -> logits [B, T, V]."""
@@ -471,9 +445,7 @@ class LlavaForConditionalGeneration(nn.Module):
         feats = self.image_features(pixel_values) if pixel_values is not None else None
         x = self.embed(input_ids, feats)  # [B, T, C]
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
-        x, _ = self.run_layers(x, pos, None, range(len(self.model.layers)))
+        cos, sin = self.rope(pos)  # [T, D] each
+        for i, layer in enumerate(self.model.layers):
+            x, _ = layer(x, cos, sin, pos, None, i)
         return self.logits(x)
-
-
-__all__ = ["VisionConfig", "TextConfig", "LlavaConfig", "KVCache", "LlavaForConditionalGeneration",
-           "rope_cos_sin"]

@@ -27,9 +27,12 @@ def forward_no_cache(model: LlavaForConditionalGeneration, input_ids: torch.Tens
     seq = torch.cat([input_ids, torch.tensor(tokens[:-1], dtype=torch.long, device=device)])  # [S = P+T-1]
     pos = torch.arange(seq.numel(), device=device)  # [S]
     x = model.embed(seq[None], model.image_features(pixel_values.to(device)))  # [1, S, C]
+    cos, sin = model.rope(pos)  # [S, D] each
     probs = {}
-    for i in range(model.config.text_config.num_hidden_layers):  # one layer at a time: any layer's probs
-        x, p = model.run_layers(x, pos, None, range(i, i + 1), masks, key_weights, probs_of=i if i in probs_of else None)
+    for i, layer in enumerate(model.model.layers):
+        mask = None if masks is None else masks.get(i)
+        weight = None if key_weights is None else key_weights.get(i)
+        x, p = layer(x, cos, sin, pos, None, i, mask, weight, want_probs=i in probs_of)
         if p is not None:
             probs[i] = p
     return model.logits(x[0, P - 1:]).float(), probs  # [T, V]
@@ -74,12 +77,3 @@ def recompute_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tens
     masks = eviction_masks(input_ids.to(device), model.config.image_token_index, kept_masks.to(device), K,
                            model.config.text_config.num_hidden_layers)
     return forward_no_cache(model, input_ids, pixel_values, tokens, masks)[0]
-
-
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """KL(P || Q) in nats per row, from logits [..., V] of two next-token distributions. `trace compare`
-    and the premise test pass the oracle's (unpruned) logits as P; VTW's calibration passes the
-    withdrawn model's as P and the full model's as Q, KL(P_withdrawn || P_full), the direction VTW's
-    criterion uses. float64 for comparisons: float32 rounding alone leaves a few 1e-7 of noise."""
-    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)

@@ -3,11 +3,9 @@
   plot_run             generate.py --plot FILE.png: per generated token, the mass of layer K-1's
                        attention on the image and the kept count; below, the picture at a few steps
                        with the evicted patches darkened
-  plot_mass            one curve of the attention mass on the image over an answer (the tutorial's figure)
-  plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
 
-The evaluation's charts are tools/charts.py. Every figure has a title, labelled axes with units, and its
-legend outside the data. Files are written whole or not at all (files.write_atomic).
+The tutorial's and the evaluation's figures are tools/charts.py. Every figure has a title, labelled axes
+with units, and its legend outside the data. Files are written whole or not at all (files.write_atomic).
 """
 
 from __future__ import annotations
@@ -22,15 +20,13 @@ from PIL import Image
 from .commands import UserError
 from .files import write_atomic
 
-INSTALL_HINT = 'pip install -e ".[plots]"  (matplotlib)'
-
 
 def require_matplotlib():
     """The pyplot module, headless; a UserError saying how to install it if it is missing."""
     try:
         import matplotlib
     except ImportError:
-        raise UserError(f"figures need matplotlib, which is not installed; run: {INSTALL_HINT}") from None
+        raise UserError('figures need matplotlib, which is not installed; run: pip install -e ".[plots]"') from None
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     return plt
@@ -69,40 +65,12 @@ def kept_overlay(img: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool)
     return Image.fromarray((x * dim[..., None]).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
-def plot_mass(path: str, mass: list[float], tokens: list[str], title: str, layer: int):
-    """The attention mass on the image per generated token, the tokens written under the axis."""
-    plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    t = list(range(len(mass)))
-    ax.plot(t, mass, marker="o", ms=3, lw=1.2)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("generated token (the word it produced)")
-    ax.set_ylabel(f"layer {layer}'s attention mass\non the image (head mean)")
-    ax.set_xticks(t)
-    ax.set_xticklabels([repr(s)[1:-1] for s in tokens], rotation=90, fontsize=7)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
 def patch_panel(ax, base: Image.Image, keep: torch.Tensor, grid: int, has_cls: bool, label: str, fontsize: int):
     """One panel: the picture with the patches keep (bool [N]) drops darkened, titled."""
     ax.imshow(kept_overlay(base, keep, grid, has_cls), interpolation="nearest")
     ax.set_title(label, fontsize=fontsize)
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def plot_kept_patches(path: str, base: Image.Image, panels: list[tuple[str, torch.Tensor]], grid: int,
-                      has_cls: bool, title: str):
-    """panels: (label, keep bool [N]) each -> the picture with evicted patches darkened, labelled."""
-    plt = require_matplotlib()
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
-    for ax, (label, keep) in zip(axes[0], panels):
-        patch_panel(ax, base, keep, grid, has_cls, label, 9)
-    fig.suptitle(title + "\n(evicted patches darkened)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 def token_label(word: str, token_id: int, processor) -> str:

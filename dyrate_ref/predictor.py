@@ -73,10 +73,6 @@ class RatePredictor(nn.Module):
         self.register_buffer("mean", torch.zeros(F))
         self.register_buffer("std", torch.ones(F))
 
-    def __str__(self) -> str:
-        """Its text form as a method setting: the file it was read from (what the trace records)."""
-        return self.path
-
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [..., F] -> logits over the cuts [..., U]."""
         return self.net((feats - self.mean) / self.std)
@@ -92,6 +88,6 @@ class RatePredictor(nn.Module):
 
     @torch.no_grad()
     def choose_cut(self, feats: torch.Tensor, confidence: float | None = None) -> float:
-        """The step's cut: the share of the still-kept tokens to drop (a host sync: the keep size
-        depends on it)."""
+        """The step's cut: the share of the still-kept tokens to drop. The predictor stays where it was
+        loaded (the CPU): its F features are copied there, the host sync the keep size needs anyway."""
         return self.cuts[int(self.decide(self.forward(feats.to(self.mean.device)), confidence))]

@@ -160,12 +160,6 @@ def pixel_values(img: Image.Image, s: ImageSettings) -> torch.Tensor:
 # Text
 
 
-def _token_text(v) -> str | None:
-    if isinstance(v, dict):
-        return v.get("content")
-    return v
-
-
 class Processor:
     """Tokenizer + image settings of one checkpoint directory."""
 
@@ -180,8 +174,9 @@ class Processor:
             raise UserError(f"{tok_path} cannot be read by the tokenizers library ({e})") from None
         tok_cfg = _read_json(os.path.join(weights_dir, "tokenizer_config.json"))
         special = _read_json(os.path.join(weights_dir, "special_tokens_map.json"))
-        bos = _token_text(tok_cfg.get("bos_token", special.get("bos_token")))
-        eos = _token_text(tok_cfg.get("eos_token", special.get("eos_token")))
+        # each a token's text, or (older files) {"content": text, ...}
+        bos, eos = (tok_cfg.get(k, special.get(k)) for k in ("bos_token", "eos_token"))
+        bos, eos = (v.get("content") if isinstance(v, dict) else v for v in (bos, eos))
         self.bos_id = self.tokenizer.token_to_id(bos) if bos else None
         self.eos_id = self.tokenizer.token_to_id(eos) if eos else None
         # BOS/EOS are added by tokenizer.json's own post-processor, as transformers 5 does: measured on
@@ -241,12 +236,6 @@ class Processor:
             if len(pieces) > 1 and all(len(t) == 1 or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) for t in pieces):
                 out.append(ch)
         return out
-
-    def answer_ids(self, answer: str) -> list[int]:
-        """The ids the model should produce after `ASSISTANT:` for this answer, EOS included (teacher
-        forcing, training). The answer starts with a space, as text after "ASSISTANT:" does."""
-        ids = self.tokenizer.encode(" " + answer.strip(), add_special_tokens=False).ids
-        return ids + ([self.eos_id] if self.eos_id is not None else [])
 
     def pixel_values(self, img: Image.Image) -> torch.Tensor:
         return pixel_values(img, self.image)  # [1, 3, h, w]

@@ -71,11 +71,6 @@ def query_scores(attn_probs: torch.Tensor, span: tuple[int, int]) -> torch.Tenso
     return attn_probs[0, :, :, start:start + n].float().mean(0)  # [T, N]
 
 
-def visual_scores(attn_probs: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
-    """The last query's scores [N] (FastV's public code; the only query of a decode step)."""
-    return query_scores(attn_probs[:, :, -1:], span)[0]  # [N]
-
-
 # What a method decides on, chosen like K (docs/pruning.md, "the score"):
 #   last         the step's own query: the prompt's last token at step 0, the token fed at step t after.
 #   mean         at step 0 the mean over the question's text queries (not the image, not the template
@@ -90,17 +85,6 @@ def scored(score: str, t: int, last: torch.Tensor, accumulated: torch.Tensor) ->
     """Step t's scores [N] under the rule `score`, from the two the loop keeps: the step's last query's
     and the running mean over the text and answer queries (at step 0: the text queries' mean)."""
     return accumulated if score == "accumulated" or (score == "mean" and t == 0) else last
-
-
-def step_scores(rows: torch.Tensor, text: tuple[int, int], P: int, T: int, score: str) -> torch.Tensor:
-    """The same scores for every step of an answer at once, from one unpruned forward of the prompt and
-    its T answer tokens (the training tools): rows [S, N] are query_scores of that forward, row s the
-    query at position s; step t's own query is row P-1+t. -> [T, N], row t = what the loop's step t sees."""
-    first, end = text
-    own = rows[P - 1:P - 1 + T]  # [T, N]
-    seen = rows[first:end].sum(0) + torch.cat([rows.new_zeros(1, rows.shape[1]), rows[P:P - 1 + T]]).cumsum(0)
-    accumulated = seen / (end - first + torch.arange(T, device=rows.device)[:, None])  # [T, N]
-    return torch.stack([scored(score, t, own[t], accumulated[t]) for t in range(T)])  # [T, N]
 
 
 def check_score(score: str, allowed=SCORES):
@@ -157,10 +141,6 @@ class Method:
         """kept_{t-1} [M] and step t's scores [N] -> kept_t, a subset of kept (ascending)."""
         raise NotImplementedError
 
-    def to(self, device):
-        """Move what the method computes with (a predictor) to the model's device; most hold nothing."""
-        return self
-
 
 def check_fraction(name: str, value: float):
     """A method's share setting lies in [0, 1]; a value that cannot run is refused when it is built."""
@@ -195,10 +175,6 @@ class DyRate(Method):
     def choose(self, t, kept, scores):
         cut = self.predictor.choose_cut(predictor_features(scores, kept, t), self.confidence)
         return apply_cut(kept, scores, cut)
-
-    def to(self, device):
-        self.predictor.to(device)
-        return self
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 
 from .commands import UserError
 from .loading import load_predictor, shipped_predictor_path
+from .predictor import RatePredictor
 from .pruning import DEFAULT_LAYER, SCORES, DyRate, DyRateSchedule, VTW
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,15 +80,6 @@ def check_layer(K, num_layers: int, what: str) -> int:
     return K
 
 
-def check_layers(layers, num_layers: int, what: str, instead: str):
-    """Every method of a fixed set (a tool's standard rows) prunes at a layer this decoder has: a K it
-    lacks would run unpruned under a pruned method's name. `what` names the set, `instead` what to do."""
-    bad = sorted({K for K in layers if not layer_in_range(K, num_layers)})
-    if bad:
-        raise UserError(f"{what} prune at layer K={', '.join(map(str, bad))}, which a {num_layers}-layer decoder does "
-                        f"not have (K must lie in 1..{num_layers - 1}); {instead}")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Making the method: defaults filled in once, each value's origin named.
 
@@ -105,12 +97,9 @@ class Context:
 class Origin:
     """Where a setting's value came from. kind: "flag", "spec" (named in `text`), "default", "file" (a
     file beside the weights or the predictor file, named in `text`) or "fallback" (a rule used because
-    no file gave a value; `text` says why). str() is what the summary line and the trace say."""
+    no file gave a value; `text` says why). `text` is what the summary line and the trace say."""
     kind: str
     text: str
-
-    def __str__(self) -> str:
-        return self.text
 
 
 FLAG, DEFAULT = Origin("flag", "flag"), Origin("default", "default")
@@ -118,7 +107,7 @@ FLAG, DEFAULT = Origin("flag", "flag"), Origin("default", "default")
 
 def given_label(name: str, origin: Origin) -> str:
     """How a message names a setting: its flag when it came from one, else the setting and its origin."""
-    return f"--{name.replace('_', '-')}" if origin.kind == "flag" else f"{name} (from {origin})"
+    return f"--{name.replace('_', '-')}" if origin.kind == "flag" else f"{name} (from {origin.text})"
 
 
 def parse_settings(cls, texts: dict[str, str], registry: dict, parse: dict = PARSE, where: str = "--") -> dict:
@@ -222,6 +211,8 @@ def vtw_calibrated_layer(weights_dir: str, num_layers: int) -> tuple[int | None,
 
 def setting_text(value) -> str:
     """A setting's value as text: what the trace's metadata records (a predictor: its file's path)."""
+    if isinstance(value, RatePredictor):
+        return value.path
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return "" if value is None else str(value)
@@ -238,7 +229,7 @@ def describe(method, origins: dict | None = None, short: dict = SHORT) -> str:
         by_origin: dict[str, list[str]] = {}
         for n in names:
             if n in origins:
-                by_origin.setdefault(str(origins[n]), []).append(short.get(n, n))
+                by_origin.setdefault(origins[n].text, []).append(short.get(n, n))
         text += " (" + "; ".join(f"{', '.join(v)}: {k}" for k, v in by_origin.items()) + ")"
     return text
 
@@ -249,5 +240,5 @@ def metadata(method, origins: dict | None = None) -> dict:
     for f in fields(method):
         meta[f.name] = setting_text(getattr(method, f.name))
         if origins and f.name in origins:
-            meta[f.name + "_from"] = str(origins[f.name])
+            meta[f.name + "_from"] = origins[f.name].text
     return meta

@@ -30,12 +30,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .commands import UserError
+from .cost import flops_per_step, kv_bytes_per_step
 from .files import check_input_file, write_atomic
 
 FORMAT = "dyrate_ref-trace-2"  # version 1, still read, called kept_masks `visual_keep`
-# The header's keys that describe the run; the others are the method's (written by generate.py).
-RUN_KEYS = {"weights", "dtype", "device", "prompt", "text_rows", "max_new_tokens", "temperature", "top_p", "stop_reason", "seed",
-            "forced_from", "dyrate_ref_version", "torch_version", "format"}
 REQUIRED = ("input_ids", "tokens")
 
 
@@ -47,8 +45,8 @@ def trace_tensors(input_ids, pixel_values, tokens, record) -> dict[str, torch.Te
         "logits": torch.stack(record.logits).to("cpu", torch.float32),
         "kept_masks": torch.stack(record.kept_masks).cpu(),
         "rates": torch.tensor(record.rates, dtype=torch.float32),
-        "flops": torch.tensor(record.flops, dtype=torch.float64),
-        "kv_bytes": torch.tensor(record.kv_bytes, dtype=torch.int64),
+        "flops": torch.tensor(flops_per_step(record), dtype=torch.float64),
+        "kv_bytes": torch.tensor(kv_bytes_per_step(record), dtype=torch.int64),
     }
 
 
@@ -103,9 +101,3 @@ def read_trace(path: str, flag: str = "trace") -> dict[str, torch.Tensor]:
     if "topk_ids" in tensors and tensors["topk_ids"].shape != tensors["topk_logprobs"].shape:
         raise UserError(f"{path}: topk_ids and topk_logprobs have different shapes")
     return tensors
-
-
-def trace_metadata(path: str) -> dict[str, str]:
-    """The header a trace was written with (generate.py: the method and its settings, the weights, ...)."""
-    with safe_open(path, "pt") as f:
-        return f.metadata() or {}

@@ -247,15 +247,15 @@ def test_blind_rows_loss_equals_a_no_cache_forward_with_the_same_mask():
     recipe = dataclasses.replace(tiny_recipe(V5), blind=0.5)
     px, rows = Batcher(proc, recipe, seed=5).batch(recipe.stage("look"))
     assert any(r[5] for r in rows) and any(r[1] == "look" for r in rows)
-    L = len(model.model.layers)
 
     def whole(s, p, a, reason_at, blind):
         ids = torch.tensor(p + a)
         mask = blind_masks(ids == model.config.image_token_index, [len(p) - 1 + reason_at if blind else None],
                            len(ids), 0, "cpu")
         x = model.embed(ids[None], model.image_features(px[s:s + 1]))
-        x, _ = model.run_layers(x, torch.arange(len(ids)), None, range(L), None if mask is None else
-                                {i: mask for i in range(L)})
+        pos = torch.arange(len(ids))
+        for i, layer in enumerate(model.model.layers):
+            x, _ = layer(x, *model.rope(pos), pos, None, i, mask)
         return F.cross_entropy(model.logits(x)[0, :-1], torch.tensor([-100] * len(p) + a)[1:], ignore_index=-100,
                                reduction="none")[len(p) - 1:]  # [len(a)]
     with torch.no_grad():

@@ -208,7 +208,7 @@ def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(t
     """FastV with R = 0 keeps everything: its answers are none's, so its forced run is skipped (its own run
     is that run) -- and the costs it records equal a forced run made here; FastV R = 0.9's answers differ,
     it is forced, and its forced costs follow none's lengths."""
-    from dyrate_ref.cost import vision_flops
+    from dyrate_ref.cost import flops_per_step, kv_bytes_per_step, vision_flops
     from dyrate_ref.generation import generate
     from dyrate_ref.loading import load_model
     from dyrate_ref.processing import Processor
@@ -243,8 +243,9 @@ def test_costs_on_none_answers_equal_free_costs_when_the_answers_are_identical(t
         it = items[r["id"]]
         f = generate(model, proc.input_ids(it.prompt), proc.pixel_values(it.picture()), 6, FastV(2, 0.0),
                      force=none[r["id"]]["tokens"]).record
+        flops, kv = flops_per_step(f), kv_bytes_per_step(f)
         assert (r["forced_prefill_flops"], r["forced_decode_flops"], r["forced_kv_mean"], r["forced_kv_peak"]) == \
-            (f.flops[0] - vis, sum(f.flops[1:]), sum(f.kv_bytes) / len(f.kv_bytes), max(f.kv_bytes))
+            (flops[0] - vis, sum(flops[1:]), sum(kv) / len(kv), max(kv))
     for r in (r for r in recs if r["method"] == "FastV K=2 R=0.9"):
         # forced on none's tokens: as many decode steps as none's answer
         assert r["forced_kv_peak"] < none[r["id"]]["kv_peak"] and len(none[r["id"]]["tokens"]) >= 1

@@ -172,10 +172,13 @@ def test_no_import_circle():
 
 
 def test_every_command_exits_through_the_one_wrapper():
+    """commands.exits(), directly (generate.py, cli.main) or through commands.command_main (each tool)."""
     for m in COMMANDS:
         src = open(MODULES[m]).read()
-        assert "command_main(" in src, f"{m}.main does not use commands.command_main"
+        assert "command_main(" in src or "with exits():" in src, f"{m}.main does not use commands.exits"
         assert "sys.exit(" not in src and "except UserError" not in src, m
+    script = open(os.path.join(os.path.dirname(ROOT), "generate.py")).read()
+    assert "with exits():" in script and "sys.exit(" not in script
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ from PIL import Image
 
 from dyrate_ref.commands import UserError
 from dyrate_ref.generation import generate
-from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model, load_predictor, save_predictor
+from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model, load_predictor
+from dyrate_ref.tools.train_predictor import save_predictor
 from dyrate_ref.predictor import CUTS, FEATURES, RatePredictor, predictor_features
 from dyrate_ref.processing import Processor
 from dyrate_ref.pruning import DyRate, apply_cut, visual_span
 from dyrate_ref.tools.baselines import AttentionMass, random_subset
 from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
+from dyrate_ref.demo.batches import answer_ids
 from dyrate_ref.tools.data import Item
 from dyrate_ref.tools.train_predictor import fit, label_example, train_imitation
 from helpers import hf_config, make_checkpoint, noise_image
@@ -239,7 +241,8 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
     from safetensors import safe_open
     from safetensors.torch import load_file
     from dyrate_ref.predictor import CUTS, predictor_features
-    from dyrate_ref.pruning import DyRate, kept_count, query_scores, step_scores
+    from dyrate_ref.pruning import DyRate, kept_count, query_scores
+    from dyrate_ref.tools.predictor_e2e import step_scores
     from dyrate_ref.settings import Context, make_method
     from dyrate_ref.oracle import forward_no_cache
     model = load_model(DEFAULT_WEIGHTS)
@@ -258,7 +261,7 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
         examples = json.load(open(f"{DEFAULT_WEIGHTS}/examples/examples.json"))
         truth = next(e["description"] for e in examples if e["file"] == "scene3.png")
         assert "a green star" in truth  # so the answer below is the true one
-        answer = proc.answer_ids(truth + " So the star is green.")
+        answer = answer_ids(proc, truth + " So the star is green.")
         ids, px = proc.input_ids("What color is the star? Look first."), proc.pixel_values(img)
         gen = generate(model, ids, px, len(answer), method, force=answer, text=proc.text_rows(ids))
     kept = [int(k.sum()) for k in gen.record.kept_masks]

@@ -10,6 +10,7 @@ import torch
 
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
+from dyrate_ref.demo.batches import answer_ids
 from dyrate_ref.processing import Processor
 from dyrate_ref.tools import premise
 from helpers import hf_config, make_checkpoint, noise_image
@@ -76,11 +77,11 @@ def test_the_look_end_is_the_step_that_begins_the_reasoning_part(setup):
     scene = random_scene(random.Random(3), 3, 3)
     s0 = scene.shapes[0]
     answer = look_answer(scene, s0.color, s0.kind)
-    tokens = proc.answer_ids(answer)
+    tokens = answer_ids(proc, answer)
     t = premise.look_end(proc, tokens)
     assert proc.decode(tokens[:t]).rstrip().endswith(".") and proc.decode(tokens[t:]).strip().startswith("So ")
     assert proc.decode(tokens[:t]).strip() == answer.split(" So ")[0]
-    assert premise.look_end(proc, proc.answer_ids("There are two shapes.")) is None
+    assert premise.look_end(proc, answer_ids(proc, "There are two shapes.")) is None
 
 
 def test_the_summary_groups_by_choice_and_clusters_its_error():

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dyrate_ref.cost import flops_per_step, kv_bytes_per_step
 from dyrate_ref.generation import decode_one_token, generate, prefill, sample, Sampling
 from dyrate_ref.oracle import recompute_logits
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import VTW, DyRateSchedule, FastV, NoPruning, kept_count, visual_scores
+from dyrate_ref.pruning import VTW, DyRateSchedule, FastV, NoPruning, kept_count, query_scores
 from helpers import hf_config, make_checkpoint, noise_image
 
 T_NEW = 10
@@ -166,7 +167,7 @@ def test_keep_functions_by_hand():
     probs = torch.zeros(1, 2, 3, 6)
     probs[0, 0, -1, 1:4] = torch.tensor([0.2, 0.4, 0.1])
     probs[0, 1, -1, 1:4] = torch.tensor([0.0, 0.2, 0.3])
-    assert torch.allclose(visual_scores(probs, (1, 3)), torch.tensor([0.1, 0.3, 0.2]))
+    assert torch.allclose(query_scores(probs, (1, 3))[-1], torch.tensor([0.1, 0.3, 0.2]))
 
 
 @pytest.mark.parametrize("name", ["none", "fastv-last", "dyrate-rising", "vtw"])
@@ -189,11 +190,11 @@ def test_flops_match_flop_counter_and_kv_bytes_match_tensors(tiny, name):
         counted.append(fc.get_total_flops())
         sizes.append(state.kept.numel())
     # Exact: cost.py's formulas count every matmul FlopCounterMode sees, vision tower included.
-    assert rec.flops == counted
+    assert flops_per_step(rec) == counted
     # KV bytes from first principles: layers < K hold every token, layers >= K lose the evicted ones.
     P, N, K, L = ids.numel(), cfg.num_image_tokens, state.K, tc.num_hidden_layers
     per_slot = 2 * tc.num_key_value_heads * tc.head_dim * 4  # k and v, fp32
-    for t, (kv, kept) in enumerate(zip(rec.kv_bytes, sizes)):
+    for t, (kv, kept) in enumerate(zip(kv_bytes_per_step(rec), sizes)):
         want = K * (P + t) * per_slot + (L - K) * (P - (N - kept) + t) * per_slot
         assert kv == want
-    assert rec.kv_bytes[-1] == sum(x.numel() * x.element_size() for x in state.cache.k + state.cache.v)
+    assert kv_bytes_per_step(rec)[-1] == sum(x.numel() * x.element_size() for x in state.cache.k + state.cache.v)

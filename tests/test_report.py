@@ -435,7 +435,7 @@ def test_vtw_calibration_averages_kl_over_every_generated_token(tiny, monkeypatc
     from dyrate_ref.pruning import VTW
     from dyrate_ref.tools import calibrate_vtw as cv
     from dyrate_ref.tools.data import Item
-    from dyrate_ref.oracle import kl_divergence
+    from dyrate_ref.tools.metrics import kl_divergence
     from helpers import noise_image
     model, proc, img = tiny
     examples = [Item.of(img, "What is it?"), Item.of(noise_image(40, 40, seed=8), "Describe it.")]
@@ -502,7 +502,7 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
     """evaluate's records on two items: the prefill's LM FLOPs are the step-0 FLOPs less the vision
     tower's (the same for every method), and each method's forced costs are those of a run fed none's
     answer to that very item."""
-    from dyrate_ref.cost import vision_flops
+    from dyrate_ref.cost import flops_per_step, kv_bytes_per_step, vision_flops
     from dyrate_ref.generation import generate
     from dyrate_ref.pruning import FastV, NoPruning
     from dyrate_ref.tools import evaluate
@@ -527,10 +527,10 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
     for it, none, mine in zip(items, records["none"], records["fastv"]):
         ids, px = proc.input_ids(it.prompt), proc.pixel_values(it.picture())
         own = generate(model, ids, px, 5, FastV(2, 0.9), stop_ids=proc.stop_ids).record
-        assert mine["prefill_flops"] == own.flops[0] - vis and mine["decode_flops"] == sum(own.flops[1:])
+        assert mine["prefill_flops"] == flops_per_step(own)[0] - vis and mine["decode_flops"] == sum(flops_per_step(own)[1:])
         forced = generate(model, ids, px, 5, FastV(2, 0.9), force=none["tokens"]).record
-        assert mine["forced_prefill_flops"] == forced.flops[0] - vis
-        assert mine["forced_decode_flops"] == sum(forced.flops[1:]) and mine["forced_kv_peak"] == max(forced.kv_bytes)
+        assert mine["forced_prefill_flops"] == flops_per_step(forced)[0] - vis
+        assert mine["forced_decode_flops"] == sum(flops_per_step(forced)[1:]) and mine["forced_kv_peak"] == max(kv_bytes_per_step(forced))
     # The same with base answers that are surely not the method's own (so no forced run can be skipped):
     # item i's forced costs are those of a run fed item i's base tokens, of lengths 4 and 1.
     fake = [{"tokens": [5, 6, 7, 8]}, {"tokens": [9]}]
@@ -538,7 +538,7 @@ def test_each_record_counts_lm_flops_without_the_tower_and_is_forced_with_none_s
     for it, base, mine in zip(items, fake, recs):
         forced = generate(model, proc.input_ids(it.prompt), proc.pixel_values(it.picture()), 5, FastV(2, 0.9),
                           force=base["tokens"]).record
-        assert (mine["forced_decode_flops"], mine["forced_kv_peak"]) == (sum(forced.flops[1:]), max(forced.kv_bytes))
+        assert (mine["forced_decode_flops"], mine["forced_kv_peak"]) == (sum(flops_per_step(forced)[1:]), max(kv_bytes_per_step(forced)))
 
 
 def test_the_random_shape_baseline_by_hand():

@@ -12,8 +12,8 @@ from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.oracle import forward_no_cache
 from dyrate_ref.processing import Processor
-from dyrate_ref.pruning import (DyRateSchedule, FastV, Method, query_scores, scored, step_scores, visual_scores,
-                                visual_span)
+from dyrate_ref.pruning import DyRateSchedule, FastV, Method, query_scores, scored, visual_span
+from dyrate_ref.tools.predictor_e2e import step_scores
 from helpers import hf_config, make_checkpoint, noise_image
 
 
@@ -34,7 +34,7 @@ def test_each_rule_averages_its_rows_by_hand():
     per_head = probs[0, :, :, 1:4]  # [H, S, N]
     row = lambda s: per_head[:, s].mean(0)  # one query's scores, head-averaged: [N]
     rows = query_scores(probs, span)  # [S, N]
-    assert torch.allclose(rows[5], row(5)) and torch.allclose(visual_scores(probs, span), row(P + T - 2))
+    assert torch.allclose(rows[5], row(5)) and torch.allclose(rows[-1], row(P + T - 2))
     got = {score: step_scores(rows, text, P, T, score) for score in ("last", "mean", "accumulated")}
     text_mean = (row(4) + row(5)) / 2  # the question's text only: not the image rows, not the template's row 6
     for t in range(T):

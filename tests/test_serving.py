@@ -3,6 +3,7 @@ evaluation's serving table), by hand, and its KV bytes against a measured cache.
 
 import pytest
 
+from dyrate_ref.cost import kv_bytes_per_step
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
@@ -36,7 +37,7 @@ def test_serving_kv_bytes_with_grouped_query_attention_by_hand_and_measured(tmp_
     kept = N - round(0.5 * N)
     # the cache after the last step holds the prompt and the tokens fed so far (T - 1 of them)
     want = serving_kv_bytes(small, 2, N, ids.numel(), len(gen.tokens) - 1, kept / N, element_size=4)
-    assert measured == want == gen.record.kv_bytes[-1]
+    assert measured == want == kv_bytes_per_step(gen.record)[-1]
 
 
 def test_serving_follows_the_schedule_maps_k_by_depth_and_sizes_the_batch_by_the_peak():

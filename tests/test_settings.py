@@ -33,7 +33,7 @@ def test_metadata_holds_only_the_methods_own_settings():
     want = (str(found), "vtw_calibration.json") if found else ("4", "L/2, vtw_calibration.json found no layer within its eta")
     assert metadata(vtw, origins) == {"method": "vtw", "layer": want[0], "layer_from": want[1]}
     dyrate, origins = make_method(DyRate, {}, ctx())
-    assert {k: (o.kind, str(o)) for k, o in origins.items()} == {
+    assert {k: (o.kind, o.text) for k, o in origins.items()} == {
         "layer": ("file", "predictor file"), "confidence": ("file", "predictor file"),
         "score": ("file", "predictor file"), "predictor": ("file", "shipped with the weights")}
     assert dyrate.score == dyrate.predictor.score
@@ -43,7 +43,7 @@ def test_metadata_holds_only_the_methods_own_settings():
     with pytest.raises(UserError, match="method fastv: score 'accumulated'"):
         make_method(FastV, {"score": "accumulated"}, ctx())
     fallback = make_method(VTW, {}, Context("/nonexistent", 8))[1]["layer"]  # no calibration file: L/2, said so
-    assert (fallback.kind, str(fallback)) == ("fallback", "L/2, no vtw_calibration.json")
+    assert (fallback.kind, fallback.text) == ("fallback", "L/2, no vtw_calibration.json")
     assert dyrate.layer == dyrate.predictor.layer and dyrate.confidence == dyrate.predictor.confidence
     schedule, origins = make_method(DyRateSchedule, {"schedule": (0.1, 0.5)}, ctx())
     assert metadata(schedule, origins) == {"method": "dyrate-schedule", "layer": "2", "layer_from": "default",

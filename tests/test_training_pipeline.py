@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dyrate_ref.demo.batches import Batcher
+from dyrate_ref.demo.batches import answer_ids
 from dyrate_ref.demo.recipes import V4, V5
 from dyrate_ref.loading import DEFAULT_WEIGHTS
 from helpers import TINY, tiny_recipe
@@ -189,7 +190,7 @@ def test_look_rows_are_blind_at_the_recipes_share_and_no_other_row_is():
         assert proc.decode(a[reason_at:reason_at + 1]).strip() == "So"
     assert all(r[4] is None for r in rows if r[1] != "look")
     assert reasoning_start(proc, "A red circle in the center. So the circle is red.") == len(
-        proc.answer_ids("A red circle in the center.")) - 1
+        answer_ids(proc, "A red circle in the center.")) - 1
     batcher = Batcher(proc, V4, 4)
     v4 = [r for _ in range(10) for r in batcher.batch(V4.stage("mixture"))[1]]
     assert any(r[1] == "look" for r in v4) and not any(r[5] for r in v4)
@@ -237,8 +238,9 @@ def greedy(model, proc, scene, prompt_ids: list[int], prefix: list[int], n: int,
         mask = blind_masks(ids == model.config.image_token_index,
                            [None if blind_from is None else len(prompt_ids) - 1 + blind_from], len(ids), 0, "cpu")
         x = model.embed(ids[None], model.image_features(px))
-        x, _ = model.run_layers(x, torch.arange(len(ids)), None, range(len(model.model.layers)),
-                                None if mask is None else {i: mask for i in range(len(model.model.layers))})
+        pos = torch.arange(len(ids))
+        for i, layer in enumerate(model.model.layers):
+            x, _ = layer(x, *model.rope(pos), pos, None, i, mask)
         out.append(int(model.logits(x)[0, -1].argmax()))
     return out
 

@@ -23,6 +23,13 @@ from .scenes import (scene_description, DESCRIBE_PROMPT, LOOK_SPLIT, all_questio
                      look_item, look_question, random_scene)
 
 
+def answer_ids(processor: Processor, answer: str) -> list[int]:
+    """The ids the model should produce after `ASSISTANT:` for this answer, EOS included (teacher
+    forcing, training). The answer starts with a space, as text after "ASSISTANT:" does."""
+    ids = processor.tokenizer.encode(" " + answer.strip(), add_special_tokens=False).ids
+    return ids + ([processor.eos_id] if processor.eos_id is not None else [])
+
+
 def distinct_scene(rng: random.Random, min_shapes: int, max_shapes: int):
     """A scene whose shapes all differ in kind and in colour (at most 4: there are 4 kinds)."""
     while True:
@@ -68,7 +75,7 @@ class Batcher:
             for kind, q, a in turns:
                 reason_at = reasoning_start(self.processor, a) if kind == "look" else None
                 blind = kind == "look" and bool(self.recipe.blind) and self.rng.random() < self.recipe.blind
-                rows.append((s, kind, self.processor.input_ids(q).tolist(), self.processor.answer_ids(a), reason_at,
+                rows.append((s, kind, self.processor.input_ids(q).tolist(), answer_ids(self.processor, a), reason_at,
                              blind))
         return torch.cat(pictures), rows
 
@@ -77,8 +84,8 @@ def reasoning_start(processor: Processor, answer: str) -> int:
     """The index, in `answer`'s ids, of the token that begins its reasoning part (" So"): the looking
     part tokenises the same alone as at the head of the whole answer (the tokenizer splits at spaces)."""
     looking = answer[:answer.index(LOOK_SPLIT) + 1]
-    n = len(processor.answer_ids(looking)) - (processor.eos_id is not None)
-    assert processor.answer_ids(answer)[:n] == processor.answer_ids(looking)[:n], "the looking part tokenises differently"
+    n = len(answer_ids(processor, looking)) - (processor.eos_id is not None)
+    assert answer_ids(processor, answer)[:n] == answer_ids(processor, looking)[:n], "the looking part tokenises differently"
     return n
 
 
@@ -129,7 +136,7 @@ def row_loss(model: LlavaForConditionalGeneration, px: torch.Tensor, rows, recip
         # The shared prefix: S pictures' keys and values, which each row then reads for its own picture.
         prefix_ids = torch.tensor(rows[0][2][:P], device=dev)[None].expand(len(px), P)  # [S, P]
         shared = KVCache(L)
-        model.run_layers(model.embed(prefix_ids, feats), torch.arange(P, device=dev), shared, range(L))
+        decoder(model, model.embed(prefix_ids, feats), torch.arange(P, device=dev), shared)
     # Rows of similar length run together (descriptions are ~4x longer than the questions): padding
     # every question to a description's length would cost more than the whole batch's real tokens.
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]) + len(rows[r][3]))
@@ -139,6 +146,16 @@ def row_loss(model: LlavaForConditionalGeneration, px: torch.Tensor, rows, recip
         ce, w = _group_ce(model, feats, shared, [rows[r] for r in group], recipe, P, pad_id)
         total, weight = total + ce, weight + w
     return total / weight
+
+
+def decoder(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every decoder layer on hidden states x [B, T, C] at positions pos [T], each under the same bool
+    mask [B, 1, T, S] (None: causal by position). -> x [B, T, C]."""
+    cos, sin = model.rope(pos)  # [T, D] each
+    for i, layer in enumerate(model.model.layers):
+        x, _ = layer(x, cos, sin, pos, cache, i, mask)
+    return x
 
 
 def rows_of(cache: KVCache, index: torch.Tensor) -> KVCache:
@@ -177,21 +194,19 @@ def _group_ce(model, feats, shared: KVCache | None, rows, recipe: Recipe, P: int
         weights_t[b, :len(weights[b])] = torch.tensor(weights[b])
     ids_t, labels_t, weights_t = ids_t.to(dev), labels_t.to(dev), weights_t.to(dev)
     picture = torch.tensor([r[0] for r in rows], device=dev)  # [R]
-    L = len(model.model.layers)
     if shared is not None:
         cache = rows_of(shared, picture)  # each row reads its own picture's prefix: [R, Hkv, P, D] per layer
         x = model.embed(ids_t, None)  # [R, T, C]
     else:
         cache = None
         x = model.embed(ids_t, feats.index_select(0, picture))  # [R, T, C]
-    masks = None
+    mask = None
     if any(b is not None for b in blind_from):
         prompt_ids = torch.tensor(rows[0][2], device=dev)  # every row's prompt has the picture at the same place
         image_at = torch.zeros(P + T, dtype=torch.bool, device=dev)  # [S]
         image_at[:len(prompt_ids)] = prompt_ids == model.config.image_token_index
         mask = blind_masks(image_at, blind_from, T, P, dev)  # [R, 1, T, S]
-        masks = {layer: mask for layer in range(L)}
-    x, _ = model.run_layers(x, torch.arange(P, P + T, device=dev), cache, range(L), masks)  # right padding: causal is enough
+    x = decoder(model, x, torch.arange(P, P + T, device=dev), cache, mask)  # right padding: causal is enough
     logits = model.logits(x[:, :-1])  # [R, T-1, V]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels_t[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="none")  # [R*(T-1)]
@@ -245,7 +260,7 @@ def heldout_examples(processor: Processor, n_scenes: int, look: str = "exist"):
     rng = random.Random(77)
     items = eval_set(n_scenes)
     for item in items:
-        p, ans = processor.input_ids(item.question).tolist(), processor.answer_ids(item.answer)
+        p, ans = processor.input_ids(item.question).tolist(), answer_ids(processor, item.answer)
         out.append((item.scene, p, ans, item.kind, 0, None))
         if item.kind in ("color", "position") and len(item.scene.shapes) >= 3:
             out.append((item.scene, p, ans, item.kind + "3+", 0, None))
@@ -257,7 +272,7 @@ def heldout_examples(processor: Processor, n_scenes: int, look: str = "exist"):
             continue
         else:
             q, a = drawn
-        p, ans = processor.input_ids(q).tolist(), processor.answer_ids(a)
+        p, ans = processor.input_ids(q).tolist(), answer_ids(processor, a)
         b = reasoning_start(processor, a)
         out += [(scene, p, ans, "look", 0, None), (scene, p, ans, "look_reason", b, None),
                 (scene, p, ans, "look_blind", b, b)]
@@ -282,9 +297,8 @@ def heldout_exact(model: LlavaForConditionalGeneration, examples, processor: Pro
         ids = ids.to(dev)
         blind_from = [None if b is None else len(p) - 1 + b for _, p, _, _, _, b in chunk]
         mask = blind_masks(ids[0] == model.config.image_token_index, blind_from, T, 0, dev)  # [B, 1, T, T] or None
-        masks = None if mask is None else {layer: mask for layer in range(len(model.model.layers))}
         x = model.embed(ids, model.image_features(px))  # [B, T, C]
-        x, _ = model.run_layers(x, torch.arange(T, device=dev), None, range(len(model.model.layers)), masks)
+        x = decoder(model, x, torch.arange(T, device=dev), None, mask)
         pred = model.logits(x)[:, :-1].argmax(-1).cpu()  # [B, T-1]
         target = labels[:, 1:]
         ok = ((pred == target) | (target == -100)).all(1)  # [B]

@@ -27,7 +27,7 @@ def build_parser() -> ArgumentParser:
 
 parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
 
-from ..files import check_new_folder, write_atomic_dir
+from .folders import check_new_folder, write_atomic_dir
 from .scenes import eval_set
 
 def export(out: str, n_scenes: int):

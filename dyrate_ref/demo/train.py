@@ -65,9 +65,12 @@ def build_parser() -> ArgumentParser:
 parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
-from ..files import check_new_folder, write_atomic_dir
-from ..loading import config_from_dict, load_model, read_config, resolve_device, save_weights
+from ..files import write_atomic
+from .folders import check_new_folder, write_atomic_dir
+from ..loading import checkpoint_key, config_from_dict, load_model, read_config, resolve_device
 from ..model import LlavaForConditionalGeneration
 from ..processing import PROMPT_TEMPLATE, Processor
 from .batches import Batcher, grow, heldout_examples, heldout_exact, row_loss
@@ -76,6 +79,12 @@ from .reading import kind_swap_kl, kind_swap_pairs
 from .recipes import CONFIG, PREPROCESSOR, RECIPES, Recipe
 from .scenes import DESCRIBE_PROMPT, all_questions, questions, random_scene, scene_description
 from .tower import init_weights, pretrain_vision, probe_tower
+
+def save_weights(model: nn.Module, out_dir: str, dtype: torch.dtype = torch.float32):
+    """model.safetensors in transformers 5.x's layout (what the demo ships), whole or not at all."""
+    state = {checkpoint_key(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
+    write_atomic(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
 
 def tokenizer_corpus(recipe: Recipe, seed: int = 123, scenes: int = 3000) -> list[str]:
     rng = random.Random(seed)

@@ -45,12 +45,12 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 
 import torch
 
-from ..files import check_outputs, checkpoint_inputs, write_atomic, write_json
+from ..files import check_outputs, checkpoint_inputs, write_atomic
 from ..loading import load_model, resolve_weights, weight_inputs
 from ..oracle import forward_no_cache
 from ..processing import Processor
 from ..pruning import kept_count, query_scores, visual_span
-from .data import WORLD, data_inputs, read_items, scene_items
+from .data import WORLD, data_inputs, read_items, scene_items, write_json
 
 
 def concentration(p: torch.Tensor) -> tuple[float, float]:

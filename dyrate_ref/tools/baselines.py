@@ -17,7 +17,7 @@ import torch
 from .. import settings
 from ..commands import SPEC_FORM, UserError
 from ..pruning import DEFAULT_LAYER, METHODS, Method, kept_count, top_k_sorted
-from ..settings import parse_fraction
+from ..settings import layer_in_range, parse_fraction
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,24 @@ def from_spec(spec: str, ctx, origin=None):
     lists), through the same parsers and defaults as generate.py's flags. -> (method, origins)."""
     name, *pairs = spec.split(":")
     if name not in REGISTRY or not all("=" in p for p in pairs):
-        raise UserError(f"{origin or repr(spec)}: use {SPEC_FORM}")
+        raise UserError(f"{origin.text if origin else repr(spec)}: use {SPEC_FORM}")
     origin = origin or settings.Origin("spec", spec)
     cls = REGISTRY[name]
-    given = settings.parse_settings(cls, dict(p.split("=", 1) for p in pairs), REGISTRY, PARSE, where=f"{origin}: ")
+    given = settings.parse_settings(cls, dict(p.split("=", 1) for p in pairs), REGISTRY, PARSE, where=f"{origin.text}: ")
     if cls is RandomKeep and "rate" not in given:
-        raise UserError(f"random keep needs rate=R (the part of the visual tokens it drops), from {origin}")
+        raise UserError(f"random keep needs rate=R (the part of the visual tokens it drops), from {origin.text}")
     return settings.make_method(cls, given, ctx, origin)
 
 
 def spec_layers(specs) -> list[int]:
     """The pruning layers that specs name (layer=K), for a range check before any is built."""
     return [int(pair.split("=", 1)[1]) for spec in specs for pair in spec.split(":")[1:] if pair.startswith("layer=")]
+
+
+def check_layers(layers, num_layers: int, what: str, instead: str):
+    """Every method of a fixed set (a tool's standard rows) prunes at a layer this decoder has: a K it
+    lacks would run unpruned under a pruned method's name. `what` names the set, `instead` what to do."""
+    bad = sorted({K for K in layers if not layer_in_range(K, num_layers)})
+    if bad:
+        raise UserError(f"{what} prune at layer K={', '.join(map(str, bad))}, which a {num_layers}-layer decoder does "
+                        f"not have (K must lie in 1..{num_layers - 1}); {instead}")

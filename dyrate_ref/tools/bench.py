@@ -58,15 +58,16 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 import torch
 from safetensors.torch import save_file
 
-from ..cost import vision_flops
-from ..files import check_outputs, checkpoint_inputs, write_json
+from ..cost import flops_per_step, kv_bytes_per_step, vision_flops
+from ..files import check_outputs, checkpoint_inputs
 from ..generation import Record, decode_one_token, generate, prefill
 from ..loading import (DTYPES, checkpoint_key, config_from_dict, load_model, read_config, resolve_device, resolve_dtype,
                        resolve_weights, shipped_predictor_path, weight_files)
 from ..model import LlavaForConditionalGeneration
 from ..pruning import NoPruning
-from ..settings import Context, check_layers
-from .baselines import from_spec, spec_layers
+from ..settings import Context
+from .baselines import check_layers, from_spec, spec_layers
+from .data import write_json
 
 SHAPES = {
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -230,8 +231,6 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
     methods = [(name, m) for name, m, _ in bench_methods(weights_dir, cfg)]
     if not prune_rows:
         methods = methods[:1]
-    for _, m in methods:
-        m.to(device)
     fns = {}
     for name, method in methods:
         fns[(name, "pre")] = ours(method, 1)
@@ -251,14 +250,14 @@ def speed(weights_dir: str, device: str, dtype: torch.dtype, new_tokens: int, re
     for name, method in methods:
         pre, tot = t[(name, "pre")], t[(name, "tot")]
         gen = generate(model, ids, px, max_new_tokens=new_tokens + 1, method=method)
-        fl, kv = gen.record.flops, gen.record.kv_bytes
+        fl, kv = flops_per_step(gen.record), kv_bytes_per_step(gen.record)
         # A decode step reads every text weight once and the whole KV cache once: on a CPU, and on a GPU at
         # batch 1, that traffic rather than FLOPs sets its time.
         weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                            if n.startswith("model.layers") or n.startswith("lm_head") or n == "model.norm.weight")
         decode_bytes = new_tokens * weight_bytes + sum(kv[:-1])
         rows.append(dict(name=f"dyrate_ref {name}", decode_bytes=decode_bytes, prefill_ms=pre * 1e3, decode_ms=(tot - pre) / new_tokens * 1e3,
-                         flops=sum(fl), kv_peak=max(gen.record.kv_bytes), prefill_flops=fl[0] - vision_flops(cfg),
+                         flops=sum(fl), kv_peak=max(kv_bytes_per_step(gen.record)), prefill_flops=fl[0] - vision_flops(cfg),
                          decode_flops=sum(fl[1:]), lm_flops=sum(fl) - vision_flops(cfg)))
     for impl in hf_models:
         pre, tot = t[(f"HF {impl}", "pre")], t[(f"HF {impl}", "tot")]
@@ -276,7 +275,7 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
     cfg = model.config
     ids, px = bench_prompt(cfg)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    methods = [(name, m.to(device)) for name, m, overhead in bench_methods(weights_dir, cfg) if overhead]
+    methods = [(name, m) for name, m, overhead in bench_methods(weights_dir, cfg) if overhead]
     token = torch.tensor(7, device=model.lm_head.weight.device)
     rows = []
     for name, method in methods:

@@ -33,12 +33,13 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 
 import torch
 
-from ..files import check_outputs, checkpoint_inputs, write_json
+from ..files import check_outputs, checkpoint_inputs
 from ..loading import load_model, read_config, resolve_weights, weight_inputs
-from ..oracle import eviction_masks, forward_no_cache, kl_divergence, reference_answer
+from ..oracle import eviction_masks, forward_no_cache, reference_answer
 from ..processing import Processor
 from ..settings import VTW_CALIBRATION, check_layer
-from .data import data_inputs, read_examples
+from .data import data_inputs, read_examples, write_json
+from .metrics import kl_divergence
 
 def mean_kl_per_layer(model, processor: Processor, examples, layers, max_new_tokens: int = 48,
                       show_progress: bool = True) -> dict[int, float]:

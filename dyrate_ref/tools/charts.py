@@ -3,13 +3,16 @@
   plot_layers          the attention mass on the image per decoder layer over the answer, mean over many
                        answers with a 95 % confidence band
   plot_pareto          accuracy against cost, one line per family through its settings
+  plot_mass            one curve of the attention mass on the image over an answer (the tutorial's figure)
+  plot_kept_patches    the picture at chosen steps, evicted patches darkened, one labelled panel each
 """
 
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
-from ..plots import require_matplotlib, save_figure
+from ..plots import patch_panel, require_matplotlib, save_figure
 
 
 def plot_layers(path: str, data: dict, title: str):
@@ -79,5 +82,33 @@ def plot_pareto(path: str, points: list[dict], title: str):
                ncol=min(4, len(seen)), frameon=False)
     fig.suptitle(title + "\n(one line per family through its settings; error bars: ±2 standard errors, clustered by picture)",
                  fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_mass(path: str, mass: list[float], tokens: list[str], title: str, layer: int):
+    """The attention mass on the image per generated token, the tokens written under the axis."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    t = list(range(len(mass)))
+    ax.plot(t, mass, marker="o", ms=3, lw=1.2)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("generated token (the word it produced)")
+    ax.set_ylabel(f"layer {layer}'s attention mass\non the image (head mean)")
+    ax.set_xticks(t)
+    ax.set_xticklabels([repr(s)[1:-1] for s in tokens], rotation=90, fontsize=7)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_kept_patches(path: str, base: Image.Image, panels: list[tuple[str, torch.Tensor]], grid: int,
+                      has_cls: bool, title: str):
+    """panels: (label, keep bool [N]) each -> the picture with evicted patches darkened, labelled."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, (label, keep) in zip(axes[0], panels):
+        patch_panel(ax, base, keep, grid, has_cls, label, 9)
+    fig.suptitle(title + "\n(evicted patches darkened)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..demo.world import scene_world
 from ..commands import UserError
-from ..files import check_input_file
+from ..files import check_input_file, write_atomic
 from ..oracle import reference_answer
 from ..processing import open_image
 from ..pruning import visual_span
@@ -281,3 +281,11 @@ def vocabulary_note(items: list[Item], processor) -> str | None:
     chars = "".join(dict.fromkeys(c for _, cs in hit for c in cs))
     return (f"note: {len(hit)} of {len(items)} prompts have characters not in the model's vocabulary ({chars[:10]}), "
             f"the first item {hit[0][0].id}; the model never saw them in training, so its answers may ignore them")
+
+
+def write_json(path: str, obj):
+    """JSON, indented for a reader, written whole or not at all."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomic(path, write)

@@ -73,18 +73,18 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 
 import torch
 
-from ..cost import vision_flops
-from ..files import check_folder, check_outputs, checkpoint_inputs, write_json
+from ..cost import flops_per_step, kv_bytes_per_step, vision_flops
+from ..files import check_folder, check_outputs, checkpoint_inputs
 from ..generation import generate
 from ..loading import load_model, read_config, resolve_weights, shipped_predictor_path
 from ..plots import require_matplotlib
 from ..processing import Processor
 from ..pruning import VTW, DyRate, DyRateSchedule, FastV, Method, NoPruning
-from ..settings import Context, Origin, check_layers, make_method
-from .baselines import RandomKeep, from_spec, spec_layers
+from ..settings import Context, Origin, make_method
+from .baselines import RandomKeep, check_layers, from_spec, spec_layers
 from .charts import plot_layers, plot_pareto
 from .data import (MAX_SCENES, Item, attention_over_generation, check_fits, data_inputs, kind_swap, random_shape_colour,
-                   read_items, scene_items, vocabulary_note)
+                   read_items, scene_items, vocabulary_note, write_json)
 from .report import (METRICS, PERCENT, Row, comparison_text, cost_line, family, label, main_comparison, mean_schedule,
                      pareto_points, serving_table, step0_table, step0_text, summarise, table, validation_choices, witnesses)
 from .results import Results
@@ -205,7 +205,7 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
         gen = generate(model, ids, px, max_new_tokens, method, stop_ids=processor.stop_ids, text=text)
         seconds = time.perf_counter() - t0
         answer = processor.decode(gen.tokens)
-        flops, kv = gen.record.flops, gen.record.kv_bytes
+        flops, kv = flops_per_step(gen.record), kv_bytes_per_step(gen.record)
         rec = {"method": row.name, "id": p.id, "kind": p.kind, "answer": answer, **p.grades(answer),
                "kept": [int(k.sum()) for k in gen.record.kept_masks], "prefill_flops": flops[0] - vis,
                "decode_flops": sum(flops[1:]), "kv_peak": max(kv), "kv_mean": sum(kv) / len(kv), "seconds": seconds}
@@ -214,7 +214,7 @@ def run_method(model, processor, prompts: list[Item], row: Row, max_new_tokens: 
             same = gen.tokens == none[i]["tokens"]
             forced = gen.record if same else generate(model, ids, px, max_new_tokens, method,
                                                       force=none[i]["tokens"], text=text).record
-            f_flops, f_kv = forced.flops, forced.kv_bytes
+            f_flops, f_kv = flops_per_step(forced), kv_bytes_per_step(forced)
             rec.update(forced_prefill_flops=f_flops[0] - vis, forced_decode_flops=sum(f_flops[1:]),
                        forced_kv_peak=max(f_kv), forced_kv_mean=sum(f_kv) / len(f_kv))
         if is_base:
@@ -366,7 +366,7 @@ def run(argv=None) -> int:
     if not args.only_extra:  # what VTW's own calibration chose for these weights (the rows sweep K)
         vtw, origins = make_method(VTW, {}, ctx)
         chose = f"K={vtw.layer}" if origins["layer"].kind != "fallback" else "no layer"
-        print(f"\nVTW's calibration for these weights: {chose} ({origins['layer']}); the VTW rows sweep K.")
+        print(f"\nVTW's calibration for these weights: {chose} ({origins['layer'].text}); the VTW rows sweep K.")
     keys = [k for k in ("em", "vqa", "verdict", "f1", "cider") if k in results[0][1]][:3]
     scale = {k: 100 if k in PERCENT else 1 for k in keys}
     ylabels = {k: METRICS[k] + (" (held-out questions)" if not args.data and k == "em" else "") for k in keys}

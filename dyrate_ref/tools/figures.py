@@ -60,7 +60,8 @@ def draw(out: str, weights: str = DEFAULT_WEIGHTS):
     from PIL import Image
 
     from ..loading import read_config
-    from ..plots import image_from_pixels, plot_kept_patches, plot_mass
+    from ..plots import image_from_pixels
+    from .charts import plot_kept_patches, plot_mass
     from ..processing import Processor
     mass = read_json(os.path.join(out, "attention_mass.json"))
     plot_mass(os.path.join(out, "attention_mass.png"), mass["mass"], mass["words"],
@@ -89,7 +90,8 @@ def run(argv=None) -> int:
     args = p.parse_args(argv)
     if not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is not a folder; give an existing folder (docs)")
-    from ..files import check_outputs, checkpoint_inputs, write_json
+    from ..files import check_outputs, checkpoint_inputs
+    from .data import write_json
     from ..plots import require_matplotlib
     names = [f"{name}.{ext}" for name in ("attention_mass", "kept_patches") for ext in ("json", "png")]
     check_outputs([("--out", os.path.join(args.out, name)) for name in names],  # never over a file the run reads

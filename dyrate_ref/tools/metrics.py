@@ -1,6 +1,6 @@
 """The scores of a caption / VQA evaluation, written out so that a reader can check each line: CIDEr-D
 (the COCO caption evaluation's definition), exact match and VQA soft accuracy, and a paired bootstrap
-for CIDEr-D differences.
+for CIDEr-D differences; and the KL divergence between two runs' next-token distributions.
 
 CIDEr-D (Vedantam et al. 2015, as computed by the COCO caption toolkit's CiderScorer):
   - every caption is a list of words; n-grams for n = 1..4;
@@ -28,6 +28,8 @@ import math
 import random
 import re
 from collections import Counter
+
+import torch
 
 _NON_WORD = re.compile(r"[^\w]+|_")
 
@@ -142,3 +144,12 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
         others = gold[:i] + gold[i + 1:]
         accs.append(min(1.0, sum(g == p for g in others) / 3.0))
     return sum(accs) / len(accs)
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """KL(P || Q) in nats per row, from logits [..., V] of two next-token distributions. `trace compare`
+    and the premise test pass the oracle's (unpruned) logits as P; VTW's calibration passes the
+    withdrawn model's as P and the full model's as Q, KL(P_withdrawn || P_full), the direction VTW's
+    criterion uses. float64 for comparisons: float32 rounding alone leaves a few 1e-7 of noise."""
+    lp, lq = p_logits.to(dtype).log_softmax(-1), q_logits.to(dtype).log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)

@@ -33,10 +33,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..oracle import forward_no_cache, kl_divergence, reference_answer, step_of_rows
+from ..oracle import forward_no_cache, reference_answer, step_of_rows
 from ..predictor import CUTS, RatePredictor, predictor_features
 from ..commands import Progress
-from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
+from ..pruning import apply_cut, kept_mask, query_scores, scored, visual_span
+from .metrics import kl_divergence
+
+
+def step_scores(rows: torch.Tensor, text: tuple[int, int], P: int, T: int, score: str) -> torch.Tensor:
+    """The same scores for every step of an answer at once, from one unpruned forward of the prompt and
+    its T answer tokens (the training tools): rows [S, N] are query_scores of that forward, row s the
+    query at position s; step t's own query is row P-1+t. -> [T, N], row t = what the loop's step t sees
+    (pruning.scored under the rule `score`)."""
+    first, end = text
+    own = rows[P - 1:P - 1 + T]  # [T, N]
+    seen = rows[first:end].sum(0) + torch.cat([rows.new_zeros(1, rows.shape[1]), rows[P:P - 1 + T]]).cumsum(0)
+    accumulated = seen / (end - first + torch.arange(T, device=rows.device)[:, None])  # [T, N]
+    return torch.stack([scored(score, t, own[t], accumulated[t]) for t in range(T)])  # [T, N]
 
 
 def candidates(keep: torch.Tensor, scores: torch.Tensor, N: int, cuts=CUTS) -> torch.Tensor:
@@ -97,7 +110,7 @@ def relaxed_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, t
 
 def prepare(model, processor, examples, K: int, max_new_tokens: int, show_progress: bool = True, score: str = "last"):
     """Per example: (input_ids, pixels, the unpruned greedy answer, its logits [T, V], scores [T, N] under
-    the rule `score`, step t's row what the loop's step t sees: pruning.step_scores)."""
+    the rule `score`, step t's row what the loop's step t sees: step_scores)."""
     out = []
     bar = Progress(len(examples), "unpruned answers", " examples") if show_progress else None
     for ex in examples:

@@ -64,15 +64,16 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 
 import torch
 
-from ..files import check_outputs, checkpoint_inputs, write_json
+from ..files import check_outputs, checkpoint_inputs
 from ..generation import generate
 from ..loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights
-from ..oracle import kl_divergence, recompute_logits, reference_answer
+from ..oracle import recompute_logits, reference_answer
 from ..plots import require_matplotlib, save_figure
 from ..processing import Processor
-from ..pruning import Method, kept_mask, kept_count, top_k_sorted, visual_scores, visual_span
+from ..pruning import Method, kept_mask, kept_count, query_scores, top_k_sorted, visual_span
 from ..settings import check_layer
-from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items, vocabulary_note
+from .data import LOOK_SPLIT, Item, check_fits, data_inputs, read_items, scene_items, vocabulary_note, write_json
+from .metrics import kl_divergence
 from .report import clustered_mean
 
 def parse_indices(text: str) -> tuple[int, ...]:
@@ -123,7 +124,7 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
     text = processor.decode(tokens)
     base_score = item.grade(text)
     out = []
-    prefill_scores = visual_scores(probs[K - 1][:, :, :P], span)  # the prefill's query: row P-1
+    prefill_scores = query_scores(probs[K - 1][:, :, P - 1:P], span)[0]  # the prefill's query: row P-1
     everything = torch.arange(N, device=full.device)
     cuts = [(s, s) for s in steps if s < T]  # (the step recorded, the step cut from)
     after = look_end(processor, tokens) if item.kind == "look" else None
@@ -131,7 +132,7 @@ def cut_costs(model, processor, item: Item, K: int, steps, fractions, max_new_to
         cuts.append((AFTER_LOOK, after))
     for choice in choices:
         for label, s in cuts:
-            scores = prefill_scores if choice == "prefill" else visual_scores(probs[K - 1][:, :, :P + s], span)
+            scores = prefill_scores if choice == "prefill" else query_scores(probs[K - 1][:, :, P + s - 1:P + s], span)[0]
             for f in fractions:
                 kept = top_k_sorted(everything, scores, kept_count(N, 1 - f))
                 rows = torch.stack([kept_mask(everything, N)] * s + [kept_mask(kept, N)] * (T - s))  # [T, N]

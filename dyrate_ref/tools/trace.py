@@ -50,10 +50,21 @@ def build_parser() -> ArgumentParser:
 parse_first(build_parser, __name__)  # run as a command: --help and flag errors answer before torch loads
 
 import torch
+from safetensors import safe_open
 
 from ..files import check_input_file, check_outputs
-from ..oracle import kl_divergence
-from ..trace import RUN_KEYS, read_trace, trace_metadata, write_trace
+from ..trace import read_trace, write_trace
+from .metrics import kl_divergence
+
+# The header's keys that describe the run (trace.py's docstring lists them); the others are the method's.
+RUN_KEYS = {"weights", "dtype", "device", "prompt", "text_rows", "max_new_tokens", "temperature", "top_p", "stop_reason", "seed",
+            "forced_from", "dyrate_ref_version", "torch_version", "format"}
+
+
+def trace_metadata(path: str) -> dict[str, str]:
+    """The header a trace was written with (generate.py: the method and its settings, the weights, ...)."""
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
 
 
 def method_difference(ma: dict, mb: dict) -> str | None:

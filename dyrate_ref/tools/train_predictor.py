@@ -31,6 +31,7 @@ examples, and `--heldout` also reports the oracle-label policy's kept fraction.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -81,18 +82,32 @@ parse_first(build_parser, __name__)  # run as a command: --help and flag errors 
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from ..files import check_outputs, checkpoint_inputs
+from ..files import check_outputs, checkpoint_inputs, write_atomic
 from ..generation import generate
-from ..loading import load_model, read_config, resolve_weights, save_predictor, shipped_predictor_path, weight_inputs
+from ..loading import (PREDICTOR_FORMAT, load_model, model_fingerprint, read_config, resolve_weights,
+                       shipped_predictor_path, weight_inputs)
 from ..model import LlavaForConditionalGeneration
 from ..oracle import forward_no_cache, recompute_logits
 from ..predictor import CUTS, FEATURES, RatePredictor, predictor_features
 from ..processing import Processor
-from ..pruning import apply_cut, kept_mask, query_scores, step_scores, visual_span
+from ..pruning import apply_cut, kept_mask, query_scores, visual_span
 from ..settings import check_layer
 from .data import data_inputs, read_examples
-from .predictor_e2e import train_e2e
+from .predictor_e2e import step_scores, train_e2e
+
+def save_predictor(pred: RatePredictor, path: str, cfg, **settings):
+    """Write a predictor file (the header loading.py describes; load_predictor reads it), whole or not at
+    all: its settings, what it was trained with (`settings`, its `meta`), and the fingerprint of the model
+    it belongs to."""
+    meta = {**{k: str(v) for k, v in {**pred.meta, **settings}.items()},  # what it was trained with ...
+            "format": PREDICTOR_FORMAT, "layer": str(pred.layer), "cuts": json.dumps(list(pred.cuts)),  # ... and
+            "features": json.dumps(list(FEATURES)), "hidden": str(pred.hidden),  # what it is now, which wins
+            "confidence": str(pred.confidence), "score": pred.score, "model": model_fingerprint(cfg)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in pred.state_dict().items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
 
 def answer_kept(logits: torch.Tensor, answer: list[int], lead: torch.Tensor, margin: float) -> bool:
     """Is every answer token still the top choice of logits [T', V], by at least min(margin, lead)?
