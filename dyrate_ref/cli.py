@@ -14,7 +14,7 @@ import sys
 import time
 
 # Only what parsing the flags needs is imported here: --help and a flag error answer before torch loads.
-from .commands import DEFAULT_WEIGHTS, DTYPE_HELP, ArgumentParser, UserError, exits
+from .commands import DEFAULT_WEIGHTS, DTYPE_HELP, ArgumentParser, UserError, apply_threads, exits
 
 # generate.py's one thread rule: without --threads, weights under this many bytes run on one CPU thread
 # (measured on the embedded model, README 'Using it': more threads gain nothing there and lose much on a
@@ -79,7 +79,6 @@ def run(argv=None, prog: str = "generate.py"):
 
     from . import __version__
     from .files import check_outputs, checkpoint_inputs
-    from .commands import apply_threads
     from .generation import Sampling, generate
     from .loading import load_model, read_config, resolve_device, resolve_dtype, resolve_weights, weight_files
     from .plots import plot_run, require_matplotlib

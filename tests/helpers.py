@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -173,3 +175,17 @@ def hub_cache(root, repo_id: str, src: str, revisions=("aaaa1111", "bbbb2222"), 
             os.symlink(os.path.join("..", "..", "blobs", blob.name), snap / name)
     (repo / "refs" / "main").write_text(main)
     return repo
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_run(*args, timeout=300):
+    """python ARGS in the repository, as a user runs a command: -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def generate_run(w, img, *extra):
+    """generate.py on checkpoint w and picture img with a fixed prompt and 8 new tokens, plus `extra`."""
+    return python_run(os.path.join(REPO, "generate.py"), "--image", img, "--prompt", "Describe it.", "--weights", w,
+                      "--max-new-tokens", "8", *extra)

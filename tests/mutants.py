@@ -45,9 +45,9 @@ class Mutant:
     where: str  # the function ("name" or "Class.name") or constant the edits lie in, wherever it now is
 
 
-MODEL_TESTS = ("tests/test_trace_values.py", "tests/test_parity.py")
+MODEL_TESTS = ("tests/test_trace.py", "tests/test_parity.py")
 PRUNE_TESTS = ("tests/test_pruning.py",)
-CLI_TESTS = ("tests/test_trace_values.py", "tests/test_cli.py")
+CLI_TESTS = ("tests/test_trace.py", "tests/test_cli.py")
 SERVING_TESTS = ("tests/test_serving.py",)
 REPORT_TESTS = ("tests/test_report.py",)
 SCORE_TESTS = ("tests/test_scores.py",)
@@ -74,7 +74,7 @@ MUTANTS = [
     # Loading
     Mutant("rename-public-layout", "the public hub layout's vision tower prefix not renamed", "dyrate_ref/loading.py",
            (('("vision_tower.vision_model.", "vision_tower."),', '("vision_tower.vision_model.", "vision_tower.vision_model."),'),),
-           ("tests/test_trace_values.py",), where="KEY_RENAMES"),
+           ("tests/test_loading.py",), where="KEY_RENAMES"),
     Mutant("no-cast", "--dtype ignored while loading", "dyrate_ref/loading.py",
            ((".to(device=device, dtype=dtype, copy=True)", ".to(device=device, copy=True)"),), ("tests/test_loading.py",), where="load_model"),
     # Processing
@@ -99,7 +99,7 @@ MUTANTS = [
            PRUNE_TESTS, where="DyRateSchedule.choose"),
     Mutant("kept-count-rounding", "how many to keep: the dropped count truncated instead of rounded half up",
            "dyrate_ref/pruning.py", (("return n - math.floor(round(rate * n, 6) + 0.5)", "return n - math.floor(round(rate * n, 6))"),),
-           PRUNE_TESTS + ("tests/test_trace_values.py",), where="kept_count"),
+           PRUNE_TESTS + ("tests/test_trace.py",), where="kept_count"),
     # Cost
     Mutant("flops-vision-attention", "the vision tower's attention products left out of the count", "dyrate_ref/cost.py",
            (("+ 2 * (2 * T * T * C) +", "+ 0 * (2 * T * T * C) +"),), PRUNE_TESTS, where="vision_flops"),
@@ -113,7 +113,7 @@ MUTANTS = [
     Mutant("kv-bytes-keys-only", "KV bytes count keys only", "dyrate_ref/cost.py",
            (("    return 2 * slots * tc.num_key_value_heads * tc.head_dim * element_size",
              "    return slots * tc.num_key_value_heads * tc.head_dim * element_size"),),
-           ("tests/test_trace_values.py",) + PRUNE_TESTS, where="kv_bytes"),
+           ("tests/test_trace.py",) + PRUNE_TESTS, where="kv_bytes"),
     # The trace
     Mutant("trace-rows-shifted", "trace logits rows shifted by one step", "dyrate_ref/trace.py",
            (('"logits": torch.stack(record.logits)', '"logits": torch.stack(record.logits[1:] + record.logits[:1])'),),
@@ -149,7 +149,7 @@ MUTANTS = [
            (("    if s.do_resize:\n", "    if True:\n"),), ("tests/test_processing.py",), where="pixel_values"),
     Mutant("predictor-score-not-stored", "train_predictor labels by --score but the file says last",
            "dyrate_ref/tools/train_predictor.py", (("rollout, args.max_new_tokens, score=args.score)", "rollout, args.max_new_tokens)"),),
-           ("tests/test_pruning_cli.py",), where="run"),
+           ("tests/test_predictor.py",), where="run"),
     Mutant("mean-score-template-rows", "the mean score averages every row after the image, the template's too",
            "dyrate_ref/generation.py", (("rows[state.text[0]:state.text[1]] if t == 0", "rows[sum(state.span):] if t == 0"),),
            SCORE_TESTS, where="step"),
@@ -184,7 +184,7 @@ MUTANTS = [
            ("tests/test_processing.py",), where="PROMPT_TEMPLATE"),
     Mutant("layer-mismatch-ignored", "--layer that differs from the predictor's is silently replaced", "dyrate_ref/settings.py",
            (('if values.setdefault("layer", pred.layer) != pred.layer:', 'values["layer"] = pred.layer\n        if False:'),),
-           ("tests/test_settings.py", "tests/test_pruning_cli.py"), where="make_method"),
+           ("tests/test_settings.py", "tests/test_cli.py"), where="make_method"),
     Mutant("confidence-ignored", "DyRate --confidence accepted and ignored", "dyrate_ref/pruning.py",
            (("self.predictor.choose_cut(predictor_features(scores, kept, t), self.confidence)",
              "self.predictor.choose_cut(predictor_features(scores, kept, t))"),), ("tests/test_settings.py",),
@@ -279,7 +279,7 @@ MUTANTS = [
     Mutant("rollout-confidence-ignored", "the DAgger rounds decode at the stored confidence, not --rollout-confidence",
            "dyrate_ref/tools/train_predictor.py", (("args.epochs, args.lr, args.seed, rollout, args.max_new_tokens,",
                                                     "args.epochs, args.lr, args.seed, args.confidence, args.max_new_tokens,"),),
-           ("tests/test_tool_inputs.py",), where="run"),
+           ("tests/test_predictor.py",), where="run"),
     Mutant("e2e-mask-not-cumulative", "the end-to-end route weighs step t's keys by step t's own mask, not by the "
            "product of every earlier step's (an evicted token would come back)",
            "dyrate_ref/tools/predictor_e2e.py", (("W = W * m  # [N]", "W = m  # [N]"),), ("tests/test_predictor_e2e.py",), where="relaxed_weights"),
@@ -410,10 +410,10 @@ MUTANTS = [
                                            "own = shipped is not None and m.predictor.path == shipped"),), REPORT_TESTS,
            where="label"),
     Mutant("contract-regrowth-unchecked", "a method that regrows dropped tokens runs on, its trace lying",
-           "dyrate_ref/generation.py", (("if not bool(torch.isin(after, before).all()):", "if False:"),),
+           "dyrate_ref/generation.py", (("torch.isin(after, before).all()  # strictly", "after.new_ones((), dtype=torch.bool)  # strictly"),),
            ("tests/test_generation.py",), where="check_kept"),
     Mutant("contract-repeats-allowed", "repeated kept indices pass the ascending check", "dyrate_ref/generation.py",
-           (("not bool((after[1:] > after[:-1]).all())", "not bool((after[1:] >= after[:-1]).all())"),),
+           (("ascending, subset = (after[1:] > after[:-1]).all()", "ascending, subset = (after[1:] >= after[:-1]).all()"),),
            ("tests/test_generation.py",), where="check_kept"),
     Mutant("contract-by-size", "a kept set of the same size is taken as the same set, unchecked", "dyrate_ref/generation.py",
            (("if after is before:", "if after.numel() == before.numel():"),), ("tests/test_generation.py",),
@@ -431,7 +431,7 @@ MUTANTS = [
            where="train"),
     Mutant("panels-evenly-spaced", "the run plot's patch panels skip the steps where the method cut", "dyrate_ref/plots.py",
            (("wanted = [0] + [t for t in range(1, T) if kept[t] < kept[t - 1]][:max(0, n - 2)] + [T - 1]", "wanted = [0, T - 1]"),),
-           ("tests/test_pruning_cli.py",), where="panel_steps"),
+           ("tests/test_plots.py",), where="panel_steps"),
     Mutant("cost-counts-reused", "the cost said before a resumed run counts the reused records again",
            "dyrate_ref/tools/report.py", (("runs = max(0, rows * items - reused)", "runs = rows * items"),), REPORT_TESTS,
            where="cost_line"),

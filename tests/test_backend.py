@@ -1,6 +1,7 @@
-"""Checking a backend against the oracle (docs/backend.md): teacher forcing, the
-comparison and its limits per dtype, top-k-only traces from a serving engine, and the worked example
-with transformers as the backend under test, including a deliberately broken one."""
+"""Checking a backend against the oracle (docs/backend.md, tools/trace.py): teacher forcing, the
+comparison and its limits per dtype, `trace compare` on generate.py's own traces, top-k-only traces from
+a serving engine, and the worked example with transformers as the backend under test, including a
+deliberately broken one."""
 
 import json
 import math
@@ -10,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
@@ -17,7 +20,7 @@ from dyrate_ref.processing import Processor, open_image
 from dyrate_ref.pruning import FastV, NoPruning, DyRateSchedule
 from dyrate_ref.tools.trace import LIMITS, compare, report_text
 from dyrate_ref.trace import read_trace, trace_tensors, write_trace
-from helpers import hf_config, make_checkpoint, noise_image
+from helpers import generate_run, hf_config, make_checkpoint, noise_image, python_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
@@ -409,3 +412,25 @@ def test_compare_json_values_equal_an_independent_computation(tmp_path):
         assert step["rate_delta"] == pytest.approx(abs(float(rates_a[t]) - float(rates_b[t])), abs=1e-7)
     assert report["checks"]["max_kl"]["value"] == pytest.approx(max(s["kl"] for s in report["steps"]))
     assert report["checks"]["mean_kl"]["value"] == pytest.approx(sum(s["kl"] for s in report["steps"]) / T)
+
+
+def test_trace_compare_same_and_different(pruning_env):
+    root, w, img, *_ = pruning_env
+    a, b, c = (str(root / f"{n}.safetensors") for n in "abc")
+    assert generate_run(w, img, "--trace", a).returncode == 0
+    assert generate_run(w, img, "--trace", b).returncode == 0
+    assert generate_run(w, img, "--method", "fastv", "--rate", "0.75", "--trace", c).returncode == 0
+    same = python_run("-m", "dyrate_ref.tools.trace", "compare", a, b)
+    assert same.returncode == 0 and "SAME" in same.stdout
+    assert safe_open(c, "pt").metadata()["rate"] == "0.75"
+    diff = python_run("-m", "dyrate_ref.tools.trace", "compare", a, c)
+    assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
+    assert "kept sets differ" in diff.stdout and "max |Δlogit|" in diff.stdout and "first bad step: 0" in diff.stdout
+    # a backend off by a little: within a loose atol it passes, within the default it does not
+    t = load_file(b)
+    t["logits"] = t["logits"] + 1e-3
+    from safetensors.torch import save_file
+    d = str(root / "d.safetensors")
+    save_file(t, d)
+    assert python_run("-m", "dyrate_ref.tools.trace", "compare", a, d).returncode == 1
+    assert python_run("-m", "dyrate_ref.tools.trace", "compare", a, d, "--atol", "1e-2").returncode == 0

@@ -1,5 +1,6 @@
-"""generate.py (cli.py) as a user runs it: a good run streams an answer and writes a trace; every bad
-input exits 2 with one line on stderr, no traceback, and leaves no file behind; and what a newcomer meets
+"""generate.py (cli.py) as a user runs it: a good run streams an answer (through a pipe, as it is generated)
+and writes a trace; every bad input, the pruning flags' and predictor files' included, exits 2 with one
+line on stderr, no traceback, and leaves no file behind; and what a newcomer meets
 (why generation stopped, default settings and where they came from, file modes, identical runs giving
 identical files, the plot, the thread rule)."""
 
@@ -9,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from dyrate_ref.generation import generate
 from dyrate_ref.loading import load_model
 from dyrate_ref.processing import Processor
-from helpers import hf_config, make_checkpoint, noise_image
+from helpers import generate_run, hf_config, make_checkpoint, noise_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -475,3 +477,80 @@ def test_the_thread_rule_reads_the_weights_size_only(tmp_path, monkeypatch):
             assert torch.get_num_threads() == want, small
     finally:
         torch.set_num_threads(before)
+
+
+BAD = {
+    "unknown-method": (["--method", "magic"], "unknown --method"),
+    "ratio-high": (["--method", "fastv", "--rate", "1.5"], "outside [0, 1]"),
+    "ratio-negative": (["--method", "fastv", "--rate", "-0.1"], "outside [0, 1]"),
+    "layer-zero": (["--method", "fastv", "--layer", "0"], "outside 1..3"),
+    "layer-too-deep": (["--method", "vtw", "--layer", "4"], "outside 1..3"),
+    "schedule-not-numbers": (["--method", "dyrate-schedule", "--schedule", "0.1,lots"], "not a comma-separated list"),
+    "schedule-out-of-range": (["--method", "dyrate-schedule", "--schedule", "0.1,1.2"], "rate outside [0, 1]"),
+    "predictor-missing": (["--method", "dyrate", "--predictor", "/nonexistent.safetensors"], "does not exist"),
+    "dyrate-without-either": (["--method", "dyrate"], "needs --predictor"),
+    "rate-with-schedule": (["--method", "dyrate-schedule", "--rate", "0.5", "--schedule", "0.5"], "does not apply"),
+    "schedule-with-fastv": (["--method", "fastv", "--schedule", "0.5"], "does not apply"),
+    "layer-with-none": (["--layer", "2"], "does not apply"),
+    "score-with-vtw": (["--method", "vtw", "--score", "mean"], "does not apply"),
+    "score-unknown": (["--method", "fastv", "--score", "median"], "is not one of last, mean, accumulated"),
+    "score-fastv-accumulated": (["--method", "fastv", "--score", "accumulated"], "method fastv: score 'accumulated' is not one of 'last', 'mean'"),
+    "schedule-with-dyrate": (["--method", "dyrate", "--schedule", "0.5", "--predictor", "x"], "belongs to dyrate-schedule"),
+    "old-rates-flag": (["--method", "dyrate-schedule", "--rates", "0.5"], "--rates is now --schedule"),
+    "old-ratio-flag": (["--method", "fastv", "--ratio", "0.5"], "--ratio is now --rate"),
+    "plot-not-png": (["--plot", "out.jpg"], ".png"),
+    "plot-folder": (["--plot", "/nonexistent/x.png"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_pruning_values(pruning_env, case):
+    root, w, img, *_ = pruning_env
+    extra, needle = BAD[case]
+    r = generate_run(w, img, *extra)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("which,needle", [("other", "another model"), ("corrupt", "not a readable")])
+def test_bad_predictor_files(pruning_env, which, needle):
+    root, w, img, pred, other_pred, corrupt, _ = pruning_env
+    r = generate_run(w, img, "--method", "dyrate", "--predictor", other_pred if which == "other" else corrupt)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def test_the_answer_streams_through_a_pipe_as_it_is_generated(tmp_path):
+    """The first text reaches a pipe long before the process ends, in many pieces, each valid UTF-8:
+    an answer buffered until the end arrives in one piece. The answer is forced (--force-tokens) to the
+    tokens of a text full of multi-byte characters, split across tokens by this byte-level vocabulary,
+    so the precondition holds by construction, not by what a random model happens to say."""
+    from dyrate_ref.trace import write_trace
+    root, w, img = tmp_path, str(tmp_path / "w"), str(tmp_path / "img.png")
+    make_checkpoint(w, hf_config(text=dict(max_position_embeddings=256)))  # room for 200 answer tokens
+    noise_image(48, 40, seed=3).save(img)
+    proc = Processor(w, load_model(w).config)
+    text = "東京 café über ñandú 日本語 " * 12
+    tokens = proc.tokenizer.encode(text, add_special_tokens=False).ids[:200]
+    assert any("\ufffd" in proc.decode([i]) for i in tokens)  # characters really are split across tokens
+    forced = root / "forced.st"
+    write_trace(str(forced), {"input_ids": proc.input_ids("Hi"), "tokens": torch.tensor(tokens)}, {})
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), "--image", img, "--prompt", "Hi",
+                          "--weights", w, "--force-tokens", str(forced), "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pieces = []  # (arrival time, bytes)
+    while True:
+        chunk = os.read(p.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        pieces.append((time.perf_counter(), chunk))
+    end = time.perf_counter()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0, err
+    assert f"{len(tokens)} tokens" in err, err
+    print(f"{len(pieces)} pieces over {end - pieces[0][0]:.3f} s")
+    assert len(pieces) >= 10, f"{len(pieces)} pieces: the answer did not stream"
+    assert end - pieces[0][0] > 0.05  # the first piece came well before the end
+    for _, chunk in pieces:
+        chunk.decode("utf-8")  # strict: a piece ending inside a character would raise
+    assert b"".join(c for _, c in pieces).decode("utf-8").strip() == proc.decode(tokens).strip()

@@ -311,11 +311,3 @@ def test_the_plot_folder_is_made_when_missing_and_a_file_there_is_refused(tmp_pa
         check_folder(str(tmp_path / "f"), "--plot")
     with pytest.raises(UserError, match="parent folder .* does not exist"):
         check_folder(str(tmp_path / "no" / "new"), "--plot")
-
-
-def test_bench_tiny_shape_fits_every_benchmarked_method(tmp_path):
-    """bench --shape tiny, a listed choice: its decoder is deep enough for the methods' K = 2."""
-    from dyrate_ref.loading import read_config
-    from dyrate_ref.tools.bench import bench_methods, write_random_checkpoint
-    write_random_checkpoint(str(tmp_path), "tiny")
-    assert len(bench_methods(str(tmp_path), read_config(str(tmp_path)))) >= 7

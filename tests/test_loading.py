@@ -1,4 +1,6 @@
-"""Config reading, the key-rename table, strict loading and loading memory."""
+"""loading.py: config reading, the key-rename table, strict loading, loading memory, every key layout
+(single file or sharded) loading to transformers' logits, and a hub id resolved from the local Hugging Face
+cache (never downloaded)."""
 
 import json
 import os
@@ -11,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dyrate_ref.commands import UserError
-from dyrate_ref.loading import config_from_dict, load_model, read_config, rename_key
-from helpers import hf_config, make_checkpoint
+from dyrate_ref.generation import generate
+from dyrate_ref.loading import config_from_dict, load_model, read_config, rename_key, resolve_weights
+from dyrate_ref.processing import Processor
+from helpers import REPO, hf_config, hub_cache, make_checkpoint, noise_image
 
 # The public llava-hf/llava-1.5-7b-hf config.json (transformers 4.x era), as published.
 PUBLIC_7B = {
@@ -152,3 +156,51 @@ def test_loading_peak_memory_is_close_to_checkpoint_size():
     print(r.stdout)
     ratio = float(re.search(r"ratio ([0-9.]+) \(limit", r.stdout).group(1))
     assert 0.5 < ratio <= 1.2
+
+
+@pytest.mark.parametrize("layout, shards", [("a", 1), ("a", 2), ("b", 1), ("b", 3), ("c", 1), ("c", 2)])
+def test_every_layout_loads_to_transformers_logits(tmp_path, layout, shards):
+    """Public hub layout (a), transformers 4.5x (b) and 5.x (c), single file or shards, on a seeded noise
+    picture (no scikit-image). Tolerance 1e-4: float32, same formulas, different summation order."""
+    cfg = hf_config(text=dict(num_key_value_heads=2))
+    hf = make_checkpoint(str(tmp_path), cfg, layout=layout, shards=shards)
+    model = load_model(str(tmp_path))
+    proc = Processor(str(tmp_path), model.config)
+    ids = proc.input_ids("Describe the image.")
+    px = proc.pixel_values(noise_image(45, 37, seed=7))
+    gen = generate(model, ids, px, max_new_tokens=3, stop_ids=())
+    full = torch.cat([ids, torch.tensor(gen.tokens[:-1])])[None]
+    with torch.no_grad():
+        want = hf.eval()(input_ids=full, pixel_values=px).logits[0, ids.numel() - 1:]  # [3, V]
+    got = torch.stack(gen.record.logits)
+    assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_a_hub_id_resolves_to_refs_main_in_the_local_cache(tmp_path, four_layer_checkpoint, monkeypatch):
+    repo = hub_cache(tmp_path / "hub", "llava-hf/llava-1.5-7b-hf", four_layer_checkpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    got = resolve_weights("llava-hf/llava-1.5-7b-hf")
+    assert got == str(repo / "snapshots" / "bbbb2222")
+    assert read_config(got).text_config.num_hidden_layers == 4  # refs/main's revision, through the symlinks
+    (repo / "refs" / "main").write_text("aaaa1111")
+    assert read_config(resolve_weights("llava-hf/llava-1.5-7b-hf")).text_config.num_hidden_layers == 3
+    # HF_HOME/hub is the next place looked, and an existing folder is never taken for a hub id
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert resolve_weights("llava-hf/llava-1.5-7b-hf").endswith("aaaa1111")
+    assert resolve_weights(four_layer_checkpoint) == four_layer_checkpoint
+
+
+def test_generate_runs_from_a_hub_id_and_a_missing_one_says_where_it_looked(tmp_path, four_layer_checkpoint):
+    hub_cache(tmp_path / "hub", "someone/tiny-llava", four_layer_checkpoint)
+    noise_image(32, 32, seed=2).save(tmp_path / "x.png")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), "--weights", "someone/tiny-llava", "--image",
+                        str(tmp_path / "x.png"), "--prompt", "hi", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(UserError) as e:
+        resolve_weights("someone/absent")
+    msg = str(e.value)
+    assert "models--someone--absent" in msg and "nothing is downloaded" in msg
+    assert os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub") in msg

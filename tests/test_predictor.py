@@ -1,10 +1,16 @@
-"""DyRate's predictor: features, labels, training, the file format and its refusals; VTW calibration."""
+"""DyRate's predictor (predictor.py, tools/train_predictor.py): features, labels, training, the file
+format and its refusals, and the trainer as a user runs it (a caption-only data file, the rollout
+confidence, the trained predictor's score taken by generate.py); VTW calibration (tools/calibrate_vtw.py),
+the command too; replacing the files shipped beside the weights is said."""
 
+import json
 import math
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from dyrate_ref.commands import UserError
 from dyrate_ref.generation import generate
@@ -18,7 +24,7 @@ from dyrate_ref.tools.calibrate_vtw import choose_layer, mean_kl_per_layer
 from dyrate_ref.demo.batches import answer_ids
 from dyrate_ref.tools.data import Item
 from dyrate_ref.tools.train_predictor import fit, label_example, train_imitation
-from helpers import hf_config, make_checkpoint, noise_image
+from helpers import generate_run, hf_config, make_checkpoint, noise_image, python_run
 
 ANSWERS = ["The triangle is red and the circle is blue.", "There are three shapes: a square, a star and a circle.",
            "Yes.", "A green square at the top left."]
@@ -281,3 +287,119 @@ def test_shipped_predictor_decisions_recomputed_by_hand(kind):
         order = sorted(prev.tolist(), key=lambda i: -float(scores[i]))
         prev = torch.tensor(sorted(order[:m]), dtype=torch.long)
     assert kept[0] < span[1], kept
+
+
+def test_trainer_reports_and_writes_a_loadable_predictor(pruning_env):
+    root, w, img, pred, *_ = pruning_env
+    r = generate_run(w, img, "--method", "dyrate", "--predictor", pred, "--trace", str(root / "dy.safetensors"))
+    assert r.returncode == 0, r.stderr
+    t = load_file(str(root / "dy.safetensors"))
+    assert set(t) == {"input_ids", "pixel_values", "tokens", "logits", "kept_masks", "rates", "flops", "kv_bytes"}
+    T = t["tokens"].numel()
+    assert t["rates"].shape == (T,) and t["flops"].dtype == torch.float64 and t["kv_bytes"].dtype == torch.int64
+    # the predictor's rate is the compression relative to N: 1 - |keep_t| / N, which only grows
+    keep = t["kept_masks"]
+    assert torch.allclose(t["rates"], 1 - keep.sum(1).float() / keep.shape[1])
+    assert all(bool((keep[i + 1] <= keep[i]).all()) for i in range(T - 1))  # nested
+
+
+def test_a_predictor_trained_on_a_score_decides_on_it(pruning_env):
+    """train_predictor --score accumulated: the file says so; generate.py's DyRate takes the score from it
+    (the trace says where from) and refuses another. (That the loop and the trainer compute the same
+    scores: tests/test_scores.py.)"""
+    root, w, img, pred, _, _, data = pruning_env
+    acc = str(root / "acc.safetensors")
+    r = python_run("-m", "dyrate_ref.tools.train_predictor", "--weights", w, "--data", data, "--out", acc,
+                   "--epochs", "30", "--max-new-tokens", "4", "--score", "accumulated")
+    assert r.returncode == 0, r.stderr
+    assert safe_open(acc, "pt").metadata()["score"] == "accumulated"
+    assert safe_open(pred, "pt").metadata()["score"] == "last"
+    r = generate_run(w, img, "--method", "dyrate", "--predictor", acc, "--trace", str(root / "acc_trace.safetensors"))
+    assert r.returncode == 0, r.stderr
+    meta = safe_open(str(root / "acc_trace.safetensors"), "pt").metadata()
+    assert (meta["score"], meta["score_from"]) == ("accumulated", "predictor file")
+    ids = load_file(str(root / "acc_trace.safetensors"))["input_ids"]  # the rows a backend averages over, recorded
+    first, end = map(int, meta["text_rows"].split(","))
+    from dyrate_ref.processing import Processor
+    from dyrate_ref.loading import read_config
+    assert Processor(w, read_config(w)).decode(ids[first:end].tolist()).strip() == "Describe it."
+    r = generate_run(w, img, "--method", "dyrate", "--predictor", acc, "--score", "last")
+    assert r.returncode == 2 and "differs from the predictor's score (accumulated)" in r.stderr
+
+
+def test_calibrate_vtw_command(pruning_env):
+    root, w, img, pred, other_pred, corrupt, data = pruning_env
+    out = str(root / "vtw.json")
+    r = python_run("-m", "dyrate_ref.tools.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "1",
+                   "--eta", "100", "--max-new-tokens", "5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out))
+    assert res["layer"] == 1 and set(res["mean_kl"]) == {"1", "2", "3"}
+    bad = python_run("-m", "dyrate_ref.tools.calibrate_vtw", "--weights", w, "--data", data, "--min-layer", "5")
+    assert bad.returncode == 2 and "outside 1..3" in bad.stderr
+
+
+def test_a_caption_only_file_trains_a_predictor(tmp_path, four_layer_checkpoint):
+    """train_predictor labels the model's own answers: a data file of captions (no "answer") is enough,
+    as docs/your_data.md tells COCO users."""
+    for i in range(3):
+        noise_image(32, 32, seed=10 + i).save(tmp_path / f"{i}.png")
+    data = tmp_path / "captions.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "Describe the image.",
+                                        "references": [f"a picture number {i}"]}) + "\n" for i in range(3)))
+    out = tmp_path / "p.safetensors"
+    r = python_run("-m", "dyrate_ref.tools.train_predictor", "--weights", four_layer_checkpoint, "--data", str(data),
+                   "--layer", "2", "--rounds", "1", "--epochs", "3", "--max-new-tokens", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0
+
+
+def test_the_rollout_confidence_trains_and_the_confidence_is_stored(tmp_path, four_layer_checkpoint):
+    """--rollout-confidence is what the DAgger round decodes at, --confidence what the file stores: a
+    predictor trained at rollout 0.55 and stored at 0.95 has the very tensors of one trained and stored
+    at 0.55, and a different header confidence; trained at 0.95 its second round sees other states."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    for i in range(4):
+        noise_image(32, 32, seed=30 + i).save(tmp_path / f"{i}.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "Describe the image.", "references": ["x"]}) + "\n"
+                            for i in range(4)))
+
+    def trained(name, *flags):
+        out = tmp_path / name
+        r = python_run("-m", "dyrate_ref.tools.train_predictor", "--weights", four_layer_checkpoint, "--data", str(data),
+                       "--layer", "2", "--rounds", "2", "--epochs", "20", "--max-new-tokens", "6", "--margin", "0",
+                       "--out", str(out), *flags)
+        assert r.returncode == 0, r.stderr
+        with safe_open(str(out), "pt") as f:
+            return load_file(str(out)), f.metadata()
+    a, meta_a = trained("a.safetensors", "--confidence", "0.95", "--rollout-confidence", "0.55")
+    b, meta_b = trained("b.safetensors", "--confidence", "0.55")
+    c, _ = trained("c.safetensors", "--confidence", "0.95")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (meta_a["confidence"], meta_a["rollout_confidence"], meta_b["confidence"]) == ("0.95", "0.55", "0.55")
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the rollout confidence changed nothing here: pick other data"
+
+
+def test_replacing_the_files_shipped_with_the_weights_is_said(tmp_path, four_layer_checkpoint):
+    """train_predictor and calibrate_vtw writing over the predictor or calibration beside the weights:
+    allowed (that is how they are made), and said; writing them the first time says nothing."""
+    import shutil
+    w = tmp_path / "w"
+    shutil.copytree(four_layer_checkpoint, w)
+    for i in range(2):
+        noise_image(32, 32, seed=50 + i).save(tmp_path / f"{i}.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "Describe it.", "answer": "x"}) + "\n"
+                            for i in range(2)))
+    runs = {"dyrate_predictor.safetensors": ["dyrate_ref.tools.train_predictor", "--layer", "2", "--rounds", "1",
+                                             "--epochs", "2", "--max-new-tokens", "3"],
+            "vtw_calibration.json": ["dyrate_ref.tools.calibrate_vtw", "--min-layer", "1", "--max-new-tokens", "3"]}
+    for name, cmd in runs.items():
+        said = []
+        for _ in range(2):
+            r = python_run("-m", *cmd, "--weights", str(w), "--data", str(data), "--out", str(w / name))
+            assert r.returncode == 0, r.stderr
+            said.append("replaced the" in r.stdout and "shipped with" in r.stdout)
+        assert said == [False, True], (name, said)

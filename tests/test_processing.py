@@ -1,5 +1,5 @@
 """processing.py: pixel values against transformers' CLIPImageProcessor (PIL path) on real photographs, odd
-image modes and the branches they do not reach; the prompt template's literal text.
+image modes and the branches they do not reach; the prompt template's literal text; the streaming decoder.
 
 Tolerance 1e-5: both sides do the same uint8 Pillow resize and the same float64 rescale / float32
 normalize, so they should agree to float32 rounding; 1e-5 is the issue's bound.
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from dyrate_ref.loading import DEFAULT_WEIGHTS, load_model
-from dyrate_ref.processing import ImageSettings, Processor, pixel_values
-from helpers import hf_config, make_checkpoint, noise_image
+from dyrate_ref.processing import ImageSettings, Processor, StreamingDecoder, pixel_values
+from helpers import hf_config, make_checkpoint, noise_image, tokenizer
 
 LLAVA_15 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "resample": 3,
             "rescale_factor": 0.00392156862745098, "do_convert_rgb": True,
@@ -133,3 +133,25 @@ def test_the_template_equals_a_shipped_chat_template(tmp_path):
                                     add_generation_prompt=True)
     ours = Processor(str(d), load_model(str(d)).config).prompt_text("What is it?")
     assert text == ours
+
+
+def test_streaming_decoder_holds_back_half_a_character():
+    """Multi-byte characters arrive whole: fed the tokens of '東京 café' one at a time, every push returns
+    whole characters, and together they are the text."""
+    from tokenizers import Tokenizer
+
+    class Proc:  # the one method StreamingDecoder uses
+        def __init__(self, tok: Tokenizer):
+            self.tok = tok
+
+        def decode(self, ids):
+            return self.tok.decode(ids)
+    tok = tokenizer()
+    text = " 東京 café naïve"
+    ids = tok.encode(text).ids
+    dec = StreamingDecoder(Proc(tok))
+    outs = [dec.push(i) for i in ids]
+    assert "".join(outs) == tok.decode(ids)
+    assert all("\ufffd" not in o for o in outs)
+    # The byte-level tokenizer does split these characters: some pushes return nothing.
+    assert sum(o == "" for o in outs) >= 1

@@ -298,8 +298,30 @@ def step_overhead(weights_dir: str, device: str, dtype: torch.dtype, steps: int,
                 if v == "method":
                     kept_after = st.kept.numel()
         rows.append(dict(name=name, k=k, kept_after=kept_after, method_ms=best["method"] * 1e3,
-                         none_ms=best["none, same cache"] * 1e3))
+                         none_ms=best["none, same cache"] * 1e3,
+                         syncs={v: host_syncs(model, state, pr, token, steps) for v, pr in variants.items()}))
     return rows
+
+
+def host_syncs(model: LlavaForConditionalGeneration, state, method, token: torch.Tensor, steps: int) -> float | None:
+    """Host syncs per decode step of `method` from a copy of `state`: the calls torch's CUDA sync debug
+    mode warns about (a read of a device value, a data-dependent shape, a blocking copy), counted over
+    `steps` steps of decode_one_token (the loop's own read of the sampled id comes on top: one per step).
+    None on the CPU, where there is nothing to wait for."""
+    if model.lm_head.weight.device.type != "cuda":
+        return None
+    import warnings
+    st, log = copy.deepcopy(state), Record(model.config, model.lm_head.weight.element_size())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                decode_one_token(model, token, st, method, log)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 BUSY = "import torch\nx = torch.randn(1500, 1500)\nwhile True:\n    x @ x\n"  # one core's worth of other work
@@ -418,11 +440,14 @@ def run(argv=None) -> int:
             rows = step_overhead(weights, args.device, DTYPES[dtype_name], args.new_tokens, args.repeats)
             print(f"\n{args.new_tokens} decode steps per run, best of {args.repeats} interleaved runs, "
                   f"{args.device}/{dtype_name}, {torch.get_num_threads()} threads\n")
-            print("| method | visual tokens kept in layers >= K | ms per decode step | method none on the same cache | ratio |")
-            print("|---|---|---|---|---|")
+            print("| method | visual tokens kept in layers >= K | ms per decode step | method none on the same cache "
+                  "| ratio | host syncs per step (method / none; CUDA only) |")
+            print("|---|---|---|---|---|---|")
             for r in rows:
                 kept = f"{r['k']}" + (f" -> {r['kept_after']}" if r["kept_after"] != r["k"] else "")
-                print(f"| {r['name']} | {kept} | {r['method_ms']:.3f} | {r['none_ms']:.3f} | {r['method_ms'] / r['none_ms']:.3f} |")
+                syncs = " / ".join("n/a" if n is None else f"{n:.2f}" for n in r["syncs"].values())
+                print(f"| {r['name']} | {kept} | {r['method_ms']:.3f} | {r['none_ms']:.3f} "
+                      f"| {r['method_ms'] / r['none_ms']:.3f} | {syncs} |")
             return 0
         rows, cfg = speed(weights, args.device, DTYPES[dtype_name], args.new_tokens, args.repeats, args.prune)
     vc, tc = cfg.vision_config, cfg.text_config
