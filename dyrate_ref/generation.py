@@ -101,8 +101,8 @@ def step(model: LlavaForConditionalGeneration, x: torch.Tensor, pos: torch.Tenso
     if kept.numel() < state.kept.numel():
         gone = start + state.kept[~torch.isin(state.kept, kept)]  # original positions [E]
         if t == 0:  # the prompt's dropped rows leave before layers >= K cache anything
-            rows = torch.isin(pos, gone, invert=True)  # [T]
-            x, pos, cos, sin = x[:, rows], pos[rows], cos[rows], sin[rows]  # [1, T - E, C], [T - E], [T - E, D]
+            stay = torch.isin(pos, gone, invert=True)  # [T]
+            x, pos, cos, sin = x[:, stay], pos[stay], cos[stay], sin[stay]  # [1, T - E, C], [T - E], [T - E, D]
         else:  # a decode step feeds no visual row: the dropped slots leave layers >= K
             cache.evict(range(K, L), gone)
     state.kept = kept

@@ -73,6 +73,42 @@ def test_good_run_streams_and_writes_trace(files):
     assert not [p for p in os.listdir(root) if p.endswith(".tmp")]
 
 
+def test_the_answer_streams_through_a_pipe_as_it_is_generated(tmp_path):
+    """The first text reaches a pipe long before the process ends, in many pieces, each valid UTF-8:
+    an answer buffered until the end arrives in one piece. The answer is forced (--force-tokens) to the
+    tokens of a text full of multi-byte characters, split across tokens by this byte-level vocabulary,
+    so the precondition holds by construction, not by what a random model happens to say."""
+    from dyrate_ref.trace import write_trace
+    root, w, img = tmp_path, str(tmp_path / "w"), str(tmp_path / "img.png")
+    make_checkpoint(w, hf_config(text=dict(max_position_embeddings=256)))  # room for 200 answer tokens
+    noise_image(48, 40, seed=3).save(img)
+    proc = Processor(w, load_model(w).config)
+    text = "東京 café über ñandú 日本語 " * 12
+    tokens = proc.tokenizer.encode(text, add_special_tokens=False).ids[:200]
+    assert any("\ufffd" in proc.decode([i]) for i in tokens)  # characters really are split across tokens
+    forced = root / "forced.st"
+    write_trace(str(forced), {"input_ids": proc.input_ids("Hi"), "tokens": torch.tensor(tokens)}, {})
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), "--image", img, "--prompt", "Hi",
+                          "--weights", w, "--force-tokens", str(forced), "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pieces = []  # (arrival time, bytes)
+    while True:
+        chunk = os.read(p.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        pieces.append((time.perf_counter(), chunk))
+    end = time.perf_counter()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0, err
+    assert f"{len(tokens)} tokens" in err, err
+    print(f"{len(pieces)} pieces over {end - pieces[0][0]:.3f} s")
+    assert len(pieces) >= 10, f"{len(pieces)} pieces: the answer did not stream"
+    assert end - pieces[0][0] > 0.05  # the first piece came well before the end
+    for _, chunk in pieces:
+        chunk.decode("utf-8")  # strict: a piece ending inside a character would raise
+    assert b"".join(c for _, c in pieces).decode("utf-8").strip() == proc.decode(tokens).strip()
+
+
 def _truncate(d):
     p = os.path.join(d, "model.safetensors")
     with open(p, "rb") as f:
@@ -518,39 +554,3 @@ def test_bad_predictor_files(pruning_env, which, needle):
     root, w, img, pred, other_pred, corrupt, _ = pruning_env
     r = generate_run(w, img, "--method", "dyrate", "--predictor", other_pred if which == "other" else corrupt)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
-
-
-def test_the_answer_streams_through_a_pipe_as_it_is_generated(tmp_path):
-    """The first text reaches a pipe long before the process ends, in many pieces, each valid UTF-8:
-    an answer buffered until the end arrives in one piece. The answer is forced (--force-tokens) to the
-    tokens of a text full of multi-byte characters, split across tokens by this byte-level vocabulary,
-    so the precondition holds by construction, not by what a random model happens to say."""
-    from dyrate_ref.trace import write_trace
-    root, w, img = tmp_path, str(tmp_path / "w"), str(tmp_path / "img.png")
-    make_checkpoint(w, hf_config(text=dict(max_position_embeddings=256)))  # room for 200 answer tokens
-    noise_image(48, 40, seed=3).save(img)
-    proc = Processor(w, load_model(w).config)
-    text = "東京 café über ñandú 日本語 " * 12
-    tokens = proc.tokenizer.encode(text, add_special_tokens=False).ids[:200]
-    assert any("\ufffd" in proc.decode([i]) for i in tokens)  # characters really are split across tokens
-    forced = root / "forced.st"
-    write_trace(str(forced), {"input_ids": proc.input_ids("Hi"), "tokens": torch.tensor(tokens)}, {})
-    p = subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), "--image", img, "--prompt", "Hi",
-                          "--weights", w, "--force-tokens", str(forced), "--threads", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    pieces = []  # (arrival time, bytes)
-    while True:
-        chunk = os.read(p.stdout.fileno(), 65536)
-        if not chunk:
-            break
-        pieces.append((time.perf_counter(), chunk))
-    end = time.perf_counter()
-    err = p.stderr.read().decode()
-    assert p.wait() == 0, err
-    assert f"{len(tokens)} tokens" in err, err
-    print(f"{len(pieces)} pieces over {end - pieces[0][0]:.3f} s")
-    assert len(pieces) >= 10, f"{len(pieces)} pieces: the answer did not stream"
-    assert end - pieces[0][0] > 0.05  # the first piece came well before the end
-    for _, chunk in pieces:
-        chunk.decode("utf-8")  # strict: a piece ending inside a character would raise
-    assert b"".join(c for _, c in pieces).decode("utf-8").strip() == proc.decode(tokens).strip()
