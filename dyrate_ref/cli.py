@@ -133,8 +133,8 @@ def run(argv=None, prog: str = "generate.py"):
     given = parse_settings(cls, {n: getattr(args, n) for n in METHOD_FLAGS if getattr(args, n) is not None}, METHODS)
     image = open_image(args.image)
     cfg = read_config(weights)
-    small = sum(map(os.path.getsize, weight_files(weights))) < SMALL_MODEL
-    if args.threads is None and device.type == "cpu" and small:
+    if args.threads is None and device.type == "cpu" and (
+            sum(map(os.path.getsize, weight_files(weights))) < SMALL_MODEL):
         torch.set_num_threads(1)  # the thread rule: see SMALL_MODEL
     processor = Processor(weights, cfg)
     input_ids = processor.input_ids(args.prompt)  # [P]

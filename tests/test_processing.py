@@ -51,22 +51,22 @@ def odd_images():
     }
 
 
-@pytest.mark.parametrize("settings", [LLAVA_15, SMALL, RECT], ids=["llava15-336", "small-40", "resize-hw"])
-def test_real_photographs(settings):
-    for name, img in photos().items():
+def assert_pixels_match_hf(images: dict, settings: dict):
+    for name, img in images.items():
         ours = pixel_values(img, ImageSettings.from_dict(settings))
         theirs = hf_pixels(img, settings)
         assert ours.shape == theirs.shape, name
         assert (ours - theirs).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("settings", [LLAVA_15, SMALL, RECT], ids=["llava15-336", "small-40", "resize-hw"])
+def test_real_photographs(settings):
+    assert_pixels_match_hf(photos(), settings)
 
 
 @pytest.mark.parametrize("settings", [LLAVA_15, SMALL], ids=["llava15-336", "small-40"])
 def test_odd_modes_and_shapes(settings):
-    for name, img in odd_images().items():
-        ours = pixel_values(img, ImageSettings.from_dict(settings))
-        theirs = hf_pixels(img, settings)
-        assert ours.shape == theirs.shape, name
-        assert (ours - theirs).abs().max().item() <= 1e-5, name
+    assert_pixels_match_hf(odd_images(), settings)
 
 
 def test_transparency_is_composited_on_white():

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 from ..commands import (ArgumentParser, DEFAULT_WEIGHTS, UserError, add_device, add_dtype, add_threads, add_weights,
                         apply_threads, command_main, parse_first, summary)
@@ -310,7 +311,6 @@ def host_syncs(model: LlavaForConditionalGeneration, state, method, token: torch
     None on the CPU, where there is nothing to wait for."""
     if model.lm_head.weight.device.type != "cuda":
         return None
-    import warnings
     st, log = copy.deepcopy(state), Record(model.config, model.lm_head.weight.element_size())
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
